@@ -1,0 +1,23 @@
+"""The `mot-transition` command: a thin layer over the Python API, one module per command.
+
+Bad input (a missing checkpoint, a recipe that does not fit, an impossible option) reaches the
+user as one line on stderr and exit code 1; the library raises ValueError / OSError with a
+message written for the user. Set MOT_TRANSITION_DEBUG=1 to see the traceback instead.
+"""
+
+import os
+import sys
+
+from .app import app
+from . import info  # noqa: F401  (each module registers its command on `app`)
+
+
+def main() -> None:
+    try:
+        app()
+    except (ValueError, OSError, KeyError) as error:
+        if os.environ.get("MOT_TRANSITION_DEBUG"):
+            raise
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(1)
