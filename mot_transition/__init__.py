@@ -1,0 +1,38 @@
+"""mot-transition: Mixture of Tokens language models and their transition tuning into Token Choice
+sparse MoE. Importing the package registers the model family with the transformers Auto classes."""
+
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForQuestionAnswering,
+    AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
+)
+
+from .config import MoTConfig
+from .modeling import (
+    MoTForQuestionAnswering,
+    MoTForSequenceClassification,
+    MoTForTokenClassification,
+    MoTLMHeadModel,
+    MoTModel,
+    MoTPreTrainedModel,
+)
+
+__version__ = "0.1.0"
+
+AutoConfig.register("mot", MoTConfig, exist_ok=True)
+for _auto, _cls in (
+    (AutoModel, MoTModel),
+    (AutoModelForCausalLM, MoTLMHeadModel),
+    (AutoModelForSequenceClassification, MoTForSequenceClassification),
+    (AutoModelForTokenClassification, MoTForTokenClassification),
+    (AutoModelForQuestionAnswering, MoTForQuestionAnswering),
+):
+    _auto.register(MoTConfig, _cls, exist_ok=True)
+
+__all__ = [
+    "MoTConfig", "MoTModel", "MoTPreTrainedModel", "MoTLMHeadModel", "MoTForSequenceClassification",
+    "MoTForTokenClassification", "MoTForQuestionAnswering",
+]

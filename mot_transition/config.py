@@ -1,0 +1,117 @@
+"""MoTConfig: one config for dense, Mixture of Tokens, Token Choice and Expert Choice models.
+
+Field names follow the Mixture-of-Tokens port to transformers (GPT-2 style: `n_embd`, `n_layer`,
+...), with the usual aliases (`hidden_size`, `num_hidden_layers`, ...). See SPEC.md section 2.
+"""
+
+from transformers import PreTrainedConfig
+
+FFN_TYPES = ("dense", "mot", "token_choice", "expert_choice")
+EXPERT_FFN_TYPES = ("mot", "token_choice", "expert_choice")
+
+
+class MoTConfig(PreTrainedConfig):
+    model_type = "mot"
+    keys_to_ignore_at_inference = ["past_key_values"]
+    attribute_map = {
+        "hidden_size": "n_embd",
+        "num_hidden_layers": "n_layer",
+        "num_attention_heads": "n_head",
+        "max_position_embeddings": "n_positions",
+        "num_local_experts": "n_expert",
+        "intermediate_size": "n_inner",
+    }
+
+    # transformer trunk (GPT-2 style, pre-LayerNorm, learned positions)
+    vocab_size: int = 50257
+    n_positions: int = 1024
+    n_embd: int = 768
+    n_layer: int = 12
+    n_head: int = 12
+    n_inner: int | None = None  # dense FFN width; None = 4 * n_embd
+    activation_function: str = "relu"
+    resid_pdrop: float = 0.0
+    embd_pdrop: float = 0.0
+    attn_pdrop: float = 0.0
+    layer_norm_epsilon: float = 1e-5
+    initializer_range: float = 0.02
+    use_cache: bool = True
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    pad_token_id: int | None = None
+    tie_word_embeddings: bool = True
+
+    # feed-forward layers
+    ffn_type: str = "mot"
+    moe_layers: list[int] | None = None  # None = the second half of the blocks
+    n_expert: int = 32
+    group_size: int = 32
+    expert_size: int | None = None  # None = flop-matched: 4 * n_embd * group_size / n_expert
+    mot_temperature: float = 1.0
+    emit_softmax_over_experts: bool = False
+    use_discrete_routing: bool = False
+    num_experts_per_tok: int = 1
+    capacity_factor: float | None = None  # None = dropless
+    norm_topk_prob: bool = False
+    router_aux_loss_coef: float = 0.01
+    router_z_loss_coef: float = 0.0
+    output_router_logits: bool = False
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        if self.n_inner is None:
+            self.n_inner = 4 * self.n_embd
+        if self.moe_layers is None:
+            self.moe_layers = list(range(self.n_layer // 2, self.n_layer))
+        else:
+            self.moe_layers = sorted({int(i) for i in self.moe_layers})
+        if self.expert_size is None and self.ffn_type in EXPERT_FFN_TYPES and self.group_size >= 1 and self.n_expert >= 1:
+            self.expert_size = self.flop_matched_expert_size()
+        self.check()
+
+    def flop_matched_expert_size(self) -> int:
+        """Expert width whose MoT FLOPs per token equal a dense FFN of width 4d (SPEC 1.1)."""
+        size = 4 * self.n_embd * self.group_size // self.n_expert
+        if size < 1:
+            raise ValueError(
+                f"flop-matched expert_size 4*n_embd*group_size/n_expert is below 1 for n_embd={self.n_embd}, "
+                f"group_size={self.group_size}, n_expert={self.n_expert}; set expert_size explicitly"
+            )
+        return size
+
+    def check(self) -> None:
+        """Raise a ValueError naming the field for any value that cannot work."""
+
+        def need(condition: bool, message: str) -> None:
+            if not condition:
+                raise ValueError(message)
+
+        need(self.ffn_type in FFN_TYPES, f"ffn_type must be one of {', '.join(FFN_TYPES)}, got {self.ffn_type!r}")
+        for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner"):
+            need(isinstance(getattr(self, name), int) and getattr(self, name) >= 1, f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        need(self.n_embd % self.n_head == 0, f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        bad = [i for i in self.moe_layers if not 0 <= i < self.n_layer]
+        need(not bad, f"moe_layers index {bad[0] if bad else ''} is out of range for n_layer={self.n_layer} (valid: 0..{self.n_layer - 1})")
+        need(self.n_expert >= 1, f"n_expert must be at least 1, got {self.n_expert}")
+        need(self.group_size >= 1, f"group_size must be at least 1, got {self.group_size}")
+        need(self.expert_size is None or self.expert_size >= 1, f"expert_size must be at least 1, got {self.expert_size}")
+        need(self.mot_temperature > 0, f"mot_temperature must be positive, got {self.mot_temperature}")
+        need(
+            1 <= self.num_experts_per_tok <= self.n_expert,
+            f"num_experts_per_tok must be between 1 and n_expert={self.n_expert}, got {self.num_experts_per_tok}",
+        )
+        need(self.capacity_factor is None or self.capacity_factor > 0, f"capacity_factor must be positive or None, got {self.capacity_factor}")
+        need(self.router_aux_loss_coef >= 0, f"router_aux_loss_coef must be >= 0, got {self.router_aux_loss_coef}")
+        need(self.router_z_loss_coef >= 0, f"router_z_loss_coef must be >= 0, got {self.router_z_loss_coef}")
+        for name in ("resid_pdrop", "embd_pdrop", "attn_pdrop"):
+            need(0 <= getattr(self, name) < 1, f"{name} must be in [0, 1), got {getattr(self, name)}")
+        from transformers.activations import ACT2FN
+
+        need(self.activation_function in ACT2FN, f"activation_function {self.activation_function!r} is unknown; try 'relu' or 'gelu'")
+
+    def ffn_type_of_layer(self, layer_idx: int) -> str:
+        """The feed-forward kind of block `layer_idx`: `ffn_type` for the MoE layers, dense otherwise."""
+        return self.ffn_type if layer_idx in self.moe_layers else "dense"
+
+
+__all__ = ["MoTConfig", "FFN_TYPES", "EXPERT_FFN_TYPES"]

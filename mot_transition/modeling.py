@@ -1,0 +1,380 @@
+"""The MoT model family: a GPT-2 style pre-LayerNorm transformer whose feed-forward layers are
+dense, Mixture of Tokens, Token Choice or Expert Choice (SPEC sections 1 and 2).
+
+    MoTModel                        trunk: embeddings, blocks, final LayerNorm
+    MoTLMHeadModel                  causal LM, generate() with a KV cache
+    MoTForSequenceClassification    last real token -> labels
+    MoTForTokenClassification       every token -> labels
+    MoTForQuestionAnswering         start / end logits
+
+Every head's loss adds the router losses of the Token Choice layers times their coefficients;
+the unweighted `aux_loss` (load balancing) and `z_loss` are returned beside it, and the router
+logits of every expert layer on request (`output_router_logits=True`).
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.utils import ModelOutput
+
+from .config import MoTConfig
+from .layers import DenseFFN, ExpertLayer, MixtureOfTokens, TokenChoice, build_ffn, load_balancing_loss, router_z_loss
+
+
+class MoTAttention(nn.Module):
+    """Causal multi-head self-attention through scaled_dot_product_attention."""
+
+    def __init__(self, config: MoTConfig, layer_idx: int):
+        super().__init__()
+        self.n_head, self.layer_idx = config.n_head, layer_idx
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.attn_pdrop = config.attn_pdrop
+        self.resid_dropout = nn.Dropout(config.resid_pdrop)
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None, is_causal: bool, cache: Cache | None):
+        B, S, d = x.shape
+        q, k, v = self.c_attn(x).view(B, S, 3, self.n_head, d // self.n_head).permute(2, 0, 3, 1, 4)  # (B, h, S, hd)
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, is_causal=is_causal, dropout_p=self.attn_pdrop if self.training else 0.0
+        )
+        return self.resid_dropout(self.c_proj(y.transpose(1, 2).reshape(B, S, d)))
+
+
+class MoTBlock(nn.Module):
+    def __init__(self, config: MoTConfig, layer_idx: int):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.attn = MoTAttention(config, layer_idx)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.mlp = build_ffn(config, layer_idx)
+        self.mlp_dropout = nn.Dropout(config.resid_pdrop)
+
+    def forward(self, x, attn_mask, is_causal, cache, token_mask):
+        x = x + self.attn(self.ln_1(x), attn_mask, is_causal, cache)
+        y, router_logits = self.mlp(self.ln_2(x), token_mask)
+        return x + self.mlp_dropout(y), router_logits
+
+
+@dataclass
+class MoTModelOutput(ModelOutput):
+    last_hidden_state: torch.Tensor | None = None
+    past_key_values: Cache | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    router_logits: tuple[torch.Tensor, ...] | None = None
+    aux_loss: torch.Tensor | None = None
+    z_loss: torch.Tensor | None = None
+
+
+@dataclass
+class MoTCausalLMOutput(ModelOutput):
+    loss: torch.Tensor | None = None
+    lm_loss: torch.Tensor | None = None
+    aux_loss: torch.Tensor | None = None
+    z_loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    past_key_values: Cache | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    router_logits: tuple[torch.Tensor, ...] | None = None
+
+
+@dataclass
+class MoTTaskOutput(ModelOutput):
+    """Output of the classification heads: `logits` (sequence / token) or start and end logits (QA)."""
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    start_logits: torch.Tensor | None = None
+    end_logits: torch.Tensor | None = None
+    aux_loss: torch.Tensor | None = None
+    z_loss: torch.Tensor | None = None
+    past_key_values: Cache | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    router_logits: tuple[torch.Tensor, ...] | None = None
+
+
+class MoTPreTrainedModel(PreTrainedModel):
+    config_class = MoTConfig
+    config: MoTConfig
+    base_model_prefix = "transformer"
+    main_input_name = "input_ids"
+    _no_split_modules = ["MoTBlock"]
+    _supports_sdpa = True
+    _skip_keys_device_placement = ["past_key_values"]
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        std, n_layer = self.config.initializer_range, self.config.n_layer
+        if isinstance(module, MoTAttention):  # GPT-2's scaled init of residual projections
+            init.normal_(module.c_proj.weight, mean=0.0, std=std / math.sqrt(2 * n_layer))
+        elif isinstance(module, (ExpertLayer, DenseFFN)):
+            module.reset_parameters(std, n_layer)
+
+    def set_group_size(self, group_size: int) -> None:
+        """Change the MoT / Expert Choice group size in place (1 = no mixing: per-sequence inference)."""
+        if group_size < 1:
+            raise ValueError(f"group_size must be at least 1, got {group_size}")
+        self.config.group_size = group_size
+        for module in self.modules():
+            if hasattr(module, "group_size"):
+                module.group_size = group_size
+
+    def router_losses(self, outputs: MoTModelOutput) -> torch.Tensor | float:
+        """The router losses times their coefficients, to add to a task loss."""
+        total = 0.0
+        if outputs.aux_loss is not None:
+            total = total + self.config.router_aux_loss_coef * outputs.aux_loss
+        if outputs.z_loss is not None and self.config.router_z_loss_coef:
+            total = total + self.config.router_z_loss_coef * outputs.z_loss
+        return total
+
+
+class MoTModel(MoTPreTrainedModel):
+    def __init__(self, config: MoTConfig):
+        super().__init__(config)
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.wpe = nn.Embedding(config.n_positions, config.n_embd)
+        self.drop = nn.Dropout(config.embd_pdrop)
+        self.h = nn.ModuleList(MoTBlock(config, i) for i in range(config.n_layer))
+        self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.wte
+
+    def set_input_embeddings(self, embeddings):
+        self.wte = embeddings
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        output_router_logits: bool | None = None,
+        **kwargs,
+    ) -> MoTModelOutput:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        x = self.wte(input_ids) if inputs_embeds is None else inputs_embeds
+        B, S = x.shape[:2]
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        output_router_logits = self.config.output_router_logits if output_router_logits is None else output_router_logits
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=self.config)
+        cache = past_key_values if use_cache else None
+        past = cache.get_seq_length() if cache is not None else 0
+        if past + S > self.config.n_positions:
+            raise ValueError(f"sequence of {past + S} tokens is longer than n_positions={self.config.n_positions}")
+        if attention_mask is not None and attention_mask.shape[-1] != past + S:
+            raise ValueError(f"attention_mask covers {attention_mask.shape[-1]} positions, expected {past + S}")
+
+        if position_ids is None:
+            if attention_mask is not None:  # left padding: positions count real tokens only
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
+            else:
+                position_ids = torch.arange(past, past + S, device=x.device).unsqueeze(0)
+        x = self.drop(x + self.wpe(position_ids))
+
+        token_mask = None if attention_mask is None or bool(attention_mask.all()) else attention_mask[:, past:].bool()
+        attn_mask, is_causal = self._attention_mask(token_mask, attention_mask, B, S, past, x.device)
+
+        hidden_states, router_logits = [], []
+        for block in self.h:
+            if output_hidden_states:
+                hidden_states.append(x)
+            x, logits = block(x, attn_mask, is_causal, cache, token_mask)
+            router_logits.append(logits)
+        x = self.ln_f(x)
+        if output_hidden_states:
+            hidden_states.append(x)
+
+        aux_loss, z_loss = self._router_losses(router_logits, token_mask)
+        return MoTModelOutput(
+            last_hidden_state=x,
+            past_key_values=cache,
+            hidden_states=tuple(hidden_states) if output_hidden_states else None,
+            router_logits=tuple(r for r in router_logits if r is not None) if output_router_logits else None,
+            aux_loss=aux_loss,
+            z_loss=z_loss,
+        )
+
+    @staticmethod
+    def _attention_mask(token_mask, attention_mask, B, S, past, device):
+        """(boolean mask (B, 1, S, past + S) or None, is_causal) for scaled_dot_product_attention."""
+        if token_mask is None and past == 0:
+            return None, True
+        if token_mask is None and S == 1:
+            return None, False
+        query = torch.arange(past, past + S, device=device)[:, None]
+        key = torch.arange(past + S, device=device)[None, :]
+        allowed = key <= query  # (S, past + S)
+        if attention_mask is not None:
+            # real tokens never see padding; a padding position sees itself, so it stays finite
+            allowed = (allowed & attention_mask.bool()[:, None, :]) | (key == query)
+        return allowed.expand(B, S, past + S).unsqueeze(1), False
+
+    def _router_losses(self, router_logits, token_mask):
+        """Mean over the Token Choice layers of the load-balancing and z losses (None without any)."""
+        pairs = [(block.mlp, r) for block, r in zip(self.h, router_logits) if isinstance(block.mlp, TokenChoice)]
+        if not pairs:
+            return None, None
+        aux = torch.stack([load_balancing_loss(r, mlp.top_k, token_mask) for mlp, r in pairs]).mean()
+        z = torch.stack([router_z_loss(r, token_mask) for _, r in pairs]).mean()
+        return aux, z
+
+
+class MoTLMHeadModel(MoTPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "transformer.wte.weight"}
+
+    def __init__(self, config: MoTConfig):
+        super().__init__(config)
+        self.transformer = MoTModel(config)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, embeddings):
+        self.lm_head = embeddings
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        output_router_logits: bool | None = None,
+        logits_to_keep: int = 0,
+        **kwargs,
+    ) -> MoTCausalLMOutput:
+        """`labels` are the input ids (shifted inside); -100 and attention-masked positions are ignored."""
+        out = self.transformer(
+            input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache,
+            output_hidden_states, output_router_logits,
+        )
+        hidden = out.last_hidden_state
+        if logits_to_keep and labels is None:
+            hidden = hidden[:, -logits_to_keep:]
+        logits = self.lm_head(hidden)
+        loss = lm_loss = None
+        if labels is not None:
+            if attention_mask is not None:
+                labels = labels.masked_fill(attention_mask[:, -labels.shape[1]:] == 0, -100)
+            lm_loss = F.cross_entropy(
+                logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100
+            )
+            loss = lm_loss + self.router_losses(out)
+        return MoTCausalLMOutput(
+            loss=loss, lm_loss=lm_loss, aux_loss=out.aux_loss, z_loss=out.z_loss, logits=logits,
+            past_key_values=out.past_key_values, hidden_states=out.hidden_states, router_logits=out.router_logits,
+        )
+
+
+class MoTForSequenceClassification(MoTPreTrainedModel):
+    """Classifies a sequence from its last real token (the last position the attention mask keeps,
+    or the last non-pad token when only `pad_token_id` is known)."""
+
+    def __init__(self, config: MoTConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.transformer = MoTModel(config)
+        self.score = nn.Linear(config.n_embd, config.num_labels, bias=False)
+        self.post_init()
+
+    def forward(self, input_ids=None, attention_mask=None, labels=None, inputs_embeds=None, output_router_logits=None, **kwargs):
+        out = self.transformer(input_ids, attention_mask, inputs_embeds=inputs_embeds, use_cache=False, output_router_logits=output_router_logits)
+        logits = self.score(out.last_hidden_state)  # (B, S, num_labels)
+        B, S = logits.shape[:2]
+        if attention_mask is not None:
+            keep = attention_mask.bool()
+        elif input_ids is not None and self.config.pad_token_id is not None:
+            keep = input_ids != self.config.pad_token_id
+        else:
+            keep = torch.ones(B, S, dtype=torch.bool, device=logits.device)
+        # last kept position; works for left and right padding
+        last = (keep.long() * torch.arange(S, device=logits.device)).argmax(-1)
+        pooled = logits[torch.arange(B, device=logits.device), last]
+        loss = None
+        if labels is not None:
+            if self.num_labels == 1:
+                task = F.mse_loss(pooled.squeeze(-1).float(), labels.float())
+            elif labels.dtype in (torch.long, torch.int):
+                task = F.cross_entropy(pooled.float(), labels)
+            else:
+                task = F.binary_cross_entropy_with_logits(pooled.float(), labels.float())
+            loss = task + self.router_losses(out)
+        return MoTTaskOutput(loss=loss, logits=pooled, aux_loss=out.aux_loss, z_loss=out.z_loss, router_logits=out.router_logits)
+
+
+class MoTForTokenClassification(MoTPreTrainedModel):
+    def __init__(self, config: MoTConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.transformer = MoTModel(config)
+        self.classifier = nn.Linear(config.n_embd, config.num_labels)
+        self.post_init()
+
+    def forward(self, input_ids=None, attention_mask=None, labels=None, inputs_embeds=None, output_router_logits=None, **kwargs):
+        out = self.transformer(input_ids, attention_mask, inputs_embeds=inputs_embeds, use_cache=False, output_router_logits=output_router_logits)
+        logits = self.classifier(out.last_hidden_state)
+        loss = None
+        if labels is not None:
+            if attention_mask is not None:
+                labels = labels.masked_fill(attention_mask == 0, -100)
+            task = F.cross_entropy(logits.float().reshape(-1, self.num_labels), labels.reshape(-1), ignore_index=-100)
+            loss = task + self.router_losses(out)
+        return MoTTaskOutput(loss=loss, logits=logits, aux_loss=out.aux_loss, z_loss=out.z_loss, router_logits=out.router_logits)
+
+
+class MoTForQuestionAnswering(MoTPreTrainedModel):
+    def __init__(self, config: MoTConfig):
+        super().__init__(config)
+        self.transformer = MoTModel(config)
+        self.qa_outputs = nn.Linear(config.n_embd, 2)
+        self.post_init()
+
+    def forward(
+        self, input_ids=None, attention_mask=None, start_positions=None, end_positions=None, inputs_embeds=None,
+        output_router_logits=None, **kwargs,
+    ):
+        out = self.transformer(input_ids, attention_mask, inputs_embeds=inputs_embeds, use_cache=False, output_router_logits=output_router_logits)
+        start_logits, end_logits = self.qa_outputs(out.last_hidden_state).float().unbind(-1)
+        if attention_mask is not None:  # an answer never starts or ends on padding
+            start_logits = start_logits.masked_fill(attention_mask == 0, torch.finfo(start_logits.dtype).min)
+            end_logits = end_logits.masked_fill(attention_mask == 0, torch.finfo(end_logits.dtype).min)
+        loss = None
+        if start_positions is not None and end_positions is not None:
+            S = start_logits.shape[1]
+            task = (
+                F.cross_entropy(start_logits, start_positions.clamp(0, S), ignore_index=S)
+                + F.cross_entropy(end_logits, end_positions.clamp(0, S), ignore_index=S)
+            ) / 2
+            loss = task + self.router_losses(out)
+        return MoTTaskOutput(
+            loss=loss, start_logits=start_logits, end_logits=end_logits, aux_loss=out.aux_loss, z_loss=out.z_loss,
+            router_logits=out.router_logits,
+        )
+
+
+__all__ = [
+    "MoTPreTrainedModel", "MoTModel", "MoTLMHeadModel", "MoTForSequenceClassification",
+    "MoTForTokenClassification", "MoTForQuestionAnswering", "MoTModelOutput", "MoTCausalLMOutput", "MoTTaskOutput",
+]
