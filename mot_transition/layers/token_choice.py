@@ -5,8 +5,9 @@
     y      = sum over chosen e of gate_e * FFN_e(x)
 
 Tokens are sorted by expert and each expert runs one matmul on its contiguous slice. In training a
-`capacity_factor` caps each expert at ceil(cf * N * k / E) tokens, first come first served (a dropped
-token passes through the residual only); evaluation is always dropless, so a sequence's output does
+`capacity_factor` caps each expert at ceil(cf * N * k / E) tokens, first come first served in order of
+sequence position, then batch row, so that dropping stays causal (a dropped token passes through the
+residual only); evaluation is always dropless, so a sequence's output does
 not depend on the rest of the batch. Invalid tokens (attention-masked positions) are not routed.
 """
 
@@ -34,12 +35,13 @@ class TokenChoice(ExpertLayer):
         gate, expert = torch.softmax(logits, dim=-1).topk(k, dim=-1)  # (N, k)
         if self.norm_topk_prob:
             gate = gate / gate.sum(dim=-1, keepdim=True)
-        # one row per (token, choice), token-major, so a stable sort keeps arrival order
+        # one row per (token, choice); sorted by expert, then by arrival: position first, batch row second
         expert = expert.reshape(-1)
         token = torch.arange(flat.shape[0], device=x.device).repeat_interleave(k)
         if token_mask is not None:
             expert = torch.where(token_mask.reshape(-1).repeat_interleave(k), expert, E)  # E = not routed
-        order = torch.argsort(expert, stable=True)
+        arrival = (token % S) * B + token // S
+        order = torch.argsort(expert * (B * S) + arrival)
         counts = torch.bincount(expert, minlength=E + 1)
         capacity_factor = self.capacity_factor if self.training else None  # eval is dropless
         if capacity_factor is None:
