@@ -1,0 +1,116 @@
+"""Token Choice and Expert Choice against hand-computed examples and plain references."""
+
+import math
+
+import pytest
+import torch
+
+from conftest import tiny_config
+from mot_transition.layers import ExpertChoice, TokenChoice, load_balancing_loss, router_z_loss
+
+
+def test_load_balancing_loss_matches_hand_computed_example():
+    # 4 tokens, 2 experts, top-1. Probabilities by hand: softmax([a, 0]) = [sigmoid(a), 1 - sigmoid(a)]
+    logits = torch.tensor([[math.log(3.0), 0.0], [math.log(3.0), 0.0], [math.log(3.0), 0.0], [0.0, math.log(3.0)]])
+    # tokens 0-2 choose expert 0 with p = (0.75, 0.25); token 3 chooses expert 1 with p = (0.25, 0.75)
+    f = torch.tensor([3 / 4, 1 / 4])
+    P = torch.tensor([(0.75 * 3 + 0.25) / 4, (0.25 * 3 + 0.75) / 4])
+    expected = 2 * (f * P).sum()  # = 2 * (0.75 * 0.625 + 0.25 * 0.375) = 1.125
+    assert torch.allclose(load_balancing_loss(logits, top_k=1), expected)
+    assert math.isclose(expected.item(), 1.125)
+    # padding is excluded: masking token 3 leaves three tokens all on expert 0
+    mask = torch.tensor([True, True, True, False])
+    assert torch.allclose(load_balancing_loss(logits, 1, mask), torch.tensor(2 * 1.0 * 0.75))
+
+
+def test_load_balancing_loss_is_top_k_for_uniform_routing_and_grows_when_collapsed():
+    E = 4
+    uniform = torch.eye(E).repeat(8, 1) * 5.0  # every expert chosen equally often, confidently
+    collapsed = torch.zeros(32, E)
+    collapsed[:, 0] = 10.0
+    assert load_balancing_loss(uniform, 1) < load_balancing_loss(collapsed, 1)
+    assert torch.allclose(load_balancing_loss(torch.zeros(32, E) + torch.randn(32, E) * 1e-6, 2), torch.tensor(2.0), atol=1e-3)
+    assert torch.allclose(load_balancing_loss(collapsed, 1), torch.tensor(float(E)), atol=1e-3)
+
+
+def test_router_z_loss_is_mean_squared_logsumexp_of_raw_logits():
+    logits = torch.tensor([[0.0, 0.0], [1.0, 2.0]])
+    expected = (math.log(2.0) ** 2 + math.log(math.e + math.e**2) ** 2) / 2
+    assert math.isclose(router_z_loss(logits).item(), expected, rel_tol=1e-6)
+
+
+def make_token_choice(**overrides):
+    layer = TokenChoice(tiny_config("token_choice", n_embd=4, n_expert=2, expert_size=3, **overrides))
+    with torch.no_grad():
+        layer.controller.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0], [0.0, 0.0]]))
+    return layer
+
+
+def expert_output(layer, x, e):
+    return torch.relu(x @ layer.lin1[e]) @ layer.lin2[e]
+
+
+def test_capacity_drops_later_tokens_first_come_first_served_in_training_only():
+    # capacity = ceil(1.0 * 4 tokens * k=1 / 2 experts) = 2 per expert; tokens 0, 1, 2 prefer expert 0
+    layer = make_token_choice(num_experts_per_tok=1, capacity_factor=1.0)
+    x = torch.tensor([[[2.0, 0, 0, 0], [3.0, 0, 0, 0], [4.0, 0, 0, 0], [0, 2.0, 0, 0]]])
+    layer.train()
+    y, _ = layer(x)
+    p0 = torch.softmax(x[0] @ layer.controller, -1)
+    with torch.no_grad():
+        for t in (0, 1):
+            assert torch.allclose(y[0, t], p0[t, 0] * expert_output(layer, x[0, t], 0))
+        assert torch.all(y[0, 2] == 0), "the third token for expert 0 is over capacity and dropped"
+        assert torch.allclose(y[0, 3], p0[3, 1] * expert_output(layer, x[0, 3], 1))
+        layer.eval()  # evaluation is dropless
+        y_eval, _ = layer(x)
+        assert torch.allclose(y_eval[0, 2], p0[2, 0] * expert_output(layer, x[0, 2], 0))
+
+
+def test_token_choice_top_k_output_with_and_without_renormalisation():
+    for norm in (False, True):
+        layer = make_token_choice(num_experts_per_tok=2, norm_topk_prob=norm).double().eval()
+        x = torch.randn(2, 3, 4, dtype=torch.float64)
+        y, logits = layer(x)
+        p = torch.softmax(x.reshape(-1, 4) @ layer.controller, -1)
+        with torch.no_grad():
+            expected = sum(p[:, e : e + 1] * expert_output(layer, x.reshape(-1, 4), e) for e in range(2))
+            if norm:  # top-2 of 2 experts renormalised: the gates sum to one
+                expected = sum(expert_output(layer, x.reshape(-1, 4), e) * (p[:, e : e + 1] / p.sum(-1, keepdim=True)) for e in range(2))
+        assert torch.allclose(y.reshape(-1, 4), expected, atol=1e-12)
+        assert torch.allclose(logits, x.reshape(-1, 4) @ layer.controller)
+
+
+def test_token_choice_masked_tokens_take_no_capacity_and_output_zero():
+    layer = make_token_choice(num_experts_per_tok=1, capacity_factor=1.0).train()
+    x = torch.tensor([[[5.0, 0, 0, 0], [2.0, 0, 0, 0], [3.0, 0, 0, 0], [0, 2.0, 0, 0]]])
+    mask = torch.tensor([[False, True, True, True]])
+    y, _ = layer(x, mask)
+    # capacity = ceil(3 real tokens / 2) = 2: the masked first token must not use one of expert 0's slots
+    assert torch.all(y[0, 0] == 0) and torch.all(y[0, 1] != 0) and torch.all(y[0, 2] != 0)
+
+
+def reference_expert_choice(x, controller, lin1, lin2, group_size, capacity):
+    B, S, d = x.shape
+    E = controller.shape[1]
+    y = torch.zeros_like(x)
+    for start in range(0, B, group_size):
+        rows = list(range(start, min(start + group_size, B)))
+        for s in range(S):
+            xs = torch.stack([x[r, s] for r in rows])
+            score = torch.softmax(xs @ controller, dim=-1)  # (n, E)
+            for e in range(E):
+                for i in score[:, e].topk(min(capacity, len(rows))).indices.tolist():
+                    y[rows[i], s] += score[i, e] * (torch.relu(xs[i] @ lin1[e]) @ lin2[e])
+    return y
+
+
+@pytest.mark.parametrize("batch, group_size, capacity_factor", [(8, 4, None), (8, 4, 2.0), (4, 4, 4.0)])
+def test_expert_choice_equals_plain_reference(batch, group_size, capacity_factor):
+    layer = ExpertChoice(tiny_config("expert_choice", n_embd=8, n_expert=2, expert_size=5, group_size=group_size,
+                                     capacity_factor=capacity_factor, num_experts_per_tok=1)).double()
+    with torch.no_grad():
+        layer.controller.normal_(0, 1.0)
+    x = torch.randn(batch, 3, 8, dtype=torch.float64)
+    expected = reference_expert_choice(x, layer.controller, layer.lin1, layer.lin2, group_size, layer.capacity)
+    assert torch.allclose(layer(x)[0], expected, atol=1e-10)
