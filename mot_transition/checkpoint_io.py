@@ -1,0 +1,104 @@
+"""Reading checkpoint directories safely: config, safetensors headers, tensors one at a time.
+
+Every problem with a checkpoint reaches the user as a ValueError / FileNotFoundError of one line
+that names the file and what is wrong with it, before anything is written anywhere.
+"""
+
+import json
+import struct
+from pathlib import Path
+
+from .config import MoTConfig
+
+WEIGHTS_NAME = "model.safetensors"
+WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+DTYPE_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+               "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
+
+
+def load_config(checkpoint: str | Path) -> MoTConfig:
+    """The MoTConfig of a checkpoint directory, with a clear error if it is not one."""
+    path = Path(checkpoint)
+    if not path.exists():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path} is not a checkpoint directory: it has no config.json")
+    try:
+        fields = json.loads((path / "config.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path / 'config.json'} is not valid JSON ({error})") from None
+    if not isinstance(fields, dict) or fields.get("model_type") != "mot":
+        kind = fields.get("model_type") if isinstance(fields, dict) else None
+        raise ValueError(f"{path} is not a mot-transition checkpoint (model_type is {kind!r}, expected 'mot')")
+    fields.pop("model_type")
+    return MoTConfig(**fields)
+
+
+def weight_files(checkpoint: str | Path) -> list[Path]:
+    """The safetensors files of a checkpoint: one file, or the shards its index names."""
+    path = Path(checkpoint)
+    if (path / WEIGHTS_NAME).is_file():
+        return [path / WEIGHTS_NAME]
+    if (path / WEIGHTS_INDEX_NAME).is_file():
+        try:
+            index = json.loads((path / WEIGHTS_INDEX_NAME).read_text())
+            shards = sorted(set(index["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+            raise ValueError(f"{path / WEIGHTS_INDEX_NAME} is corrupted: no readable weight_map") from None
+        missing = [s for s in shards if not (path / s).is_file()]
+        if missing:
+            raise FileNotFoundError(f"{path} lacks the shard {missing[0]} that its index names")
+        return [path / s for s in shards]
+    if any(path.glob("*.bin")) or any(path.glob("*.pt")):
+        raise ValueError(f"{path} holds pickled weights only; mot-transition reads safetensors only")
+    raise FileNotFoundError(f"{path} has no {WEIGHTS_NAME}")
+
+
+def read_header(file: Path) -> dict[str, dict]:
+    """The tensor table of a safetensors file ({name: {dtype, shape, data_offsets}}), checked
+    against the file's size so that a truncated or corrupted file is caught before it is read."""
+    size = file.stat().st_size
+
+    def corrupted(why: str) -> ValueError:
+        return ValueError(f"{file} is truncated or corrupted: {why}")
+
+    if size < 8:
+        raise corrupted(f"{size} bytes, too short for a safetensors header")
+    with open(file, "rb") as handle:
+        (length,) = struct.unpack("<Q", handle.read(8))
+        if length > size - 8 or length > 100_000_000:
+            raise corrupted(f"its header claims {length} bytes but the file has {size}")
+        raw = handle.read(length)
+    try:
+        header = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise corrupted("its header is not valid JSON") from None
+    if not isinstance(header, dict):
+        raise corrupted("its header is not a table of tensors")
+    header.pop("__metadata__", None)
+    data_size = size - 8 - length
+    end_max = 0
+    for name, entry in header.items():
+        try:
+            dtype, shape, (start, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
+            count = 1
+            for dim in shape:
+                count *= int(dim)
+            expected = count * DTYPE_SIZES[dtype]
+        except (KeyError, TypeError, ValueError):
+            raise corrupted(f"the entry of {name!r} is malformed") from None
+        if not (0 <= start <= end <= data_size) or end - start != expected:
+            raise corrupted(f"tensor {name!r} lies outside the file or has the wrong byte size")
+        end_max = max(end_max, end)
+    if end_max != data_size:
+        raise corrupted(f"its tensors cover {end_max} of {data_size} data bytes")
+    return header
+
+
+def tensor_table(checkpoint: str | Path) -> dict[str, tuple[Path, dict]]:
+    """{tensor name: (file, header entry)} over every weight file of a checkpoint, all headers checked."""
+    table = {}
+    for file in weight_files(checkpoint):
+        for name, entry in read_header(file).items():
+            table[name] = (file, entry)
+    return table

@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# Sets up .venv (scripts/setup.sh) and runs the test suite; extra arguments go to pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+.venv/bin/python -m pytest "$@"
