@@ -102,3 +102,16 @@ def tensor_table(checkpoint: str | Path) -> dict[str, tuple[Path, dict]]:
         for name, entry in read_header(file).items():
             table[name] = (file, entry)
     return table
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint directory as given, or the latest checkpoint of a training run directory."""
+    path = Path(path)
+    if (path / "config.json").is_file() or not (path / "checkpoints").is_dir():
+        return path
+    from .train.checkpoint import latest_checkpoint
+
+    latest = latest_checkpoint(path)
+    if latest is None:
+        raise FileNotFoundError(f"the run directory {path} has no complete checkpoint yet")
+    return latest

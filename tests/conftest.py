@@ -19,3 +19,23 @@ def tiny_config(ffn_type: str = "mot", **overrides) -> MoTConfig:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def run_cli(args, capsys):
+    """Run `mot-transition ARGS` in this process as a user would: (exit code, stdout, stderr)."""
+    import sys
+
+    from mot_transition.cli import main
+
+    capsys.readouterr()  # drop what the test printed before
+    argv = sys.argv
+    sys.argv = ["mot-transition", *[str(a) for a in args]]
+    try:
+        main()
+        code = 0
+    except SystemExit as exit:
+        code = exit.code if isinstance(exit.code, int) else (0 if exit.code is None else 1)
+    finally:
+        sys.argv = argv
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err

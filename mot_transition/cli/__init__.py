@@ -9,10 +9,14 @@ import os
 import sys
 
 from .app import app
-from . import info  # noqa: F401  (each module registers its command on `app`)
+from . import convert, info  # noqa: F401  (each module registers its command on `app`)
+from . import train  # noqa: F401
 
 
 def main() -> None:
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()  # our own rich progress bars speak for long work
     try:
         app()
     except (ValueError, OSError, KeyError) as error:

@@ -1,0 +1,325 @@
+"""Conversion of a trained Mixture of Tokens checkpoint into a Token Choice checkpoint (SPEC 3).
+
+    MoT                         Token Choice
+    lin1, lin2              ->  lin1, lin2 (lin2 times a fitted scale with calibration)
+    controller              ->  controller / T, so that router logits equal MoT logits
+    every other tensor      ->  the same tensor
+    ffn_type="mot", g       ->  ffn_type="token_choice", k = max(1, round(E / g)) by default
+
+The mapping works on state dicts (`mot_to_token_choice`) and on checkpoint directories
+(`convert_checkpoint`), which reads and writes tensor by tensor: unchanged tensors are copied as
+raw bytes, so peak memory stays near the size of the largest tensor, whatever the model's size.
+"""
+
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from .checkpoint_io import load_config, read_header, tensor_table, weight_files
+from .config import MoTConfig
+from .counts import parameter_counts
+
+COPIED_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                "vocab.json", "merges.txt", "generation_config.json")
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+@dataclass
+class ConversionReport:
+    """What the conversion did, tensor by tensor; saved as conversion_report.json."""
+
+    source: str | None = None
+    tensors: list[dict] = field(default_factory=list)  # {"name", "action", "detail"}
+    config_changes: dict[str, list] = field(default_factory=dict)  # field -> [before, after]
+    parameters_before: dict[str, int] = field(default_factory=dict)
+    parameters_after: dict[str, int] = field(default_factory=dict)
+    calibration: dict | None = None  # {"batches", "scales", "mse_before", "mse_after"} per MoE layer
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+
+def default_top_k(config: MoTConfig) -> int:
+    """k that keeps FLOPs per token: a MoT token costs E/g experts' worth."""
+    return max(1, round(config.n_expert / config.group_size))
+
+
+def token_choice_config(config: MoTConfig, num_experts_per_tok: int | None = None, capacity_factor: float | None = None) -> MoTConfig:
+    """The Token Choice config of a MoT config. Raises ValueError for a top-k out of range."""
+    if config.ffn_type != "mot":
+        raise ValueError(f"only a MoT checkpoint can be converted, this one has ffn_type={config.ffn_type!r}")
+    k = default_top_k(config) if num_experts_per_tok is None else num_experts_per_tok
+    if not 1 <= k <= config.n_expert:
+        raise ValueError(f"--top-k must be between 1 and the number of experts ({config.n_expert}), got {k}")
+    if capacity_factor is not None and capacity_factor <= 0:
+        raise ValueError(f"--capacity-factor must be positive, got {capacity_factor}")
+    fields = config.to_dict()
+    fields.update(ffn_type="token_choice", num_experts_per_tok=k, capacity_factor=capacity_factor)
+    for key in ("model_type", "transformers_version", "architectures"):
+        fields.pop(key, None)
+    return MoTConfig(**fields)
+
+
+def expected_shapes(config: MoTConfig) -> dict[str, tuple[int, ...]]:
+    """The tensors a checkpoint of this config holds (tied embeddings stored once)."""
+    from .modeling import MoTLMHeadModel
+
+    with torch.device("meta"):
+        model = MoTLMHeadModel(config)
+    shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    if config.tie_word_embeddings:
+        shapes.pop("lm_head.weight", None)
+    return shapes
+
+
+def check_tensors(shapes: dict[str, tuple[int, ...]], config: MoTConfig, where: str = "the checkpoint") -> None:
+    """ValueError naming the first missing, unexpected or misshapen tensor against the config."""
+    expected = expected_shapes(config)
+    for name in sorted(expected):
+        if name not in shapes and not (name == "lm_head.weight" and "transformer.wte.weight" in shapes):
+            raise ValueError(f"{where} lacks the tensor {name} that its config needs")
+    for name in sorted(shapes):
+        if name not in expected and name != "lm_head.weight":
+            raise ValueError(f"{where} has a tensor {name} that its config does not describe")
+        if name in expected and tuple(shapes[name]) != expected[name]:
+            raise ValueError(f"{where} has {name} of shape {tuple(shapes[name])}, its config needs {expected[name]}")
+
+
+def moe_layer_of(name: str) -> int | None:
+    """The block index of an expert tensor name `...h.{i}.mlp.{controller|lin1|lin2}`, else None."""
+    parts = name.split(".")
+    if len(parts) >= 4 and parts[-2] == "mlp" and parts[-1] in ("controller", "lin1", "lin2") and parts[-3].isdigit():
+        return int(parts[-3])
+    return None
+
+
+def transform(name: str, tensor: torch.Tensor, config: MoTConfig, scales: dict[int, float]) -> tuple[torch.Tensor | None, str]:
+    """The Token Choice tensor for one MoT tensor: (new tensor, or None when carried unchanged; detail)."""
+    layer, kind = moe_layer_of(name), name.rsplit(".", 1)[-1]
+    if layer is not None and kind == "controller":
+        if config.mot_temperature == 1.0:
+            return None, "router = controller / T with T = 1: unchanged"
+        return (tensor.double() / config.mot_temperature).to(tensor.dtype), f"router = controller / T, T = {config.mot_temperature:g}"
+    if layer is not None and kind == "lin2" and layer in scales:
+        return tensor * scales[layer], f"lin2 * {scales[layer]:.4f} (calibration scale)"
+    return None, "unchanged"
+
+
+def mot_to_token_choice(
+    state_dict: dict[str, torch.Tensor],
+    config: MoTConfig,
+    num_experts_per_tok: int | None = None,
+    capacity_factor: float | None = None,
+    calibration: list[torch.Tensor] | dict[int, float] | None = None,
+) -> tuple[dict[str, torch.Tensor], MoTConfig, ConversionReport]:
+    """Map a MoT state dict to a Token Choice one (no model is built without calibration).
+
+    `calibration`: None; calibration batches of input ids (B, S), B a multiple of group_size,
+    on which one scale per MoE layer is fitted (`fit_calibration_scales`); or such scales.
+    Unchanged tensors are the same tensor objects as the input's.
+    """
+    tc_config = token_choice_config(config, num_experts_per_tok, capacity_factor)
+    check_tensors({k: tuple(v.shape) for k, v in state_dict.items()}, config)
+    report = new_report(config, tc_config)
+    scales = {}
+    if isinstance(calibration, dict):
+        scales = {int(k): float(v) for k, v in calibration.items()}
+        report.calibration = {"scales": scales}
+    elif calibration is not None:
+        report.calibration = fit_calibration_scales(state_dict, config, tc_config, calibration)
+        scales = report.calibration["scales"]
+    converted = {}
+    for name, tensor in state_dict.items():
+        new, detail = transform(name, tensor, config, scales)
+        converted[name] = tensor if new is None else new
+        report.tensors.append({"name": name, "action": "carried" if new is None else "transformed", "detail": detail})
+    return converted, tc_config, report
+
+
+def new_report(config: MoTConfig, tc_config: MoTConfig, source: str | None = None) -> ConversionReport:
+    before, after = config.to_dict(), tc_config.to_dict()
+    changes = {k: [before.get(k), after[k]] for k in after if before.get(k) != after[k] and k != "transformers_version"}
+    counts_before, counts_after = parameter_counts(config), parameter_counts(tc_config)
+    return ConversionReport(
+        source=source,
+        config_changes=changes,
+        parameters_before={k: counts_before[k] for k in ("total", "active_per_token")},
+        parameters_after={k: counts_after[k] for k in ("total", "active_per_token")},
+    )
+
+
+@torch.no_grad()
+def fit_calibration_scales(state_dict, config: MoTConfig, tc_config: MoTConfig, batches: list[torch.Tensor]) -> dict:
+    """One least-squares scale per MoE layer: s = <y_mot, y_tc> / <y_tc, y_tc> over the layer's
+    inputs on the calibration batches (MoT grouped inference, Token Choice dropless). Returns
+    {"batches", "scales", "mse_before", "mse_after"}, keyed by block index."""
+    from .layers import TokenChoice
+    from .modeling import MoTLMHeadModel
+
+    if not batches:
+        raise ValueError("calibration needs at least one batch")
+    model = MoTLMHeadModel(config).eval()
+    model.load_state_dict(state_dict, strict=False)
+    captured = {i: [] for i in config.moe_layers}
+    hooks = [
+        model.transformer.h[i].mlp.register_forward_hook(
+            lambda module, args, output, i=i: captured[i].append((args[0].double(), output[0].double()))
+        )
+        for i in config.moe_layers
+    ]
+    try:
+        for ids in batches:
+            if ids.shape[0] % config.group_size:
+                raise ValueError(f"calibration batches need a multiple of group_size={config.group_size} rows, got {ids.shape[0]}")
+            model(ids, use_cache=False)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    scales, mse_before, mse_after = {}, {}, {}
+    for i in config.moe_layers:
+        router = TokenChoice(tc_config).double().eval()
+        mot_layer = model.transformer.h[i].mlp
+        router.lin1.copy_(mot_layer.lin1)
+        router.lin2.copy_(mot_layer.lin2)
+        router.controller.copy_(mot_layer.controller.double() / config.mot_temperature)
+        dot = norm = err = 0.0
+        pairs = [(y_mot, router(h)[0]) for h, y_mot in captured[i]]
+        for y_mot, y_tc in pairs:
+            dot += (y_mot * y_tc).sum().item()
+            norm += (y_tc * y_tc).sum().item()
+            err += (y_mot - y_tc).pow(2).sum().item()
+        count = sum(y.numel() for y, _ in pairs)
+        scale = dot / norm if norm > 0 else 1.0
+        scales[i] = scale
+        mse_before[i] = err / count
+        mse_after[i] = sum((y_mot - scale * y_tc).pow(2).sum().item() for y_mot, y_tc in pairs) / count
+    return {"batches": len(batches), "scales": scales, "mse_before": mse_before, "mse_after": mse_after}
+
+
+def convert_checkpoint(
+    src: str | Path,
+    dst: str | Path,
+    num_experts_per_tok: int | None = None,
+    capacity_factor: float | None = None,
+    calibration: list[torch.Tensor] | None = None,
+    force: bool = False,
+) -> ConversionReport:
+    """Convert the MoT checkpoint directory `src` into a Token Choice checkpoint at `dst`.
+
+    Everything is validated before anything is written; the output is assembled in a temporary
+    directory beside `dst` and renamed into place; `src` is only read. An existing `dst` is
+    refused unless `force` (and `dst` may never be `src` or lie inside or around it).
+    """
+    src, dst = Path(src), Path(dst)
+    config = load_config(src)
+    tc_config = token_choice_config(config, num_experts_per_tok, capacity_factor)
+    table = tensor_table(src)  # every header checked against its file's size
+    check_tensors({name: tuple(entry["shape"]) for name, (_, entry) in table.items()}, config, where=str(src))
+    check_destination(src, dst, force)
+
+    report = new_report(config, tc_config, source=str(src))
+    scales = {}
+    if calibration is not None:
+        state_dict = {}
+        for file in weight_files(src):
+            with safe_open(file, "pt") as handle:
+                state_dict.update({name: handle.get_tensor(name) for name in handle.keys()})
+        report.calibration = fit_calibration_scales(state_dict, config, tc_config, calibration)
+        scales = report.calibration["scales"]
+        del state_dict
+
+    staging = dst.parent / f".{dst.name}.converting-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        for file in weight_files(src):
+            write_converted(file, staging / file.name, config, scales, report)
+        index = src / "model.safetensors.index.json"
+        if index.is_file():
+            shutil.copy2(index, staging / index.name)
+        tc_config.save_pretrained(staging)
+        for name in COPIED_FILES:
+            if (src / name).is_file():
+                shutil.copy2(src / name, staging / name)
+        (staging / "conversion_report.json").write_text(report.to_json())
+        replace_directory(staging, dst)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return report
+
+
+def check_destination(src: Path, dst: Path, force: bool) -> None:
+    s, d = src.resolve(), dst.resolve()
+    if d == s or s in d.parents or d in s.parents:
+        raise ValueError(f"the destination {dst} would overwrite or nest with the source {src}; choose another directory")
+    if dst.exists() and not force:
+        raise FileExistsError(f"{dst} already exists; pass --force to replace it")
+    if dst.exists() and not dst.is_dir():
+        raise FileExistsError(f"{dst} exists and is not a directory")
+
+
+def replace_directory(staging: Path, dst: Path) -> None:
+    """Move the finished `staging` directory to `dst`, replacing an old `dst` only once it is complete."""
+    if not dst.exists():
+        os.replace(staging, dst)
+        return
+    old = dst.parent / f".{dst.name}.old-{os.getpid()}"
+    os.replace(dst, old)
+    os.replace(staging, dst)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def write_converted(src_file: Path, dst_file: Path, config: MoTConfig, scales: dict[int, float], report: ConversionReport) -> None:
+    """Stream one safetensors file: the header is copied (shapes and dtypes do not change), the
+    unchanged tensors as raw bytes in chunks, the transformed ones one tensor at a time."""
+    header = read_header(src_file)
+    with open(src_file, "rb") as handle:
+        header_length = int.from_bytes(handle.read(8), "little")
+        raw_header = handle.read(header_length)
+    data_start = 8 + header_length
+    with safe_open(src_file, "pt") as tensors, open(src_file, "rb") as source, open(dst_file, "wb") as out:
+        out.write(header_length.to_bytes(8, "little"))
+        out.write(raw_header)
+        for name, entry in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):
+            start, end = entry["data_offsets"]
+            new = None
+            if moe_layer_of(name) is not None and entry["dtype"] in SAFETENSORS_DTYPES:
+                new, detail = transform(name, tensors.get_tensor(name), config, scales)
+            else:
+                detail = "unchanged"
+            if new is None:
+                source.seek(data_start + start)
+                copy_bytes(source, out, end - start)
+            else:
+                out.write(new.contiguous().reshape(-1).view(torch.uint8).numpy().data)
+            report.tensors.append({"name": name, "action": "carried" if new is None else "transformed", "detail": detail})
+        out.flush()
+        os.fsync(out.fileno())
+
+
+def copy_bytes(source, out, count: int, chunk: int = 64 << 20) -> None:
+    while count > 0:
+        data = source.read(min(chunk, count))
+        if not data:
+            raise ValueError(f"{source.name} ended early: truncated file")
+        out.write(data)
+        count -= len(data)
+
+
+@torch.no_grad()
+def convert_model(model, num_experts_per_tok: int | None = None, capacity_factor: float | None = None):
+    """In-memory conversion of a MoTLMHeadModel: a new Token Choice model sharing no storage with
+    the old one, plus the report. Used by the in-run switch (`switch_at_step`)."""
+    from .modeling import MoTLMHeadModel
+
+    state, tc_config, report = mot_to_token_choice(model.state_dict(), model.config, num_experts_per_tok, capacity_factor)
+    converted = MoTLMHeadModel(tc_config).to(next(model.parameters()).device)
+    converted.load_state_dict(state, strict=False)
+    converted.train(model.training)
+    return converted, report

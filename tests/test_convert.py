@@ -1,0 +1,185 @@
+"""MoT -> Token Choice conversion: the weight mapping, calibration, and the checkpoint converter."""
+
+import hashlib
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import run_cli, tiny_config
+from mot_transition import MoTLMHeadModel
+from mot_transition.convert import convert_checkpoint, convert_model, default_top_k, mot_to_token_choice
+
+
+def trained_like_mot(**overrides):
+    """A MoT model whose controller is far from its init, so that the softmax matters."""
+    model = MoTLMHeadModel(tiny_config("mot", n_layer=4, n_expert=8, group_size=4, mot_temperature=0.5, **overrides)).eval()
+    with torch.no_grad():
+        for i in model.config.moe_layers:
+            model.transformer.h[i].mlp.controller.normal_(0, 1.0)
+    return model
+
+
+def digest(folder):
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def test_state_dict_mapping_folds_temperature_and_keeps_every_other_tensor_bit_identical():
+    model = trained_like_mot()
+    state = model.state_dict()
+    converted, config, report = mot_to_token_choice(state, model.config)
+    assert config.ffn_type == "token_choice" and config.num_experts_per_tok == default_top_k(model.config) == 2
+    for name, tensor in state.items():
+        if name.endswith("mlp.controller"):
+            assert torch.allclose(converted[name], tensor / 0.5)
+        else:
+            assert torch.equal(converted[name], tensor), name
+    transformed = {row["name"] for row in report.tensors if row["action"] == "transformed"}
+    assert transformed == {f"transformer.h.{i}.mlp.controller" for i in model.config.moe_layers}
+
+
+def test_router_logits_of_converted_model_equal_mot_controller_logits_on_the_same_hidden_states():
+    mot = trained_like_mot()
+    tc, _ = convert_model(mot)
+    ids = torch.randint(0, 61, (8, 6))
+    with torch.no_grad():
+        mot_logits = mot(ids, output_router_logits=True).router_logits
+        tc_logits = tc(ids, output_router_logits=True).router_logits
+        # the first MoE layer sees identical hidden states in both models
+        assert torch.allclose(tc_logits[0], mot_logits[0], atol=1e-5, rtol=1e-5)
+        # and on any hidden states, layer by layer
+        h = torch.randn(8, 6, 32)
+        for i in mot.config.moe_layers:
+            mot_layer, tc_layer = mot.transformer.h[i].mlp, tc.transformer.h[i].mlp
+            assert torch.allclose(tc_layer(h)[1], mot_layer(h)[1], atol=1e-5, rtol=1e-5)
+
+
+def test_calibration_lowers_the_gap_between_mot_and_token_choice_layer_outputs():
+    mot = trained_like_mot()
+    batches = [torch.randint(0, 61, (8, 8)) for _ in range(2)]
+    converted, config, report = mot_to_token_choice(mot.state_dict(), mot.config, calibration=batches)
+    calibration = report.calibration
+    for i in mot.config.moe_layers:
+        assert calibration["mse_after"][i] < calibration["mse_before"][i]
+        name = f"transformer.h.{i}.mlp.lin2"
+        assert torch.allclose(converted[name], mot.state_dict()[name] * calibration["scales"][i])
+
+
+def test_convert_checkpoint_writes_token_choice_checkpoint_with_identical_tensors(tmp_path):
+    mot = trained_like_mot()
+    mot.save_pretrained(tmp_path / "mot")
+    (tmp_path / "mot" / "tokenizer.json").write_text("{}")
+    before = digest(tmp_path / "mot")
+    report = convert_checkpoint(tmp_path / "mot", tmp_path / "tc", num_experts_per_tok=1)
+    assert digest(tmp_path / "mot") == before, "the source is never touched"
+    src, dst = load_file(tmp_path / "mot" / "model.safetensors"), load_file(tmp_path / "tc" / "model.safetensors")
+    assert src.keys() == dst.keys()
+    for name in src:
+        if name.endswith("mlp.controller"):
+            assert torch.allclose(dst[name], src[name] / 0.5)
+        else:
+            assert torch.equal(dst[name], src[name]), name
+    config = json.loads((tmp_path / "tc" / "config.json").read_text())
+    assert config["ffn_type"] == "token_choice" and config["num_experts_per_tok"] == 1
+    assert (tmp_path / "tc" / "tokenizer.json").is_file()
+    saved = json.loads((tmp_path / "tc" / "conversion_report.json").read_text())
+    assert saved["config_changes"]["ffn_type"] == ["mot", "token_choice"] and len(saved["tensors"]) == len(src)
+    assert report.parameters_after["total"] == report.parameters_before["total"]
+    assert report.parameters_after["active_per_token"] < report.parameters_before["active_per_token"]
+    loaded = MoTLMHeadModel.from_pretrained(tmp_path / "tc")
+    expected, _ = convert_model(mot, num_experts_per_tok=1)
+    ids = torch.randint(0, 61, (2, 5))
+    with torch.no_grad():
+        assert torch.allclose(loaded(ids).logits, expected(ids).logits, atol=1e-6)
+
+
+def test_sharded_checkpoint_converts_shard_by_shard(tmp_path):
+    mot = trained_like_mot()
+    mot.save_pretrained(tmp_path / "mot", max_shard_size="40KB")
+    assert (tmp_path / "mot" / "model.safetensors.index.json").is_file()
+    convert_checkpoint(tmp_path / "mot", tmp_path / "tc")
+    loaded = MoTLMHeadModel.from_pretrained(tmp_path / "tc")
+    expected, _ = convert_model(mot)
+    ids = torch.randint(0, 61, (2, 5))
+    with torch.no_grad():
+        assert torch.allclose(loaded(ids).logits, expected(ids).logits, atol=1e-6)
+
+
+@pytest.fixture
+def mot_checkpoint(tmp_path):
+    path = tmp_path / "mot"
+    trained_like_mot().save_pretrained(path)
+    return path
+
+
+def corrupt_truncate(path):
+    data = (path / "model.safetensors").read_bytes()
+    (path / "model.safetensors").write_bytes(data[: len(data) // 2])
+
+
+def corrupt_header_byte(path):
+    data = bytearray((path / "model.safetensors").read_bytes())
+    header = data[8:8 + int.from_bytes(data[:8], "little")]
+    position = 8 + header.index(b"data_offsets") + len('data_offsets":[') + 1
+    data[position] ^= 0x11  # one byte of one tensor's offsets
+    (path / "model.safetensors").write_bytes(bytes(data))
+
+
+def make_dense(path):
+    MoTLMHeadModel(tiny_config("dense")).save_pretrained(path, safe_serialization=True)
+
+
+@pytest.mark.parametrize(
+    "damage, words",
+    [
+        (make_dense, "only a MoT checkpoint"),
+        (corrupt_truncate, "truncated or corrupted"),
+        (corrupt_header_byte, "truncated or corrupted"),
+        ("self", "overwrite or nest"),
+        ("top-k", "--top-k must be between 1"),
+        ("missing", "no checkpoint"),
+    ],
+)
+def test_convert_refuses_bad_input_with_one_line_and_writes_nothing(mot_checkpoint, tmp_path, capsys, damage, words):
+    src, dst, extra = mot_checkpoint, tmp_path / "out", []
+    if damage == "self":
+        dst = mot_checkpoint
+    elif damage == "top-k":
+        extra = ["--top-k", "9"]
+    elif damage == "missing":
+        src = tmp_path / "nowhere"
+    elif damage is make_dense:
+        src = tmp_path / "dense"
+        make_dense(src)
+    else:
+        damage(mot_checkpoint)
+    before = digest(src) if src.exists() else None
+    code, out, err = run_cli(["convert", src, dst, *extra], capsys)
+    assert code != 0
+    assert words in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err + out
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+    if before is not None:
+        assert digest(src) == before
+
+
+def test_convert_refuses_an_existing_destination_unless_forced(mot_checkpoint, tmp_path, capsys):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("mine")
+    code, _, err = run_cli(["convert", mot_checkpoint, tmp_path / "out"], capsys)
+    assert code == 1 and "--force" in err and (tmp_path / "out" / "keep.txt").read_text() == "mine"
+    code, out, _ = run_cli(["convert", mot_checkpoint, tmp_path / "out", "--force", "--top-k", "3"], capsys)
+    assert code == 0 and "transformed" in out
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["num_experts_per_tok"] == 3
+    assert not (tmp_path / "out" / "keep.txt").exists()
+
+
+def test_cli_convert_and_info_as_a_user_types_them(mot_checkpoint, tmp_path):
+    done = subprocess.run([sys.executable, "-m", "mot_transition.cli", "convert", str(mot_checkpoint), str(tmp_path / "tc")],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "router = controller / T" in done.stdout
+    done = subprocess.run([sys.executable, "-m", "mot_transition.cli", "info", str(tmp_path / "tc")], capture_output=True, text=True)
+    assert done.returncode == 0 and "token_choice ffn" in done.stdout
