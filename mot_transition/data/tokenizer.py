@@ -1,0 +1,84 @@
+"""Byte-level BPE tokenizers trained on a corpus's train split, cached by corpus fingerprint.
+
+Byte-level means every string has an encoding (no unknown token) and decode(encode(text)) == text.
+The single special token `<|endoftext|>` ends documents and also serves as bos and pad.
+"""
+
+import os
+import tempfile
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import PreTrainedTokenizerFast
+
+from mot_transition.data.corpus import Corpus
+
+EOS_TOKEN = "<|endoftext|>"
+CACHE_ENV = "MOT_TRANSITION_CACHE"
+_MIN_VOCAB_SIZE = 256 + 1  # every byte, and the special token
+
+
+def cache_root() -> Path:
+    """The data stage's cache folder: $MOT_TRANSITION_CACHE, else ~/.cache/mot-transition."""
+    env = os.environ.get(CACHE_ENV)
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "mot-transition"
+
+
+def train_tokenizer(
+    corpus: Corpus, vocab_size: int, cache_dir: Path | None = None
+) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer of `vocab_size` tokens trained on `corpus.train`.
+
+    The result is cached as `cache_dir / f"{corpus.fingerprint}-{vocab_size}" / "tokenizer.json"`
+    (default `cache_dir`: the cache root's `tokenizers` folder), so a second call only reads it.
+    """
+    if vocab_size < _MIN_VOCAB_SIZE:
+        raise ValueError(f"vocab_size must be at least {_MIN_VOCAB_SIZE} (256 bytes and {EOS_TOKEN}), got {vocab_size}")
+    cache_dir = Path(cache_dir) if cache_dir is not None else cache_root() / "tokenizers"
+    path = cache_dir / f"{corpus.fingerprint}-{vocab_size}" / "tokenizer.json"
+    if not path.exists():
+        tokenizer = _train_bpe(corpus.train, vocab_size)
+        _save_atomically(tokenizer, path)
+    return load_tokenizer(path)
+
+
+def load_tokenizer(path: Path) -> PreTrainedTokenizerFast:
+    """Wrap a `tokenizer.json` written by `train_tokenizer` as a transformers tokenizer."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"no tokenizer file at {path}; train one with train_tokenizer()")
+    return PreTrainedTokenizerFast(
+        tokenizer_file=str(path),
+        bos_token=EOS_TOKEN,
+        eos_token=EOS_TOKEN,
+        pad_token=EOS_TOKEN,
+        clean_up_tokenization_spaces=False,  # decode gives back the exact text, spaces before punctuation too
+    )
+
+
+def _train_bpe(documents: list[str], vocab_size: int) -> Tokenizer:
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.post_processor = processors.ByteLevel(add_prefix_space=False, trim_offsets=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOS_TOKEN],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(documents, trainer=trainer, length=len(documents))
+    return tokenizer
+
+
+def _save_atomically(tokenizer: Tokenizer, path: Path) -> None:
+    """Write, then rename: a process reading the cache never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tokenizer-", suffix=".json")
+    os.close(fd)
+    try:
+        tokenizer.save(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp makes files private; a cache is for every process of the user
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
