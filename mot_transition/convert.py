@@ -39,6 +39,7 @@ class ConversionReport:
     parameters_before: dict[str, int] = field(default_factory=dict)
     parameters_after: dict[str, int] = field(default_factory=dict)
     calibration: dict | None = None  # {"batches", "scales", "mse_before", "mse_after"} per MoE layer
+    recipe: dict | None = None  # the MoT run's recipe, when the source is a training checkpoint
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -223,6 +224,8 @@ def convert_checkpoint(
     check_destination(src, dst, force)
 
     report = new_report(config, tc_config, source=str(src))
+    if (src / "training_state.json").is_file():  # transition tuning continues on the MoT run's data
+        report.recipe = json.loads((src / "training_state.json").read_text()).get("recipe")
     scales = {}
     if calibration is not None:
         state_dict = {}

@@ -1,0 +1,45 @@
+"""`mot-transition compare RUN...`: the pre/post-switch table of SPEC section 4 and a plot."""
+
+import json
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from ..compare import compare_runs, plot_curves
+from .app import app
+
+
+@app.command()
+def compare(
+    runs: list[Path] = typer.Argument(..., help="A `run` output directory, or a transition run and a Token Choice baseline run."),
+    plot: Path = typer.Option(None, "--plot", help="Where to write the PNG of the loss curves (default: beside the transition run)."),
+) -> None:
+    """Compare pre-switch, unbatched, post-switch and baseline losses on the same held-out batches."""
+    comparison = compare_runs(runs)
+    show_comparison(comparison, Console())
+    transition_dir = Path(comparison["runs"]["transition"])
+    (transition_dir / "comparison.json").write_text(json.dumps(comparison, indent=1))
+    try:
+        path = plot_curves(comparison, plot or transition_dir / "loss_curves.png")
+        Console().print(f"loss curves: {path}")
+    except ImportError:
+        Console().print("no plot: matplotlib is not installed (pip install 'mot-transition[plot]')")
+
+
+def show_comparison(comparison: dict, console: Console) -> None:
+    table = Table(title="held-out loss, nats/token (same batches, float32)")
+    for column in ("measure", "loss", "perplexity", "vs pre-switch"):
+        table.add_column(column, justify="left" if column == "measure" else "right")
+    for row in comparison["rows"]:
+        loss = "-" if row["loss"] is None else f"{row['loss']:.4f}"
+        ppl = "-" if row["perplexity"] is None else f"{row['perplexity']:.2f}"
+        rel = "-" if row["vs_pre_switch"] is None else f"{100 * row['vs_pre_switch']:+.1f}%"
+        table.add_row(row["measure"], loss, ppl, rel)
+    console.print(table)
+    step = comparison["recovery_step"]
+    if step is None:
+        console.print(f"recovery: not within {comparison['transition_steps']} transition steps (loss <= pre-switch x 1.02)")
+    else:
+        console.print(f"recovery: step {step} of the transition (first evaluation with loss <= pre-switch x 1.02)")

@@ -1,0 +1,32 @@
+"""`mot-transition generate CKPT --prompt TEXT`: stream the continuation of one sequence."""
+
+import sys
+from pathlib import Path
+
+import torch
+import typer
+from rich.console import Console
+from transformers import TextStreamer
+
+from ..generate import generate as generate_text
+from ..generate import load_for_inference
+from .app import app
+
+
+@app.command()
+def generate(
+    checkpoint: Path = typer.Argument(..., help="Checkpoint directory (or a run directory: its latest checkpoint)."),
+    prompt: str = typer.Option(..., "--prompt", help="Text to continue."),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens"),
+    temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy."),
+    top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling threshold."),
+    seed: int = typer.Option(0, "--seed"),
+) -> None:
+    """Generate from one prompt with the KV cache, streaming tokens as they come."""
+    model, tokenizer, warning = load_for_inference(checkpoint)
+    if warning:
+        Console(stderr=True).print(f"[yellow]warning:[/yellow] {warning}")
+    torch.manual_seed(seed)
+    sys.stdout.write(prompt)
+    sys.stdout.flush()
+    generate_text(model, tokenizer, [prompt], max_new_tokens, temperature, top_p, streamer=TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True))

@@ -1,0 +1,78 @@
+"""Unbatched inference: one sequence at a time, with the KV cache.
+
+A Token Choice (converted) checkpoint serves a sequence alone exactly as it would inside a batch.
+A MoT checkpoint needs a batch to mix across; alone it runs with `group_size=1` (no mixing), where
+every token passes through all E experts: E times the expert FLOPs of a dense FFN of width f, and
+a regime the model was not trained in. Convert and transition-tune it to serve it sparsely.
+"""
+
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from .checkpoint_io import load_config, resolve_checkpoint
+from .modeling import MoTLMHeadModel
+
+GROUPED_TYPES = ("mot", "expert_choice")
+
+
+def load_for_inference(checkpoint: str | Path, device: str = "cpu") -> tuple[MoTLMHeadModel, PreTrainedTokenizerBase, str | None]:
+    """(model in eval mode, tokenizer, warning or None) for one-sequence inference."""
+    checkpoint = resolve_checkpoint(checkpoint)
+    config = load_config(checkpoint)
+    if not (checkpoint / "tokenizer.json").is_file() and not (checkpoint / "tokenizer_config.json").is_file():
+        raise FileNotFoundError(f"{checkpoint} has no tokenizer files; generation needs the tokenizer the model was trained with")
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = MoTLMHeadModel.from_pretrained(checkpoint).to(device).eval()
+    warning = None
+    if config.ffn_type in GROUPED_TYPES and config.group_size > 1:
+        model.set_group_size(1)
+        warning = (
+            f"{config.ffn_type} checkpoint: running with group_size=1 (no mixing), so every token passes through "
+            f"all {config.n_expert} experts ({config.group_size}x the expert FLOPs of grouped inference) in a regime "
+            "it was not trained for; convert it with `mot-transition convert` and `transition` to serve it sparsely"
+        )
+    return model, tokenizer, warning
+
+
+def sampling_options(max_new_tokens: int, temperature: float, top_p: float, tokenizer) -> dict:
+    if max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+    if temperature < 0:
+        raise ValueError(f"--temperature must be >= 0 (0 = greedy), got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"--top-p must be in (0, 1], got {top_p}")
+    options = dict(max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    if temperature == 0:
+        return {**options, "do_sample": False}
+    return {**options, "do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0}
+
+
+@torch.no_grad()
+def generate(
+    model: MoTLMHeadModel,
+    tokenizer,
+    prompts: list[str],
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    streamer=None,
+) -> list[str]:
+    """Continue each prompt (left-padded into one batch); returns the new text of each.
+
+    A Token Choice model gives every prompt the same tokens alone or in the batch, as long as the
+    padded batch leaves room in the context: new tokens are capped at n_positions minus the
+    longest prompt."""
+    options = sampling_options(max_new_tokens, temperature, top_p, tokenizer)
+    inputs = tokenizer(prompts, return_tensors="pt", padding=True).to(model.device)
+    room = model.config.n_positions - inputs["input_ids"].shape[1]
+    if room < 1:
+        raise ValueError(f"the prompt is {inputs['input_ids'].shape[1]} tokens; the model's context is {model.config.n_positions}")
+    options["max_new_tokens"] = min(options["max_new_tokens"], room)
+    output = model.generate(**inputs, **options, streamer=streamer)
+    new = output[:, inputs["input_ids"].shape[1]:]
+    return tokenizer.batch_decode(new, skip_special_tokens=True)

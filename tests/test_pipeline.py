@@ -1,0 +1,92 @@
+"""The end-to-end main job on a micro recipe, and what it leaves behind: converted and
+transition-tuned checkpoints that serve one sequence at a time."""
+
+import json
+
+import pytest
+import torch
+
+from conftest import run_cli
+from mot_transition.generate import generate, load_for_inference
+
+MICRO = [
+    "train.steps=8", "train.eval_every=4", "train.checkpoint_every=4", "train.batch_size=8", "train.log_every=1",
+    "model.n_embd=32", "model.n_head=2", "model.n_expert=8", "model.group_size=4",
+    "data.max_bytes=200000", "data.vocab_size=384", "data.seq_len=32", "data.eval_batch_size=8", "data.eval_batches=2",
+    "optim.warmup_steps=2",
+]
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    out = tmp_path_factory.mktemp("pipeline")
+    cache = tmp_path_factory.mktemp("cache")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MOT_TRANSITION_CACHE", str(cache))
+    from mot_transition.pipeline import run_pipeline
+
+    comparison = run_pipeline("tiny", out / "run", MICRO + [f"data.cache_dir={json.dumps(str(cache))}"], transition_steps=2, progress=False, log=lambda *a: None)
+    yield out / "run", comparison
+    mp.undo()
+
+
+def test_run_writes_every_stage_and_the_comparison_of_spec_section_4(pipeline):
+    out, comparison = pipeline
+    measures = [row["measure"] for row in comparison["rows"]]
+    assert measures[:3] == ["pre-switch loss (MoT, grouped)", "MoT unbatched loss (group_size=1)", "post-switch loss at step 0"]
+    assert measures[3] == "post-switch loss at step 2" and measures[4].startswith("Token Choice from scratch, step 10")
+    assert all(row["loss"] > 0 and abs(row["perplexity"] - torch.tensor(row["loss"]).exp().item()) < 1e-3 for row in comparison["rows"])
+    for path in ("mot/metrics.jsonl", "token_choice/conversion_report.json", "transition/transition.json",
+                 "transition/comparison.json", "baseline/metrics.jsonl"):
+        assert (out / path).is_file(), path
+    assert (out / "transition" / "loss_curves.png").stat().st_size > 1000
+
+
+def test_post_switch_loss_one_sequence_at_a_time_equals_batched(pipeline):
+    out, _ = pipeline
+    curve = json.loads((out / "transition" / "transition.json").read_text())["curve"]
+    assert [p["step"] for p in curve] == [0, 1, 2]
+    for point in curve:
+        assert abs(point["loss"] - point["loss_batched"]) < 1e-4
+
+
+def test_generate_one_prompt_gives_the_same_tokens_as_inside_a_batch(pipeline):
+    out, _ = pipeline
+    model, tokenizer, warning = load_for_inference(out / "transition")  # a run dir: its latest checkpoint
+    assert warning is None and model.config.ffn_type == "token_choice"
+    prompts = ["def main(", "import os\nclass Parser:", "x = 1"]  # short: the micro model's context is 32
+    batched = generate(model, tokenizer, prompts, max_new_tokens=8)
+    for prompt, text in zip(prompts, batched):
+        assert generate(model, tokenizer, [prompt], max_new_tokens=8) == [text]
+
+
+def test_generate_cli_streams_and_warns_what_a_mot_checkpoint_costs_alone(pipeline, capsys):
+    out, _ = pipeline
+    code, stdout, stderr = run_cli(["generate", out / "mot", "--prompt", "def f(", "--max-new-tokens", "5"], capsys)
+    assert code == 0 and stdout.startswith("def f(") and len(stdout) > len("def f(")
+    assert "group_size=1" in stderr and "8 experts" in stderr
+    code, stdout, stderr = run_cli(["generate", out / "transition", "--prompt", "def f(", "--temperature", "0.8", "--top-p", "0.9"], capsys)
+    assert code == 0 and "warning" not in stderr
+
+
+def test_transition_refuses_an_unconverted_mot_checkpoint_with_one_line(pipeline, capsys, tmp_path):
+    out, _ = pipeline
+    code, _, stderr = run_cli(["transition", out / "mot", "--steps", "2", "--out", tmp_path / "t"], capsys)
+    assert code == 1 and "convert" in stderr and len(stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "t").exists()
+
+
+def test_compare_cli_prints_the_table_and_recovery(pipeline, capsys):
+    out, _ = pipeline
+    code, stdout, _ = run_cli(["compare", out], capsys)
+    assert code == 0 and "pre-switch loss" in stdout and "recovery" in stdout and "Token Choice from scratch" in stdout
+
+
+def test_calibrated_conversion_of_a_trained_checkpoint_reports_its_scales(pipeline, tmp_path, capsys):
+    out, _ = pipeline
+    code, stdout, stderr = run_cli(["convert", out / "mot", tmp_path / "tc", "--calibrate", "2"], capsys)
+    assert code == 0, stderr
+    report = json.loads((tmp_path / "tc" / "conversion_report.json").read_text())
+    calibration = report["calibration"]
+    assert calibration["batches"] == 2 and set(calibration["scales"]) == {"2", "3"}
+    assert all(calibration["mse_after"][k] <= calibration["mse_before"][k] for k in calibration["scales"])
