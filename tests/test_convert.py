@@ -183,3 +183,31 @@ def test_cli_convert_and_info_as_a_user_types_them(mot_checkpoint, tmp_path):
     assert "router = controller / T" in done.stdout
     done = subprocess.run([sys.executable, "-m", "mot_transition.cli", "info", str(tmp_path / "tc")], capture_output=True, text=True)
     assert done.returncode == 0 and "token_choice ffn" in done.stdout
+
+
+@pytest.mark.parametrize(
+    "edit, words",
+    [
+        (lambda sd: sd.pop("transformer.h.3.mlp.lin1"), "lacks the tensor transformer.h.3.mlp.lin1"),
+        (lambda sd: sd.__setitem__("transformer.h.0.mlp.extra", torch.zeros(1)), "has a tensor transformer.h.0.mlp.extra"),
+        (lambda sd: sd.__setitem__("transformer.h.2.mlp.lin2", torch.zeros(8, 16, 31)), "transformer.h.2.mlp.lin2 of shape"),
+    ],
+)
+def test_mapping_names_a_missing_extra_or_misshapen_tensor(edit, words):
+    model = trained_like_mot()
+    state = dict(model.state_dict())
+    edit(state)
+    with pytest.raises(ValueError, match=words):
+        mot_to_token_choice(state, model.config)
+
+
+def test_checkpoint_with_a_misshapen_tensor_is_refused_before_writing(tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    model = trained_like_mot()
+    model.save_pretrained(tmp_path / "mot")
+    state = load_file(tmp_path / "mot" / "model.safetensors")
+    state["transformer.h.2.mlp.controller"] = torch.zeros(32, 5)
+    save_file(state, tmp_path / "mot" / "model.safetensors")
+    code, _, err = run_cli(["convert", tmp_path / "mot", tmp_path / "out"], capsys)
+    assert code == 1 and "controller of shape (32, 5)" in err and not (tmp_path / "out").exists()
