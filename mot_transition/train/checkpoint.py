@@ -1,0 +1,218 @@
+"""Training checkpoints that survive a crash and load without unpickling anything.
+
+Layout of a run directory:
+
+    RUN/
+      recipe.toml                    the resolved recipe (file plus overrides)
+      metrics.jsonl                  one JSON object per optimizer step
+      checkpoints/
+        step-000200/                 a `save_pretrained` directory ...
+          config.json
+          model.safetensors
+          tokenizer.json, tokenizer_config.json, ...
+          training_state.safetensors ... plus the training state: AdamW moments per parameter
+                                     ("optimizer.<param>.exp_avg", ...) and RNG states
+                                     ("rng.cpu.rank0", "rng.cuda.rank0", ...)
+          training_state.json        step, data position, optimizer hyper-parameters, recipe
+
+A checkpoint is written into `checkpoints/.tmp-step-...` and renamed into place with `os.replace`
+only once every file is written and flushed, so a directory named `step-N` is always complete. A
+write that dies half-way leaves a `.tmp-` directory that `latest_checkpoint` ignores and the next
+save removes. Only the last `keep` checkpoints are kept.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+CHECKPOINTS = "checkpoints"
+STATE_TENSORS = "training_state.safetensors"
+STATE_JSON = "training_state.json"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def checkpoint_dir(run_dir: Path, step: int) -> Path:
+    return Path(run_dir) / CHECKPOINTS / f"step-{step:06d}"
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first."""
+    folder = Path(run_dir) / CHECKPOINTS
+    if not folder.is_dir():
+        return []
+    found = []
+    for path in folder.iterdir():
+        match = _STEP_DIR.match(path.name)
+        if match and (path / STATE_JSON).is_file():
+            found.append((int(match.group(1)), path))
+    return [path for _, path in sorted(found)]
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint of a run, or None if it has none."""
+    checkpoints = list_checkpoints(run_dir)
+    return checkpoints[-1] if checkpoints else None
+
+
+def save_checkpoint(
+    run_dir: Path,
+    step: int,
+    model,
+    tokenizer,
+    optimizer: torch.optim.Optimizer,
+    state: dict,
+    rng_states: dict[str, torch.Tensor],
+    keep: int = 2,
+) -> Path:
+    """Write checkpoint `step` of `run_dir` atomically and keep only the last `keep`.
+
+    `model` is the bare model (not the DDP wrapper); `state` is JSON-able (step, data position,
+    recipe, ...); `rng_states` are uint8 tensors. Returns the checkpoint's path.
+    """
+    final = checkpoint_dir(run_dir, step)
+    parent = final.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    _remove_leftovers(parent)
+    tmp = parent / f".tmp-{final.name}-{os.getpid()}"
+    try:
+        with _quiet_transformers():
+            model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        tensors, optimizer_json = optimizer_state(model, optimizer)
+        tensors.update({name: t.detach().cpu().contiguous() for name, t in rng_states.items()})
+        save_file(tensors, tmp / STATE_TENSORS)
+        (tmp / STATE_JSON).write_text(json.dumps({**state, "step": step, "optimizer": optimizer_json}, indent=1))
+        _fsync_tree(tmp)
+        if final.exists():  # the same step saved again (e.g. after a resume): move the old one aside
+            final.rename(parent / f".trash-{final.name}-{os.getpid()}")
+        os.replace(tmp, final)
+        _fsync_dir(parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for old in list_checkpoints(run_dir)[:-keep]:
+        trash = parent / f".trash-{old.name}-{os.getpid()}"
+        old.rename(trash)  # atomic: a half-deleted checkpoint never looks like a complete one
+        shutil.rmtree(trash, ignore_errors=True)
+    _remove_leftovers(parent)
+    return final
+
+
+def load_model(checkpoint: Path, model_class=None):
+    """The model saved in `checkpoint`, as `model_class` (default: `MoTLMHeadModel`), float32 as saved."""
+    if model_class is None:
+        from ..modeling import MoTLMHeadModel as model_class
+    with _quiet_transformers():
+        return model_class.from_pretrained(checkpoint)
+
+
+def load_training_state(checkpoint: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(the JSON state, the tensors) of a checkpoint written by `save_checkpoint`."""
+    checkpoint = Path(checkpoint)
+    if not (checkpoint / STATE_JSON).is_file() or not (checkpoint / STATE_TENSORS).is_file():
+        raise FileNotFoundError(f"{checkpoint} is not a training checkpoint (no {STATE_JSON} / {STATE_TENSORS})")
+    return json.loads((checkpoint / STATE_JSON).read_text()), load_file(checkpoint / STATE_TENSORS)
+
+
+def optimizer_state(model, optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """The optimizer's state keyed by parameter name: tensors for safetensors, the rest for JSON."""
+    names = {param: name for name, param in model.named_parameters()}
+    tensors, scalars, groups = {}, {}, []
+    for group in optimizer.param_groups:
+        groups.append({**{k: v for k, v in group.items() if k != "params"}, "params": [names[p] for p in group["params"]]})
+        for param in group["params"]:
+            for key, value in optimizer.state.get(param, {}).items():
+                if isinstance(value, torch.Tensor):
+                    tensors[f"optimizer.{names[param]}.{key}"] = value.detach().cpu().contiguous()
+                else:
+                    scalars[f"{names[param]}.{key}"] = value
+    return tensors, {"param_groups": groups, "scalars": scalars}
+
+
+def load_optimizer_state(model, optimizer: torch.optim.Optimizer, state_json: dict, tensors: dict[str, torch.Tensor]) -> None:
+    """Restore what `optimizer_state` saved into an optimizer built over the same parameters."""
+    saved_groups = state_json["optimizer"]["param_groups"]
+    scalars = state_json["optimizer"]["scalars"]
+    names = {param: name for name, param in model.named_parameters()}
+    current_groups = [[names[p] for p in group["params"]] for group in optimizer.param_groups]
+    if current_groups != [group["params"] for group in saved_groups]:
+        raise ValueError("the checkpoint's optimizer was built over other parameters than this model's; resume with the same recipe")
+    state, index, param_groups = {}, 0, []
+    for saved, group_names in zip(saved_groups, current_groups):
+        indices = []
+        for name in group_names:
+            entry = {key[len(f"optimizer.{name}.") :]: t for key, t in tensors.items() if key.startswith(f"optimizer.{name}.")}
+            entry.update({key[len(f"{name}.") :]: v for key, v in scalars.items() if key.startswith(f"{name}.")})
+            if entry:
+                state[index] = entry
+            indices.append(index)
+            index += 1
+        param_groups.append({**{k: _json_value(v) for k, v in saved.items() if k != "params"}, "params": indices})
+    optimizer.load_state_dict({"state": state, "param_groups": param_groups})
+
+
+def _json_value(value):
+    return tuple(value) if isinstance(value, list) else value  # betas come back from JSON as a list
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    """No tqdm bar from transformers while saving / loading (the trainer has its own progress bar)."""
+    from transformers.utils import logging
+
+    was_enabled = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            logging.enable_progress_bar()
+
+
+def _remove_leftovers(parent: Path) -> None:
+    """Remove `.tmp-` / `.trash-` directories left by a save that was killed."""
+    for path in parent.iterdir():
+        if path.name.startswith((".tmp-", ".trash-")) and path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _fsync_tree(folder: Path) -> None:
+    for path in folder.rglob("*"):
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+    _fsync_dir(folder)
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+__all__ = [
+    "save_checkpoint",
+    "latest_checkpoint",
+    "list_checkpoints",
+    "checkpoint_dir",
+    "load_training_state",
+    "load_model",
+    "optimizer_state",
+    "load_optimizer_state",
+]

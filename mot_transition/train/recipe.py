@@ -1,0 +1,352 @@
+"""Training recipes: a TOML file, typed by the dataclasses below, with `key=value` overrides.
+
+A recipe has top-level keys (`name`, `seed`) and four sections, `[model]`, `[data]`, `[optim]`,
+`[train]`. Every field has a default, so a recipe file only states what differs. Overrides on the
+command line use dotted keys for sections (`train.steps=100`, `model.group_size=16`, `seed=1`)
+and their values are TOML literals (`optim.lr=3e-4`, `model.moe_layers=[2,3]`,
+`data.source="corpus.txt"`); a value that is not a TOML literal is taken as a string, and `none`
+sets an optional field back to None.
+
+Anything wrong (an unknown key, a value of the wrong type, a value that cannot work) raises a
+ValueError of one line that names the key. The `[model]` section is checked by building the
+`MoTConfig` it describes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+@dataclass
+class ModelRecipe:
+    """The `MoTConfig` fields a recipe may set (SPEC.md section 2). Defaults are MoTConfig's.
+
+    `vocab_size` is not here: it is the size of the tokenizer trained for `[data]`.
+    `n_positions=None` means the data's `seq_len`.
+    """
+
+    ffn_type: str = "mot"
+    n_embd: int = 768
+    n_layer: int = 12
+    n_head: int = 12
+    n_inner: int | None = None  # dense FFN width; None = 4 * n_embd
+    n_positions: int | None = None  # None = data.seq_len
+    moe_layers: list[int] | None = None  # None = the second half of the blocks
+    n_expert: int = 32
+    group_size: int = 32
+    expert_size: int | None = None  # None = flop-matched, 4 * n_embd * group_size / n_expert
+    mot_temperature: float = 1.0
+    emit_softmax_over_experts: bool = False
+    use_discrete_routing: bool = False
+    num_experts_per_tok: int = 1
+    capacity_factor: float | None = None  # None = dropless
+    norm_topk_prob: bool = False
+    router_aux_loss_coef: float = 0.01
+    router_z_loss_coef: float = 0.0
+    activation_function: str = "relu"
+    resid_pdrop: float = 0.0
+    embd_pdrop: float = 0.0
+    attn_pdrop: float = 0.0
+    layer_norm_epsilon: float = 1e-5
+    initializer_range: float = 0.02
+    tie_word_embeddings: bool = True
+
+
+@dataclass
+class DataRecipe:
+    """Corpus, tokenizer and sequences (see `mot_transition.data`)."""
+
+    source: str = "stdlib"  # "stdlib" (built-in corpus) or a path: text file, folder, JSONL, parquet
+    text_field: str = "text"  # the field holding the text in JSONL / parquet
+    heldout_fraction: float = 0.05
+    max_bytes: int | None = None  # cap on the corpus size read, None = all of it
+    vocab_size: int = 4096  # byte-level BPE vocabulary to train
+    seq_len: int = 256
+    eval_batches: int = 8  # fixed held-out batches evaluated every `train.eval_every` steps
+    eval_batch_size: int = 32
+    cache_dir: str | None = None  # tokenizer / token cache; None = the data module's default
+
+
+@dataclass
+class OptimRecipe:
+    """AdamW with linear warmup, then cosine decay to `final_lr_fraction * lr`."""
+
+    lr: float = 7e-4
+    weight_decay: float = 0.1  # applied to matrices only (no biases, no LayerNorm gains)
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    warmup_steps: int = 2500
+    final_lr_fraction: float = 0.1
+    grad_clip: float = 0.5  # max global gradient norm; 0 = no clipping
+
+
+@dataclass
+class TrainRecipe:
+    """The loop: how many steps, how big a batch, how often to evaluate and save."""
+
+    steps: int = 1000
+    batch_size: int = 256  # sequences per optimizer step, summed over all ranks
+    micro_batch_size: int = 0  # sequences per forward pass on one rank; 0 = batch_size / world_size
+    eval_every: int = 100
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    precision: str = "auto"  # "auto" = bf16 autocast on CUDA with bf16 support, float32 otherwise
+    device: str = "auto"  # "auto" = cuda if available, else cpu; or "cpu", "cuda", ...
+    log_every: int = 10  # progress bar refresh; every step is written to metrics.jsonl anyway
+    # Step at which the MoT model is switched to Token Choice inside this run. The switch itself
+    # belongs to the converter: `train(..., switch=fn)` calls it here (see trainer.Trainer.switch_model).
+    switch_at_step: int | None = None
+
+
+@dataclass
+class Recipe:
+    name: str = "run"
+    seed: int = 0
+    model: ModelRecipe = field(default_factory=ModelRecipe)
+    data: DataRecipe = field(default_factory=DataRecipe)
+    optim: OptimRecipe = field(default_factory=OptimRecipe)
+    train: TrainRecipe = field(default_factory=TrainRecipe)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def model_config(self, vocab_size: int | None = None, **special_tokens):
+        """The MoTConfig of `[model]`, with `vocab_size` from the tokenizer (default: data.vocab_size)."""
+        from ..config import MoTConfig
+
+        fields = dataclasses.asdict(self.model)
+        if fields["n_positions"] is None:
+            fields["n_positions"] = self.data.seq_len
+        return MoTConfig(vocab_size=vocab_size or self.data.vocab_size, **fields, **special_tokens)
+
+
+SECTIONS = {"model": ModelRecipe, "data": DataRecipe, "optim": OptimRecipe, "train": TrainRecipe}
+TOP_LEVEL = ("name", "seed")
+
+
+def resolve_recipe_path(recipe: str | Path) -> Path:
+    """A path as given, or a bare name such as `tiny` looked up as `recipes/tiny.toml` in the repo."""
+    path = Path(recipe)
+    if path.is_file():
+        return path
+    if path.suffix == "" and len(path.parts) == 1 and (RECIPES_DIR / f"{path.name}.toml").is_file():
+        return RECIPES_DIR / f"{path.name}.toml"
+    known = sorted(p.stem for p in RECIPES_DIR.glob("*.toml")) if RECIPES_DIR.is_dir() else []
+    hint = f"; built-in recipes: {', '.join(known)}" if known else ""
+    raise FileNotFoundError(f"recipe {str(recipe)!r} not found (give a .toml path or a built-in name{hint})")
+
+
+def load_recipe(recipe: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Recipe:
+    """Read a recipe (a path, a built-in name, or None for all defaults) and apply `key=value` overrides."""
+    raw: dict = {}
+    name = "run"
+    if recipe is not None:
+        path = resolve_recipe_path(recipe)
+        name = path.stem
+        try:
+            raw = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as error:
+            raise ValueError(f"recipe {path} is not valid TOML: {error}") from None
+    raw.setdefault("name", name)
+    for override in overrides:
+        key, value = parse_override(override)
+        *section, leaf = key.split(".")
+        target = raw
+        for part in section:
+            target = target.setdefault(part, {})
+            if not isinstance(target, dict):
+                raise ValueError(f"recipe key {part!r} is a value, not a section, so {key!r} cannot be set")
+        target[leaf] = value
+    return recipe_from_dict(raw)
+
+
+def parse_override(text: str) -> tuple[str, typing.Any]:
+    """`train.steps=100` -> ("train.steps", 100); the value is a TOML literal, else a plain string."""
+    key, sep, value = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ValueError(f"override {text!r} is not of the form key=value (e.g. train.steps=100)")
+    value = value.strip()
+    if value.lower() in ("none", "null"):
+        return key, None
+    try:
+        return key, tomllib.loads(f"v = {value}")["v"]
+    except tomllib.TOMLDecodeError:
+        return key, value
+
+
+def recipe_from_dict(raw: dict) -> Recipe:
+    """Build and check a Recipe from nested dicts (as read from TOML)."""
+    top = {}
+    sections = {}
+    for key, value in raw.items():
+        if key in SECTIONS:
+            if not isinstance(value, dict):
+                raise ValueError(f"recipe key {key!r} must be a section ([{key}]), got {value!r}")
+            sections[key] = _build_section(SECTIONS[key], value, prefix=f"{key}.")
+        elif key in TOP_LEVEL:
+            top[key] = value
+        else:
+            raise ValueError(f"unknown recipe key {key!r}{_did_you_mean(key, [*TOP_LEVEL, *SECTIONS], '')}")
+    hints = typing.get_type_hints(Recipe)
+    for key, value in top.items():
+        top[key] = _check_type(key, value, hints[key])
+    recipe = Recipe(**top, **sections)
+    check_recipe(recipe)
+    return recipe
+
+
+def _build_section(cls, values: dict, prefix: str):
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    checked = {}
+    for key, value in values.items():
+        if key not in hints:
+            raise ValueError(f"unknown recipe key {prefix + key!r}{_did_you_mean(key, names, prefix)}")
+        checked[key] = _check_type(prefix + key, value, hints[key])
+    return cls(**checked)
+
+
+def _did_you_mean(key: str, choices: list[str], prefix: str) -> str:
+    close = difflib.get_close_matches(key, choices, n=1)
+    return f" (did you mean {prefix + close[0]!r}?)" if close else f" (known: {', '.join(prefix + c for c in choices)})"
+
+
+def _type_name(tp) -> str:
+    names = {int: "an integer", float: "a number", bool: "true or false", str: "a string", type(None): "none"}
+    if tp in names:
+        return names[tp]
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(t) for t in typing.get_args(tp))
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0]).removeprefix('an ').removeprefix('a ')}s"
+    return str(tp)
+
+
+def _check_type(key: str, value, tp):
+    """Return `value` as type `tp` (int accepted for float), or raise a ValueError naming `key`."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _check_type(key, value, option)
+            except ValueError:
+                pass
+    elif origin is list:
+        if isinstance(value, list):
+            (item_type,) = typing.get_args(tp)
+            return [_check_type(key, item, item_type) for item in value]
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif isinstance(value, tp):
+        return value
+    raise ValueError(f"recipe key {key!r} must be {_type_name(tp)}, got {value!r}")
+
+
+def check_recipe(recipe: Recipe) -> None:
+    """Raise a one-line ValueError naming the key for any value that cannot work."""
+
+    def need(condition: bool, key: str, rule: str) -> None:
+        if not condition:
+            section, _, leaf = key.rpartition(".")
+            value = getattr(getattr(recipe, section) if section else recipe, leaf)
+            raise ValueError(f"recipe key {key!r} {rule}, got {value!r}")
+
+    d, o, t = recipe.data, recipe.optim, recipe.train
+    need(d.heldout_fraction > 0 and d.heldout_fraction < 1, "data.heldout_fraction", "must be between 0 and 1")
+    need(d.max_bytes is None or d.max_bytes > 0, "data.max_bytes", "must be positive (or none)")
+    need(d.vocab_size >= 260, "data.vocab_size", "must be at least 260 (256 bytes plus special tokens)")
+    need(d.seq_len >= 2, "data.seq_len", "must be at least 2")
+    need(d.eval_batches >= 1, "data.eval_batches", "must be at least 1")
+    need(d.eval_batch_size >= 1, "data.eval_batch_size", "must be at least 1")
+    need(o.lr > 0, "optim.lr", "must be positive")
+    need(o.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
+    need(0 <= o.beta1 < 1, "optim.beta1", "must be in [0, 1)")
+    need(0 <= o.beta2 < 1, "optim.beta2", "must be in [0, 1)")
+    need(o.eps > 0, "optim.eps", "must be positive")
+    need(o.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
+    need(0 <= o.final_lr_fraction <= 1, "optim.final_lr_fraction", "must be in [0, 1]")
+    need(o.grad_clip >= 0, "optim.grad_clip", "must be >= 0 (0 turns clipping off)")
+    need(t.steps >= 1, "train.steps", "must be at least 1")
+    need(t.batch_size >= 1, "train.batch_size", "must be at least 1")
+    need(t.micro_batch_size >= 0, "train.micro_batch_size", "must be >= 0 (0 = batch_size / world size)")
+    need(
+        t.micro_batch_size == 0 or t.batch_size % t.micro_batch_size == 0,
+        "train.micro_batch_size",
+        f"must divide train.batch_size={t.batch_size}",
+    )
+    need(t.eval_every >= 1, "train.eval_every", "must be at least 1")
+    need(t.checkpoint_every >= 1, "train.checkpoint_every", "must be at least 1")
+    need(t.keep_checkpoints >= 1, "train.keep_checkpoints", "must be at least 1")
+    need(t.log_every >= 1, "train.log_every", "must be at least 1")
+    need(t.precision in PRECISIONS, "train.precision", f"must be one of {', '.join(PRECISIONS)}")
+    need(
+        t.switch_at_step is None or 0 < t.switch_at_step < t.steps,
+        "train.switch_at_step",
+        f"must be between 1 and train.steps - 1 = {t.steps - 1} (or none)",
+    )
+    need(
+        recipe.model.n_positions is None or recipe.model.n_positions >= d.seq_len,
+        "model.n_positions",
+        f"must be at least data.seq_len={d.seq_len}",
+    )
+    try:
+        recipe.model_config()
+    except (ValueError, TypeError) as error:
+        message = str(error).strip().splitlines()[0]
+        raise ValueError(f"recipe [model]: {message}") from None
+
+
+def recipe_to_toml(recipe: Recipe) -> str:
+    """The recipe as TOML (None values left out, as TOML has no null), to store next to a run."""
+
+    def literal(value) -> str:
+        if isinstance(value, bool):
+            return "true" if value else "false"
+        if isinstance(value, str):
+            return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        if isinstance(value, list):
+            return "[" + ", ".join(literal(v) for v in value) + "]"
+        return repr(value)
+
+    data = recipe.to_dict()
+    lines = [f"{key} = {literal(data[key])}" for key in TOP_LEVEL]
+    for section in SECTIONS:
+        lines.append(f"\n[{section}]")
+        lines += [f"{k} = {literal(v)}" for k, v in data[section].items() if v is not None]
+    return "\n".join(lines) + "\n"
+
+
+__all__ = [
+    "Recipe",
+    "ModelRecipe",
+    "DataRecipe",
+    "OptimRecipe",
+    "TrainRecipe",
+    "load_recipe",
+    "recipe_from_dict",
+    "resolve_recipe_path",
+    "parse_override",
+    "check_recipe",
+    "recipe_to_toml",
+]
