@@ -345,3 +345,17 @@ def test_baselines_have_the_shape_of_their_mot_recipe(size):
     assert (dense.model.ffn_type, token_choice.model.ffn_type, mot.model.ffn_type) == ("dense", "token_choice", "mot")
     mot_config, tc_config = mot.model_config(), token_choice.model_config()
     assert (tc_config.n_expert, tc_config.expert_size, tc_config.moe_layers) == (mot_config.n_expert, mot_config.expert_size, mot_config.moe_layers)
+
+
+def test_switch_hook_is_called_once_after_switch_at_step_steps_and_training_goes_on(data_dir, tmp_path):
+    calls = []
+
+    def switch(trainer):
+        calls.append(trainer.step_count)
+        trainer.switch_model(trainer.model)  # a real switch passes the converted model here
+
+    raw = tiny_recipe(data_dir, train={"switch_at_step": 2})
+    result = train(recipe_from_dict(raw), tmp_path / "run", progress=False, switch=switch)
+    assert calls == [2] and result.step == 6
+    with pytest.raises(ValueError, match="'train.switch_at_step'"):
+        train(recipe_from_dict(raw), tmp_path / "other", progress=False)

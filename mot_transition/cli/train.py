@@ -25,7 +25,10 @@ def train(
 
     start = time.perf_counter()
     config = load_recipe(recipe, overrides or [])
-    result = run_training(config, out, resume=resume, progress=not quiet)
+    switch = None
+    if config.train.switch_at_step is not None:  # the in-run MoT -> Token Choice switch
+        from ..transition import in_run_switch as switch
+    result = run_training(config, out, resume=resume, progress=not quiet, switch=switch)
     if result.rank != 0:  # under torchrun, rank 0 reports
         return
     table = Table(title=f"{config.name}: {result.step} steps")

@@ -103,8 +103,9 @@ class TrainRecipe:
     precision: str = "auto"  # "auto" = bf16 autocast on CUDA with bf16 support, float32 otherwise
     device: str = "auto"  # "auto" = cuda if available, else cpu; or "cpu", "cuda", ...
     log_every: int = 10  # progress bar refresh; every step is written to metrics.jsonl anyway
-    # Step at which the MoT model is switched to Token Choice inside this run. The switch itself
-    # belongs to the converter: `train(..., switch=fn)` calls it here (see trainer.Trainer.switch_model).
+    threads: int = 0  # torch CPU threads of this process (torch.set_num_threads); 0 = torch's default
+    # Step after which the MoT model is switched to Token Choice inside this run. The switch
+    # itself is the converter stage's: `train(..., switch=hook)` calls `hook(trainer)` there.
     switch_at_step: int | None = None
 
 
@@ -299,6 +300,7 @@ def check_recipe(recipe: Recipe) -> None:
     need(t.checkpoint_every >= 1, "train.checkpoint_every", "must be at least 1")
     need(t.keep_checkpoints >= 1, "train.keep_checkpoints", "must be at least 1")
     need(t.log_every >= 1, "train.log_every", "must be at least 1")
+    need(t.threads >= 0, "train.threads", "must be >= 0 (0 = torch's default)")
     need(t.precision in PRECISIONS, "train.precision", f"must be one of {', '.join(PRECISIONS)}")
     need(
         t.switch_at_step is None or 0 < t.switch_at_step < t.steps,

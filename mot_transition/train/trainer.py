@@ -185,6 +185,8 @@ class Trainer:
         from ..data import TrainBatches, heldout_batches
 
         self.recipe = recipe
+        if recipe.train.threads:
+            torch.set_num_threads(recipe.train.threads)
         self.dist = distributed or Distributed()
         self.device = device or pick_device(recipe.train.device, self.dist.local_rank)
         self.bf16 = use_bf16(recipe.train.precision, self.device)
@@ -233,10 +235,9 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, self.recipe)
 
     def switch_model(self, model: torch.nn.Module) -> None:
-        """Hook for the in-run MoT -> Token Choice switch (`train.switch_at_step`).
-
-        The converter builds the new model; the loop then continues on it with a fresh AdamW and
-        the same learning-rate schedule and data stream.
+        """Continue training on another model (the in-run MoT -> Token Choice switch,
+        `train.switch_at_step`): a fresh AdamW over its parameters (a caller may copy state into
+        `self.optimizer.state`), the same step count, learning-rate schedule and data stream.
         """
         self._check_grouping(model)
         self._install(model)
@@ -389,7 +390,7 @@ def train(
     progress: bool = True,
     model: torch.nn.Module | None = None,
     tokenizer=None,
-    switch: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
+    switch: Callable[[Trainer], None] | None = None,
 ) -> TrainResult:
     """Train `recipe` into `out_dir` (default `runs/<recipe.name>`) and return where things are.
 
@@ -397,8 +398,10 @@ def train(
     a given model (e.g. a converted Token Choice model) is fine-tuned as it is, and
     `tokenizer` then should be the one it was trained with. `resume=True` continues from the
     newest checkpoint in `out_dir` exactly (same parameters, optimizer, data position, RNG) and
-    starts fresh if there is none. `switch` is called with the model at `train.switch_at_step`
-    and returns the model to continue with (the converter's MoT -> Token Choice switch).
+    starts fresh if there is none. `switch(trainer)` is called once, before step
+    `train.switch_at_step + 1`, and swaps the model in place with `trainer.switch_model(...)`:
+    the hook point of the in-run MoT -> Token Choice switch, which the converter stage provides
+    (`mot_transition.transition.in_run_switch`).
     Under `torchrun` every rank calls this; rank 0 writes metrics and checkpoints.
     """
     from ..modeling import MoTLMHeadModel
@@ -407,8 +410,8 @@ def train(
     t = recipe.train
     if t.switch_at_step is not None and switch is None:
         raise ValueError(
-            "recipe key 'train.switch_at_step' is set, but nothing performs the switch: the in-run MoT -> Token "
-            "Choice switch is the converter's (train(..., switch=...)); remove the key to train without it"
+            "recipe key 'train.switch_at_step' is set, but nothing performs the switch: pass train(..., switch=...) "
+            "(e.g. mot_transition.transition.in_run_switch), or remove the key to train without it"
         )
     device_kind = "cuda" if t.device.startswith("cuda") or (t.device == "auto" and torch.cuda.is_available()) else "cpu"
     world = setup_distributed(device_kind)
@@ -472,7 +475,7 @@ def _run(trainer: Trainer, corpus, resumed_from: Path | None, show: bool, switch
     try:
         while trainer.step_count < t.steps:
             if t.switch_at_step is not None and trainer.step_count == t.switch_at_step:
-                trainer.switch_model(switch(trainer.model))  # the converter's hook point
+                switch(trainer)  # the in-run switch: the hook calls trainer.switch_model(new_model)
             record = trainer.step()
             steps_run += 1
             step = trainer.step_count
