@@ -189,6 +189,8 @@ class Trainer:
             torch.set_num_threads(recipe.train.threads)
         self.dist = distributed or Distributed()
         self.device = device or pick_device(recipe.train.device, self.dist.local_rank)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)  # nccl collectives use the current device
         self.bf16 = use_bf16(recipe.train.precision, self.device)
         self.tokenizer = tokenizer
         self.run_dir = Path(run_dir) if run_dir is not None else None
@@ -445,7 +447,7 @@ def _check_resumable(recipe: Recipe, checkpoint: Path) -> None:
     """The model, data, seed and batch layout must be those of the run being resumed."""
     saved = json.loads((checkpoint / "training_state.json").read_text())["recipe"]
     now = recipe.to_dict()
-    keys = [("seed",)] + [("model", k) for k in now["model"]] + [("data", k) for k in now["data"]]
+    keys = [("seed",)] + [("model", k) for k in now["model"]] + [("data", k) for k in now["data"] if k != "cache_dir"]
     keys += [("train", "batch_size"), ("train", "micro_batch_size")]
     for key in keys:
         a, b = saved, now
