@@ -174,3 +174,26 @@ def load_transition(run_dir: str | Path) -> TransitionResult:
     if not path.is_file():
         raise FileNotFoundError(f"{run_dir} is not a transition run (no {TRANSITION_FILE})")
     return TransitionResult(**json.loads(path.read_text()))
+
+
+def in_run_switch(trainer: Trainer, num_experts_per_tok: int | None = None, capacity_factor: float | None = None) -> None:
+    """The paper's in-run switch (recipe key `train.switch_at_step`): convert the trainer's MoT
+    model to Token Choice in memory and go on training it, carrying the AdamW state of every
+    tensor the two models share. The router is the controller divided by T, so its gradient is
+    T times the controller's: its first moment is carried times T and its second times T^2."""
+    from .convert import convert_model
+
+    old_model, old_optimizer = trainer.model, trainer.optimizer
+    temperature = old_model.config.mot_temperature
+    old_state = {name: old_optimizer.state.get(p) for name, p in old_model.named_parameters()}
+    new_model, _ = convert_model(old_model, num_experts_per_tok, capacity_factor)
+    trainer.switch_model(new_model)
+    for name, param in trainer.model.named_parameters():
+        state = old_state.get(name)
+        if not state:
+            continue
+        state = {key: value.clone() for key, value in state.items()}
+        if name.endswith("mlp.controller") and temperature != 1.0:
+            state["exp_avg"] *= temperature
+            state["exp_avg_sq"] *= temperature**2
+        trainer.optimizer.state[param] = state
