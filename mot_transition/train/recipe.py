@@ -276,7 +276,7 @@ def check_recipe(recipe: Recipe) -> None:
     d, o, t = recipe.data, recipe.optim, recipe.train
     need(d.heldout_fraction > 0 and d.heldout_fraction < 1, "data.heldout_fraction", "must be between 0 and 1")
     need(d.max_bytes is None or d.max_bytes > 0, "data.max_bytes", "must be positive (or none)")
-    need(d.vocab_size >= 260, "data.vocab_size", "must be at least 260 (256 bytes plus special tokens)")
+    need(d.vocab_size >= 257, "data.vocab_size", "must be at least 257 (256 bytes and <|endoftext|>)")
     need(d.seq_len >= 2, "data.seq_len", "must be at least 2")
     need(d.eval_batches >= 1, "data.eval_batches", "must be at least 1")
     need(d.eval_batch_size >= 1, "data.eval_batch_size", "must be at least 1")
