@@ -31,7 +31,10 @@ def load_config(checkpoint: str | Path) -> MoTConfig:
         kind = fields.get("model_type") if isinstance(fields, dict) else None
         raise ValueError(f"{path} is not a mot-transition checkpoint (model_type is {kind!r}, expected 'mot')")
     fields.pop("model_type")
-    return MoTConfig(**fields)
+    try:
+        return MoTConfig(**fields)
+    except TypeError as error:  # a field of the wrong type, e.g. "n_embd": "big"
+        raise ValueError(f"{path / 'config.json'} has a field of the wrong type ({error})") from None
 
 
 def weight_files(checkpoint: str | Path) -> list[Path]:
@@ -77,7 +80,7 @@ def read_header(file: Path) -> dict[str, dict]:
         raise corrupted("its header is not a table of tensors")
     header.pop("__metadata__", None)
     data_size = size - 8 - length
-    end_max = 0
+    spans = []
     for name, entry in header.items():
         try:
             dtype, shape, (start, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
@@ -89,9 +92,14 @@ def read_header(file: Path) -> dict[str, dict]:
             raise corrupted(f"the entry of {name!r} is malformed") from None
         if not (0 <= start <= end <= data_size) or end - start != expected:
             raise corrupted(f"tensor {name!r} lies outside the file or has the wrong byte size")
-        end_max = max(end_max, end)
-    if end_max != data_size:
-        raise corrupted(f"its tensors cover {end_max} of {data_size} data bytes")
+        spans.append((start, end, name))
+    position = 0
+    for start, end, name in sorted(spans):  # back to back, no gap, no overlap, up to the end
+        if start != position:
+            raise corrupted(f"tensor {name!r} starts at byte {start}, expected {position}")
+        position = end
+    if position != data_size:
+        raise corrupted(f"its tensors cover {position} of {data_size} data bytes")
     return header
 
 
@@ -115,3 +123,26 @@ def resolve_checkpoint(path: str | Path) -> Path:
     if latest is None:
         raise FileNotFoundError(f"the run directory {path} has no complete checkpoint yet")
     return latest
+
+
+def load_checked(checkpoint: str | Path, model_class=None):
+    """A model loaded from a checkpoint directory in float32 after every tensor was checked against
+    its config: a missing, unexpected or misshapen tensor, or a damaged file, is a one-line error
+    instead of a silently re-initialised weight."""
+    from .convert import check_tensors
+
+    if model_class is None:
+        from .modeling import MoTLMHeadModel as model_class
+    path = Path(checkpoint)
+    config = load_config(path)
+    table = tensor_table(path)
+    check_tensors({name: tuple(entry["shape"]) for name, (_, entry) in table.items()}, config, where=str(path))
+    import torch
+    from transformers.utils import logging
+
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity_error()
+    try:
+        return model_class.from_pretrained(path, dtype=torch.float32)
+    finally:
+        logging.set_verbosity(verbosity)

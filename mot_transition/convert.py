@@ -26,7 +26,6 @@ from .counts import parameter_counts
 
 COPIED_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                 "vocab.json", "merges.txt", "generation_config.json")
-SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
 @dataclass
@@ -61,7 +60,7 @@ def token_choice_config(config: MoTConfig, num_experts_per_tok: int | None = Non
         raise ValueError(f"--capacity-factor must be positive, got {capacity_factor}")
     fields = config.to_dict()
     fields.update(ffn_type="token_choice", num_experts_per_tok=k, capacity_factor=capacity_factor)
-    for key in ("model_type", "transformers_version", "architectures"):
+    for key in ("model_type", "transformers_version"):
         fields.pop(key, None)
     return MoTConfig(**fields)
 
@@ -99,13 +98,20 @@ def moe_layer_of(name: str) -> int | None:
     return None
 
 
+def changes(name: str, config: MoTConfig, scales: dict[int, float]) -> bool:
+    """Whether the conversion changes this tensor (the controller unless T = 1; lin2 when scaled)."""
+    layer, kind = moe_layer_of(name), name.rsplit(".", 1)[-1]
+    return layer is not None and ((kind == "controller" and config.mot_temperature != 1.0) or (kind == "lin2" and layer in scales))
+
+
 def transform(name: str, tensor: torch.Tensor, config: MoTConfig, scales: dict[int, float]) -> tuple[torch.Tensor | None, str]:
     """The Token Choice tensor for one MoT tensor: (new tensor, or None when carried unchanged; detail)."""
     layer, kind = moe_layer_of(name), name.rsplit(".", 1)[-1]
     if layer is not None and kind == "controller":
         if config.mot_temperature == 1.0:
             return None, "router = controller / T with T = 1: unchanged"
-        return (tensor.double() / config.mot_temperature).to(tensor.dtype), f"router = controller / T, T = {config.mot_temperature:g}"
+        rounded = "" if tensor.dtype in (torch.float32, torch.float64) else f", rounded to {str(tensor.dtype).removeprefix('torch.')}"
+        return (tensor.double() / config.mot_temperature).to(tensor.dtype), f"router = controller / T, T = {config.mot_temperature:g}{rounded}"
     if layer is not None and kind == "lin2" and layer in scales:
         return tensor * scales[layer], f"lin2 * {scales[layer]:.4f} (calibration scale)"
     return None, "unchanged"
@@ -158,7 +164,8 @@ def new_report(config: MoTConfig, tc_config: MoTConfig, source: str | None = Non
 def fit_calibration_scales(state_dict, config: MoTConfig, tc_config: MoTConfig, batches: list[torch.Tensor]) -> dict:
     """One least-squares scale per MoE layer: s = <y_mot, y_tc> / <y_tc, y_tc> over the layer's
     inputs on the calibration batches (MoT grouped inference, Token Choice dropless). Returns
-    {"batches", "scales", "mse_before", "mse_after"}, keyed by block index."""
+    {"batches", "scales", "mse_before", "mse_after"}, keyed by block index. Only running sums are
+    kept, so memory does not grow with the number of batches."""
     from .layers import TokenChoice
     from .modeling import MoTLMHeadModel
 
@@ -166,11 +173,21 @@ def fit_calibration_scales(state_dict, config: MoTConfig, tc_config: MoTConfig, 
         raise ValueError("calibration needs at least one batch")
     model = MoTLMHeadModel(config).eval()
     model.load_state_dict(state_dict, strict=False)
-    captured = {i: [] for i in config.moe_layers}
+    sums = {i: torch.zeros(4, dtype=torch.float64) for i in config.moe_layers}  # <m,t>, <t,t>, <m,m>, count
+    routers = {}
+    for i in config.moe_layers:
+        mot_layer = model.transformer.h[i].mlp
+        router = routers[i] = TokenChoice(tc_config).eval()
+        router.lin1.copy_(mot_layer.lin1)
+        router.lin2.copy_(mot_layer.lin2)
+        router.controller.copy_((mot_layer.controller.double() / config.mot_temperature).to(mot_layer.controller.dtype))
+
+    def accumulate(i, args, output):
+        y_mot, y_tc = output[0].double(), routers[i](args[0])[0].double()
+        sums[i] += torch.stack([(y_mot * y_tc).sum(), (y_tc * y_tc).sum(), (y_mot * y_mot).sum(), torch.tensor(float(y_mot.numel()))])
+
     hooks = [
-        model.transformer.h[i].mlp.register_forward_hook(
-            lambda module, args, output, i=i: captured[i].append((args[0].double(), output[0].double()))
-        )
+        model.transformer.h[i].mlp.register_forward_hook(lambda module, args, output, i=i: accumulate(i, args, output))
         for i in config.moe_layers
     ]
     try:
@@ -182,23 +199,11 @@ def fit_calibration_scales(state_dict, config: MoTConfig, tc_config: MoTConfig, 
         for hook in hooks:
             hook.remove()
     scales, mse_before, mse_after = {}, {}, {}
-    for i in config.moe_layers:
-        router = TokenChoice(tc_config).double().eval()
-        mot_layer = model.transformer.h[i].mlp
-        router.lin1.copy_(mot_layer.lin1)
-        router.lin2.copy_(mot_layer.lin2)
-        router.controller.copy_(mot_layer.controller.double() / config.mot_temperature)
-        dot = norm = err = 0.0
-        pairs = [(y_mot, router(h)[0]) for h, y_mot in captured[i]]
-        for y_mot, y_tc in pairs:
-            dot += (y_mot * y_tc).sum().item()
-            norm += (y_tc * y_tc).sum().item()
-            err += (y_mot - y_tc).pow(2).sum().item()
-        count = sum(y.numel() for y, _ in pairs)
-        scale = dot / norm if norm > 0 else 1.0
+    for i, (mt, tt, mm, count) in ((i, s.tolist()) for i, s in sums.items()):
+        scale = mt / tt if tt > 0 else 1.0
         scales[i] = scale
-        mse_before[i] = err / count
-        mse_after[i] = sum((y_mot - scale * y_tc).pow(2).sum().item() for y_mot, y_tc in pairs) / count
+        mse_before[i] = (mm - 2 * mt + tt) / count  # |m - t|^2
+        mse_after[i] = (mm - 2 * scale * mt + scale * scale * tt) / count  # |m - s t|^2
     return {"batches": len(batches), "scales": scales, "mse_before": mse_before, "mse_after": mse_after}
 
 
@@ -223,7 +228,7 @@ def convert_checkpoint(
     check_tensors({name: tuple(entry["shape"]) for name, (_, entry) in table.items()}, config, where=str(src))
     check_destination(src, dst, force)
 
-    report = new_report(config, tc_config, source=str(src))
+    report = new_report(config, tc_config, source=str(src.resolve()))
     if (src / "training_state.json").is_file():  # transition tuning continues on the MoT run's data
         report.recipe = json.loads((src / "training_state.json").read_text()).get("recipe")
     scales = {}
@@ -274,7 +279,11 @@ def replace_directory(staging: Path, dst: Path) -> None:
         return
     old = dst.parent / f".{dst.name}.old-{os.getpid()}"
     os.replace(dst, old)
-    os.replace(staging, dst)
+    try:
+        os.replace(staging, dst)
+    except BaseException:
+        os.replace(old, dst)  # put the old destination back: never leave neither
+        raise
     shutil.rmtree(old, ignore_errors=True)
 
 
@@ -291,11 +300,8 @@ def write_converted(src_file: Path, dst_file: Path, config: MoTConfig, scales: d
         out.write(raw_header)
         for name, entry in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):
             start, end = entry["data_offsets"]
-            new = None
-            if moe_layer_of(name) is not None and entry["dtype"] in SAFETENSORS_DTYPES:
-                new, detail = transform(name, tensors.get_tensor(name), config, scales)
-            else:
-                detail = "unchanged"
+            tensor = tensors.get_tensor(name) if changes(name, config, scales) else None  # read only what changes
+            new, detail = transform(name, tensor, config, scales)
             if new is None:
                 source.seek(data_start + start)
                 copy_bytes(source, out, end - start)

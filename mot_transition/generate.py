@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from .checkpoint_io import load_config, resolve_checkpoint
+from .checkpoint_io import load_checked, load_config, resolve_checkpoint
 from .modeling import MoTLMHeadModel
 
 GROUPED_TYPES = ("mot", "expert_choice")
@@ -27,7 +27,7 @@ def load_for_inference(checkpoint: str | Path, device: str = "cpu") -> tuple[MoT
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = MoTLMHeadModel.from_pretrained(checkpoint).to(device).eval()
+    model = load_checked(checkpoint).to(device).eval()
     warning = None
     if config.ffn_type in GROUPED_TYPES and config.group_size > 1:
         model.set_group_size(1)

@@ -21,6 +21,7 @@ from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput
 
 from .config import MoTConfig
@@ -49,7 +50,7 @@ class MoTAttention(nn.Module):
         return self.resid_dropout(self.c_proj(y.transpose(1, 2).reshape(B, S, d)))
 
 
-class MoTBlock(nn.Module):
+class MoTBlock(GradientCheckpointingLayer):
     def __init__(self, config: MoTConfig, layer_idx: int):
         super().__init__()
         self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
@@ -58,7 +59,7 @@ class MoTBlock(nn.Module):
         self.mlp = build_ffn(config, layer_idx)
         self.mlp_dropout = nn.Dropout(config.resid_pdrop)
 
-    def forward(self, x, attn_mask, is_causal, cache, token_mask):
+    def forward(self, x, attn_mask=None, is_causal=True, cache=None, token_mask=None):
         x = x + self.attn(self.ln_1(x), attn_mask, is_causal, cache)
         y, router_logits = self.mlp(self.ln_2(x), token_mask)
         return x + self.mlp_dropout(y), router_logits
@@ -107,6 +108,7 @@ class MoTPreTrainedModel(PreTrainedModel):
     base_model_prefix = "transformer"
     main_input_name = "input_ids"
     _no_split_modules = ["MoTBlock"]
+    supports_gradient_checkpointing = True
     _supports_sdpa = True
     _skip_keys_device_placement = ["past_key_values"]
 
@@ -174,6 +176,8 @@ class MoTModel(MoTPreTrainedModel):
         output_router_logits = self.config.output_router_logits if output_router_logits is None else output_router_logits
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache(config=self.config)
+        if use_cache and not isinstance(past_key_values, DynamicCache):
+            raise ValueError(f"MoT models support the dynamic KV cache only, got {type(past_key_values).__name__}")
         cache = past_key_values if use_cache else None
         past = cache.get_seq_length() if cache is not None else 0
         if past + S > self.config.n_positions:
@@ -195,7 +199,7 @@ class MoTModel(MoTPreTrainedModel):
         for block in self.h:
             if output_hidden_states:
                 hidden_states.append(x)
-            x, logits = block(x, attn_mask, is_causal, cache, token_mask)
+            x, logits = block(x, attn_mask=attn_mask, is_causal=is_causal, cache=cache, token_mask=token_mask)
             router_logits.append(logits)
         x = self.ln_f(x)
         if output_hidden_states:
@@ -265,7 +269,8 @@ class MoTLMHeadModel(MoTPreTrainedModel, GenerationMixin):
         logits_to_keep: int = 0,
         **kwargs,
     ) -> MoTCausalLMOutput:
-        """`labels` are the input ids (shifted inside); -100 and attention-masked positions are ignored."""
+        """`labels` are the input ids (shifted inside); a target is ignored where it is -100, where it is
+        padding, and where the token before it is padding (the first real token of a left-padded row)."""
         out = self.transformer(
             input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache,
             output_hidden_states, output_router_logits,
@@ -276,11 +281,11 @@ class MoTLMHeadModel(MoTPreTrainedModel, GenerationMixin):
         logits = self.lm_head(hidden)
         loss = lm_loss = None
         if labels is not None:
-            if attention_mask is not None:
-                labels = labels.masked_fill(attention_mask[:, -labels.shape[1]:] == 0, -100)
-            lm_loss = F.cross_entropy(
-                logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100
-            )
+            targets = labels[:, 1:]
+            if attention_mask is not None:  # a target counts when it and the token predicting it are real
+                real = attention_mask[:, -labels.shape[1]:].bool()
+                targets = targets.masked_fill(~(real[:, 1:] & real[:, :-1]), -100)
+            lm_loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
             loss = lm_loss + self.router_losses(out)
         return MoTCausalLMOutput(
             loss=loss, lm_loss=lm_loss, aux_loss=out.aux_loss, z_loss=out.z_loss, logits=logits,

@@ -45,14 +45,21 @@ def run_pipeline(
     out = Path(out_dir) if out_dir is not None else Path("runs") / f"{mot_recipe.name}-pipeline"
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} already exists and is not empty; choose another --out")
-    steps = transition_steps or max(1, round(0.1 * mot_recipe.train.steps))
+    # every option is checked before the first stage starts
+    mot_config = mot_recipe.model_config()
+    k = default_top_k(mot_config) if top_k is None else top_k
+    if not 1 <= k <= mot_config.n_expert:
+        raise ValueError(f"--top-k must be between 1 and the number of experts ({mot_config.n_expert}), got {k}")
+    steps = max(1, round(0.1 * mot_recipe.train.steps)) if transition_steps is None else transition_steps
+    if steps < 1:
+        raise ValueError(f"--transition-steps must be at least 1, got {steps}")
+    if calibrate < 0:
+        raise ValueError(f"--calibrate must be >= 0, got {calibrate}")
 
     log(f"[1/5] training MoT ({mot_recipe.train.steps} steps) -> {out / 'mot'}")
     mot = train(mot_recipe, out / "mot", progress=progress)
     log(f"      held-out loss {mot.eval_loss:.4f} nats/token (unigram baseline {mot.unigram_entropy:.4f}), {mot.train_seconds:.0f} s")
 
-    config = json.loads((mot.checkpoint / "config.json").read_text())
-    k = top_k or max(1, round(config["n_expert"] / config["group_size"]))
     log(f"[2/5] converting to Token Choice (top-{k}{f', calibrated on {calibrate} batches' if calibrate else ''}) -> {out / 'token_choice'}")
     batches = calibration_batches(mot.checkpoint, calibrate) if calibrate else None
     convert_checkpoint(mot.checkpoint, out / "token_choice", num_experts_per_tok=k, calibration=batches)

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint_io import load_config, resolve_checkpoint
-from .train import Recipe, Trainer, evaluate, load_model, load_training_state, prepare_run_data, recipe_from_dict
+from .checkpoint_io import load_checked, load_config, resolve_checkpoint
+from .train import Recipe, Trainer, evaluate, load_training_state, prepare_run_data, recipe_from_dict
 
 TRANSITION_FILE = "transition.json"
 
@@ -72,7 +72,7 @@ def calibration_batches(checkpoint: str | Path, num_batches: int) -> list[torch.
 
 def mot_losses(source: Path, recipe: Recipe, heldout: torch.Tensor) -> tuple[float, float]:
     """(pre-switch loss, MoT unbatched loss) of a MoT checkpoint on the held-out sequences."""
-    model = load_model(source)
+    model = load_checked(source)
     g = model.config.group_size
     batch = max(g, recipe.data.eval_batch_size // g * g)
     if heldout.shape[0] % g:
@@ -108,6 +108,10 @@ def transition(
         )
     if steps < 1:
         raise ValueError(f"--steps must be at least 1, got {steps}")
+    if eval_every is not None and eval_every < 1:
+        raise ValueError(f"--eval-every must be at least 1, got {eval_every}")
+    if lr is not None and lr <= 0:
+        raise ValueError(f"--lr must be positive, got {lr}")
     out_dir = Path(out_dir)
     if (out_dir / TRANSITION_FILE).exists() or (out_dir / "checkpoints").exists():
         raise FileExistsError(f"{out_dir} already holds a transition run; choose another --out")
@@ -115,21 +119,26 @@ def transition(
     report = json.loads((checkpoint / "conversion_report.json").read_text()) if (checkpoint / "conversion_report.json").is_file() else {}
     o, t = recipe.optim, recipe.train
     lr = o.lr * o.final_lr_fraction if lr is None else lr
-    eval_every = eval_every or max(1, steps // 10)
+    eval_every = max(1, steps // 10) if eval_every is None else eval_every
     o.lr, o.warmup_steps = lr, max(1, steps // 10) if warmup_steps is None else warmup_steps
     t.steps, t.eval_every, t.checkpoint_every, t.switch_at_step = steps, eval_every, steps, None
 
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
     _, train_seq, heldout_seq, _ = prepare_run_data(recipe, tokenizer)
     torch.manual_seed(recipe.seed)
-    trainer = Trainer(load_model(checkpoint), recipe, train_seq, heldout_seq, tokenizer=tokenizer, run_dir=out_dir)
+    trainer = Trainer(load_checked(checkpoint), recipe, train_seq, heldout_seq, tokenizer=tokenizer, run_dir=out_dir)
     source = Path(report["source"]) if report.get("source") else None
+    if source is not None and not (source / "config.json").is_file():
+        raise FileNotFoundError(
+            f"the MoT checkpoint {checkpoint} was converted from ({source}) is gone, so the pre-switch loss cannot be "
+            f"measured; put it back, or edit 'source' in {checkpoint / 'conversion_report.json'}"
+        )
     if source is not None and (source / "training_state.json").is_file():
         state, _ = load_training_state(source)
         if state.get("world_size", 1) == 1:
             trainer.batches.load_state_dict(state["data"])  # continue on the MoT run's data stream
     pre = unbatched = None
-    if source is not None and source.is_dir():
+    if source is not None:
         pre, unbatched = mot_losses(source, recipe, trainer.eval_sequences)
 
     result = TransitionResult(str(source) if source else None, "", steps, lr, pre, unbatched)

@@ -122,14 +122,15 @@ def test_mot_with_group_size_one_equals_dense_ffn_of_all_experts_side_by_side():
     assert torch.allclose(layer(x)[0], dense(x)[0], atol=1e-12)
 
 
-def test_merge_weights_of_every_expert_sum_to_one_over_the_group():
+def test_permuting_rows_within_a_group_permutes_outputs_and_leaves_other_groups_alone():
     layer = make_layer(group_size=4)
     x = torch.randn(8, 3, 8, dtype=torch.float64)
-    logits = (x @ layer.controller).view(2, 4, 3, -1)
-    weights = torch.softmax(logits, dim=1)
-    assert torch.allclose(weights.sum(1), torch.ones(2, 3, 3, dtype=torch.float64))
-    # and the layer is linear in its emit weights: scaling x's group by one token changes every output of the group
+    y, _ = layer(x)
+    perm = torch.tensor([2, 0, 3, 1, 4, 5, 6, 7])
+    y_perm, _ = layer(x[perm])
+    assert torch.allclose(y_perm, y[perm], atol=1e-12)
     x2 = x.clone()
-    x2[0, 1] += 1.0
-    assert not torch.allclose(layer(x2)[0][1:4, 1], layer(x)[0][1:4, 1])
-    assert torch.equal(layer(x2)[0][4:], layer(x)[0][4:])
+    x2[0, 1] += 1.0  # one token of the first group
+    y2, _ = layer(x2)
+    assert not torch.allclose(y2[1:4, 1], y[1:4, 1])  # its group mates see it
+    assert torch.equal(y2[4:], y[4:]) and torch.equal(y2[:, 0], y[:, 0])  # other groups and positions do not

@@ -67,18 +67,22 @@ def test_capacity_drops_later_tokens_first_come_first_served_in_training_only():
         assert torch.allclose(y_eval[0, 2], p0[2, 0] * expert_output(layer, x[0, 2], 0))
 
 
-def test_token_choice_top_k_output_with_and_without_renormalisation():
-    for norm in (False, True):
-        layer = make_token_choice(num_experts_per_tok=2, norm_topk_prob=norm).double().eval()
-        x = torch.randn(2, 3, 4, dtype=torch.float64)
-        y, logits = layer(x)
-        p = torch.softmax(x.reshape(-1, 4) @ layer.controller, -1)
-        with torch.no_grad():
-            expected = sum(p[:, e : e + 1] * expert_output(layer, x.reshape(-1, 4), e) for e in range(2))
-            if norm:  # top-2 of 2 experts renormalised: the gates sum to one
-                expected = sum(expert_output(layer, x.reshape(-1, 4), e) * (p[:, e : e + 1] / p.sum(-1, keepdim=True)) for e in range(2))
-        assert torch.allclose(y.reshape(-1, 4), expected, atol=1e-12)
-        assert torch.allclose(logits, x.reshape(-1, 4) @ layer.controller)
+@pytest.mark.parametrize("norm", [False, True])
+def test_token_choice_top_2_of_4_output_with_and_without_renormalisation(norm):
+    layer = TokenChoice(tiny_config("token_choice", n_embd=4, n_expert=4, expert_size=3, num_experts_per_tok=2, norm_topk_prob=norm)).double().eval()
+    with torch.no_grad():
+        layer.controller.normal_(0, 1.0)
+    x = torch.randn(2, 5, 4, dtype=torch.float64)
+    y, logits = layer(x)
+    flat = x.reshape(-1, 4)
+    p = torch.softmax(flat @ layer.controller, -1)
+    with torch.no_grad():
+        for t in range(flat.shape[0]):
+            top = p[t].topk(2).indices.tolist()
+            gates = p[t, top] / (p[t, top].sum() if norm else 1.0)
+            expected = sum(g * expert_output(layer, flat[t], e) for g, e in zip(gates, top))
+            assert torch.allclose(y.reshape(-1, 4)[t], expected, atol=1e-12)
+    assert torch.allclose(logits, flat @ layer.controller)
 
 
 def test_token_choice_masked_tokens_take_no_capacity_and_output_zero():
@@ -90,13 +94,17 @@ def test_token_choice_masked_tokens_take_no_capacity_and_output_zero():
     assert torch.all(y[0, 0] == 0) and torch.all(y[0, 1] != 0) and torch.all(y[0, 2] != 0)
 
 
-def reference_expert_choice(x, controller, lin1, lin2, group_size, capacity):
+def reference_expert_choice(x, mask, controller, lin1, lin2, group_size, capacity):
+    """SPEC 1.3 with loops: padding rows and masked tokens are simply not candidates."""
     B, S, d = x.shape
     E = controller.shape[1]
+    valid = torch.ones(B, S, dtype=torch.bool) if mask is None else mask
     y = torch.zeros_like(x)
     for start in range(0, B, group_size):
-        rows = list(range(start, min(start + group_size, B)))
         for s in range(S):
+            rows = [r for r in range(start, min(start + group_size, B)) if valid[r, s]]
+            if not rows:
+                continue
             xs = torch.stack([x[r, s] for r in rows])
             score = torch.softmax(xs @ controller, dim=-1)  # (n, E)
             for e in range(E):
@@ -105,12 +113,14 @@ def reference_expert_choice(x, controller, lin1, lin2, group_size, capacity):
     return y
 
 
-@pytest.mark.parametrize("batch, group_size, capacity_factor", [(8, 4, None), (8, 4, 2.0), (4, 4, 4.0)])
-def test_expert_choice_equals_plain_reference(batch, group_size, capacity_factor):
+@pytest.mark.parametrize("batch, group_size, capacity_factor", [(8, 4, None), (8, 4, 2.0), (4, 4, 4.0), (7, 4, 2.0)])
+@pytest.mark.parametrize("masked", [False, True])
+def test_expert_choice_equals_plain_reference(batch, group_size, capacity_factor, masked):
     layer = ExpertChoice(tiny_config("expert_choice", n_embd=8, n_expert=2, expert_size=5, group_size=group_size,
                                      capacity_factor=capacity_factor, num_experts_per_tok=1)).double()
     with torch.no_grad():
         layer.controller.normal_(0, 1.0)
     x = torch.randn(batch, 3, 8, dtype=torch.float64)
-    expected = reference_expert_choice(x, layer.controller, layer.lin1, layer.lin2, group_size, layer.capacity)
-    assert torch.allclose(layer(x)[0], expected, atol=1e-10)
+    mask = (torch.rand(batch, 3) > 0.4) if masked else None
+    expected = reference_expert_choice(x, mask, layer.controller, layer.lin1, layer.lin2, group_size, layer.capacity)
+    assert torch.allclose(layer(x, mask)[0], expected, atol=1e-10)

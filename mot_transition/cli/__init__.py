@@ -17,9 +17,14 @@ def main() -> None:
     from transformers.utils import logging
 
     logging.disable_progress_bar()  # our own rich progress bars speak for long work
+    from safetensors import SafetensorError
+
     try:
         app()
-    except (ValueError, OSError, KeyError) as error:
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    except (ValueError, OSError, KeyError, SafetensorError) as error:
         if os.environ.get("MOT_TRANSITION_DEBUG"):
             raise
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__

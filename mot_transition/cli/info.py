@@ -6,14 +6,15 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from ..checkpoint_io import load_config
+from ..checkpoint_io import load_config, resolve_checkpoint
 from ..counts import parameter_counts
 from .app import app
 
 
 @app.command()
-def info(checkpoint: Path = typer.Argument(..., help="A checkpoint directory (config.json + model.safetensors).")) -> None:
+def info(checkpoint: Path = typer.Argument(..., help="A checkpoint directory, or a run directory (its latest checkpoint).")) -> None:
     """Print a checkpoint's config and its parameter counts: total, active per token, per layer kind."""
+    checkpoint = resolve_checkpoint(checkpoint)
     config = load_config(checkpoint)
     console = Console()
     settings = Table(title=f"{checkpoint}", show_header=True)
