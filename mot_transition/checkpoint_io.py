@@ -141,7 +141,7 @@ def load_checked(checkpoint: str | Path, model_class=None):
     from transformers.utils import logging
 
     verbosity = logging.get_verbosity()
-    logging.set_verbosity_error()
+    logging.set_verbosity_error()  # the tensors were checked above: no "newly initialized" notes to fear
     try:
         return model_class.from_pretrained(path, dtype=torch.float32)
     finally:

@@ -108,11 +108,12 @@ def save_checkpoint(
 
 
 def load_model(checkpoint: Path, model_class=None):
-    """The model saved in `checkpoint`, as `model_class` (default: `MoTLMHeadModel`), float32 as saved."""
-    if model_class is None:
-        from ..modeling import MoTLMHeadModel as model_class
+    """The model saved in `checkpoint`, as `model_class` (default: `MoTLMHeadModel`), in float32,
+    every tensor checked against the config first (`checkpoint_io.load_checked`)."""
+    from ..checkpoint_io import load_checked
+
     with _quiet_transformers():
-        return model_class.from_pretrained(checkpoint)
+        return load_checked(checkpoint, model_class)
 
 
 def load_training_state(checkpoint: Path) -> tuple[dict, dict[str, torch.Tensor]]:
