@@ -1,0 +1,179 @@
+"""Benchmarks 1-3: the expert layers against what a researcher would use instead.
+
+1. Token Choice training step (forward + backward, 16,384 tokens) against transformers'
+   MixtralSparseMoeBlock with its grouped_mm experts; each normalised by a dense FFN of its own
+   kind with the same active FLOPs (ReLU, 2 matrices, for ours; SwiGLU, 3 matrices, for Mixtral's).
+2. Token Choice at one-token decode (batch 1, eval) against a dense FFN of equal active FLOPs.
+3. Mixture of Tokens training step against a dense FFN of equal FLOPs.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import MistralConfig, MixtralConfig
+from transformers.models.mistral.modeling_mistral import MistralMLP
+from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+
+from mot_transition import MoTConfig
+from mot_transition.layers import DenseFFN, MixtureOfTokens, TokenChoice
+
+from report import Benchmark, Figure
+from timing import side_by_side
+
+D, E = 512, 32
+TC_EXPERT = 1536  # ReLU expert: 2 * d * 1536 multiply-adds per token ...
+MIXTRAL_EXPERT = 1024  # ... equal to a SwiGLU expert: 3 * d * 1024
+
+
+def _config(ffn_type: str, **fields) -> MoTConfig:
+    return MoTConfig(ffn_type=ffn_type, n_embd=D, n_head=8, n_layer=2, n_expert=E, vocab_size=256, **fields)
+
+
+def _mixtral_block(intermediate: int) -> nn.Module:
+    config = MixtralConfig(
+        hidden_size=D, intermediate_size=intermediate, num_local_experts=E, num_experts_per_tok=1,
+        experts_implementation="grouped_mm",
+    )
+    block = MixtralSparseMoeBlock(config)
+    with torch.no_grad():  # the block is built with torch.empty; initialise as a model would
+        for p in block.parameters():
+            p.normal_(0.0, 0.02)
+    return block
+
+
+def _swiglu_dense(intermediate: int) -> nn.Module:
+    return MistralMLP(MistralConfig(hidden_size=D, intermediate_size=intermediate, hidden_act="silu"))
+
+
+def _training_step(module: nn.Module, x: torch.Tensor, dy: torch.Tensor, returns_tuple: bool):
+    """One forward + backward of `module` on x, gradients cleared first (not accumulated)."""
+    params = list(module.parameters())
+
+    def step():
+        for p in params:
+            p.grad = None
+        x.grad = None
+        y = module(x)
+        (y[0] if returns_tuple else y).backward(dy)
+
+    return step
+
+
+def _rounds(quick: bool, full: int) -> dict:
+    return dict(rounds=2, warmup=1) if quick else dict(rounds=full, warmup=2)
+
+
+def _range(t, name, base) -> str:
+    lo, hi = t.spread(name, base)
+    return f"range {lo:.2f}-{hi:.2f}"
+
+
+def token_choice_training(quick: bool = False) -> Benchmark:
+    B, S = (2, 512) if quick else (16, 1024)
+    torch.manual_seed(0)
+    ours = TokenChoice(_config("token_choice", expert_size=TC_EXPERT, num_experts_per_tok=1)).train()
+    ours_dense = DenseFFN(_config("dense", n_inner=TC_EXPERT)).train()
+    mixtral = _mixtral_block(MIXTRAL_EXPERT).train()
+    mixtral_dense = _swiglu_dense(MIXTRAL_EXPERT).train()
+    x = torch.randn(B, S, D, requires_grad=True)
+    dy = torch.randn(B, S, D)
+    t = side_by_side(
+        {
+            "token_choice": _training_step(ours, x, dy, True),
+            "dense_relu": _training_step(ours_dense, x, dy, True),
+            "mixtral": _training_step(mixtral, x, dy, False),
+            "dense_swiglu": _training_step(mixtral_dense, x, dy, False),
+        },
+        **_rounds(quick, 7),
+    )
+    ours_ratio, mixtral_ratio = t.ratio("token_choice", "dense_relu"), t.ratio("mixtral", "dense_swiglu")
+    # ratio of ratios, per round, so that both normalisations come from the same moment
+    per_round = [
+        (a / b) / (c / e)
+        for a, b, c, e in zip(*(t.seconds[n] for n in ("token_choice", "dense_relu", "mixtral", "dense_swiglu")))
+    ]
+    per_round.sort()
+    versus = per_round[len(per_round) // 2]
+    return Benchmark(
+        1, "Token Choice training step against Mixtral's block",
+        f"Forward + backward (gradients of input and weights) at {B * S:,} tokens ({B}x{S}), float32, d={D}, E={E}, "
+        f"top-1, dropless. Ours: `TokenChoice`, ReLU experts of width {TC_EXPERT}; normalised by `DenseFFN` "
+        f"(ReLU) of width {TC_EXPERT}. Mixtral: `MixtralSparseMoeBlock` with `experts_implementation=\"grouped_mm\"`, "
+        f"SwiGLU experts of width {MIXTRAL_EXPERT} (3 x {MIXTRAL_EXPERT} = 2 x {TC_EXPERT}: equal expert FLOPs); "
+        f"normalised by `MistralMLP` (SwiGLU) of width {MIXTRAL_EXPERT}. Median times: ours "
+        f"{t.median('token_choice') * 1e3:.0f} ms, dense ReLU {t.median('dense_relu') * 1e3:.0f} ms, Mixtral "
+        f"{t.median('mixtral') * 1e3:.0f} ms, dense SwiGLU {t.median('dense_swiglu') * 1e3:.0f} ms.",
+        [
+            Figure("Token Choice / dense ReLU FFN", ours_ratio, "x", 1.10, note=_range(t, "token_choice", "dense_relu")),
+            Figure("Mixtral block (grouped_mm) / dense SwiGLU FFN", mixtral_ratio, "x", note=_range(t, "mixtral", "dense_swiglu")),
+            Figure("Token Choice normalised / Mixtral normalised", versus, "x", 1.00, note="below 1: faster than Mixtral's block"),
+            Figure("Token Choice / Mixtral block, raw time", t.ratio("token_choice", "mixtral"), "x", note="equal expert FLOPs"),
+        ],
+    )
+
+
+def token_choice_decode(quick: bool = False) -> Benchmark:
+    torch.manual_seed(0)
+    ours = TokenChoice(_config("token_choice", expert_size=TC_EXPERT, num_experts_per_tok=1)).eval()
+    ours_dense = DenseFFN(_config("dense", n_inner=TC_EXPERT)).eval()
+    mixtral = _mixtral_block(MIXTRAL_EXPERT).eval()
+    mixtral_dense = _swiglu_dense(MIXTRAL_EXPERT).eval()
+    x = torch.randn(1, 1, D)
+    calls = 20 if quick else 200
+
+    def call(module):
+        def run():
+            with torch.inference_mode():
+                module(x)
+        return run
+
+    t = side_by_side(
+        {"token_choice": call(ours), "dense_relu": call(ours_dense), "mixtral": call(mixtral), "dense_swiglu": call(mixtral_dense)},
+        calls=calls, **_rounds(quick, 15),
+    )
+    return Benchmark(
+        2, "Token Choice at one-token decode",
+        f"Batch 1, one token, eval, `torch.inference_mode`, float32; same layers as benchmark 1 "
+        f"(d={D}, E={E}, top-1, expert width {TC_EXPERT}). {calls} calls per sample. Median per call: ours "
+        f"{t.median('token_choice') * 1e6:.0f} us, dense ReLU {t.median('dense_relu') * 1e6:.0f} us, Mixtral "
+        f"{t.median('mixtral') * 1e6:.0f} us, dense SwiGLU {t.median('dense_swiglu') * 1e6:.0f} us.",
+        [
+            Figure("Token Choice / dense ReLU FFN", t.ratio("token_choice", "dense_relu"), "x", 1.30, note=_range(t, "token_choice", "dense_relu")),
+            Figure("Mixtral block (grouped_mm) / dense SwiGLU FFN", t.ratio("mixtral", "dense_swiglu"), "x", note=_range(t, "mixtral", "dense_swiglu")),
+        ],
+    )
+
+
+def mot_training(quick: bool = False) -> Benchmark:
+    B, S = (64, 16) if quick else (128, 128)
+    g, f = 32, 4 * D * 32 // E  # flop-matched expert width: 2048
+    torch.manual_seed(0)
+    ours = MixtureOfTokens(_config("mot", group_size=g)).train()
+    assert ours.lin1.shape[-1] == f
+    dense = DenseFFN(_config("dense", n_inner=4 * D)).train()
+    x = torch.randn(B, S, D, requires_grad=True)
+    dy = torch.randn(B, S, D)
+    # the expert matmuls alone, on already mixed tokens: the floor any MoT layout can reach
+    mixed = torch.randn(E, B // g * S, D, requires_grad=True)
+    dmixed = torch.randn(E, B // g * S, D)
+
+    def experts_only():
+        for p in ours.parameters():
+            p.grad = None
+        mixed.grad = None
+        ours.experts(mixed).backward(dmixed)
+
+    t = side_by_side(
+        {"mot": _training_step(ours, x, dy, True), "dense": _training_step(dense, x, dy, True), "experts_only": experts_only},
+        **_rounds(quick, 7),
+    )
+    return Benchmark(
+        3, "Mixture of Tokens training step against a dense FFN",
+        f"Forward + backward at {B}x{S} = {B * S:,} tokens, float32, d={D}, g={g}, E={E}, flop-matched expert width {f}; "
+        f"against `DenseFFN` of width {4 * D} (equal FLOPs). Median times: MoT {t.median('mot') * 1e3:.0f} ms, dense "
+        f"{t.median('dense') * 1e3:.0f} ms, expert matmuls alone {t.median('experts_only') * 1e3:.0f} ms.",
+        [
+            Figure("MoT / dense FFN", t.ratio("mot", "dense"), "x", 1.15, note=_range(t, "mot", "dense")),
+            Figure("expert matmuls alone / dense FFN", t.ratio("experts_only", "dense"), "x", note="floor: mixing and emitting excluded"),
+        ],
+    )
