@@ -8,11 +8,15 @@ checkpoint of one kind loads into the others:
     lin2       (E, f, d)  second matrix of every expert
 
 Expert e computes FFN_e(z) = act(z @ lin1[e]) @ lin2[e], no bias.
+
+Two layouts of the same math: `experts` (all experts on equally many tokens, one bmm per matrix;
+MoT and Expert Choice) and `grouped_experts` (tokens sorted by expert, ragged; Token Choice).
 """
 
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import initialization as init
 from transformers.activations import ACT2FN
@@ -42,12 +46,42 @@ class ExpertLayer(nn.Module):
 
     def experts(self, tokens: torch.Tensor) -> torch.Tensor:
         """All experts at once on their own token sets: (E, n, d) -> (E, n, d)."""
-        return torch.bmm(self.act(torch.bmm(tokens, self.lin1)), self.lin2)
+        return torch.bmm(self.activate(torch.bmm(tokens, self.lin1)), self.lin2)
+
+    def grouped_experts(self, tokens: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """Each expert on its own slice of tokens sorted by expert: (n, d), counts (E,) -> (n, d).
+
+        torch's grouped matmul runs every expert in one call, from the counts tensor (no Python loop,
+        no host read). What it does not take (float64, rows not a multiple of 16 bytes) runs one matmul
+        per expert instead.
+        """
+        if self._grouped_mm_takes(tokens):
+            offsets = counts.cumsum(0, dtype=torch.int32)  # end row of every expert
+            return F.grouped_mm(self.activate(F.grouped_mm(tokens, self.lin1, offs=offsets)), self.lin2, offs=offsets)
+        pieces = tokens.split(counts.tolist())
+        return torch.cat([self.activate(p @ w1) @ w2 for p, w1, w2 in zip(pieces, self.lin1.unbind(0), self.lin2.unbind(0))])
+
+    def activate(self, h: torch.Tensor) -> torch.Tensor:
+        """act(h), in place for ReLU: h is a fresh matmul output (its backward does not need it), and
+        allocating another tensor of the layer's widest shape costs more than the ReLU itself on CPU."""
+        return h.relu_() if isinstance(self.act, nn.ReLU) else self.act(h)
+
+    def _grouped_mm_takes(self, tokens: torch.Tensor) -> bool:
+        (d, f), size = self.lin1.shape[1:], tokens.element_size()
+        return (
+            hasattr(F, "grouped_mm") and tokens.dtype == self.lin1.dtype
+            and tokens.dtype in (torch.float32, torch.bfloat16, torch.float16)
+            and (d * size) % 16 == 0 and (f * size) % 16 == 0
+        )
 
     def router_logits(self, x: torch.Tensor) -> torch.Tensor:
-        """x @ controller in at least float32: router math never runs in half precision."""
+        """x @ controller in at least float32: router math never runs in half precision, not even
+        under autocast (which would otherwise turn this matmul back into bf16)."""
         dtype = torch.promote_types(x.dtype, torch.float32)
-        return x.to(dtype) @ self.controller.to(dtype)
+        with torch.autocast(x.device.type, enabled=False):
+            if x.dtype == self.controller.dtype == dtype:  # the common case, without two no-op casts
+                return x @ self.controller
+            return x.to(dtype) @ self.controller.to(dtype)
 
 
 def group_across_batch(x: torch.Tensor, token_mask: torch.Tensor | None, group_size: int):
@@ -73,3 +107,29 @@ def ungroup(yg: torch.Tensor, batch_size: int) -> torch.Tensor:
     """(G, g, S, d) -> (B, S, d), dropping the rows added to fill the last group."""
     G, g, S, d = yg.shape
     return yg.reshape(G * g, S, d)[:batch_size]
+
+
+def group_by_position(x: torch.Tensor, token_mask: torch.Tensor | None, group_size: int):
+    """The same groups laid out for batched matmuls: one contiguous (g, d) block per group.
+
+    x (B, S, d), token_mask (B, S) bool or None  ->  xg (G*S, g, d), keep (G*S, g, 1) bool or None
+    (None: every token valid). Group G*S + s holds batch rows G*g .. G*g + g-1 at position s. Rows added
+    to fill the last group and masked positions are zeroed and not kept. Costs one copy of x.
+    """
+    B, S, d = x.shape
+    pad = (-B) % group_size
+    G = (B + pad) // group_size
+    keep = None
+    if token_mask is not None or pad:
+        valid = torch.ones(B, S, dtype=torch.bool, device=x.device) if token_mask is None else token_mask.bool()
+        valid = torch.cat([valid, valid.new_zeros(pad, S)])
+        x = torch.cat([x, x.new_zeros(pad, S, d)]).masked_fill(~valid[..., None], 0.0)  # NaN under the mask too
+        keep = valid.view(G, group_size, S).transpose(1, 2).reshape(G * S, group_size, 1)
+    return x.view(G, group_size, S, d).transpose(1, 2).reshape(G * S, group_size, d), keep
+
+
+def ungroup_by_position(yg: torch.Tensor, batch_size: int, seq_len: int) -> torch.Tensor:
+    """(G*S, g, ...) -> (B, S, ...), dropping the rows added to fill the last group."""
+    n, g = yg.shape[:2]
+    G = n // seq_len
+    return yg.view(G, seq_len, g, -1).transpose(1, 2).reshape(G * g, seq_len, -1)[:batch_size]

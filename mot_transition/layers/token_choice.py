@@ -12,6 +12,7 @@ not depend on the rest of the batch. Invalid tokens (attention-masked positions)
 """
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -29,38 +30,103 @@ class TokenChoice(ExpertLayer):
 
     def forward(self, x: torch.Tensor, token_mask: torch.Tensor | None = None):
         B, S, d = x.shape
-        E, k = self.n_expert, self.top_k
         flat = x.reshape(-1, d)  # (N, d)
-        logits = self.router_logits(flat)  # (N, E)
-        gate, expert = torch.softmax(logits, dim=-1).topk(k, dim=-1)  # (N, k)
+        logits = self.router_logits(flat)  # (N, E) float32
+        gate, expert = torch.softmax(logits, dim=-1).topk(self.top_k, dim=-1)  # (N, k)
         if self.norm_topk_prob:
             gate = gate / gate.sum(dim=-1, keepdim=True)
-        # one row per (token, choice); sorted by expert, then by arrival: position first, batch row second
-        expert = expert.reshape(-1)
-        token = torch.arange(flat.shape[0], device=x.device).repeat_interleave(k)
+        gate = gate.to(x.dtype)
+        if flat.shape[0] == 1 and token_mask is None:  # one-token decode: run the k chosen experts, nothing to sort
+            outs = [self.activate(flat @ self.lin1[e]) @ self.lin2[e] for e in expert.view(-1).tolist()]  # k x (1, d)
+            return (gate @ torch.cat(outs)).view(B, S, d), logits
+        # choice c = t * k + j is token t's j-th expert; a slot is a row of the expert-sorted buffer
+        order, counts = self._route(expert, token_mask, B, S)  # (n,) choice behind every slot, (E,) slots per expert
+        if order.numel() == 0:  # every token masked: zeros, still attached to the graph
+            return x.new_zeros(B, S, d) + 0.0 * gate.sum(), logits
+        slots = _Slots.of(order, expert.shape, x.dtype)
+        xs = _Dispatch.apply(flat, slots)  # (n, d), sorted by expert
+        y = _Combine.apply(self.grouped_experts(xs, counts), gate, slots)  # (N, d)
+        return y.view(B, S, d), logits
+
+    def _route(self, expert: torch.Tensor, token_mask: torch.Tensor | None, B: int, S: int):
+        """Sort the choices (N, k) by expert, then by arrival (sequence position first, batch row second);
+        drop masked tokens and, in training with a capacity factor, the choices past each expert's capacity.
+        Returns the choice index of every kept slot (n,) and the slots per expert (E,)."""
+        E, k, N = self.n_expert, self.top_k, B * S
         if token_mask is not None:
-            expert = torch.where(token_mask.reshape(-1).repeat_interleave(k), expert, E)  # E = not routed
-        arrival = (token % S) * B + token // S
-        order = torch.argsort(expert * (B * S) + arrival)
+            expert = torch.where(token_mask.reshape(-1, 1), expert, E)  # E = not routed, sorts last
+        arrival = torch.arange(N, device=expert.device).view(S, B).t().reshape(-1, 1)  # token b*S+s -> s*B+b
+        expert = expert.reshape(-1)
+        order = torch.argsort((expert.view(N, k) * N + arrival).view(-1))  # keys are unique
         counts = torch.bincount(expert, minlength=E + 1)
         capacity_factor = self.capacity_factor if self.training else None  # eval is dropless
         if capacity_factor is None:
-            order = order[: counts[:E].sum()]  # the not-routed bucket sorts last
-            counts = counts[:E]
-        else:
-            n_routed = counts[:E].sum().item() // k
-            capacity = math.ceil(capacity_factor * n_routed * k / E)
-            sorted_expert = expert[order]
-            rank = torch.arange(order.numel(), device=x.device) - (counts.cumsum(0) - counts)[sorted_expert]
-            order = order[(sorted_expert < E) & (rank < capacity)]
-            counts = counts[:E].clamp(max=capacity)
-        token, gate = token[order], gate.reshape(-1)[order]
-        pieces = torch.split(flat[token], counts.tolist())
-        out = torch.cat(
-            [self.act(p @ w1) @ w2 for p, w1, w2 in zip(pieces, self.lin1.unbind(0), self.lin2.unbind(0))]
-        )
-        y = torch.zeros_like(flat).index_add_(0, token, out * gate[:, None].to(out.dtype))
-        return y.view(B, S, d), logits
+            return (order if token_mask is None else order[: counts[:E].sum()]), counts[:E]
+        n_routed = counts[:E].sum().item() // k
+        capacity = math.ceil(capacity_factor * n_routed * k / E)
+        sorted_expert = expert[order]
+        rank = torch.arange(order.numel(), device=expert.device) - (counts.cumsum(0) - counts)[sorted_expert]
+        return order[(sorted_expert < E) & (rank < capacity)], counts[:E].clamp(max=capacity)
+
+
+class _Slots(NamedTuple):
+    """Where every choice went. A dropped choice (masked token, or past capacity) points at slot 0 with weight 0."""
+
+    order: torch.Tensor  # (n,) the choice behind every slot
+    token: torch.Tensor  # (n,) the token behind every slot
+    slot: torch.Tensor  # (N, k) the slot of every choice
+    kept: torch.Tensor | None  # (N, k) 1.0 for a choice with a slot, 0.0 for a dropped one; None: none dropped
+
+    @staticmethod
+    def of(order: torch.Tensor, shape: torch.Size, dtype: torch.dtype) -> "_Slots":
+        n, (N, k) = order.numel(), shape
+        slot = torch.zeros(N * k, dtype=order.dtype, device=order.device)
+        slot[order] = torch.arange(n, device=order.device)
+        kept = None if n == N * k else torch.zeros(N * k, dtype=dtype, device=order.device).index_fill_(0, order, 1.0).view(N, k)
+        return _Slots(order, order // k, slot.view(N, k), kept)
+
+
+class _Dispatch(torch.autograd.Function):
+    """Tokens into expert order, xs = x[token of every slot]: (N, d) -> (n, d).
+
+    The gradient is a gather too (each token sums the gradients of its k slots), where autograd would
+    scatter with index_add: slow on CPU, and not deterministic on GPU.
+    """
+
+    @staticmethod
+    def forward(ctx, flat, slots):
+        ctx.slots = slots
+        return flat.index_select(0, slots.token)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        s = ctx.slots
+        return F.embedding_bag(s.slot, grad.contiguous(), mode="sum", per_sample_weights=s.kept), None
+
+
+class _Combine(torch.autograd.Function):
+    """Expert outputs back into token order, weighted by the gates: y[t] = sum_j gate[t, j] out[slot[t, j]].
+
+    One fused gather-weight-sum (embedding_bag) forward; backward, each slot reads its token's gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, out, gate, slots):
+        weights = gate if slots.kept is None else gate * slots.kept  # (N, k)
+        ctx.save_for_backward(out, weights)
+        ctx.slots = slots
+        return F.embedding_bag(slots.slot, out, mode="sum", per_sample_weights=weights)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        (out, weights), s = ctx.saved_tensors, ctx.slots
+        grad_slots = grad.contiguous().index_select(0, s.token)  # (n, d)
+        grad_gate = torch.zeros(weights.numel(), dtype=out.dtype, device=out.device)
+        grad_gate[s.order] = torch.einsum("nd,nd->n", grad_slots, out)
+        grad_out = grad_slots.mul_(weights.view(-1)[s.order, None])
+        return grad_out, grad_gate.view_as(weights), None
 
 
 def load_balancing_loss(router_logits: torch.Tensor, top_k: int, token_mask: torch.Tensor | None = None) -> torch.Tensor:
