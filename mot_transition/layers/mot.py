@@ -1,11 +1,14 @@
 """Mixture of Tokens (SPEC 1.1): every expert processes a softmax-weighted mixture of the tokens
 of a group, and a group is g different batch rows at the same sequence position.
 
-    logits = x @ controller / T                       (G, g, S, E)
+    logits = x @ controller / T                       (n, g, E), n = G*S groups of g tokens
     w      = softmax(logits over the g tokens)         merge weights, sum to 1 per expert
-    m_e    = sum_j w[j, e] x_j                         (E, G*S, d)
-    o_e    = FFN_e(m_e)                                (E, G*S, d)
-    y_i    = sum_e w[i, e] o_e                         (G, g, S, d)
+    m_e    = sum_j w[j, e] x_j                         (n, E, d)  one bmm: (n, E, g) @ (n, g, d)
+    o_e    = FFN_e(m_e)                                (E, n, d)  one bmm per expert matrix
+    y_i    = sum_e w[i, e] o_e                         (n, g, d)  one bmm: (n, g, E) @ (n, E, d)
+
+The groups are laid out once as contiguous (g, d) blocks (`group_by_position`), so mixing and
+emitting are batched matmuls over all groups, and the experts read the mixtures in place.
 
 Invalid tokens (batch-padding rows, attention-masked positions) get weight exactly 0 in every
 mixture and output 0; a group without a valid token contributes nothing and makes no NaN.
@@ -15,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import MoTConfig
-from .experts import ExpertLayer, group_across_batch, ungroup
+from .experts import ExpertLayer, group_by_position, ungroup_by_position
 
 
 class MixtureOfTokens(ExpertLayer):
@@ -28,23 +31,25 @@ class MixtureOfTokens(ExpertLayer):
 
     def forward(self, x: torch.Tensor, token_mask: torch.Tensor | None = None):
         B, S, d = x.shape
-        xg, valid = group_across_batch(x, token_mask, self.group_size)  # (G, g, S, d), (G, g, S)
-        G, g = xg.shape[:2]
-        logits = self.router_logits(xg) / self.temperature  # (G, g, S, E)
-        keep = valid[..., None]  # (G, g, S, 1)
+        xg, keep = group_by_position(x, token_mask, self.group_size)  # (n, g, d), (n, g, 1) | None; n = G*S groups
+        g = xg.shape[1]
+        logits = self.router_logits(xg) / self.temperature  # (n, g, E) float32
         # finfo.min, not -inf: exp() gives an exact 0 beside a valid token, and a group of
         # invalid tokens only gives finite weights that `* keep` then zeroes (no NaN).
-        masked = logits.masked_fill(~keep, torch.finfo(logits.dtype).min)
+        masked = logits if keep is None else logits.masked_fill(~keep, torch.finfo(logits.dtype).min)
         if self.use_discrete_routing:
             # each expert takes exactly one token of the group and returns its output to it
-            merge = F.one_hot(masked.argmax(dim=1), g).movedim(-1, 1).to(logits.dtype) * keep
-            emit = merge
+            merge = emit = _kept(F.one_hot(masked.argmax(dim=1), g).transpose(1, 2).to(logits.dtype), keep)
         else:
-            merge = torch.softmax(masked, dim=1) * keep
-            emit = torch.softmax(masked, dim=-1) * keep if self.emit_softmax_over_experts else merge
+            merge = _kept(torch.softmax(masked, dim=1), keep)  # over the g tokens of a group
+            emit = _kept(torch.softmax(masked, dim=-1), keep) if self.emit_softmax_over_experts else merge
         merge, emit = merge.to(x.dtype), emit.to(x.dtype)
-        mixed = torch.einsum("gjse,gjsd->egsd", merge, xg).reshape(self.n_expert, G * S, d)
-        out = self.experts(mixed).view(self.n_expert, G, S, d)
-        yg = torch.einsum("gjse,egsd->gjsd", emit, out)
-        router_logits = ungroup(logits, B).reshape(B * S, -1)
-        return ungroup(yg, B), router_logits
+        mixed = torch.bmm(merge.transpose(1, 2), xg)  # (n, E, d): m_e = sum_j w[j, e] x_j
+        out = self.experts(mixed.transpose(0, 1))  # (E, n, d), a strided view: no copy
+        yg = torch.bmm(emit, out.transpose(0, 1))  # (n, g, d): y_i = sum_e w[i, e] o_e
+        router_logits = ungroup_by_position(logits, B, S).reshape(B * S, -1)
+        return ungroup_by_position(yg, B, S), router_logits
+
+
+def _kept(weights: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    return weights if keep is None else weights * keep
