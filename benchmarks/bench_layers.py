@@ -63,9 +63,6 @@ def _rounds(quick: bool, full: int) -> dict:
     return dict(rounds=2, warmup=1) if quick else dict(rounds=full, warmup=2)
 
 
-def _range(t, name, base) -> str:
-    lo, hi = t.spread(name, base)
-    return f"range {lo:.2f}-{hi:.2f}"
 
 
 def token_choice_training(quick: bool = False) -> Benchmark:
@@ -100,14 +97,16 @@ def token_choice_training(quick: bool = False) -> Benchmark:
         f"top-1, dropless. Ours: `TokenChoice`, ReLU experts of width {TC_EXPERT}; normalised by `DenseFFN` "
         f"(ReLU) of width {TC_EXPERT}. Mixtral: `MixtralSparseMoeBlock` with `experts_implementation=\"grouped_mm\"`, "
         f"SwiGLU experts of width {MIXTRAL_EXPERT} (3 x {MIXTRAL_EXPERT} = 2 x {TC_EXPERT}: equal expert FLOPs); "
-        f"normalised by `MistralMLP` (SwiGLU) of width {MIXTRAL_EXPERT}. Median times: ours "
-        f"{t.median('token_choice') * 1e3:.0f} ms, dense ReLU {t.median('dense_relu') * 1e3:.0f} ms, Mixtral "
+        f"normalised by `MistralMLP` (SwiGLU) of width {MIXTRAL_EXPERT}.",
+        f"Median times: ours {t.median('token_choice') * 1e3:.0f} ms, dense ReLU {t.median('dense_relu') * 1e3:.0f} ms, Mixtral "
         f"{t.median('mixtral') * 1e3:.0f} ms, dense SwiGLU {t.median('dense_swiglu') * 1e3:.0f} ms.",
         [
-            Figure("Token Choice / dense ReLU FFN", ours_ratio, "x", 1.10, note=_range(t, "token_choice", "dense_relu")),
-            Figure("Mixtral block (grouped_mm) / dense SwiGLU FFN", mixtral_ratio, "x", note=_range(t, "mixtral", "dense_swiglu")),
-            Figure("Token Choice normalised / Mixtral normalised", versus, "x", 1.00, note="below 1: faster than Mixtral's block"),
-            Figure("Token Choice / Mixtral block, raw time", t.ratio("token_choice", "mixtral"), "x", note="equal expert FLOPs"),
+            Figure("Token Choice / dense ReLU FFN", ours_ratio, "x", 1.10, spread=t.spread("token_choice", "dense_relu")),
+            Figure("Mixtral block (grouped_mm) / dense SwiGLU FFN", mixtral_ratio, "x", spread=t.spread("mixtral", "dense_swiglu")),
+            Figure("Token Choice normalised / Mixtral normalised", versus, "x", 1.00, spread=(per_round[0], per_round[-1]),
+                   note="below 1: faster than Mixtral's block"),
+            Figure("Token Choice / Mixtral block, raw time", t.ratio("token_choice", "mixtral"), "x",
+                   spread=t.spread("token_choice", "mixtral"), note="equal expert FLOPs"),
         ],
     )
 
@@ -119,7 +118,7 @@ def token_choice_decode(quick: bool = False) -> Benchmark:
     mixtral = _mixtral_block(MIXTRAL_EXPERT).eval()
     mixtral_dense = _swiglu_dense(MIXTRAL_EXPERT).eval()
     x = torch.randn(1, 1, D)
-    calls = 20 if quick else 200
+    calls = 20 if quick else 100
 
     def call(module):
         def run():
@@ -129,17 +128,17 @@ def token_choice_decode(quick: bool = False) -> Benchmark:
 
     t = side_by_side(
         {"token_choice": call(ours), "dense_relu": call(ours_dense), "mixtral": call(mixtral), "dense_swiglu": call(mixtral_dense)},
-        calls=calls, **_rounds(quick, 15),
+        calls=calls, **_rounds(quick, 31),
     )
     return Benchmark(
         2, "Token Choice at one-token decode",
         f"Batch 1, one token, eval, `torch.inference_mode`, float32; same layers as benchmark 1 "
-        f"(d={D}, E={E}, top-1, expert width {TC_EXPERT}). {calls} calls per sample. Median per call: ours "
-        f"{t.median('token_choice') * 1e6:.0f} us, dense ReLU {t.median('dense_relu') * 1e6:.0f} us, Mixtral "
+        f"(d={D}, E={E}, top-1, expert width {TC_EXPERT}); {calls} calls per sample.",
+        f"Median per call: ours {t.median('token_choice') * 1e6:.0f} us, dense ReLU {t.median('dense_relu') * 1e6:.0f} us, Mixtral "
         f"{t.median('mixtral') * 1e6:.0f} us, dense SwiGLU {t.median('dense_swiglu') * 1e6:.0f} us.",
         [
-            Figure("Token Choice / dense ReLU FFN", t.ratio("token_choice", "dense_relu"), "x", 1.30, note=_range(t, "token_choice", "dense_relu")),
-            Figure("Mixtral block (grouped_mm) / dense SwiGLU FFN", t.ratio("mixtral", "dense_swiglu"), "x", note=_range(t, "mixtral", "dense_swiglu")),
+            Figure("Token Choice / dense ReLU FFN", t.ratio("token_choice", "dense_relu"), "x", 1.30, spread=t.spread("token_choice", "dense_relu")),
+            Figure("Mixtral block (grouped_mm) / dense SwiGLU FFN", t.ratio("mixtral", "dense_swiglu"), "x", spread=t.spread("mixtral", "dense_swiglu")),
         ],
     )
 
@@ -170,10 +169,12 @@ def mot_training(quick: bool = False) -> Benchmark:
     return Benchmark(
         3, "Mixture of Tokens training step against a dense FFN",
         f"Forward + backward at {B}x{S} = {B * S:,} tokens, float32, d={D}, g={g}, E={E}, flop-matched expert width {f}; "
-        f"against `DenseFFN` of width {4 * D} (equal FLOPs). Median times: MoT {t.median('mot') * 1e3:.0f} ms, dense "
+        f"against `DenseFFN` of width {4 * D} (equal FLOPs).",
+        f"Median times: MoT {t.median('mot') * 1e3:.0f} ms, dense "
         f"{t.median('dense') * 1e3:.0f} ms, expert matmuls alone {t.median('experts_only') * 1e3:.0f} ms.",
         [
-            Figure("MoT / dense FFN", t.ratio("mot", "dense"), "x", 1.15, note=_range(t, "mot", "dense")),
-            Figure("expert matmuls alone / dense FFN", t.ratio("experts_only", "dense"), "x", note="floor: mixing and emitting excluded"),
+            Figure("MoT / dense FFN", t.ratio("mot", "dense"), "x", 1.15, spread=t.spread("mot", "dense")),
+            Figure("expert matmuls alone / dense FFN", t.ratio("experts_only", "dense"), "x", spread=t.spread("experts_only", "dense"),
+                   note="floor: mixing and emitting excluded"),
         ],
     )

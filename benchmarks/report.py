@@ -1,4 +1,8 @@
-"""What a benchmark returns, and how the suite prints it and writes RESULTS.md."""
+"""What a benchmark returns, and how the suite prints it and writes RESULTS.md.
+
+A run may repeat the suite at several thread counts; the table then has one value (and one
+PASS/MISS) per thread count, side by side.
+"""
 
 import platform
 from dataclasses import dataclass, field
@@ -6,6 +10,7 @@ from dataclasses import dataclass, field
 import torch
 import transformers
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 
@@ -16,6 +21,7 @@ class Figure:
     unit: str  # "x" for a ratio, else a rate such as "tok/s"
     target: float | None = None  # value <= target passes (>= when at_least)
     at_least: bool = False
+    spread: tuple[float, float] | None = None  # lowest and highest per-round ratio
     note: str = ""
 
     @property
@@ -30,12 +36,13 @@ class Figure:
     def value_text(self) -> str:
         if self.value is None:
             return "n/a"
-        return f"{self.value:.2f}{self.unit}" if self.unit == "x" else f"{self.value:,.1f} {self.unit}"
+        text = f"{self.value:.2f}x" if self.unit == "x" else f"{self.value:,.1f} {self.unit}"
+        return text + (f" [{self.spread[0]:.2f}-{self.spread[1]:.2f}]" if self.spread else "")
 
     def target_text(self) -> str:
         if self.target is None:
             return ""
-        bound = f"{self.target:.2f}{self.unit}" if self.unit == "x" else f"{self.target:,.1f} {self.unit}"
+        bound = f"{self.target:.2f}x" if self.unit == "x" else f"{self.target:,.1f} {self.unit}"
         return (">= " if self.at_least else "<= ") + bound
 
 
@@ -44,6 +51,7 @@ class Benchmark:
     number: int
     title: str
     setup: str  # shapes and what exactly was timed
+    measured: str  # median times and the like, of this run
     figures: list[Figure] = field(default_factory=list)
 
 
@@ -54,51 +62,84 @@ def machine_text() -> str:
             cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
+    import os
+
     return (
-        f"{cpu}, {torch.get_num_threads()} torch threads; Python {platform.python_version()}, "
-        f"torch {torch.__version__}, transformers {transformers.__version__}, {platform.system()} {platform.release()}"
+        f"{cpu}, {os.cpu_count()} logical CPUs; Python {platform.python_version()}, torch {torch.__version__}, "
+        f"transformers {transformers.__version__}, {platform.system()} {platform.release()}"
     )
 
 
-def _load(values: tuple) -> str:
-    return "(" + ", ".join(f"{v:.1f}" for v in values) + ")"
+def _rows(runs: dict[int, list[Benchmark]]):
+    """(benchmark, figure name, {threads: figure}) in suite order."""
+    first = next(iter(runs.values()))
+    for i, bench in enumerate(first):
+        for j, fig in enumerate(bench.figures):
+            yield bench, fig, {threads: run[i].figures[j] for threads, run in runs.items()}
 
 
-def print_table(benchmarks: list[Benchmark], console: Console | None = None) -> None:
+def _threads(n: int) -> str:
+    return f"{n} thread" + ("s" if n > 1 else "")
+
+
+def print_table(runs: dict[int, list[Benchmark]], console: Console | None = None) -> None:
     console = console or Console()
-    table = Table(title="mot-transition benchmarks (ratios measured side by side in one run)")
-    for column in ("#", "figure", "value", "target", "", "note"):
-        table.add_column(column, overflow="fold")
-    for bench in benchmarks:
-        for i, fig in enumerate(bench.figures):
-            style = {"PASS": "green", "MISS": "red", "MISSING": "yellow"}.get(fig.status, "")
-            table.add_row(
-                f"{bench.number}" if i == 0 else "", fig.name, fig.value_text(), fig.target_text(),
-                f"[{style}]{fig.status}[/]" if style else "", fig.note,
-            )
-        table.add_section()
+    table = Table(title=escape("mot-transition benchmarks (ratios measured side by side in one run; [lowest-highest round])"))
+    table.add_column("#")
+    table.add_column("figure", overflow="fold")
+    for threads in runs:
+        table.add_column(_threads(threads))
+    table.add_column("target")
+    for threads in runs:
+        table.add_column(f"@{threads}")
+    table.add_column("note", overflow="fold")
+    previous = None
+    for bench, fig, by_threads in _rows(runs):
+        if previous is not None and bench.number != previous:
+            table.add_section()
+        statuses = []
+        for f in by_threads.values():
+            style = {"PASS": "green", "MISS": "red", "MISSING": "yellow"}.get(f.status, "")
+            statuses.append(f"[{style}]{f.status}[/]" if style else "")
+        table.add_row(
+            str(bench.number) if bench.number != previous else "", fig.name,
+            *[escape(f.value_text()) for f in by_threads.values()], fig.target_text(), *statuses, fig.note,
+        )
+        previous = bench.number
     console.print(table)
 
 
-def markdown(benchmarks: list[Benchmark], command: str, quick: bool, load: tuple[tuple, tuple]) -> str:
+def markdown(runs: dict[int, list[Benchmark]], command: str, quick: bool, load: tuple[tuple, tuple]) -> str:
     lines = [
         "# Benchmark results",
         "",
         f"Produced by `{command}`{' (quick smoke run: small shapes, few rounds; not a measurement)' if quick else ''}.",
         "",
-        f"Machine: {machine_text()}.",
+        f"Machine: {machine_text()}; measured at {', '.join(_threads(t) for t in runs)} (torch intra-op threads).",
         "",
-        f"Load average (1, 5, 15 min) before the run {_load(load[0])}, after {_load(load[1])}: other work on the",
-        "machine slows every candidate, and the ones with many short parallel regions most.",
+        f"Load average (1, 5, 15 min) before the run {_load(load[0])}, after {_load(load[1])}. Other work on the",
+        "machine slows every candidate, and those made of many short parallel regions (per-expert matmuls,",
+        "small decode ops) most: with all cores busy elsewhere, a second torch thread mostly waits.",
         "",
         "Every ratio is the median over interleaved rounds of the per-round ratio of candidates timed side by",
-        "side in the same run, after warm-up (see `benchmarks/timing.py`); the range after it is the lowest and",
-        "highest per-round ratio.",
+        "side in the same run, after warm-up (see `benchmarks/timing.py`); [lowest-highest] is the range of the",
+        "per-round ratios.",
         "",
     ]
-    for bench in benchmarks:
-        lines += [f"## {bench.number}. {bench.title}", "", bench.setup, "", "| figure | value | target | status | note |", "| --- | --- | --- | --- | --- |"]
-        for fig in bench.figures:
-            lines.append(f"| {fig.name} | {fig.value_text()} | {fig.target_text()} | {fig.status} | {fig.note} |")
-        lines.append("")
-    return "\n".join(lines)
+    header = ["figure", *[_threads(t) for t in runs], "target", *[f"status @{t}" for t in runs], "note"]
+    previous = None
+    for bench, fig, by_threads in _rows(runs):
+        if bench.number != previous:
+            lines += ["", f"## {bench.number}. {bench.title}", "", bench.setup, ""]
+            for threads, run in runs.items():
+                measured = next(b for b in run if b.number == bench.number).measured
+                lines.append(f"- {_threads(threads)}: {measured}")
+            lines += ["", "| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+            previous = bench.number
+        cells = [fig.name, *[f.value_text() for f in by_threads.values()], fig.target_text(), *[f.status for f in by_threads.values()], fig.note]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _load(values: tuple) -> str:
+    return "(" + ", ".join(f"{v:.1f}" for v in values) + ")"

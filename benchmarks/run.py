@@ -1,8 +1,9 @@
 """Run every benchmark, print one table, and write benchmarks/RESULTS.md.
 
-    python benchmarks/run.py            # the full suite (about ten minutes on 2 CPU cores)
-    python benchmarks/run.py --quick    # smoke run in seconds: small shapes, few rounds, no RESULTS.md
-    python benchmarks/run.py --only 1 3 # a subset
+    python benchmarks/run.py                # the full suite at torch's default thread count
+    python benchmarks/run.py --threads 1 2  # the full suite twice, side by side in one table
+    python benchmarks/run.py --quick        # smoke run in seconds: small shapes, one thread, no RESULTS.md
+    python benchmarks/run.py --only 1 3     # a subset
 """
 
 import argparse
@@ -16,13 +17,19 @@ sys.path.insert(0, str(HERE))
 import torch  # noqa: E402
 from rich.console import Console  # noqa: E402
 
+import bench_convert  # noqa: E402
+import bench_generation  # noqa: E402
 import bench_layers  # noqa: E402
+import bench_training  # noqa: E402
 from report import markdown, print_table  # noqa: E402
 
 BENCHMARKS = {
     1: bench_layers.token_choice_training,
     2: bench_layers.token_choice_decode,
     3: bench_layers.mot_training,
+    4: bench_convert.convert_vs_copy,
+    5: bench_generation.generation_speed,
+    6: bench_training.training_speed,
 }
 
 
@@ -30,23 +37,25 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small shapes and few rounds: checks the suite runs")
     parser.add_argument("--only", type=int, nargs="+", choices=sorted(BENCHMARKS), help="run only these benchmarks")
-    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's own choice)")
+    parser.add_argument("--threads", type=int, nargs="+", help="torch intra-op thread counts to run the suite at")
     parser.add_argument("--output", type=Path, help="where to write the markdown (default: benchmarks/RESULTS.md; none with --quick)")
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    console = Console(width=160)
+    thread_counts = args.threads or ([1] if args.quick else [torch.get_num_threads()])
+    console = Console(width=180)
     load_before = os.getloadavg()
-    results = []
-    for number in args.only or sorted(BENCHMARKS):
-        with console.status(f"benchmark {number} ..."):
-            results.append(BENCHMARKS[number](quick=args.quick))
-        console.log(f"benchmark {number} done")
-    print_table(results, console)
+    runs = {}
+    for threads in thread_counts:
+        torch.set_num_threads(threads)
+        runs[threads] = []
+        for number in args.only or sorted(BENCHMARKS):
+            with console.status(f"benchmark {number} at {threads} thread(s) ..."):
+                runs[threads].append(BENCHMARKS[number](quick=args.quick))
+            console.log(f"benchmark {number} at {threads} thread(s) done")
+    print_table(runs, console)
     output = args.output or (None if args.quick else HERE / "RESULTS.md")
     if output is not None:
         command = "python benchmarks/run.py " + " ".join(argv if argv is not None else sys.argv[1:])
-        output.write_text(markdown(results, command.strip(), args.quick, (load_before, os.getloadavg())))
+        output.write_text(markdown(runs, command.strip(), args.quick, (load_before, os.getloadavg())))
         console.print(f"wrote {output}")
 
 
