@@ -62,9 +62,8 @@ class ExpertLayer(nn.Module):
         return torch.cat([self.activate(p @ w1) @ w2 for p, w1, w2 in zip(pieces, self.lin1.unbind(0), self.lin2.unbind(0))])
 
     def activate(self, h: torch.Tensor) -> torch.Tensor:
-        """act(h), in place for ReLU: h is a fresh matmul output (its backward does not need it), and
-        allocating another tensor of the layer's widest shape costs more than the ReLU itself on CPU."""
-        return h.relu_() if isinstance(self.act, nn.ReLU) else self.act(h)
+        """act(h) of a fresh matmul output h; ReLU works in place (see `_ReLUInPlace`)."""
+        return _ReLUInPlace.apply(h) if isinstance(self.act, nn.ReLU) else self.act(h)
 
     def _grouped_mm_takes(self, tokens: torch.Tensor) -> bool:
         (d, f), size = self.lin1.shape[1:], tokens.element_size()
@@ -82,6 +81,27 @@ class ExpertLayer(nn.Module):
             if x.dtype == self.controller.dtype == dtype:  # the common case, without two no-op casts
                 return x @ self.controller
             return x.to(dtype) @ self.controller.to(dtype)
+
+
+class _ReLUInPlace(torch.autograd.Function):
+    """ReLU that overwrites its input, and in backward its incoming gradient.
+
+    Both are fresh matmul results that nothing else reads (the matmul's backward needs its inputs,
+    not its output). On CPU, allocating another tensor of the layer's widest shape, (tokens, f),
+    costs more than the ReLU itself: the pages are faulted in and zeroed on first touch.
+    """
+
+    @staticmethod
+    def forward(ctx, h):
+        ctx.mark_dirty(h)
+        ctx.save_for_backward(h.relu_())
+        return h
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        (h,) = ctx.saved_tensors
+        return torch.ops.aten.threshold_backward.grad_input(grad, h, 0, grad_input=grad)
 
 
 def group_across_batch(x: torch.Tensor, token_mask: torch.Tensor | None, group_size: int):
