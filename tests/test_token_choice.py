@@ -90,8 +90,25 @@ def test_token_choice_masked_tokens_take_no_capacity_and_output_zero():
     x = torch.tensor([[[5.0, 0, 0, 0], [2.0, 0, 0, 0], [3.0, 0, 0, 0], [0, 2.0, 0, 0]]])
     mask = torch.tensor([[False, True, True, True]])
     y, _ = layer(x, mask)
-    # capacity = ceil(3 real tokens / 2) = 2: the masked first token must not use one of expert 0's slots
+    # capacity = ceil(4 slots / 2) = 2: the masked first token must not use one of expert 0's slots
     assert torch.all(y[0, 0] == 0) and torch.all(y[0, 1] != 0) and torch.all(y[0, 2] != 0)
+
+
+def test_capacity_does_not_depend_on_padding_at_later_positions():
+    layer = make_token_choice(num_experts_per_tok=1, capacity_factor=0.5).train()
+    x = torch.randn(4, 6, 4)
+    with torch.no_grad():
+        full, _ = layer(x)
+        mask = torch.ones(4, 6, dtype=torch.bool)
+        mask[:, 4:] = False  # the last two positions become padding
+        padded, _ = layer(x, mask)
+    assert torch.equal(full[:, :4], padded[:, :4])
+
+
+def test_router_losses_of_a_batch_without_real_tokens_are_zero_not_nan():
+    logits = torch.randn(6, 4, requires_grad=True)
+    mask = torch.zeros(6, dtype=torch.bool)
+    assert load_balancing_loss(logits, 2, mask) == 0 and router_z_loss(logits, mask) == 0
 
 
 def reference_expert_choice(x, mask, controller, lin1, lin2, group_size, capacity):

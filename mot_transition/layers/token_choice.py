@@ -5,7 +5,7 @@
     y      = sum over chosen e of gate_e * FFN_e(x)
 
 Tokens are sorted by expert and each expert runs one matmul on its contiguous slice. In training a
-`capacity_factor` caps each expert at ceil(cf * N * k / E) tokens, first come first served in order of
+`capacity_factor` caps each expert at ceil(cf * N * k / E) tokens (N = B * S), first come first served in order of
 sequence position, then batch row, so that dropping stays causal (a dropped token passes through the
 residual only); evaluation is always dropless, so a sequence's output does
 not depend on the rest of the batch. Invalid tokens (attention-masked positions) are not routed.
@@ -62,8 +62,7 @@ class TokenChoice(ExpertLayer):
         capacity_factor = self.capacity_factor if self.training else None  # eval is dropless
         if capacity_factor is None:
             return (order if token_mask is None else order[: counts[:E].sum()]), counts[:E]
-        n_routed = counts[:E].sum().item() // k
-        capacity = math.ceil(capacity_factor * n_routed * k / E)
+        capacity = math.ceil(capacity_factor * N * k / E)  # N counts every slot, padding too: see docs/model.md
         sorted_expert = expert[order]
         rank = torch.arange(order.numel(), device=expert.device) - (counts.cumsum(0) - counts)[sorted_expert]
         return order[(sorted_expert < E) & (rank < capacity)], counts[:E].clamp(max=capacity)
@@ -139,6 +138,8 @@ def load_balancing_loss(router_logits: torch.Tensor, top_k: int, token_mask: tor
     if token_mask is not None:
         logits = logits[token_mask.reshape(-1).bool()]
     E = logits.shape[-1]
+    if logits.shape[0] == 0:  # no real token: nothing to balance
+        return router_logits.sum() * 0.0
     probs = torch.softmax(logits, dim=-1)
     chosen = F.one_hot(probs.topk(top_k, dim=-1).indices, E).sum(dim=1).float()  # (N, E)
     return E * (chosen.mean(dim=0) * probs.mean(dim=0)).sum()
@@ -149,4 +150,6 @@ def router_z_loss(router_logits: torch.Tensor, token_mask: torch.Tensor | None =
     logits = router_logits.float()
     if token_mask is not None:
         logits = logits[token_mask.reshape(-1).bool()]
+    if logits.shape[0] == 0:
+        return router_logits.sum() * 0.0
     return torch.logsumexp(logits, dim=-1).pow(2).mean()
