@@ -86,6 +86,7 @@ def compare_runs(paths: list[str | Path]) -> dict:
     return {
         "rows": rows,
         "recovery_step": result.recovery_step,
+        "full_recovery_step": result.full_recovery_step,
         "transition_steps": result.steps,
         "runs": {k: str(v) for k, v in runs.items()},
     }

@@ -32,7 +32,8 @@ class TransitionResult:
     pre_switch_loss: float | None  # MoT, grouped inference with its training group_size
     mot_unbatched_loss: float | None  # MoT with group_size=1
     curve: list[dict] = field(default_factory=list)  # {"step", "loss", "loss_batched"}; loss is one sequence at a time
-    recovery_step: int | None = None  # first step with loss <= pre_switch_loss * 1.02
+    recovery_step: int | None = None  # first step with loss <= pre_switch_loss * 1.02 (SPEC 4)
+    full_recovery_step: int | None = None  # first step with loss <= pre_switch_loss
 
     @property
     def post_switch_loss(self) -> float:
@@ -157,6 +158,7 @@ def transition(
     result.checkpoint = str(trainer.save_checkpoint())
     if pre is not None:
         result.recovery_step = next((p["step"] for p in result.curve if p["loss"] <= pre * 1.02), None)
+        result.full_recovery_step = next((p["step"] for p in result.curve if p["loss"] <= pre), None)
     (out_dir / TRANSITION_FILE).write_text(json.dumps(asdict(result), indent=1))
     return result
 

@@ -42,6 +42,18 @@ def test_run_writes_every_stage_and_the_comparison_of_spec_section_4(pipeline):
     assert (out / "transition" / "loss_curves.png").stat().st_size > 1000
 
 
+def test_pre_switch_loss_is_the_mot_runs_own_held_out_loss_and_recovery_follows_spec(pipeline):
+    out, comparison = pipeline
+    result = json.loads((out / "transition" / "transition.json").read_text())
+    mot_final = [json.loads(line) for line in (out / "mot" / "metrics.jsonl").read_text().splitlines()][-1]["eval_loss"]
+    assert abs(result["pre_switch_loss"] - mot_final) < 1e-6  # the same held-out batches, grouped the same way
+    assert result["mot_unbatched_loss"] != result["pre_switch_loss"]
+    pre, curve = result["pre_switch_loss"], result["curve"]
+    assert result["recovery_step"] == next((p["step"] for p in curve if p["loss"] <= pre * 1.02), None)
+    assert result["full_recovery_step"] == next((p["step"] for p in curve if p["loss"] <= pre), None)
+    assert comparison["recovery_step"] == result["recovery_step"]
+
+
 def test_post_switch_loss_one_sequence_at_a_time_equals_batched(pipeline):
     out, _ = pipeline
     curve = json.loads((out / "transition" / "transition.json").read_text())["curve"]

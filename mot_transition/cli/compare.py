@@ -38,8 +38,7 @@ def show_comparison(comparison: dict, console: Console) -> None:
         rel = "-" if row["vs_pre_switch"] is None else f"{100 * row['vs_pre_switch']:+.1f}%"
         table.add_row(row["measure"], loss, ppl, rel)
     console.print(table)
-    step = comparison["recovery_step"]
-    if step is None:
-        console.print(f"recovery: not within {comparison['transition_steps']} transition steps (loss <= pre-switch x 1.02)")
-    else:
-        console.print(f"recovery: step {step} of the transition (first evaluation with loss <= pre-switch x 1.02)")
+    for key, what in (("recovery_step", "recovery (loss <= pre-switch x 1.02)"), ("full_recovery_step", "full recovery (loss <= pre-switch)")):
+        step = comparison.get(key)
+        where = f"not within the {comparison['transition_steps']} transition steps" if step is None else f"at transition step {step}"
+        console.print(f"{what}: {where}")
