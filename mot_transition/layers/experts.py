@@ -63,7 +63,9 @@ class ExpertLayer(nn.Module):
 
     def activate(self, h: torch.Tensor) -> torch.Tensor:
         """act(h) of a fresh matmul output h; ReLU works in place (see `_ReLUInPlace`)."""
-        return _ReLUInPlace.apply(h) if isinstance(self.act, nn.ReLU) else self.act(h)
+        if not isinstance(self.act, nn.ReLU):
+            return self.act(h)
+        return _ReLUInPlace.apply(h) if h.requires_grad else h.relu_()  # no autograd, no Function overhead
 
     def _grouped_mm_takes(self, tokens: torch.Tensor) -> bool:
         (d, f), size = self.lin1.shape[1:], tokens.element_size()
