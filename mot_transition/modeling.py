@@ -25,7 +25,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput
 
 from .config import MoTConfig
-from .layers import DenseFFN, ExpertLayer, MixtureOfTokens, TokenChoice, build_ffn, load_balancing_loss, router_z_loss
+from .layers import DenseFFN, ExpertLayer, TokenChoice, build_ffn, load_balancing_loss, router_z_loss
 
 
 class MoTAttention(nn.Module):

@@ -85,4 +85,4 @@ def run_pipeline(
     return comparison
 
 
-__all__ = ["run_pipeline", "baseline_recipe", "default_top_k"]
+__all__ = ["run_pipeline", "baseline_recipe"]
