@@ -78,11 +78,13 @@ class ExpertLayer(nn.Module):
     def router_logits(self, x: torch.Tensor) -> torch.Tensor:
         """x @ controller in at least float32: router math never runs in half precision, not even
         under autocast (which would otherwise turn this matmul back into bf16)."""
-        dtype = torch.promote_types(x.dtype, torch.float32)
-        with torch.autocast(x.device.type, enabled=False):
-            if x.dtype == self.controller.dtype == dtype:  # the common case, without two no-op casts
-                return x @ self.controller
-            return x.to(dtype) @ self.controller.to(dtype)
+        dtype, controller = torch.promote_types(x.dtype, torch.float32), self.controller
+        if torch.is_autocast_enabled(x.device.type):
+            with torch.autocast(x.device.type, enabled=False):
+                return x.to(dtype) @ controller.to(dtype)
+        if x.dtype == controller.dtype == dtype:  # the common case, without two no-op casts (decode pays per op)
+            return x @ controller
+        return x.to(dtype) @ controller.to(dtype)
 
 
 class _ReLUInPlace(torch.autograd.Function):

@@ -35,9 +35,10 @@ class TokenChoice(ExpertLayer):
         gate, expert = torch.softmax(logits, dim=-1).topk(self.top_k, dim=-1)  # (N, k)
         if self.norm_topk_prob:
             gate = gate / gate.sum(dim=-1, keepdim=True)
-        gate = gate.to(x.dtype)
+        gate = gate if gate.dtype == x.dtype else gate.to(x.dtype)
         if flat.shape[0] == 1 and token_mask is None:  # one-token decode: run the k chosen experts, nothing to sort
-            outs = [self.activate(flat @ self.lin1[e]) @ self.lin2[e] for e in expert.view(-1).tolist()]  # k x (1, d)
+            lin1, lin2 = self.lin1, self.lin2
+            outs = [self.activate(flat @ lin1[e]) @ lin2[e] for e in expert.view(-1).tolist()]  # k x (1, d)
             return (gate @ torch.cat(outs)).view(B, S, d), logits
         # choice c = t * k + j is token t's j-th expert; a slot is a row of the expert-sorted buffer
         order, counts = self._route(expert, token_mask, B, S)  # (n,) choice behind every slot, (E,) slots per expert
