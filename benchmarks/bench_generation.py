@@ -33,7 +33,7 @@ def generation_speed(quick: bool = False) -> Benchmark:
     mot.set_group_size(1)
     dense = MoTLMHeadModel(_config("dense", quick)).eval()
     prompt = torch.randint(0, 4096, (1, 16))
-    new_tokens = 8 if quick else 64
+    new_tokens = 8 if quick else 32
 
     def generate(model):
         def run():

@@ -19,7 +19,7 @@ VOCAB = 4096
 
 
 def _trainer(ffn_type: str, quick: bool, sequences: torch.Tensor) -> Trainer:
-    d, batch = (128, 32) if quick else (512, 64)
+    d, batch = (128, 32) if quick else (512, 32)
     recipe = Recipe(
         name=f"bench-{ffn_type}",
         model=ModelRecipe(ffn_type=ffn_type, n_embd=d, n_layer=4, n_head=8, n_expert=32, group_size=32),
@@ -48,7 +48,7 @@ def training_speed(quick: bool = False) -> Benchmark:
     t = side_by_side(
         {"mot_step": mot.step, "dense_step": dense.step,
          "mot_fwd_bwd": _forward_backward(mot, batch), "dense_fwd_bwd": _forward_backward(dense, batch)},
-        **(dict(rounds=1, warmup=1) if quick else dict(rounds=7, warmup=1)),
+        **(dict(rounds=1, warmup=1) if quick else dict(rounds=5, warmup=1)),
     )
     tokens = batch_size * seq_len
     c = mot.model.config
