@@ -55,11 +55,15 @@ class ExpertLayer(nn.Module):
         no host read). What it does not take (float64, rows not a multiple of 16 bytes) runs one matmul
         per expert instead.
         """
+        lin1, lin2 = self.lin1, self.lin2
+        if torch.is_autocast_enabled(tokens.device.type):  # grouped_mm is not autocast: cast as bmm would be
+            dtype = torch.get_autocast_dtype(tokens.device.type)
+            tokens, lin1, lin2 = tokens.to(dtype), lin1.to(dtype), lin2.to(dtype)
         if self._grouped_mm_takes(tokens):
             offsets = counts.cumsum(0, dtype=torch.int32)  # end row of every expert
-            return F.grouped_mm(self.activate(F.grouped_mm(tokens, self.lin1, offs=offsets)), self.lin2, offs=offsets)
+            return F.grouped_mm(self.activate(F.grouped_mm(tokens, lin1, offs=offsets)), lin2, offs=offsets)
         pieces = tokens.split(counts.tolist())
-        return torch.cat([self.activate(p @ w1) @ w2 for p, w1, w2 in zip(pieces, self.lin1.unbind(0), self.lin2.unbind(0))])
+        return torch.cat([self.activate(p @ w1) @ w2 for p, w1, w2 in zip(pieces, lin1.unbind(0), lin2.unbind(0))])
 
     def activate(self, h: torch.Tensor) -> torch.Tensor:
         """act(h) of a fresh matmul output h; ReLU works in place (see `_ReLUInPlace`)."""

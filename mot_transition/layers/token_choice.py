@@ -113,9 +113,9 @@ class _Combine(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, out, gate, slots):
-        weights = gate if slots.kept is None else gate * slots.kept  # (N, k)
+        weights = (gate if slots.kept is None else gate * slots.kept).to(out.dtype)  # (N, k)
         ctx.save_for_backward(out, weights)
-        ctx.slots = slots
+        ctx.slots, ctx.gate_dtype = slots, gate.dtype
         return F.embedding_bag(slots.slot, out, mode="sum", per_sample_weights=weights)
 
     @staticmethod
@@ -126,7 +126,7 @@ class _Combine(torch.autograd.Function):
         grad_gate = torch.zeros(weights.numel(), dtype=out.dtype, device=out.device)
         grad_gate[s.order] = torch.einsum("nd,nd->n", grad_slots, out)
         grad_out = grad_slots.mul_(weights.view(-1)[s.order, None])
-        return grad_out, grad_gate.view_as(weights), None
+        return grad_out, grad_gate.view_as(weights).to(ctx.gate_dtype), None
 
 
 def load_balancing_loss(router_logits: torch.Tensor, top_k: int, token_mask: torch.Tensor | None = None) -> torch.Tensor:
