@@ -50,6 +50,23 @@ def compare(name, new_layer, old_layer, dense, x, dy, rounds):
           f"after/before {t.ratio('after', 'before'):.2f}   (dense {t.median('dense') * 1e3:.0f} ms, {torch.get_num_threads()} thread(s))")
 
 
+def compare_decode(new_layer, old_layer, dense, rounds):
+    old_layer.load_state_dict(new_layer.state_dict())
+    x = torch.randn(1, 1, bl.D)
+
+    def call(module):
+        def run():
+            with torch.inference_mode():
+                module(x)
+        return run
+
+    t = side_by_side({"before": call(old_layer.eval()), "after": call(new_layer.eval()), "dense": call(dense.eval())},
+                     rounds=4 * rounds, calls=100)
+    print(f"{'2. Token Choice one-token decode':40s} before {t.ratio('before', 'dense'):.2f}x dense   after "
+          f"{t.ratio('after', 'dense'):.2f}x dense   after/before {t.ratio('after', 'before'):.2f}   "
+          f"(dense {t.median('dense') * 1e6:.0f} us, {torch.get_num_threads()} thread(s))")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--before", default="5ac4a3f", help="commit whose layers are 'before'")
@@ -65,6 +82,8 @@ def main() -> None:
             x, dy = torch.randn(16, 1024, bl.D, requires_grad=True), torch.randn(16, 1024, bl.D)
             compare("1. Token Choice fwd+bwd, 16x1024 tokens", TokenChoice(tc_config).train(), old.TokenChoice(tc_config).train(),
                     DenseFFN(bl._config("dense", n_inner=bl.TC_EXPERT)).train(), x, dy, args.rounds)
+            compare_decode(TokenChoice(tc_config), old.TokenChoice(tc_config), DenseFFN(bl._config("dense", n_inner=bl.TC_EXPERT)),
+                           args.rounds)
             mot_config = bl._config("mot", group_size=32)
             x, dy = torch.randn(128, 128, bl.D, requires_grad=True), torch.randn(128, 128, bl.D)
             compare("3. MoT fwd+bwd, 128x128 tokens", MixtureOfTokens(mot_config).train(), old.MixtureOfTokens(mot_config).train(),
