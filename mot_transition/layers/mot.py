@@ -30,7 +30,7 @@ class MixtureOfTokens(ExpertLayer):
         self.use_discrete_routing = config.use_discrete_routing
 
     def forward(self, x: torch.Tensor, token_mask: torch.Tensor | None = None):
-        B, S, d = x.shape
+        B, S = x.shape[:2]
         xg, keep = group_by_position(x, token_mask, self.group_size)  # (n, g, d), (n, g, 1) | None; n = G*S groups
         g = xg.shape[1]
         logits = self.router_logits(xg) / self.temperature  # (n, g, E) float32

@@ -4,11 +4,16 @@
     chosen = top-k of p; gate = p (or renormalised over the k)
     y      = sum over chosen e of gate_e * FFN_e(x)
 
-Tokens are sorted by expert and each expert runs one matmul on its contiguous slice. In training a
-`capacity_factor` caps each expert at ceil(cf * N * k / E) tokens (N = B * S), first come first served in order of
-sequence position, then batch row, so that dropping stays causal (a dropped token passes through the
-residual only); evaluation is always dropless, so a sequence's output does
-not depend on the rest of the batch. Invalid tokens (attention-masked positions) are not routed.
+The (token, choice) pairs are sorted by expert into slots; all experts then run at once on their
+contiguous slices (`ExpertLayer.grouped_experts`), and one gather-weight-sum brings the outputs back
+(`_Dispatch`, `_Combine`: gathers both ways, no scatter). A single token (one-sequence decode) skips
+the sort and runs its k experts directly.
+
+In training a `capacity_factor` caps each expert at ceil(cf * N * k / E) slots (N = B * S), first
+come first served in order of sequence position, then batch row, so that dropping stays causal (a
+dropped token passes through the residual only); evaluation is always dropless, so a sequence's
+output does not depend on the rest of the batch. Invalid tokens (attention-masked positions) are
+not routed.
 """
 
 import math
@@ -70,7 +75,8 @@ class TokenChoice(ExpertLayer):
 
 
 class _Slots(NamedTuple):
-    """Where every choice went. A dropped choice (masked token, or past capacity) points at slot 0 with weight 0."""
+    """Where every choice went. A dropped choice (masked token, or past capacity) points at slot 0
+    with weight 0, so it adds 0 times a real token's (finite) expert output: exactly 0."""
 
     order: torch.Tensor  # (n,) the choice behind every slot
     token: torch.Tensor  # (n,) the token behind every slot
@@ -82,15 +88,18 @@ class _Slots(NamedTuple):
         n, (N, k) = order.numel(), shape
         slot = torch.zeros(N * k, dtype=order.dtype, device=order.device)
         slot[order] = torch.arange(n, device=order.device)
-        kept = None if n == N * k else torch.zeros(N * k, dtype=dtype, device=order.device).index_fill_(0, order, 1.0).view(N, k)
+        kept = None
+        if n < N * k:
+            kept = torch.zeros(N * k, dtype=dtype, device=order.device).index_fill_(0, order, 1.0).view(N, k)
         return _Slots(order, order // k, slot.view(N, k), kept)
 
 
 class _Dispatch(torch.autograd.Function):
     """Tokens into expert order, xs = x[token of every slot]: (N, d) -> (n, d).
 
-    The gradient is a gather too (each token sums the gradients of its k slots), where autograd would
-    scatter with index_add: slow on CPU, and not deterministic on GPU.
+    The gradient is a gather too (each token sums the gradients of its k slots) where autograd would
+    scatter with index_add_, which is not deterministic on GPU and, on CPU, opens a parallel region
+    however small the input (milliseconds when the other cores are busy).
     """
 
     @staticmethod
