@@ -18,11 +18,11 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-import torch  # noqa: E402
+import bench_layers as bl
+import torch
+from timing import side_by_side
 
-import bench_layers as bl  # noqa: E402
-from mot_transition.layers import DenseFFN, MixtureOfTokens, TokenChoice  # noqa: E402
-from timing import side_by_side  # noqa: E402
+from mot_transition.layers import DenseFFN, MixtureOfTokens, TokenChoice
 
 FILES = ("__init__.py", "dense.py", "experts.py", "mot.py", "token_choice.py", "expert_choice.py")
 

@@ -15,13 +15,12 @@ import tempfile
 from pathlib import Path
 
 import torch
+from report import Benchmark, Figure
 from safetensors.torch import save_file
+from timing import side_by_side
 
 from mot_transition import MoTConfig
 from mot_transition.convert import convert_checkpoint, expected_shapes
-
-from report import Benchmark, Figure
-from timing import side_by_side
 
 MEMORY_CONSTANT = 256 << 20  # allowance on top of two largest tensors: buffers, chunked copies, Python
 
@@ -81,7 +80,7 @@ def convert_vs_copy(quick: bool = False) -> Benchmark:
         total, largest = _write_checkpoint(src, config)
         t = side_by_side(
             {"convert": lambda: convert_checkpoint(src, dst, force=True), "copy": lambda: _copy(src, copied)},
-            **(dict(rounds=2, warmup=1) if quick else dict(rounds=9, warmup=1)),  # disk time varies: more rounds
+            **({"rounds": 2, "warmup": 1} if quick else {"rounds": 9, "warmup": 1}),  # disk time varies: more rounds
         )
         peak = _peak_memory(src, dst)
     mib = 1 << 20

@@ -10,12 +10,11 @@ timed generating the same number of tokens greedily from the same prompt, one se
 """
 
 import torch
+from report import Benchmark, Figure
+from timing import side_by_side
 
 from mot_transition import MoTConfig, MoTLMHeadModel
 from mot_transition.convert import convert_model
-
-from report import Benchmark, Figure
-from timing import side_by_side
 
 
 def _config(ffn_type: str, quick: bool) -> MoTConfig:
@@ -27,7 +26,7 @@ def _config(ffn_type: str, quick: bool) -> MoTConfig:
 def generation_speed(quick: bool = False) -> Benchmark:
     torch.manual_seed(0)
     mot = MoTLMHeadModel(_config("mot", quick)).eval()
-    token_choice, report = convert_model(mot)
+    token_choice, _ = convert_model(mot)
     token_choice.eval()
     c = MoTConfig(**mot.config.to_dict())  # as trained, before the group size changes
     mot.set_group_size(1)
@@ -44,7 +43,7 @@ def generation_speed(quick: bool = False) -> Benchmark:
 
     t = side_by_side(
         {"token_choice": generate(token_choice), "mot_g1": generate(mot), "dense": generate(dense)},
-        **(dict(rounds=2, warmup=1) if quick else dict(rounds=7, warmup=1)),
+        **({"rounds": 2, "warmup": 1} if quick else {"rounds": 7, "warmup": 1}),
     )
     rate = {name: new_tokens / t.median(name) for name in t.seconds}
     return Benchmark(

@@ -8,7 +8,8 @@
 """
 
 import torch
-import torch.nn.functional as F
+from report import Benchmark, Figure
+from timing import side_by_side
 from torch import nn
 from transformers import MistralConfig, MixtralConfig
 from transformers.models.mistral.modeling_mistral import MistralMLP
@@ -16,9 +17,6 @@ from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 
 from mot_transition import MoTConfig
 from mot_transition.layers import DenseFFN, MixtureOfTokens, TokenChoice
-
-from report import Benchmark, Figure
-from timing import side_by_side
 
 D, E = 512, 32
 TC_EXPERT = 1536  # ReLU expert: 2 * d * 1536 multiply-adds per token ...
@@ -60,9 +58,7 @@ def _training_step(module: nn.Module, x: torch.Tensor, dy: torch.Tensor, returns
 
 
 def _rounds(quick: bool, full: int) -> dict:
-    return dict(rounds=2, warmup=1) if quick else dict(rounds=full, warmup=2)
-
-
+    return {"rounds": 2, "warmup": 1} if quick else {"rounds": full, "warmup": 2}
 
 
 def token_choice_training(quick: bool = False) -> Benchmark:

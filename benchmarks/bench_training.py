@@ -7,13 +7,12 @@ for. The forward + backward alone is timed too, to tell the layers' cost from th
 """
 
 import torch
+from report import Benchmark, Figure
+from timing import side_by_side
 
 from mot_transition import MoTLMHeadModel
 from mot_transition.train.recipe import DataRecipe, ModelRecipe, OptimRecipe, Recipe, TrainRecipe
 from mot_transition.train.trainer import Trainer
-
-from report import Benchmark, Figure
-from timing import side_by_side
 
 VOCAB = 4096
 
@@ -48,7 +47,7 @@ def training_speed(quick: bool = False) -> Benchmark:
     t = side_by_side(
         {"mot_step": mot.step, "dense_step": dense.step,
          "mot_fwd_bwd": _forward_backward(mot, batch), "dense_fwd_bwd": _forward_backward(dense, batch)},
-        **(dict(rounds=1, warmup=1) if quick else dict(rounds=5, warmup=1)),
+        **({"rounds": 1, "warmup": 1} if quick else {"rounds": 5, "warmup": 1}),
     )
     tokens = batch_size * seq_len
     c = mot.model.config

@@ -14,14 +14,13 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-import torch  # noqa: E402
-from rich.console import Console  # noqa: E402
-
-import bench_convert  # noqa: E402
-import bench_generation  # noqa: E402
-import bench_layers  # noqa: E402
-import bench_training  # noqa: E402
-from report import markdown, print_table  # noqa: E402
+import bench_convert
+import bench_generation
+import bench_layers
+import bench_training
+import torch
+from report import markdown, print_table
+from rich.console import Console
 
 BENCHMARKS = {
     1: bench_layers.token_choice_training,
