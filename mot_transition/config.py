@@ -12,7 +12,6 @@ EXPERT_FFN_TYPES = ("mot", "token_choice", "expert_choice")
 
 class MoTConfig(PreTrainedConfig):
     model_type = "mot"
-    keys_to_ignore_at_inference = ["past_key_values"]
     attribute_map = {
         "hidden_size": "n_embd",
         "num_hidden_layers": "n_layer",

@@ -13,7 +13,7 @@ logits of every expert layer on request (`output_router_logits=True`).
 """
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +22,13 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.utils import ModelOutput
+from transformers.modeling_outputs import (
+    MoeCausalLMOutputWithPast,
+    MoeModelOutputWithPast,
+    QuestionAnsweringModelOutput,
+    SequenceClassifierOutputWithPast,
+    TokenClassifierOutput,
+)
 
 from .config import MoTConfig
 from .layers import DenseFFN, ExpertLayer, TokenChoice, build_ffn, load_balancing_loss, router_z_loss
@@ -65,41 +71,66 @@ class MoTBlock(GradientCheckpointingLayer):
         return x + self.mlp_dropout(y), router_logits
 
 
+def _cache_field(output_class: type) -> str:
+    """The name under which `output_class` (one of transformers' own outputs) holds the KV cache:
+    `cache` from transformers 5.24, `past_key_values` before. Callers of our models may use either."""
+    names = {f.name for f in fields(output_class)}
+    return "cache" if "cache" in names else "past_key_values"
+
+
+CACHE_FIELD = _cache_field(MoeModelOutputWithPast)
+
+
+def _one_cache(cache: Cache | None, past_key_values: Cache | None) -> Cache | None:
+    """The KV cache a caller passed, under the new name (`cache`) or the old one (`past_key_values`)."""
+    if cache is not None and past_key_values is not None:
+        raise ValueError("pass the KV cache as `cache` or as `past_key_values`, not both")
+    return cache if cache is not None else past_key_values
+
+
+# Our outputs are transformers' own, plus the router losses that our heads add to their task loss.
 @dataclass
-class MoTModelOutput(ModelOutput):
-    last_hidden_state: torch.Tensor | None = None
-    past_key_values: Cache | None = None
-    hidden_states: tuple[torch.Tensor, ...] | None = None
-    router_logits: tuple[torch.Tensor, ...] | None = None
+class MoTModelOutput(MoeModelOutputWithPast):
+    """`MoeModelOutputWithPast` plus the mean load-balancing (`aux_loss`) and z losses of the
+    Token Choice layers (None without any)."""
+
     aux_loss: torch.Tensor | None = None
     z_loss: torch.Tensor | None = None
 
 
 @dataclass
-class MoTCausalLMOutput(ModelOutput):
-    loss: torch.Tensor | None = None
+class MoTCausalLMOutput(MoeCausalLMOutputWithPast):
+    """`MoeCausalLMOutputWithPast` plus `lm_loss` (the language-model loss alone: `loss` adds the
+    weighted router losses) and `z_loss`."""
+
     lm_loss: torch.Tensor | None = None
+    z_loss: torch.Tensor | None = None
+
+
+@dataclass
+class MoTSequenceClassifierOutput(SequenceClassifierOutputWithPast):
     aux_loss: torch.Tensor | None = None
     z_loss: torch.Tensor | None = None
-    logits: torch.Tensor | None = None
-    past_key_values: Cache | None = None
-    hidden_states: tuple[torch.Tensor, ...] | None = None
     router_logits: tuple[torch.Tensor, ...] | None = None
 
 
 @dataclass
-class MoTTaskOutput(ModelOutput):
-    """Output of the classification heads: `logits` (sequence / token) or start and end logits (QA)."""
-
-    loss: torch.Tensor | None = None
-    logits: torch.Tensor | None = None
-    start_logits: torch.Tensor | None = None
-    end_logits: torch.Tensor | None = None
+class MoTTokenClassifierOutput(TokenClassifierOutput):
     aux_loss: torch.Tensor | None = None
     z_loss: torch.Tensor | None = None
-    past_key_values: Cache | None = None
-    hidden_states: tuple[torch.Tensor, ...] | None = None
     router_logits: tuple[torch.Tensor, ...] | None = None
+
+
+@dataclass
+class MoTQuestionAnsweringOutput(QuestionAnsweringModelOutput):
+    aux_loss: torch.Tensor | None = None
+    z_loss: torch.Tensor | None = None
+    router_logits: tuple[torch.Tensor, ...] | None = None
+
+
+if CACHE_FIELD == "past_key_values":  # transformers < 5.24: let callers read the new name too
+    for _output in (MoTModelOutput, MoTCausalLMOutput, MoTSequenceClassifierOutput):
+        _output.cache = property(lambda self: self.past_key_values)
 
 
 class MoTPreTrainedModel(PreTrainedModel):
@@ -110,7 +141,7 @@ class MoTPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["MoTBlock"]
     supports_gradient_checkpointing = True
     _supports_sdpa = True
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["cache", "past_key_values"]
 
     @torch.no_grad()
     def _init_weights(self, module):
@@ -161,24 +192,28 @@ class MoTModel(MoTPreTrainedModel):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
         output_router_logits: bool | None = None,
+        *,
+        past_key_values: Cache | None = None,
         **kwargs,
     ) -> MoTModelOutput:
+        """`cache` (or its older name `past_key_values`): the KV cache to extend."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         x = self.wte(input_ids) if inputs_embeds is None else inputs_embeds
         B, S = x.shape[:2]
         use_cache = self.config.use_cache if use_cache is None else use_cache
         output_router_logits = self.config.output_router_logits if output_router_logits is None else output_router_logits
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config)
-        if use_cache and not isinstance(past_key_values, DynamicCache):
-            raise ValueError(f"MoT models support the dynamic KV cache only, got {type(past_key_values).__name__}")
-        cache = past_key_values if use_cache else None
+        cache = _one_cache(cache, past_key_values)
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+        if use_cache and not isinstance(cache, DynamicCache):
+            raise ValueError(f"MoT models support the dynamic KV cache only, got {type(cache).__name__}")
+        cache = cache if use_cache else None
         past = cache.get_seq_length() if cache is not None else 0
         if past + S > self.config.n_positions:
             raise ValueError(f"sequence of {past + S} tokens is longer than n_positions={self.config.n_positions}")
@@ -208,7 +243,7 @@ class MoTModel(MoTPreTrainedModel):
         aux_loss, z_loss = self._router_losses(router_logits, token_mask)
         return MoTModelOutput(
             last_hidden_state=x,
-            past_key_values=cache,
+            **{CACHE_FIELD: cache},
             hidden_states=tuple(hidden_states) if output_hidden_states else None,
             router_logits=tuple(r for r in router_logits if r is not None) if output_router_logits else None,
             aux_loss=aux_loss,
@@ -260,19 +295,22 @@ class MoTLMHeadModel(MoTPreTrainedModel, GenerationMixin):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
         output_router_logits: bool | None = None,
         logits_to_keep: int = 0,
+        *,
+        past_key_values: Cache | None = None,
         **kwargs,
     ) -> MoTCausalLMOutput:
         """`labels` are the input ids (shifted inside); a target is ignored where it is -100, where it is
-        padding, and where the token before it is padding (the first real token of a left-padded row)."""
+        padding, and where the token before it is padding (the first real token of a left-padded row).
+        `cache` (or its older name `past_key_values`): the KV cache to extend."""
         out = self.transformer(
-            input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache,
+            input_ids, attention_mask, position_ids, _one_cache(cache, past_key_values), inputs_embeds, use_cache,
             output_hidden_states, output_router_logits,
         )
         hidden = out.last_hidden_state
@@ -289,7 +327,7 @@ class MoTLMHeadModel(MoTPreTrainedModel, GenerationMixin):
             loss = lm_loss + self.router_losses(out)
         return MoTCausalLMOutput(
             loss=loss, lm_loss=lm_loss, aux_loss=out.aux_loss, z_loss=out.z_loss, logits=logits,
-            past_key_values=out.past_key_values, hidden_states=out.hidden_states, router_logits=out.router_logits,
+            hidden_states=out.hidden_states, router_logits=out.router_logits, **{CACHE_FIELD: getattr(out, CACHE_FIELD)},
         )
 
 
@@ -326,7 +364,7 @@ class MoTForSequenceClassification(MoTPreTrainedModel):
             else:
                 task = F.binary_cross_entropy_with_logits(pooled.float(), labels.float())
             loss = task + self.router_losses(out)
-        return MoTTaskOutput(loss=loss, logits=pooled, aux_loss=out.aux_loss, z_loss=out.z_loss, router_logits=out.router_logits)
+        return MoTSequenceClassifierOutput(loss=loss, logits=pooled, aux_loss=out.aux_loss, z_loss=out.z_loss, router_logits=out.router_logits)
 
 
 class MoTForTokenClassification(MoTPreTrainedModel):
@@ -346,7 +384,7 @@ class MoTForTokenClassification(MoTPreTrainedModel):
                 labels = labels.masked_fill(attention_mask == 0, -100)
             task = F.cross_entropy(logits.float().reshape(-1, self.num_labels), labels.reshape(-1), ignore_index=-100)
             loss = task + self.router_losses(out)
-        return MoTTaskOutput(loss=loss, logits=logits, aux_loss=out.aux_loss, z_loss=out.z_loss, router_logits=out.router_logits)
+        return MoTTokenClassifierOutput(loss=loss, logits=logits, aux_loss=out.aux_loss, z_loss=out.z_loss, router_logits=out.router_logits)
 
 
 class MoTForQuestionAnswering(MoTPreTrainedModel):
@@ -373,7 +411,7 @@ class MoTForQuestionAnswering(MoTPreTrainedModel):
                 + F.cross_entropy(end_logits, end_positions.clamp(0, S), ignore_index=S)
             ) / 2
             loss = task + self.router_losses(out)
-        return MoTTaskOutput(
+        return MoTQuestionAnsweringOutput(
             loss=loss, start_logits=start_logits, end_logits=end_logits, aux_loss=out.aux_loss, z_loss=out.z_loss,
             router_logits=out.router_logits,
         )
@@ -381,5 +419,6 @@ class MoTForQuestionAnswering(MoTPreTrainedModel):
 
 __all__ = [
     "MoTPreTrainedModel", "MoTModel", "MoTLMHeadModel", "MoTForSequenceClassification",
-    "MoTForTokenClassification", "MoTForQuestionAnswering", "MoTModelOutput", "MoTCausalLMOutput", "MoTTaskOutput",
+    "MoTForTokenClassification", "MoTForQuestionAnswering", "MoTModelOutput", "MoTCausalLMOutput",
+    "MoTSequenceClassifierOutput", "MoTTokenClassifierOutput", "MoTQuestionAnsweringOutput",
 ]
