@@ -22,6 +22,8 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.utils.generic import can_return_tuple
 from transformers.modeling_outputs import (
     MoeCausalLMOutputWithPast,
     MoeModelOutputWithPast,
@@ -34,26 +36,50 @@ from .config import MoTConfig
 from .layers import DenseFFN, ExpertLayer, TokenChoice, build_ffn, load_balancing_loss, router_z_loss
 
 
+def eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    """softmax(q k^T * scaling + mask) v written out, so that the attention weights can be returned.
+    query (B, h, S, hd), key and value (B, h, T, hd); attention_mask boolean (B, 1, S, T) (True =
+    attend), additive float, or None for plain causal attention. Returns ((B, S, h, hd), weights)."""
+    scores = torch.matmul(query, key.transpose(2, 3)) * scaling  # (B, h, S, T)
+    if attention_mask is None:
+        S, T = scores.shape[-2:]
+        attention_mask = torch.ones(S, T, dtype=torch.bool, device=scores.device).tril(T - S)
+    if attention_mask.dtype == torch.bool:
+        scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
+    else:
+        scores = scores + attention_mask
+    weights = F.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    weights = F.dropout(weights, p=dropout, training=module.training)
+    return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
+
+
 class MoTAttention(nn.Module):
-    """Causal multi-head self-attention through scaled_dot_product_attention."""
+    """Causal multi-head self-attention through transformers' attention interface: `eager` (ours,
+    above; returns the weights) or any registered implementation (`sdpa` by default)."""
+
+    is_causal = True
+    num_key_value_groups = 1
 
     def __init__(self, config: MoTConfig, layer_idx: int):
         super().__init__()
-        self.n_head, self.layer_idx = config.n_head, layer_idx
+        self.config, self.n_head, self.layer_idx = config, config.n_head, layer_idx
+        self.scaling = (config.n_embd // config.n_head) ** -0.5
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
         self.attn_pdrop = config.attn_pdrop
         self.resid_dropout = nn.Dropout(config.resid_pdrop)
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None, is_causal: bool, cache: Cache | None):
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None, cache: Cache | None, output_attentions: bool = False):
         B, S, d = x.shape
         q, k, v = self.c_attn(x).view(B, S, 3, self.n_head, d // self.n_head).permute(2, 0, 3, 1, 4)  # (B, h, S, hd)
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, is_causal=is_causal, dropout_p=self.attn_pdrop if self.training else 0.0
+        implementation = "eager" if output_attentions else self.config._attn_implementation
+        attention = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
+        y, weights = attention(
+            self, q, k, v, attn_mask, dropout=self.attn_pdrop if self.training else 0.0, scaling=self.scaling
         )
-        return self.resid_dropout(self.c_proj(y.transpose(1, 2).reshape(B, S, d)))
+        return self.resid_dropout(self.c_proj(y.reshape(B, S, d))), weights
 
 
 class MoTBlock(GradientCheckpointingLayer):
@@ -65,10 +91,12 @@ class MoTBlock(GradientCheckpointingLayer):
         self.mlp = build_ffn(config, layer_idx)
         self.mlp_dropout = nn.Dropout(config.resid_pdrop)
 
-    def forward(self, x, attn_mask=None, is_causal=True, cache=None, token_mask=None):
-        x = x + self.attn(self.ln_1(x), attn_mask, is_causal, cache)
+    def forward(self, x, attn_mask=None, cache=None, token_mask=None, output_attentions=False):
+        """(x, router logits or None, attention weights or None)"""
+        h, weights = self.attn(self.ln_1(x), attn_mask, cache, output_attentions)
+        x = x + h
         y, router_logits = self.mlp(self.ln_2(x), token_mask)
-        return x + self.mlp_dropout(y), router_logits
+        return x + self.mlp_dropout(y), router_logits, weights
 
 
 def _cache_field(output_class: type) -> str:
@@ -187,6 +215,7 @@ class MoTModel(MoTPreTrainedModel):
     def set_input_embeddings(self, embeddings):
         self.wte = embeddings
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -197,26 +226,31 @@ class MoTModel(MoTPreTrainedModel):
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
         output_router_logits: bool | None = None,
+        output_attentions: bool | None = None,
         *,
         past_key_values: Cache | None = None,
         **kwargs,
     ) -> MoTModelOutput:
-        """`cache` (or its older name `past_key_values`): the KV cache to extend."""
+        """`cache` (or its older name `past_key_values`): the KV cache to extend. Attention weights
+        (`output_attentions`) come from the eager implementation, whichever is configured."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        config = self.config
         x = self.wte(input_ids) if inputs_embeds is None else inputs_embeds
         B, S = x.shape[:2]
-        use_cache = self.config.use_cache if use_cache is None else use_cache
-        output_router_logits = self.config.output_router_logits if output_router_logits is None else output_router_logits
+        use_cache = config.use_cache if use_cache is None else use_cache
+        output_router_logits = config.output_router_logits if output_router_logits is None else output_router_logits
+        output_hidden_states = config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        output_attentions = config.output_attentions if output_attentions is None else output_attentions
         cache = _one_cache(cache, past_key_values)
         if use_cache and cache is None:
-            cache = DynamicCache(config=self.config)
+            cache = DynamicCache(config=config)
         if use_cache and not isinstance(cache, DynamicCache):
             raise ValueError(f"MoT models support the dynamic KV cache only, got {type(cache).__name__}")
         cache = cache if use_cache else None
         past = cache.get_seq_length() if cache is not None else 0
-        if past + S > self.config.n_positions:
-            raise ValueError(f"sequence of {past + S} tokens is longer than n_positions={self.config.n_positions}")
+        if past + S > config.n_positions:
+            raise ValueError(f"sequence of {past + S} tokens is longer than n_positions={config.n_positions}")
         if attention_mask is not None and attention_mask.shape[-1] != past + S:
             raise ValueError(f"attention_mask covers {attention_mask.shape[-1]} positions, expected {past + S}")
 
@@ -227,15 +261,20 @@ class MoTModel(MoTPreTrainedModel):
                 position_ids = torch.arange(past, past + S, device=x.device).unsqueeze(0)
         x = self.drop(x + self.wpe(position_ids))
 
-        token_mask = None if attention_mask is None or bool(attention_mask.all()) else attention_mask[:, past:].bool()
-        attn_mask, is_causal = self._attention_mask(token_mask, attention_mask, B, S, past, x.device)
+        token_mask = None
+        if attention_mask is not None and (torch.compiler.is_compiling() or not bool(attention_mask.all())):
+            token_mask = attention_mask[:, past:].bool()  # a mask of all ones is skipped, except when traced
+        attn_mask = self._attention_mask(token_mask, attention_mask, B, S, past, x.device)
 
-        hidden_states, router_logits = [], []
+        hidden_states, router_logits, attentions = [], [], []
         for block in self.h:
             if output_hidden_states:
                 hidden_states.append(x)
-            x, logits = block(x, attn_mask=attn_mask, is_causal=is_causal, cache=cache, token_mask=token_mask)
+            x, logits, weights = block(
+                x, attn_mask=attn_mask, cache=cache, token_mask=token_mask, output_attentions=output_attentions
+            )
             router_logits.append(logits)
+            attentions.append(weights)
         x = self.ln_f(x)
         if output_hidden_states:
             hidden_states.append(x)
@@ -243,27 +282,27 @@ class MoTModel(MoTPreTrainedModel):
         aux_loss, z_loss = self._router_losses(router_logits, token_mask)
         return MoTModelOutput(
             last_hidden_state=x,
-            **{CACHE_FIELD: cache},
             hidden_states=tuple(hidden_states) if output_hidden_states else None,
+            attentions=tuple(attentions) if output_attentions else None,
             router_logits=tuple(r for r in router_logits if r is not None) if output_router_logits else None,
             aux_loss=aux_loss,
             z_loss=z_loss,
+            **{CACHE_FIELD: cache},
         )
 
     @staticmethod
     def _attention_mask(token_mask, attention_mask, B, S, past, device):
-        """(boolean mask (B, 1, S, past + S) or None, is_causal) for scaled_dot_product_attention."""
-        if token_mask is None and past == 0:
-            return None, True
-        if token_mask is None and S == 1:
-            return None, False
+        """Boolean mask (B, 1, S, past + S), True = attend, or None for plain causal attention (no
+        padding, and either no cache yet or one new token)."""
+        if token_mask is None and (past == 0 or S == 1):
+            return None
         query = torch.arange(past, past + S, device=device)[:, None]
         key = torch.arange(past + S, device=device)[None, :]
         allowed = key <= query  # (S, past + S)
         if attention_mask is not None:
             # real tokens never see padding; a padding position sees itself, so it stays finite
             allowed = (allowed & attention_mask.bool()[:, None, :]) | (key == query)
-        return allowed.expand(B, S, past + S).unsqueeze(1), False
+        return allowed.expand(B, S, past + S).unsqueeze(1)
 
     def _router_losses(self, router_logits, token_mask):
         """Mean over the Token Choice layers of the load-balancing and z losses (None without any)."""
@@ -282,6 +321,7 @@ class MoTLMHeadModel(MoTPreTrainedModel, GenerationMixin):
         super().__init__(config)
         self.transformer = MoTModel(config)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.loss_type = "ForCausalLM"  # transformers' loss_function; our class name does not say it
         self.post_init()
 
     def get_output_embeddings(self):
@@ -290,6 +330,7 @@ class MoTLMHeadModel(MoTPreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, embeddings):
         self.lm_head = embeddings
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -301,33 +342,43 @@ class MoTLMHeadModel(MoTPreTrainedModel, GenerationMixin):
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
         output_router_logits: bool | None = None,
+        output_attentions: bool | None = None,
         logits_to_keep: int = 0,
         *,
         past_key_values: Cache | None = None,
+        shift_labels: torch.LongTensor | None = None,
         **kwargs,
     ) -> MoTCausalLMOutput:
-        """`labels` are the input ids (shifted inside); a target is ignored where it is -100, where it is
-        padding, and where the token before it is padding (the first real token of a left-padded row).
-        `cache` (or its older name `past_key_values`): the KV cache to extend."""
+        """`labels` are the input ids (shifted inside; or pass `shift_labels`, the target of every
+        position). A target is ignored where it is -100, where it is padding, and where the token
+        predicting it is padding (the first real token of a left-padded row). The loss is
+        transformers' causal-LM loss (`num_items_in_batch` normalises it across gradient
+        accumulation) plus the weighted router losses. `cache` (or its older name
+        `past_key_values`): the KV cache to extend."""
         out = self.transformer(
             input_ids, attention_mask, position_ids, _one_cache(cache, past_key_values), inputs_embeds, use_cache,
-            output_hidden_states, output_router_logits,
+            output_hidden_states, output_router_logits, output_attentions, return_dict=True,
         )
         hidden = out.last_hidden_state
-        if logits_to_keep and labels is None:
+        if logits_to_keep and labels is None and shift_labels is None:
             hidden = hidden[:, -logits_to_keep:]
         logits = self.lm_head(hidden)
         loss = lm_loss = None
-        if labels is not None:
-            targets = labels[:, 1:]
+        if labels is not None or shift_labels is not None:
+            if shift_labels is None:
+                shift_labels = F.pad(labels, (0, 1), value=-100)[:, 1:]
             if attention_mask is not None:  # a target counts when it and the token predicting it are real
-                real = attention_mask[:, -labels.shape[1]:].bool()
-                targets = targets.masked_fill(~(real[:, 1:] & real[:, :-1]), -100)
-            lm_loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
+                real = attention_mask[:, -shift_labels.shape[1]:].bool()
+                shift_labels = shift_labels.masked_fill(~(real & F.pad(real, (0, 1), value=True)[:, 1:]), -100)
+            lm_loss = self.loss_function(
+                logits, None, self.config.vocab_size, shift_labels=shift_labels.contiguous(),
+                num_items_in_batch=kwargs.get("num_items_in_batch"),
+            )
             loss = lm_loss + self.router_losses(out)
         return MoTCausalLMOutput(
             loss=loss, lm_loss=lm_loss, aux_loss=out.aux_loss, z_loss=out.z_loss, logits=logits,
-            hidden_states=out.hidden_states, router_logits=out.router_logits, **{CACHE_FIELD: getattr(out, CACHE_FIELD)},
+            hidden_states=out.hidden_states, attentions=out.attentions, router_logits=out.router_logits,
+            **{CACHE_FIELD: getattr(out, CACHE_FIELD)},
         )
 
 
@@ -342,8 +393,15 @@ class MoTForSequenceClassification(MoTPreTrainedModel):
         self.score = nn.Linear(config.n_embd, config.num_labels, bias=False)
         self.post_init()
 
-    def forward(self, input_ids=None, attention_mask=None, labels=None, inputs_embeds=None, output_router_logits=None, **kwargs):
-        out = self.transformer(input_ids, attention_mask, inputs_embeds=inputs_embeds, use_cache=False, output_router_logits=output_router_logits)
+    @can_return_tuple
+    def forward(
+        self, input_ids=None, attention_mask=None, labels=None, inputs_embeds=None, output_router_logits=None,
+        output_hidden_states=None, output_attentions=None, **kwargs,
+    ):
+        out = self.transformer(
+            input_ids, attention_mask, inputs_embeds=inputs_embeds, use_cache=False, output_router_logits=output_router_logits,
+            output_hidden_states=output_hidden_states, output_attentions=output_attentions, return_dict=True,
+        )
         logits = self.score(out.last_hidden_state)  # (B, S, num_labels)
         B, S = logits.shape[:2]
         if attention_mask is not None:
@@ -364,7 +422,9 @@ class MoTForSequenceClassification(MoTPreTrainedModel):
             else:
                 task = F.binary_cross_entropy_with_logits(pooled.float(), labels.float())
             loss = task + self.router_losses(out)
-        return MoTSequenceClassifierOutput(loss=loss, logits=pooled, aux_loss=out.aux_loss, z_loss=out.z_loss, router_logits=out.router_logits)
+        return MoTSequenceClassifierOutput(loss=loss, logits=pooled, aux_loss=out.aux_loss, z_loss=out.z_loss, router_logits=out.router_logits,
+            hidden_states=out.hidden_states, attentions=out.attentions,
+        )
 
 
 class MoTForTokenClassification(MoTPreTrainedModel):
@@ -375,8 +435,15 @@ class MoTForTokenClassification(MoTPreTrainedModel):
         self.classifier = nn.Linear(config.n_embd, config.num_labels)
         self.post_init()
 
-    def forward(self, input_ids=None, attention_mask=None, labels=None, inputs_embeds=None, output_router_logits=None, **kwargs):
-        out = self.transformer(input_ids, attention_mask, inputs_embeds=inputs_embeds, use_cache=False, output_router_logits=output_router_logits)
+    @can_return_tuple
+    def forward(
+        self, input_ids=None, attention_mask=None, labels=None, inputs_embeds=None, output_router_logits=None,
+        output_hidden_states=None, output_attentions=None, **kwargs,
+    ):
+        out = self.transformer(
+            input_ids, attention_mask, inputs_embeds=inputs_embeds, use_cache=False, output_router_logits=output_router_logits,
+            output_hidden_states=output_hidden_states, output_attentions=output_attentions, return_dict=True,
+        )
         logits = self.classifier(out.last_hidden_state)
         loss = None
         if labels is not None:
@@ -384,7 +451,9 @@ class MoTForTokenClassification(MoTPreTrainedModel):
                 labels = labels.masked_fill(attention_mask == 0, -100)
             task = F.cross_entropy(logits.float().reshape(-1, self.num_labels), labels.reshape(-1), ignore_index=-100)
             loss = task + self.router_losses(out)
-        return MoTTokenClassifierOutput(loss=loss, logits=logits, aux_loss=out.aux_loss, z_loss=out.z_loss, router_logits=out.router_logits)
+        return MoTTokenClassifierOutput(loss=loss, logits=logits, aux_loss=out.aux_loss, z_loss=out.z_loss, router_logits=out.router_logits,
+            hidden_states=out.hidden_states, attentions=out.attentions,
+        )
 
 
 class MoTForQuestionAnswering(MoTPreTrainedModel):
@@ -394,11 +463,15 @@ class MoTForQuestionAnswering(MoTPreTrainedModel):
         self.qa_outputs = nn.Linear(config.n_embd, 2)
         self.post_init()
 
+    @can_return_tuple
     def forward(
         self, input_ids=None, attention_mask=None, start_positions=None, end_positions=None, inputs_embeds=None,
-        output_router_logits=None, **kwargs,
+        output_router_logits=None, output_hidden_states=None, output_attentions=None, **kwargs,
     ):
-        out = self.transformer(input_ids, attention_mask, inputs_embeds=inputs_embeds, use_cache=False, output_router_logits=output_router_logits)
+        out = self.transformer(
+            input_ids, attention_mask, inputs_embeds=inputs_embeds, use_cache=False, output_router_logits=output_router_logits,
+            output_hidden_states=output_hidden_states, output_attentions=output_attentions, return_dict=True,
+        )
         start_logits, end_logits = self.qa_outputs(out.last_hidden_state).float().unbind(-1)
         if attention_mask is not None:  # an answer never starts or ends on padding
             start_logits = start_logits.masked_fill(attention_mask == 0, torch.finfo(start_logits.dtype).min)
@@ -413,7 +486,7 @@ class MoTForQuestionAnswering(MoTPreTrainedModel):
             loss = task + self.router_losses(out)
         return MoTQuestionAnsweringOutput(
             loss=loss, start_logits=start_logits, end_logits=end_logits, aux_loss=out.aux_loss, z_loss=out.z_loss,
-            router_logits=out.router_logits,
+            router_logits=out.router_logits, hidden_states=out.hidden_states, attentions=out.attentions,
         )
 
 

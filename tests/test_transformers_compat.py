@@ -100,3 +100,90 @@ model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sa
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     assert "deprecat" not in run.stderr.lower(), run.stderr
+
+
+def _with_attention(config, implementation):
+    config._attn_implementation = implementation
+    return config
+
+
+@pytest.mark.parametrize("ffn_type", ["dense", "token_choice", "mot"])
+def test_eager_attention_gives_the_sdpa_logits_with_padding_and_with_a_cache(ffn_type):
+    ids = torch.randint(0, 61, (4, 9))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0  # left padding
+    logits = []
+    for implementation in ("sdpa", "eager"):
+        torch.manual_seed(0)
+        model = MoTLMHeadModel(_with_attention(tiny_config(ffn_type), implementation)).eval()
+        with torch.no_grad():
+            prefix = model(ids[:, :6], attention_mask=mask[:, :6], use_cache=True)
+            step = model(ids[:, 6:], attention_mask=mask, cache=prefix.cache, use_cache=True)
+        logits.append(torch.cat([prefix.logits, step.logits], dim=1))
+    assert torch.allclose(*logits, atol=1e-5)
+
+
+def test_attention_weights_are_causal_rows_summing_to_one_that_never_attend_padding():
+    model = MoTLMHeadModel(tiny_config("token_choice")).eval()  # sdpa configured: weights come from eager
+    ids = torch.randint(0, 61, (2, 7))
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0
+    with torch.no_grad():
+        out = model(ids, attention_mask=mask, output_attentions=True)
+        plain = model(ids, attention_mask=mask)
+    assert torch.allclose(out.logits, plain.logits, atol=1e-5)
+    assert len(out.attentions) == model.config.n_layer
+    for weights in out.attentions:
+        assert weights.shape == (2, model.config.n_head, 7, 7)
+        assert torch.allclose(weights.sum(-1), torch.ones(2, model.config.n_head, 7))
+        assert torch.all(weights.triu(1) == 0)  # nothing from the future
+        assert torch.all(weights[1, :, 2:, :2] == 0)  # real tokens never see padding
+
+
+@pytest.mark.parametrize(
+    "model_class", [MoTModel, MoTLMHeadModel, MoTForSequenceClassification, MoTForTokenClassification, MoTForQuestionAnswering]
+)
+def test_config_output_flags_and_return_dict_false_are_honoured_by_every_class(model_class):
+    config = tiny_config("token_choice", output_hidden_states=True, output_attentions=True)
+    model = model_class(config).eval()
+    ids = torch.randint(0, 61, (2, 5))
+    with torch.no_grad():
+        out = model(ids)
+        assert len(out.hidden_states) == config.n_layer + 1 and len(out.attentions) == config.n_layer
+        as_tuple = model(ids, return_dict=False)
+    assert isinstance(as_tuple, tuple)
+    assert len(as_tuple) == len(out.to_tuple())
+    assert all(torch.equal(a, b) for a, b in zip(as_tuple, out.to_tuple()) if isinstance(a, torch.Tensor))
+    model.config.return_dict = False
+    with torch.no_grad():
+        assert isinstance(model(ids), tuple)
+
+
+def test_lm_loss_is_transformers_loss_normalised_by_num_items_in_batch_and_takes_shift_labels():
+    model = MoTLMHeadModel(tiny_config("token_choice")).eval()
+    ids = torch.randint(0, 61, (3, 8))
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0  # left padding: targets at 0, 1 (padding) and 2 (predicted from padding) do not count
+    with torch.no_grad():
+        out = model(ids, attention_mask=mask, labels=ids)
+        targets = ids[:, 1:].clone()
+        targets[0, :2] = -100
+        by_hand = torch.nn.functional.cross_entropy(out.logits[:, :-1].reshape(-1, 61), targets.reshape(-1))
+        assert torch.allclose(out.lm_loss, by_hand, atol=1e-6)
+        assert torch.allclose(out.loss, out.lm_loss + model.config.router_aux_loss_coef * out.aux_loss, atol=1e-6)
+        counted = int((targets != -100).sum())
+        summed = model(ids, attention_mask=mask, labels=ids, num_items_in_batch=torch.tensor(4 * counted))
+        assert torch.allclose(summed.lm_loss, by_hand / 4, atol=1e-6)  # sum over the micro-batch / items in the batch
+        shifted = torch.nn.functional.pad(ids, (0, 1), value=-100)[:, 1:]
+        assert torch.allclose(model(ids, attention_mask=mask, shift_labels=shifted).lm_loss, by_hand, atol=1e-6)
+
+
+@pytest.mark.parametrize("ffn_type", ["dense", "mot"])
+def test_torch_export_traces_the_model_with_an_attention_mask_and_gives_the_same_logits(ffn_type):
+    model = MoTLMHeadModel(tiny_config(ffn_type)).eval()
+    ids = torch.randint(0, 61, (2, 8))
+    mask = torch.ones_like(ids)
+    inputs = {"input_ids": ids, "attention_mask": mask, "use_cache": False}
+    exported = torch.export.export(model, (), inputs)
+    with torch.no_grad():
+        assert torch.allclose(exported.module()(**inputs).logits, model(**inputs).logits, atol=1e-6)
