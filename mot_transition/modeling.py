@@ -238,7 +238,8 @@ class MoTModel(MoTPreTrainedModel):
         config = self.config
         x = self.wte(input_ids) if inputs_embeds is None else inputs_embeds
         B, S = x.shape[:2]
-        use_cache = config.use_cache if use_cache is None else use_cache
+        if use_cache is None:  # training never builds a KV cache unless asked (activation checkpointing reruns blocks)
+            use_cache = config.use_cache and not self.training
         output_router_logits = config.output_router_logits if output_router_logits is None else output_router_logits
         output_hidden_states = config.output_hidden_states if output_hidden_states is None else output_hidden_states
         output_attentions = config.output_attentions if output_attentions is None else output_attentions

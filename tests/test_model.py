@@ -97,7 +97,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         if checkpointing:  # transformers 5.24 renamed gradient_checkpointing_enable, keeping the old name
             enable = getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)
             enable()
-        model(ids, labels=ids, use_cache=False).loss.backward()
+        model(ids, labels=ids).loss.backward()  # the config's use_cache=True: no cache is built in training
         grads.append([p.grad.clone() for p in model.parameters()])
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads))
 
