@@ -13,7 +13,6 @@ logits of every expert layer on request (`output_router_logits=True`).
 """
 
 import math
-from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
@@ -24,16 +23,18 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils.generic import can_return_tuple
-from transformers.modeling_outputs import (
-    MoeCausalLMOutputWithPast,
-    MoeModelOutputWithPast,
-    QuestionAnsweringModelOutput,
-    SequenceClassifierOutputWithPast,
-    TokenClassifierOutput,
-)
 
 from .config import MoTConfig
 from .layers import DenseFFN, ExpertLayer, TokenChoice, build_ffn, load_balancing_loss, router_z_loss
+from .outputs import (
+    CACHE_FIELD,
+    MoTCausalLMOutput,
+    MoTModelOutput,
+    MoTQuestionAnsweringOutput,
+    MoTSequenceClassifierOutput,
+    MoTTokenClassifierOutput,
+    one_cache,
+)
 
 
 def eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
@@ -97,68 +98,6 @@ class MoTBlock(GradientCheckpointingLayer):
         x = x + h
         y, router_logits = self.mlp(self.ln_2(x), token_mask)
         return x + self.mlp_dropout(y), router_logits, weights
-
-
-def _cache_field(output_class: type) -> str:
-    """The name under which `output_class` (one of transformers' own outputs) holds the KV cache:
-    `cache` from transformers 5.24, `past_key_values` before. Callers of our models may use either."""
-    names = {f.name for f in fields(output_class)}
-    return "cache" if "cache" in names else "past_key_values"
-
-
-CACHE_FIELD = _cache_field(MoeModelOutputWithPast)
-
-
-def _one_cache(cache: Cache | None, past_key_values: Cache | None) -> Cache | None:
-    """The KV cache a caller passed, under the new name (`cache`) or the old one (`past_key_values`)."""
-    if cache is not None and past_key_values is not None:
-        raise ValueError("pass the KV cache as `cache` or as `past_key_values`, not both")
-    return cache if cache is not None else past_key_values
-
-
-# Our outputs are transformers' own, plus the router losses that our heads add to their task loss.
-@dataclass
-class MoTModelOutput(MoeModelOutputWithPast):
-    """`MoeModelOutputWithPast` plus the mean load-balancing (`aux_loss`) and z losses of the
-    Token Choice layers (None without any)."""
-
-    aux_loss: torch.Tensor | None = None
-    z_loss: torch.Tensor | None = None
-
-
-@dataclass
-class MoTCausalLMOutput(MoeCausalLMOutputWithPast):
-    """`MoeCausalLMOutputWithPast` plus `lm_loss` (the language-model loss alone: `loss` adds the
-    weighted router losses) and `z_loss`."""
-
-    lm_loss: torch.Tensor | None = None
-    z_loss: torch.Tensor | None = None
-
-
-@dataclass
-class MoTSequenceClassifierOutput(SequenceClassifierOutputWithPast):
-    aux_loss: torch.Tensor | None = None
-    z_loss: torch.Tensor | None = None
-    router_logits: tuple[torch.Tensor, ...] | None = None
-
-
-@dataclass
-class MoTTokenClassifierOutput(TokenClassifierOutput):
-    aux_loss: torch.Tensor | None = None
-    z_loss: torch.Tensor | None = None
-    router_logits: tuple[torch.Tensor, ...] | None = None
-
-
-@dataclass
-class MoTQuestionAnsweringOutput(QuestionAnsweringModelOutput):
-    aux_loss: torch.Tensor | None = None
-    z_loss: torch.Tensor | None = None
-    router_logits: tuple[torch.Tensor, ...] | None = None
-
-
-if CACHE_FIELD == "past_key_values":  # transformers < 5.24: let callers read the new name too
-    for _output in (MoTModelOutput, MoTCausalLMOutput, MoTSequenceClassifierOutput):
-        _output.cache = property(lambda self: self.past_key_values)
 
 
 class MoTPreTrainedModel(PreTrainedModel):
@@ -243,7 +182,7 @@ class MoTModel(MoTPreTrainedModel):
         output_router_logits = config.output_router_logits if output_router_logits is None else output_router_logits
         output_hidden_states = config.output_hidden_states if output_hidden_states is None else output_hidden_states
         output_attentions = config.output_attentions if output_attentions is None else output_attentions
-        cache = _one_cache(cache, past_key_values)
+        cache = one_cache(cache, past_key_values)
         if use_cache and cache is None:
             cache = DynamicCache(config=config)
         if use_cache and not isinstance(cache, DynamicCache):
@@ -357,7 +296,7 @@ class MoTLMHeadModel(MoTPreTrainedModel, GenerationMixin):
         accumulation) plus the weighted router losses. `cache` (or its older name
         `past_key_values`): the KV cache to extend."""
         out = self.transformer(
-            input_ids, attention_mask, position_ids, _one_cache(cache, past_key_values), inputs_embeds, use_cache,
+            input_ids, attention_mask, position_ids, one_cache(cache, past_key_values), inputs_embeds, use_cache,
             output_hidden_states, output_router_logits, output_attentions, return_dict=True,
         )
         hidden = out.last_hidden_state
@@ -493,6 +432,5 @@ class MoTForQuestionAnswering(MoTPreTrainedModel):
 
 __all__ = [
     "MoTPreTrainedModel", "MoTModel", "MoTLMHeadModel", "MoTForSequenceClassification",
-    "MoTForTokenClassification", "MoTForQuestionAnswering", "MoTModelOutput", "MoTCausalLMOutput",
-    "MoTSequenceClassifierOutput", "MoTTokenClassifierOutput", "MoTQuestionAnsweringOutput",
+    "MoTForTokenClassification", "MoTForQuestionAnswering",
 ]

@@ -25,7 +25,7 @@ from mot_transition import (
     MoTLMHeadModel,
     MoTModel,
 )
-from mot_transition.modeling import CACHE_FIELD, _cache_field
+from mot_transition.outputs import CACHE_FIELD, _cache_field
 
 
 def test_cache_field_is_the_one_the_output_class_of_either_transformers_generation_declares():
