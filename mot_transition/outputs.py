@@ -2,6 +2,7 @@
 router losses that our heads add to their task loss, and the KV cache under the name the installed
 transformers uses (`cache` from 5.24, `past_key_values` before), taken and read under either."""
 
+import warnings
 from dataclasses import dataclass, fields
 
 import torch
@@ -26,9 +27,12 @@ CACHE_FIELD = _cache_field(MoeModelOutputWithPast)
 
 
 def one_cache(cache: Cache | None, past_key_values: Cache | None) -> Cache | None:
-    """The KV cache a caller passed, under the new name (`cache`) or the old one (`past_key_values`)."""
+    """The KV cache a caller passed, under the new name (`cache`) or the old one (`past_key_values`).
+    Where the installed transformers has moved to `cache`, the old name warns as its own models do."""
     if cache is not None and past_key_values is not None:
         raise ValueError("pass the KV cache as `cache` or as `past_key_values`, not both")
+    if past_key_values is not None and CACHE_FIELD == "cache" and not torch.compiler.is_compiling():
+        warnings.warn("`past_key_values` is deprecated: pass the KV cache as `cache`", FutureWarning, stacklevel=3)
     return cache if cache is not None else past_key_values
 
 

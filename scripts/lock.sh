@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 venv=$(mktemp -d -t mot-lock-XXXXXX)
 trap 'rm -rf "$venv"' EXIT
 bash scripts/venv-newest.sh "$venv"
-"$venv/bin/python" -m pytest -q
+"$venv/bin/python" -m pytest -n auto
 {
     echo "# Exact versions that scripts/setup.sh installs; every one passed the test suite together."
     echo "# Refresh with: bash scripts/lock.sh   (written by it on $(date -u +%Y-%m-%d), Python $("$venv/bin/python" -c 'import platform; print(platform.python_version())'))"

@@ -22,4 +22,4 @@ echo "lowest declared: ${lowest[*]}"
 "$venv/bin/python" -m pip install -q --no-deps -e .
 "$venv/bin/python" -m pip check
 bash scripts/versions.sh "$venv/bin/python" "lowest declared versions"
-"$venv/bin/python" -m pytest "$@"
+"$venv/bin/python" -m pytest -n auto "$@"

@@ -8,4 +8,4 @@ venv=$(mktemp -d -t mot-newest-XXXXXX)
 trap 'rm -rf "$venv"' EXIT
 bash scripts/venv-newest.sh "$venv"
 bash scripts/versions.sh "$venv/bin/python" "newest releases"
-"$venv/bin/python" -m pytest "$@"
+"$venv/bin/python" -m pytest -n auto "$@"

@@ -4,4 +4,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 bash scripts/versions.sh .venv/bin/python "locked set (requirements.lock)"
-.venv/bin/python -m pytest "$@"
+.venv/bin/python -m pytest -n auto "$@"
