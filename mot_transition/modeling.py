@@ -128,6 +128,21 @@ class MoTPreTrainedModel(PreTrainedModel):
             if hasattr(module, "group_size"):
                 module.group_size = group_size
 
+    def _encode(self, input_ids, attention_mask, inputs_embeds, output_router_logits, output_hidden_states, output_attentions):
+        """The trunk's outputs for a task head (no KV cache)."""
+        return self.transformer(
+            input_ids, attention_mask, inputs_embeds=inputs_embeds, use_cache=False, output_router_logits=output_router_logits,
+            output_hidden_states=output_hidden_states, output_attentions=output_attentions, return_dict=True,
+        )
+
+    @staticmethod
+    def _passed_on(out: MoTModelOutput) -> dict:
+        """What a task head returns of the trunk's outputs."""
+        return dict(
+            aux_loss=out.aux_loss, z_loss=out.z_loss, router_logits=out.router_logits, hidden_states=out.hidden_states,
+            attentions=out.attentions,
+        )
+
     def router_losses(self, outputs: MoTModelOutput) -> torch.Tensor | float:
         """The router losses times their coefficients, to add to a task loss."""
         total = 0.0
@@ -338,10 +353,7 @@ class MoTForSequenceClassification(MoTPreTrainedModel):
         self, input_ids=None, attention_mask=None, labels=None, inputs_embeds=None, output_router_logits=None,
         output_hidden_states=None, output_attentions=None, **kwargs,
     ):
-        out = self.transformer(
-            input_ids, attention_mask, inputs_embeds=inputs_embeds, use_cache=False, output_router_logits=output_router_logits,
-            output_hidden_states=output_hidden_states, output_attentions=output_attentions, return_dict=True,
-        )
+        out = self._encode(input_ids, attention_mask, inputs_embeds, output_router_logits, output_hidden_states, output_attentions)
         logits = self.score(out.last_hidden_state)  # (B, S, num_labels)
         B, S = logits.shape[:2]
         if attention_mask is not None:
@@ -362,9 +374,7 @@ class MoTForSequenceClassification(MoTPreTrainedModel):
             else:
                 task = F.binary_cross_entropy_with_logits(pooled.float(), labels.float())
             loss = task + self.router_losses(out)
-        return MoTSequenceClassifierOutput(loss=loss, logits=pooled, aux_loss=out.aux_loss, z_loss=out.z_loss, router_logits=out.router_logits,
-            hidden_states=out.hidden_states, attentions=out.attentions,
-        )
+        return MoTSequenceClassifierOutput(loss=loss, logits=pooled, **self._passed_on(out))
 
 
 class MoTForTokenClassification(MoTPreTrainedModel):
@@ -380,10 +390,7 @@ class MoTForTokenClassification(MoTPreTrainedModel):
         self, input_ids=None, attention_mask=None, labels=None, inputs_embeds=None, output_router_logits=None,
         output_hidden_states=None, output_attentions=None, **kwargs,
     ):
-        out = self.transformer(
-            input_ids, attention_mask, inputs_embeds=inputs_embeds, use_cache=False, output_router_logits=output_router_logits,
-            output_hidden_states=output_hidden_states, output_attentions=output_attentions, return_dict=True,
-        )
+        out = self._encode(input_ids, attention_mask, inputs_embeds, output_router_logits, output_hidden_states, output_attentions)
         logits = self.classifier(out.last_hidden_state)
         loss = None
         if labels is not None:
@@ -391,9 +398,7 @@ class MoTForTokenClassification(MoTPreTrainedModel):
                 labels = labels.masked_fill(attention_mask == 0, -100)
             task = F.cross_entropy(logits.float().reshape(-1, self.num_labels), labels.reshape(-1), ignore_index=-100)
             loss = task + self.router_losses(out)
-        return MoTTokenClassifierOutput(loss=loss, logits=logits, aux_loss=out.aux_loss, z_loss=out.z_loss, router_logits=out.router_logits,
-            hidden_states=out.hidden_states, attentions=out.attentions,
-        )
+        return MoTTokenClassifierOutput(loss=loss, logits=logits, **self._passed_on(out))
 
 
 class MoTForQuestionAnswering(MoTPreTrainedModel):
@@ -408,10 +413,7 @@ class MoTForQuestionAnswering(MoTPreTrainedModel):
         self, input_ids=None, attention_mask=None, start_positions=None, end_positions=None, inputs_embeds=None,
         output_router_logits=None, output_hidden_states=None, output_attentions=None, **kwargs,
     ):
-        out = self.transformer(
-            input_ids, attention_mask, inputs_embeds=inputs_embeds, use_cache=False, output_router_logits=output_router_logits,
-            output_hidden_states=output_hidden_states, output_attentions=output_attentions, return_dict=True,
-        )
+        out = self._encode(input_ids, attention_mask, inputs_embeds, output_router_logits, output_hidden_states, output_attentions)
         start_logits, end_logits = self.qa_outputs(out.last_hidden_state).float().unbind(-1)
         if attention_mask is not None:  # an answer never starts or ends on padding
             start_logits = start_logits.masked_fill(attention_mask == 0, torch.finfo(start_logits.dtype).min)
@@ -424,10 +426,7 @@ class MoTForQuestionAnswering(MoTPreTrainedModel):
                 + F.cross_entropy(end_logits, end_positions.clamp(0, S), ignore_index=S)
             ) / 2
             loss = task + self.router_losses(out)
-        return MoTQuestionAnsweringOutput(
-            loss=loss, start_logits=start_logits, end_logits=end_logits, aux_loss=out.aux_loss, z_loss=out.z_loss,
-            router_logits=out.router_logits, hidden_states=out.hidden_states, attentions=out.attentions,
-        )
+        return MoTQuestionAnsweringOutput(loss=loss, start_logits=start_logits, end_logits=end_logits, **self._passed_on(out))
 
 
 __all__ = [
