@@ -226,6 +226,7 @@ def convert_checkpoint(
     tc_config = token_choice_config(config, num_experts_per_tok, capacity_factor)
     table = tensor_table(src)  # every header checked against its file's size
     check_tensors({name: tuple(entry["shape"]) for name, (_, entry) in table.items()}, config, where=str(src))
+    clean_after_killed_runs(dst)
     check_destination(src, dst, force)
 
     report = new_report(config, tc_config, source=str(src.resolve()))
@@ -263,13 +264,56 @@ def convert_checkpoint(
 
 
 def check_destination(src: Path, dst: Path, force: bool) -> None:
+    """`dst` may be new, an empty directory, or (with `force`) a checkpoint this toolkit wrote; never
+    anything else, which `--force` would otherwise delete."""
     s, d = src.resolve(), dst.resolve()
     if d == s or s in d.parents or d in s.parents:
         raise ValueError(f"the destination {dst} would overwrite or nest with the source {src}; choose another directory")
-    if dst.exists() and not force:
-        raise FileExistsError(f"{dst} already exists; pass --force to replace it")
-    if dst.exists() and not dst.is_dir():
+    if not dst.exists():
+        return
+    if not dst.is_dir():
         raise FileExistsError(f"{dst} exists and is not a directory")
+    if not force:
+        raise FileExistsError(f"{dst} already exists; pass --force to replace it")
+    if any(dst.iterdir()) and not written_by_this_toolkit(dst):
+        raise FileExistsError(
+            f"{dst} is not a checkpoint of this toolkit (no config.json of model_type \"mot\"), and --force replaces "
+            "only those; choose another destination"
+        )
+
+
+def written_by_this_toolkit(folder: Path) -> bool:
+    """A checkpoint or conversion this toolkit wrote: its config.json says model_type "mot"."""
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and config.get("model_type") == "mot"
+
+
+def clean_after_killed_runs(dst: Path) -> None:
+    """Tidy what a killed conversion left beside `dst`: its staging directory is removed, and an old
+    `dst` it had moved aside (`.NAME.old-PID`) is put back when `dst` itself is missing. Only for
+    processes that no longer run; a conversion still running keeps its files."""
+    prefix = f".{dst.name}."
+    for path in sorted(dst.parent.iterdir()) if dst.parent.is_dir() else ():
+        kind, _, pid = path.name[len(prefix):].rpartition("-")
+        if not (path.name.startswith(prefix) and kind in ("converting", "old") and pid.isdigit()) or _running(int(pid)):
+            continue
+        if kind == "old" and not dst.exists():
+            os.replace(path, dst)
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def replace_directory(staging: Path, dst: Path) -> None:

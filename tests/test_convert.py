@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import os
 import subprocess
 import sys
 
@@ -166,14 +167,51 @@ def test_convert_refuses_bad_input_with_one_line_and_writes_nothing(mot_checkpoi
 
 
 def test_convert_refuses_an_existing_destination_unless_forced(mot_checkpoint, tmp_path, capsys):
-    (tmp_path / "out").mkdir()
+    code, _, _ = run_cli(["convert", mot_checkpoint, tmp_path / "out"], capsys)
+    assert code == 0
     (tmp_path / "out" / "keep.txt").write_text("mine")
     code, _, err = run_cli(["convert", mot_checkpoint, tmp_path / "out"], capsys)
     assert code == 1 and "--force" in err and (tmp_path / "out" / "keep.txt").read_text() == "mine"
     code, out, _ = run_cli(["convert", mot_checkpoint, tmp_path / "out", "--force", "--top-k", "3"], capsys)
-    assert code == 0 and "transformed" in out
+    assert code == 0 and "transformed" in out  # a conversion of ours is replaced whole
     assert json.loads((tmp_path / "out" / "config.json").read_text())["num_experts_per_tok"] == 3
     assert not (tmp_path / "out" / "keep.txt").exists()
+
+
+def test_force_never_replaces_a_directory_this_toolkit_did_not_write(mot_checkpoint, tmp_path, capsys):
+    notes = tmp_path / "notes"
+    (notes / "sub").mkdir(parents=True)
+    (notes / "notes.txt").write_text("mine")
+    (notes / "sub" / "data.csv").write_text("a,b\n1,2\n")
+    before = digest(notes)
+    code, out, err = run_cli(["convert", mot_checkpoint, notes, "--force"], capsys)
+    assert code == 1 and "not a checkpoint of this toolkit" in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err + out
+    assert digest(notes) == before and (notes / "sub" / "data.csv").read_text() == "a,b\n1,2\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mot", "notes"]  # no staging left either
+
+
+def _dead_pid() -> int:
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    return int(done.stdout)
+
+
+def test_convert_removes_the_staging_of_killed_runs_and_keeps_a_running_ones(mot_checkpoint, tmp_path, capsys):
+    dead, alive = tmp_path / f".out.converting-{_dead_pid()}", tmp_path / f".out.converting-{os.getppid()}"
+    for staging in (dead, alive):
+        staging.mkdir()
+        (staging / "model.safetensors").write_bytes(b"half")
+    code, _, _ = run_cli(["convert", mot_checkpoint, tmp_path / "out"], capsys)
+    assert code == 0 and not dead.exists() and alive.exists()
+
+
+def test_convert_puts_back_an_old_output_that_a_killed_run_had_moved_aside(mot_checkpoint, tmp_path, capsys):
+    run_cli(["convert", mot_checkpoint, tmp_path / "out"], capsys)
+    before = digest(tmp_path / "out")
+    os.replace(tmp_path / "out", tmp_path / f".out.old-{_dead_pid()}")  # killed between the two renames
+    code, _, err = run_cli(["convert", mot_checkpoint, tmp_path / "out"], capsys)
+    assert code == 1 and "--force" in err  # the old output is back, and not replaced without --force
+    assert digest(tmp_path / "out") == before and not list(tmp_path.glob(".out.*"))
 
 
 def test_cli_convert_and_info_as_a_user_types_them(mot_checkpoint, tmp_path):
