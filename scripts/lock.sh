@@ -13,7 +13,8 @@ bash scripts/venv-newest.sh "$venv"
 {
     echo "# Exact versions that scripts/setup.sh installs; every one passed the test suite together."
     echo "# Refresh with: bash scripts/lock.sh   (written by it on $(date -u +%Y-%m-%d), Python $("$venv/bin/python" -c 'import platform; print(platform.python_version())'))"
-    "$venv/bin/python" -m pip freeze --exclude-editable | sed -E 's/\+[A-Za-z0-9.]+$//' | LC_ALL=C sort -f
+    # --all keeps setuptools (torch needs it at run time); pip itself is the installer, not a dependency
+    "$venv/bin/python" -m pip freeze --all --exclude-editable | grep -v '^pip==' | sed -E 's/\+[A-Za-z0-9.]+$//' | LC_ALL=C sort -f
 } > requirements.lock.tmp
 mv requirements.lock.tmp requirements.lock
 echo "wrote requirements.lock ($(grep -vc '^#' requirements.lock) packages)"

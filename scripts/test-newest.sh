@@ -1,11 +1,40 @@
 #!/usr/bin/env bash
-# Runs the test suite in a throw-away venv with the newest releases that pyproject.toml allows
-# (scripts/venv-newest.sh: no lock; torch on its CPU build), so that an upstream release that breaks
-# us fails here before it reaches a user. Extra arguments go to pytest.
+# Runs the test suite with the newest releases that pyproject.toml allows (torch stays on its CPU
+# build), so that an upstream release that breaks us fails here before it reaches a user.
+# First it resolves that set without installing it: when it is exactly requirements.lock, the
+# locked run (scripts/test.sh) has already tested it and nothing more runs. Otherwise, or with
+# MOT_NEWEST_ALWAYS=1, it builds a throw-away venv (scripts/venv-newest.sh) and runs the suite there.
+# Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+torch=${TORCH:-$(sed -n 's/^torch==//p' requirements.lock)}
+if [ -z "${MOT_NEWEST_ALWAYS:-}" ]; then
+    report=$(mktemp -t mot-newest-report-XXXXXX.json)
+    python3 -m pip install -q --dry-run --ignore-installed --report "$report" -e ".[dev,plot]" "torch==$torch"
+    if python3 - "$report" <<'PY'
+import json, re, sys
+
+def key(name):
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+newest = {key(item["metadata"]["name"]): item["metadata"]["version"].split("+")[0] for item in json.load(open(sys.argv[1]))["install"]}
+newest.pop("mot-transition", None)
+locked = dict(line.strip().split("==") for line in open("requirements.lock") if line.strip() and not line.startswith("#"))
+locked = {key(name): version for name, version in locked.items()}
+changed = sorted(f"{name} {locked.get(name, '-')} -> {newest.get(name, '-')}" for name in newest.keys() | locked.keys() if newest.get(name) != locked.get(name))
+if changed:
+    print("newest allowed releases differ from requirements.lock: " + ", ".join(changed))
+    sys.exit(1)
+print(f"newest allowed releases are exactly requirements.lock ({len(locked)} packages): the locked run tested them")
+PY
+    then
+        rm -f "$report"
+        exit 0
+    fi
+    rm -f "$report"
+fi
 venv=$(mktemp -d -t mot-newest-XXXXXX)
 trap 'rm -rf "$venv"' EXIT
-bash scripts/venv-newest.sh "$venv"
+TORCH=$torch bash scripts/venv-newest.sh "$venv"
 bash scripts/versions.sh "$venv/bin/python" "newest releases"
 "$venv/bin/python" -m pytest -n auto "$@"
