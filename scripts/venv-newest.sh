@@ -9,6 +9,5 @@ cd "$(dirname "$0")/.."
 dir=${1:?usage: venv-newest.sh DIR}
 torch=${TORCH:-$(sed -n 's/^torch==//p' requirements.lock)}
 python3 -m venv "$dir"
-"$dir/bin/python" -m pip install -q "torch==$torch"
 "$dir/bin/python" -m pip install -q --upgrade --upgrade-strategy eager -e ".[dev,plot]" "torch==$torch"
 "$dir/bin/python" -m pip check
