@@ -9,7 +9,8 @@ dense, Mixture of Tokens, Token Choice or Expert Choice (SPEC sections 1 and 2).
 
 Every head's loss adds the router losses of the Token Choice layers times their coefficients;
 the unweighted `aux_loss` (load balancing) and `z_loss` are returned beside it, and the router
-logits of every expert layer on request (`output_router_logits=True`).
+logits of every expert layer on request (`output_router_logits=True`). The outputs are
+transformers' own classes (outputs.py); attention goes through transformers' attention interface.
 """
 
 import math
