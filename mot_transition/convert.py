@@ -242,7 +242,7 @@ def convert_checkpoint(
         scales = report.calibration["scales"]
         del state_dict
 
-    staging = dst.parent / f".{dst.name}.converting-{os.getpid()}"
+    staging = beside(dst, "converting")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     try:
@@ -291,14 +291,21 @@ def written_by_this_toolkit(folder: Path) -> bool:
     return isinstance(config, dict) and config.get("model_type") == "mot"
 
 
+def beside(dst: Path, kind: str, pid: int | None = None) -> Path:
+    """The hidden directory `.NAME.KIND-PID` beside `dst` that a conversion works in: `converting`
+    (its staging) or `old` (the previous `dst`, moved aside while the new one is renamed in)."""
+    return dst.parent / f".{dst.name}.{kind}-{os.getpid() if pid is None else pid}"
+
+
 def clean_after_killed_runs(dst: Path) -> None:
     """Tidy what a killed conversion left beside `dst`: its staging directory is removed, and an old
-    `dst` it had moved aside (`.NAME.old-PID`) is put back when `dst` itself is missing. Only for
-    processes that no longer run; a conversion still running keeps its files."""
-    prefix = f".{dst.name}."
+    `dst` it had moved aside is put back when `dst` itself is missing. Only for processes that no
+    longer run; a conversion still running keeps its files."""
     for path in sorted(dst.parent.iterdir()) if dst.parent.is_dir() else ():
-        kind, _, pid = path.name[len(prefix):].rpartition("-")
-        if not (path.name.startswith(prefix) and kind in ("converting", "old") and pid.isdigit()) or _running(int(pid)):
+        kind, _, pid = path.name.removeprefix(f".{dst.name}.").rpartition("-")
+        if kind not in ("converting", "old") or not pid.isdigit() or path != beside(dst, kind, int(pid)):
+            continue
+        if _running(int(pid)):
             continue
         if kind == "old" and not dst.exists():
             os.replace(path, dst)
@@ -311,8 +318,8 @@ def _running(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:  # another user's process
-        return True
+    except PermissionError:  # another user's process: running
+        pass
     return True
 
 
@@ -321,7 +328,7 @@ def replace_directory(staging: Path, dst: Path) -> None:
     if not dst.exists():
         os.replace(staging, dst)
         return
-    old = dst.parent / f".{dst.name}.old-{os.getpid()}"
+    old = beside(dst, "old")
     os.replace(dst, old)
     try:
         os.replace(staging, dst)

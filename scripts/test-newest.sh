@@ -8,8 +8,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 torch=${TORCH:-$(sed -n 's/^torch==//p' requirements.lock)}
+report=$(mktemp -t mot-newest-report-XXXXXX.json)
+venv=$(mktemp -d -t mot-newest-XXXXXX)
+trap 'rm -rf "$report" "$venv"' EXIT
 if [ -z "${MOT_NEWEST_ALWAYS:-}" ]; then
-    report=$(mktemp -t mot-newest-report-XXXXXX.json)
     python3 -m pip install -q --dry-run --ignore-installed --report "$report" -e ".[dev,plot]" "torch==$torch"
     if python3 - "$report" <<'PY'
 import json, re, sys
@@ -28,13 +30,9 @@ if changed:
 print(f"newest allowed releases are exactly requirements.lock ({len(locked)} packages): the locked run tested them")
 PY
     then
-        rm -f "$report"
         exit 0
     fi
-    rm -f "$report"
 fi
-venv=$(mktemp -d -t mot-newest-XXXXXX)
-trap 'rm -rf "$venv"' EXIT
 TORCH=$torch bash scripts/venv-newest.sh "$venv"
 bash scripts/versions.sh "$venv/bin/python" "newest releases"
 "$venv/bin/python" -m pytest -n auto "$@"

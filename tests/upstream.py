@@ -9,8 +9,9 @@ tests/exporters/test_export.py (ExportTesterMixin) and tests/utils/test_configur
 them cannot run from the registry, and our own suite covers generate() and torch.export instead.
 Nothing of upstream's test code is kept in this repository.
 
-    load() -> the imported package `upstream_tests` (its three modules imported), or pytest.skip
-              with the reason (offline, no such release on the index, a module the sdist lacks).
+    load() makes the package `upstream_tests` importable (its three modules imported once), or skips
+    the calling test module with the reason (offline, no such release on the index, a module the
+    sdist lacks, `parameterized` missing).
 
 Set MOT_TRANSITION_CACHE to move the cache (default ~/.cache/mot-transition), PIP_INDEX_URL to fetch
 from another index (PEP 691 JSON), MOT_TRANSITION_NO_UPSTREAM_TESTS=1 to skip these tests.
@@ -94,10 +95,12 @@ def _unpack(data: bytes, version: str, root: Path) -> None:
             raise
 
 
-def load():
+def load() -> None:
     """Import transformers' common tests for the installed version, fetching them once; skip with the reason."""
     if os.environ.get("MOT_TRANSITION_NO_UPSTREAM_TESTS"):
         pytest.skip("MOT_TRANSITION_NO_UPSTREAM_TESTS is set", allow_module_level=True)
+    if importlib.util.find_spec("parameterized") is None:
+        pytest.skip("transformers' common tests need `parameterized` (the dev extra installs it)", allow_module_level=True)
     version = transformers.__version__
     root = _cache_root()
     if not (root / PACKAGE / FILES[0]).is_file():
@@ -105,9 +108,6 @@ def load():
             _unpack(_sdist(version), version, root)
         except Exception as error:  # offline, no such release on the index, a changed sdist layout
             pytest.skip(f"transformers {version}'s common tests could not be fetched: {error}", allow_module_level=True)
-    for name in ("parameterized",):
-        if importlib.util.find_spec(name) is None:
-            pytest.skip(f"transformers' common tests need `{name}` (the dev extra installs it)", allow_module_level=True)
     if str(root) not in sys.path:
         sys.path.insert(0, str(root))
     try:
@@ -115,4 +115,3 @@ def load():
             importlib.import_module(f"{PACKAGE}.{file.removesuffix('.py')}")
     except ImportError as error:  # the sdist of this version imports something it does not ship
         pytest.skip(f"transformers {version}'s common tests do not import: {error}", allow_module_level=True)
-    return importlib.import_module(PACKAGE)
