@@ -13,6 +13,7 @@ logits of every expert layer on request (`output_router_logits=True`). The outpu
 transformers' own classes (outputs.py); attention goes through transformers' attention interface.
 """
 
+import inspect
 import math
 
 import torch
@@ -21,12 +22,15 @@ from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
+from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils.generic import can_return_tuple
 
 from .config import MoTConfig
-from .layers import DenseFFN, ExpertLayer, TokenChoice, build_ffn, load_balancing_loss, router_z_loss
+from .layers import (
+    DenseFFN, ExpertChoice, ExpertLayer, MixtureOfTokens, TokenChoice, build_ffn, load_balancing_loss, router_z_loss,
+)
 from .outputs import (
     CACHE_FIELD,
     MoTCausalLMOutput,
@@ -37,20 +41,27 @@ from .outputs import (
     one_cache,
 )
 
+# the keyword under which `create_causal_mask` takes the KV cache: `cache` from transformers 5.24
+_MASK_CACHE_ARG = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
+
 
 def eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
     """softmax(q k^T * scaling + mask) v written out, so that the attention weights can be returned.
     query (B, h, S, hd), key and value (B, h, T, hd); attention_mask boolean (B, 1, S, T) (True =
-    attend), additive float, or None for plain causal attention. Returns ((B, S, h, hd), weights)."""
+    attend), additive float, or None for plain causal attention. A query that may attend nothing (a
+    left-padding position) gets weights 0 and outputs 0, as torch's SDPA gives it. Returns
+    ((B, S, h, hd), weights)."""
     scores = torch.matmul(query, key.transpose(2, 3)) * scaling  # (B, h, S, T)
     if attention_mask is None:
         S, T = scores.shape[-2:]
         attention_mask = torch.ones(S, T, dtype=torch.bool, device=scores.device).tril(T - S)
+    lowest, attention_mask = torch.finfo(scores.dtype).min, attention_mask[..., : key.shape[-2]]
     if attention_mask.dtype == torch.bool:
-        scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
+        scores = scores.masked_fill(~attention_mask, lowest)
     else:
         scores = scores + attention_mask
-    weights = F.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    blind = scores.amax(dim=-1, keepdim=True) <= lowest / 2  # every key masked
+    weights = F.softmax(scores, dim=-1, dtype=torch.float32).masked_fill(blind, 0.0).to(query.dtype)
     weights = F.dropout(weights, p=dropout, training=module.training)
     return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
 
@@ -71,7 +82,7 @@ class MoTAttention(nn.Module):
         self.attn_pdrop = config.attn_pdrop
         self.resid_dropout = nn.Dropout(config.resid_pdrop)
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None, cache: Cache | None, output_attentions: bool = False):
+    def forward(self, x, attn_mask, cache: Cache | None, output_attentions: bool = False, **attention_kwargs):
         B, S, d = x.shape
         q, k, v = self.c_attn(x).view(B, S, 3, self.n_head, d // self.n_head).permute(2, 0, 3, 1, 4)  # (B, h, S, hd)
         if cache is not None:
@@ -79,7 +90,8 @@ class MoTAttention(nn.Module):
         implementation = "eager" if output_attentions else self.config._attn_implementation
         attention = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
         y, weights = attention(
-            self, q, k, v, attn_mask, dropout=self.attn_pdrop if self.training else 0.0, scaling=self.scaling
+            self, q, k, v, attn_mask, dropout=self.attn_pdrop if self.training else 0.0, scaling=self.scaling,
+            **attention_kwargs,
         )
         return self.resid_dropout(self.c_proj(y.reshape(B, S, d))), weights
 
@@ -93,9 +105,10 @@ class MoTBlock(GradientCheckpointingLayer):
         self.mlp = build_ffn(config, layer_idx)
         self.mlp_dropout = nn.Dropout(config.resid_pdrop)
 
-    def forward(self, x, attn_mask=None, cache=None, token_mask=None, output_attentions=False):
-        """(x, router logits or None, attention weights or None)"""
-        h, weights = self.attn(self.ln_1(x), attn_mask, cache, output_attentions)
+    def forward(self, x, attn_mask=None, cache=None, token_mask=None, output_attentions=False, **attention_kwargs):
+        """(x, router logits or None, attention weights or None). `attention_kwargs` reach the
+        attention implementation (`position_ids` for padding-free flash attention, for example)."""
+        h, weights = self.attn(self.ln_1(x), attn_mask, cache, output_attentions, **attention_kwargs)
         x = x + h
         y, router_logits = self.mlp(self.ln_2(x), token_mask)
         return x + self.mlp_dropout(y), router_logits, weights
@@ -198,36 +211,44 @@ class MoTModel(MoTPreTrainedModel):
         output_router_logits = config.output_router_logits if output_router_logits is None else output_router_logits
         output_hidden_states = config.output_hidden_states if output_hidden_states is None else output_hidden_states
         output_attentions = config.output_attentions if output_attentions is None else output_attentions
-        cache = one_cache(cache, past_key_values)
+        cache = one_cache(cache, past_key_values) if use_cache else None
         if use_cache and cache is None:
             cache = DynamicCache(config=config)
-        if use_cache and not isinstance(cache, DynamicCache):
-            raise ValueError(f"MoT models support the dynamic KV cache only, got {type(cache).__name__}")
-        cache = cache if use_cache else None
+        if cache is not None and not isinstance(cache, DynamicCache) and self._mixes_rows():
+            raise ValueError(
+                f"a {type(cache).__name__} serves compiled per-sequence decoding, and this model mixes the "
+                f"tokens of {config.group_size} batch rows in its {config.ffn_type} layers: use the dynamic "
+                "cache, or convert it to Token Choice first (mot-transition convert)"
+            )
         past = cache.get_seq_length() if cache is not None else 0
-        if past + S > config.n_positions:
+        if not torch.compiler.is_compiling() and past + S > config.n_positions:
             raise ValueError(f"sequence of {past + S} tokens is longer than n_positions={config.n_positions}")
-        if attention_mask is not None and attention_mask.shape[-1] != past + S:
-            raise ValueError(f"attention_mask covers {attention_mask.shape[-1]} positions, expected {past + S}")
+        padding = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
+        if padding is not None and padding.shape[-1] != past + S:
+            raise ValueError(f"attention_mask covers {padding.shape[-1]} positions, expected {past + S}")
 
         if position_ids is None:
-            if attention_mask is not None:  # left padding: positions count real tokens only
-                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
+            if padding is not None:  # left padding: positions count real tokens only
+                position_ids = (padding.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
             else:
                 position_ids = torch.arange(past, past + S, device=x.device).unsqueeze(0)
         x = self.drop(x + self.wpe(position_ids))
 
-        token_mask = None
-        if attention_mask is not None and (torch.compiler.is_compiling() or not bool(attention_mask.all())):
-            token_mask = attention_mask[:, past:].bool()  # a mask of all ones is skipped, except when traced
-        attn_mask = self._attention_mask(token_mask, attention_mask, B, S, past, x.device)
+        token_mask = None  # the real tokens, for the expert layers and router losses (a 4-D mask says nothing of padding)
+        if padding is not None and (torch.compiler.is_compiling() or not bool(padding.all())):
+            token_mask = padding[:, past:].bool()  # a mask of all ones is skipped, except when traced
+        attn_mask = create_causal_mask(
+            config=config, inputs_embeds=x, attention_mask=attention_mask, position_ids=position_ids,
+            **{_MASK_CACHE_ARG: cache},
+        )
 
         hidden_states, router_logits, attentions = [], [], []
         for block in self.h:
             if output_hidden_states:
                 hidden_states.append(x)
             x, logits, weights = block(
-                x, attn_mask=attn_mask, cache=cache, token_mask=token_mask, output_attentions=output_attentions
+                x, attn_mask=attn_mask, cache=cache, token_mask=token_mask, output_attentions=output_attentions,
+                position_ids=position_ids, **kwargs,
             )
             router_logits.append(logits)
             attentions.append(weights)
@@ -246,19 +267,9 @@ class MoTModel(MoTPreTrainedModel):
             **{CACHE_FIELD: cache},
         )
 
-    @staticmethod
-    def _attention_mask(token_mask, attention_mask, B, S, past, device):
-        """Boolean mask (B, 1, S, past + S), True = attend, or None for plain causal attention (no
-        padding, and either no cache yet or one new token)."""
-        if token_mask is None and (past == 0 or S == 1):
-            return None
-        query = torch.arange(past, past + S, device=device)[:, None]
-        key = torch.arange(past + S, device=device)[None, :]
-        allowed = key <= query  # (S, past + S)
-        if attention_mask is not None:
-            # real tokens never see padding; a padding position sees itself, so it stays finite
-            allowed = (allowed & attention_mask.bool()[:, None, :]) | (key == query)
-        return allowed.expand(B, S, past + S).unsqueeze(1)
+    def _mixes_rows(self) -> bool:
+        """Whether a row's output depends on the other rows of the batch (MoT, Expert Choice with g > 1)."""
+        return self.config.group_size > 1 and any(isinstance(b.mlp, (MixtureOfTokens, ExpertChoice)) for b in self.h)
 
     def _router_losses(self, router_logits, token_mask):
         """Mean over the Token Choice layers of the load-balancing and z losses (None without any)."""
@@ -323,7 +334,7 @@ class MoTLMHeadModel(MoTPreTrainedModel, GenerationMixin):
         if labels is not None or shift_labels is not None:
             if shift_labels is None:
                 shift_labels = F.pad(labels, (0, 1), value=-100)[:, 1:]
-            if attention_mask is not None:  # a target counts when it and the token predicting it are real
+            if attention_mask is not None and attention_mask.dim() == 2:  # a target counts when it and the token predicting it are real
                 real = attention_mask[:, -shift_labels.shape[1]:].bool()
                 shift_labels = shift_labels.masked_fill(~(real & F.pad(real, (0, 1), value=True)[:, 1:]), -100)
             lm_loss = self.loss_function(

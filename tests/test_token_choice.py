@@ -111,6 +111,42 @@ def test_router_losses_of_a_batch_without_real_tokens_are_zero_not_nan():
     assert load_balancing_loss(logits, 2, mask) == 0 and router_z_loss(logits, mask) == 0
 
 
+@pytest.mark.parametrize("training, capacity_factor", [(False, None), (True, 1.0), (True, 0.5)])
+@pytest.mark.parametrize("masked", [False, True])
+def test_fixed_shape_routing_of_traced_runs_gives_the_outputs_and_gradients_of_the_dropping_one(
+    monkeypatch, training, capacity_factor, masked
+):
+    """torch.compile / torch.export take the routing whose shapes do not depend on the data (a
+    dropped choice keeps its slot with weight 0): it must compute exactly what the eager one does."""
+    torch.manual_seed(0)
+    layer = TokenChoice(tiny_config("token_choice", n_embd=8, n_expert=4, expert_size=4, num_experts_per_tok=2,
+                                    capacity_factor=capacity_factor)).train(training)
+    x = torch.randn(3, 5, 8)
+    mask = torch.rand(3, 5) > 0.3 if masked else None
+    results = []
+    for traced in (False, True):
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: traced)
+        layer.zero_grad()
+        xi = x.clone().requires_grad_()
+        y, logits = layer(xi, mask)
+        (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+        results.append((y, xi.grad, layer.lin1.grad, layer.lin2.grad, layer.controller.grad))
+    for eager, traced in zip(*results):
+        torch.testing.assert_close(traced, eager, rtol=1e-5, atol=1e-6)
+    if training and capacity_factor == 0.5:
+        assert (results[0][0].abs().sum(-1) == 0).any(), "the test should drop some choices"
+
+
+def test_one_token_decode_of_traced_runs_gathers_the_chosen_experts(monkeypatch):
+    torch.manual_seed(0)
+    layer = TokenChoice(tiny_config("token_choice", n_embd=8, n_expert=4, expert_size=4, num_experts_per_tok=2)).eval()
+    x = torch.randn(1, 1, 8)
+    eager, _ = layer(x)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    traced, _ = layer(x)
+    torch.testing.assert_close(traced, eager)
+
+
 def reference_expert_choice(x, mask, controller, lin1, lin2, group_size, capacity):
     """SPEC 1.3 with loops: padding rows and masked tokens are simply not candidates."""
     B, S, d = x.shape

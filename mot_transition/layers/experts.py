@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import initialization as init
 from transformers.activations import ACT2FN
+from transformers.integrations.moe import _grouped_mm as _traced_grouped_mm
 
 from ..config import MoTConfig
 
@@ -53,12 +54,16 @@ class ExpertLayer(nn.Module):
 
         torch's grouped matmul runs every expert in one call, from the counts tensor (no Python loop,
         no host read). What it does not take (float64, rows not a multiple of 16 bytes) runs one matmul
-        per expert instead.
+        per expert instead. Under torch.compile / torch.export, transformers' own dispatcher decides
+        (torch's compiler takes grouped matmuls in bfloat16 only; other dtypes run an opaque loop).
         """
         lin1, lin2 = self.lin1, self.lin2
         if torch.is_autocast_enabled(tokens.device.type):  # grouped_mm is not autocast: cast as bmm would be
             dtype = torch.get_autocast_dtype(tokens.device.type)
             tokens, lin1, lin2 = tokens.to(dtype), lin1.to(dtype), lin2.to(dtype)
+        if torch.compiler.is_compiling():  # transformers' dispatcher: torch's kernel where the compiler takes it, else an opaque op
+            offsets = counts.cumsum(0, dtype=torch.int32)
+            return _traced_grouped_mm(self.activate(_traced_grouped_mm(tokens, lin1, offsets)), lin2, offsets)
         if self._grouped_mm_takes(tokens):
             offsets = counts.cumsum(0, dtype=torch.int32)  # end row of every expert
             return F.grouped_mm(self.activate(F.grouped_mm(tokens, lin1, offs=offsets)), lin2, offs=offsets)

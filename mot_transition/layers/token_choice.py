@@ -42,17 +42,29 @@ class TokenChoice(ExpertLayer):
             gate = gate / gate.sum(dim=-1, keepdim=True)
         gate = gate if gate.dtype == x.dtype else gate.to(x.dtype)
         if flat.shape[0] == 1 and token_mask is None:  # one-token decode: run the k chosen experts, nothing to sort
-            lin1, lin2 = self.lin1, self.lin2
-            outs = [self.activate(flat @ lin1[e]) @ lin2[e] for e in expert.view(-1).tolist()]  # k x (1, d)
-            return (gate @ torch.cat(outs)).view(B, S, d), logits
+            return self._one_token(flat, expert, gate).view(B, S, d), logits
         # choice c = t * k + j is token t's j-th expert; a slot is a row of the expert-sorted buffer
-        order, counts = self._route(expert, token_mask, B, S)  # (n,) choice behind every slot, (E,) slots per expert
-        if order.numel() == 0:  # every token masked: zeros, still attached to the graph
-            return x.new_zeros(B, S, d) + 0.0 * gate.sum(), logits
-        slots = _Slots.of(order, expert.shape, x.dtype)
+        if torch.compiler.is_compiling():  # shapes fixed by the input: every choice has a slot, a dropped one weighs 0
+            order, counts, kept = self._route_fixed(expert, token_mask, B, S)
+            slots = _Slots(order, order // self.top_k, _inverse(order).view_as(expert), kept.view_as(expert).to(x.dtype))
+        else:
+            order, counts = self._route(expert, token_mask, B, S)  # (n,) choice behind every slot, (E,) slots per expert
+            if order.numel() == 0:  # every token masked: zeros, still attached to the graph
+                return x.new_zeros(B, S, d) + 0.0 * gate.sum(), logits
+            slots = _Slots.of(order, expert.shape, x.dtype)
         xs = _Dispatch.apply(flat, slots)  # (n, d), sorted by expert
         y = _Combine.apply(self.grouped_experts(xs, counts), gate, slots)  # (N, d)
         return y.view(B, S, d), logits
+
+    def _one_token(self, flat: torch.Tensor, expert: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        """A single token through its k experts: (1, d) -> (1, d)."""
+        if torch.compiler.is_compiling():  # gather the k experts' matrices: no host read of the expert ids
+            chosen = expert.view(-1)
+            h = self.activate(torch.matmul(flat, self.lin1[chosen]))  # (k, 1, f)
+            return gate @ torch.matmul(h, self.lin2[chosen]).squeeze(1)
+        lin1, lin2 = self.lin1, self.lin2
+        outs = [self.activate(flat @ lin1[e]) @ lin2[e] for e in expert.view(-1).tolist()]  # k x (1, d)
+        return gate @ torch.cat(outs)
 
     def _route(self, expert: torch.Tensor, token_mask: torch.Tensor | None, B: int, S: int):
         """Sort the choices (N, k) by expert, then by arrival (sequence position first, batch row second);
@@ -73,24 +85,49 @@ class TokenChoice(ExpertLayer):
         rank = torch.arange(order.numel(), device=expert.device) - (counts.cumsum(0) - counts)[sorted_expert]
         return order[(sorted_expert < E) & (rank < capacity)], counts[:E].clamp(max=capacity)
 
+    def _route_fixed(self, expert: torch.Tensor, token_mask: torch.Tensor | None, B: int, S: int):
+        """`_route` with shapes that depend on the input's shape only (for torch.compile and torch.export):
+        every choice keeps its slot, sorted by expert; within an expert the choices `_route` keeps come
+        first, in the same order. Returns the order (N*k,), the slots per expert (E,) and, for every
+        choice, whether `_route` keeps it (N*k,) bool."""
+        E, k, N = self.n_expert, self.top_k, B * S
+        arrival = torch.arange(N, device=expert.device).view(S, B).t().reshape(-1, 1)
+        masked = torch.zeros_like(expert) if token_mask is None else (~token_mask.reshape(-1, 1)).long().expand(N, k)
+        order = torch.argsort(((expert * 2 + masked) * N + arrival).view(-1))  # keys are unique
+        expert = expert.reshape(-1)
+        counts = torch.zeros(E, dtype=torch.long, device=expert.device).index_add_(0, expert, torch.ones_like(expert))
+        kept_sorted = masked.reshape(-1)[order] == 0
+        if self.training and self.capacity_factor is not None:
+            capacity = math.ceil(self.capacity_factor * N * k / E)
+            sorted_expert = expert[order]
+            rank = torch.arange(N * k, device=expert.device) - (counts.cumsum(0) - counts)[sorted_expert]
+            kept_sorted = kept_sorted & (rank < capacity)
+        return order, counts, torch.empty_like(kept_sorted).scatter_(0, order, kept_sorted)
+
+
+def _inverse(order: torch.Tensor) -> torch.Tensor:
+    """The inverse permutation: the slot of every choice."""
+    return torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+
 
 class _Slots(NamedTuple):
-    """Where every choice went. A dropped choice (masked token, or past capacity) points at slot 0
-    with weight 0, so it adds 0 times a real token's (finite) expert output: exactly 0."""
+    """Where every choice went. A dropped choice (masked token, or past capacity) has weight 0: it
+    points at slot 0 (or, when traced, keeps a slot of its own), so it adds 0 times a (finite)
+    expert output: exactly 0."""
 
     order: torch.Tensor  # (n,) the choice behind every slot
     token: torch.Tensor  # (n,) the token behind every slot
     slot: torch.Tensor  # (N, k) the slot of every choice
-    kept: torch.Tensor | None  # (N, k) 1.0 for a choice with a slot, 0.0 for a dropped one; None: none dropped
+    kept: torch.Tensor | None  # (N, k) 1.0 for a kept choice, 0.0 for a dropped one; None: none dropped
 
     @staticmethod
     def of(order: torch.Tensor, shape: torch.Size, dtype: torch.dtype) -> "_Slots":
         n, (N, k) = order.numel(), shape
+        if n == N * k:
+            return _Slots(order, order // k, _inverse(order).view(N, k), None)
         slot = torch.zeros(N * k, dtype=order.dtype, device=order.device)
         slot[order] = torch.arange(n, device=order.device)
-        kept = None
-        if n < N * k:
-            kept = torch.zeros(N * k, dtype=dtype, device=order.device).index_fill_(0, order, 1.0).view(N, k)
+        kept = torch.zeros(N * k, dtype=dtype, device=order.device).index_fill_(0, order, 1.0).view(N, k)
         return _Slots(order, order // k, slot.view(N, k), kept)
 
 
@@ -134,6 +171,8 @@ class _Combine(torch.autograd.Function):
         grad_slots = grad.contiguous().index_select(0, s.token)  # (n, d)
         grad_gate = torch.zeros(weights.numel(), dtype=out.dtype, device=out.device)
         grad_gate[s.order] = torch.einsum("nd,nd->n", grad_slots, out)
+        if s.kept is not None:  # a dropped choice that kept a slot (traced runs) gets no gradient either
+            grad_gate = grad_gate * s.kept.reshape(-1)
         grad_out = grad_slots.mul_(weights.view(-1)[s.order, None])
         return grad_out, grad_gate.view_as(weights).to(ctx.gate_dtype), None
 
@@ -143,23 +182,23 @@ def load_balancing_loss(router_logits: torch.Tensor, top_k: int, token_mask: tor
 
     f_e is the fraction of tokens that chose expert e among their top k and P_e the mean router
     probability of e. Uniform routing gives top_k (as in Mixtral); a collapsed router gives up to E.
+    Masked tokens weigh 0 (shapes stay fixed, for torch.export); with no valid token the loss is 0.
     """
-    logits = router_logits.float()
-    if token_mask is not None:
-        logits = logits[token_mask.reshape(-1).bool()]
-    E = logits.shape[-1]
-    if logits.shape[0] == 0:  # no real token: nothing to balance
-        return router_logits.sum() * 0.0
-    probs = torch.softmax(logits, dim=-1)
+    probs = torch.softmax(router_logits.float(), dim=-1)
+    E = probs.shape[-1]
     chosen = F.one_hot(probs.topk(top_k, dim=-1).indices, E).sum(dim=1).float()  # (N, E)
-    return E * (chosen.mean(dim=0) * probs.mean(dim=0)).sum()
+    return E * (_valid_mean(chosen, token_mask) * _valid_mean(probs, token_mask)).sum()
 
 
 def router_z_loss(router_logits: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """mean(logsumexp(logits)^2) over the valid tokens (ST-MoE's router z-loss)."""
-    logits = router_logits.float()
-    if token_mask is not None:
-        logits = logits[token_mask.reshape(-1).bool()]
-    if logits.shape[0] == 0:
-        return router_logits.sum() * 0.0
-    return torch.logsumexp(logits, dim=-1).pow(2).mean()
+    """mean(logsumexp(logits)^2) over the valid tokens (ST-MoE's router z-loss); 0 with none."""
+    return _valid_mean(torch.logsumexp(router_logits.float(), dim=-1).pow(2)[:, None], token_mask).squeeze(0)
+
+
+def _valid_mean(values: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean over the rows of values (N, C) whose token is valid: (C,). A masked row counts as 0, even
+    a non-finite one."""
+    if token_mask is None:
+        return values.mean(dim=0)
+    valid = token_mask.reshape(-1, 1).bool()
+    return torch.where(valid, values, 0.0).sum(dim=0) / valid.sum().clamp(min=1)
