@@ -5,7 +5,11 @@
    kind with the same active FLOPs (ReLU, 2 matrices, for ours; SwiGLU, 3 matrices, for Mixtral's).
 2. Token Choice at one-token decode (batch 1, eval) against a dense FFN of equal active FLOPs.
 3. Mixture of Tokens training step against a dense FFN of equal FLOPs.
+Benchmarks 1 and 2 also run the same Token Choice layer with its experts switched to transformers'
+grouped_mm function, to check that ours are the right default.
 """
+
+import copy
 
 import torch
 from report import Benchmark, Figure
@@ -57,6 +61,14 @@ def _training_step(module: nn.Module, x: torch.Tensor, dy: torch.Tensor, returns
     return step
 
 
+def _with_transformers_experts(layer: TokenChoice) -> TokenChoice:
+    """The same layer and weights, its experts run by transformers' grouped_mm function (the switch)."""
+    twin = copy.deepcopy(layer)
+    twin.config = copy.deepcopy(layer.config)
+    twin.config._experts_implementation = "grouped_mm"
+    return twin
+
+
 def _rounds(quick: bool, full: int) -> dict:
     return {"rounds": 2, "warmup": 1} if quick else {"rounds": full, "warmup": 2}
 
@@ -65,6 +77,7 @@ def token_choice_training(quick: bool = False) -> Benchmark:
     B, S = (2, 512) if quick else (16, 1024)
     torch.manual_seed(0)
     ours = TokenChoice(_config("token_choice", expert_size=TC_EXPERT, num_experts_per_tok=1)).train()
+    theirs = _with_transformers_experts(ours)
     ours_dense = DenseFFN(_config("dense", n_inner=TC_EXPERT)).train()
     mixtral = _mixtral_block(MIXTRAL_EXPERT).train()
     mixtral_dense = _swiglu_dense(MIXTRAL_EXPERT).train()
@@ -73,6 +86,7 @@ def token_choice_training(quick: bool = False) -> Benchmark:
     t = side_by_side(
         {
             "token_choice": _training_step(ours, x, dy, True),
+            "tc_grouped_mm": _training_step(theirs, x, dy, True),
             "dense_relu": _training_step(ours_dense, x, dy, True),
             "mixtral": _training_step(mixtral, x, dy, False),
             "dense_swiglu": _training_step(mixtral_dense, x, dy, False),
@@ -103,6 +117,8 @@ def token_choice_training(quick: bool = False) -> Benchmark:
                    note="below 1: faster than Mixtral's block"),
             Figure("Token Choice / Mixtral block, raw time", t.ratio("token_choice", "mixtral"), "x",
                    spread=t.spread("token_choice", "mixtral"), note="equal expert FLOPs"),
+            Figure("Token Choice, transformers' grouped_mm experts / ours", t.ratio("tc_grouped_mm", "token_choice"), "x",
+                   spread=t.spread("tc_grouped_mm", "token_choice"), note="above 1: ours (the default) is faster"),
         ],
     )
 
@@ -110,6 +126,7 @@ def token_choice_training(quick: bool = False) -> Benchmark:
 def token_choice_decode(quick: bool = False) -> Benchmark:
     torch.manual_seed(0)
     ours = TokenChoice(_config("token_choice", expert_size=TC_EXPERT, num_experts_per_tok=1)).eval()
+    theirs = _with_transformers_experts(ours)
     ours_dense = DenseFFN(_config("dense", n_inner=TC_EXPERT)).eval()
     mixtral = _mixtral_block(MIXTRAL_EXPERT).eval()
     mixtral_dense = _swiglu_dense(MIXTRAL_EXPERT).eval()
@@ -123,7 +140,10 @@ def token_choice_decode(quick: bool = False) -> Benchmark:
         return run
 
     t = side_by_side(
-        {"token_choice": call(ours), "dense_relu": call(ours_dense), "mixtral": call(mixtral), "dense_swiglu": call(mixtral_dense)},
+        {
+            "token_choice": call(ours), "tc_grouped_mm": call(theirs), "dense_relu": call(ours_dense),
+            "mixtral": call(mixtral), "dense_swiglu": call(mixtral_dense),
+        },
         calls=calls, **_rounds(quick, 31),
     )
     return Benchmark(
@@ -135,6 +155,8 @@ def token_choice_decode(quick: bool = False) -> Benchmark:
         [
             Figure("Token Choice / dense ReLU FFN", t.ratio("token_choice", "dense_relu"), "x", 1.30, spread=t.spread("token_choice", "dense_relu")),
             Figure("Mixtral block (grouped_mm) / dense SwiGLU FFN", t.ratio("mixtral", "dense_swiglu"), "x", spread=t.spread("mixtral", "dense_swiglu")),
+            Figure("Token Choice, transformers' grouped_mm experts / ours", t.ratio("tc_grouped_mm", "token_choice"), "x",
+                   spread=t.spread("tc_grouped_mm", "token_choice"), note="above 1: ours (the default) is faster"),
         ],
     )
 

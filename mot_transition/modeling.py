@@ -26,6 +26,7 @@ from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils.generic import can_return_tuple
+from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .config import MoTConfig
 from .layers import (
@@ -123,6 +124,11 @@ class MoTPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _supports_sdpa = True
     _skip_keys_device_placement = ["cache", "past_key_values"]
+    _can_record_outputs = {
+        "hidden_states": MoTBlock,
+        "attentions": OutputRecorder(MoTAttention, index=1),
+        "router_logits": OutputRecorder(ExpertLayer, index=1),
+    }
 
     @torch.no_grad()
     def _init_weights(self, module):
@@ -132,6 +138,17 @@ class MoTPreTrainedModel(PreTrainedModel):
             init.normal_(module.c_proj.weight, mean=0.0, std=std / math.sqrt(2 * n_layer))
         elif isinstance(module, (ExpertLayer, DenseFFN)):
             module.reset_parameters(std, n_layer)
+
+    @classmethod
+    def _can_set_experts_implementation(cls) -> bool:
+        """The experts of Token Choice layers sit under transformers' experts-implementation switch
+        (layers/token_choice.py: `RoutedExperts`); a model without them ignores it."""
+        return True
+
+    def get_correct_experts_implementation(self, requested_experts: str | None) -> str:
+        """Our own experts ("eager") unless another implementation is asked for: they skip dropped
+        choices and are the faster on CPU (benchmarks/)."""
+        return "eager" if requested_experts is None else super().get_correct_experts_implementation(requested_experts)
 
     def set_group_size(self, group_size: int) -> None:
         """Change the MoT / Expert Choice group size in place (1 = no mixing: per-sequence inference)."""
@@ -145,8 +162,18 @@ class MoTPreTrainedModel(PreTrainedModel):
     def _encode(self, input_ids, attention_mask, inputs_embeds, output_router_logits, output_hidden_states, output_attentions):
         """The trunk's outputs for a task head (no KV cache)."""
         return self.transformer(
-            input_ids, attention_mask, inputs_embeds=inputs_embeds, use_cache=False, output_router_logits=output_router_logits,
-            output_hidden_states=output_hidden_states, output_attentions=output_attentions, return_dict=True,
+            input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, use_cache=False,
+            return_dict=True, **self._output_flags(output_hidden_states, output_router_logits, output_attentions),
+        )
+
+    def _output_flags(self, output_hidden_states, output_router_logits, output_attentions) -> dict:
+        """The output_* flags for the trunk, resolved against the config here: the trunk's recorder
+        reads a flag passed as None as off."""
+        config = self.config
+        return dict(
+            output_hidden_states=config.output_hidden_states if output_hidden_states is None else output_hidden_states,
+            output_router_logits=config.output_router_logits if output_router_logits is None else output_router_logits,
+            output_attentions=config.output_attentions if output_attentions is None else output_attentions,
         )
 
     @staticmethod
@@ -183,7 +210,7 @@ class MoTModel(MoTPreTrainedModel):
     def set_input_embeddings(self, embeddings):
         self.wte = embeddings
 
-    @can_return_tuple
+    @capture_outputs
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -192,15 +219,17 @@ class MoTModel(MoTPreTrainedModel):
         cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
-        output_hidden_states: bool | None = None,
+        output_hidden_states: bool | list[int] | None = None,
         output_router_logits: bool | None = None,
         output_attentions: bool | None = None,
         *,
         past_key_values: Cache | None = None,
         **kwargs,
     ) -> MoTModelOutput:
-        """`cache` (or its older name `past_key_values`): the KV cache to extend. Attention weights
-        (`output_attentions`) come from the eager implementation, whichever is configured."""
+        """`cache` (or its older name `past_key_values`): the KV cache to extend. Hidden states,
+        attention weights and router logits are recorded by transformers' `capture_outputs` hooks
+        (`_can_record_outputs`); attention weights come from the eager implementation, whichever is
+        configured."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         config = self.config
@@ -208,8 +237,6 @@ class MoTModel(MoTPreTrainedModel):
         B, S = x.shape[:2]
         if use_cache is None:  # training never builds a KV cache unless asked (activation checkpointing reruns blocks)
             use_cache = config.use_cache and not self.training
-        output_router_logits = config.output_router_logits if output_router_logits is None else output_router_logits
-        output_hidden_states = config.output_hidden_states if output_hidden_states is None else output_hidden_states
         output_attentions = config.output_attentions if output_attentions is None else output_attentions
         cache = one_cache(cache, past_key_values) if use_cache else None
         if use_cache and cache is None:
@@ -242,30 +269,16 @@ class MoTModel(MoTPreTrainedModel):
             **{_MASK_CACHE_ARG: cache},
         )
 
-        hidden_states, router_logits, attentions = [], [], []
+        router_logits = []
         for block in self.h:
-            if output_hidden_states:
-                hidden_states.append(x)
-            x, logits, weights = block(
+            x, logits, _ = block(
                 x, attn_mask=attn_mask, cache=cache, token_mask=token_mask, output_attentions=output_attentions,
                 position_ids=position_ids, **kwargs,
             )
             router_logits.append(logits)
-            attentions.append(weights)
         x = self.ln_f(x)
-        if output_hidden_states:
-            hidden_states.append(x)
-
         aux_loss, z_loss = self._router_losses(router_logits, token_mask)
-        return MoTModelOutput(
-            last_hidden_state=x,
-            hidden_states=tuple(hidden_states) if output_hidden_states else None,
-            attentions=tuple(attentions) if output_attentions else None,
-            router_logits=tuple(r for r in router_logits if r is not None) if output_router_logits else None,
-            aux_loss=aux_loss,
-            z_loss=z_loss,
-            **{CACHE_FIELD: cache},
-        )
+        return MoTModelOutput(last_hidden_state=x, aux_loss=aux_loss, z_loss=z_loss, **{CACHE_FIELD: cache})
 
     def _mixes_rows(self) -> bool:
         """Whether a row's output depends on the other rows of the batch (MoT, Expert Choice with g > 1)."""
@@ -322,9 +335,12 @@ class MoTLMHeadModel(MoTPreTrainedModel, GenerationMixin):
         transformers' causal-LM loss (`num_items_in_batch` normalises it across gradient
         accumulation) plus the weighted router losses. `cache` (or its older name
         `past_key_values`): the KV cache to extend."""
+        num_items_in_batch = kwargs.pop("num_items_in_batch", None)
         out = self.transformer(
-            input_ids, attention_mask, position_ids, one_cache(cache, past_key_values), inputs_embeds, use_cache,
-            output_hidden_states, output_router_logits, output_attentions, return_dict=True,
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+            cache=one_cache(cache, past_key_values), inputs_embeds=inputs_embeds, use_cache=use_cache,
+            return_dict=True, **self._output_flags(output_hidden_states, output_router_logits, output_attentions),
+            **kwargs,
         )
         hidden = out.last_hidden_state
         if logits_to_keep and labels is None and shift_labels is None:
@@ -339,7 +355,7 @@ class MoTLMHeadModel(MoTPreTrainedModel, GenerationMixin):
                 shift_labels = shift_labels.masked_fill(~(real & F.pad(real, (0, 1), value=True)[:, 1:]), -100)
             lm_loss = self.loss_function(
                 logits, None, self.config.vocab_size, shift_labels=shift_labels.contiguous(),
-                num_items_in_batch=kwargs.get("num_items_in_batch"),
+                num_items_in_batch=num_items_in_batch,
             )
             loss = lm_loss + self.router_losses(out)
         return MoTCausalLMOutput(

@@ -147,6 +147,35 @@ def test_one_token_decode_of_traced_runs_gathers_the_chosen_experts(monkeypatch)
     torch.testing.assert_close(traced, eager)
 
 
+@pytest.mark.parametrize("implementation", ["grouped_mm", "batched_mm"])
+@pytest.mark.parametrize("training, capacity_factor, masked", [(False, None, True), (True, 1.0, False), (True, 0.5, True)])
+def test_transformers_experts_functions_give_our_outputs_and_gradients_with_masks_and_capacity(
+    implementation, training, capacity_factor, masked
+):
+    from unittest.mock import Mock, patch
+
+    from transformers.integrations import moe
+
+    torch.manual_seed(0)
+    layer = TokenChoice(tiny_config("token_choice", n_embd=8, n_expert=4, expert_size=4, num_experts_per_tok=2,
+                                    capacity_factor=capacity_factor)).train(training)
+    x = torch.randn(3, 5, 8)
+    mask = torch.rand(3, 5) > 0.3 if masked else None
+    function = Mock(wraps=moe.ALL_EXPERTS_FUNCTIONS[implementation])
+    results = []
+    with patch.dict(moe.ALL_EXPERTS_FUNCTIONS._global_mapping, {implementation: function}):
+        for name in ("eager", implementation):
+            layer.config._experts_implementation = name
+            layer.zero_grad()
+            xi = x.clone().requires_grad_()
+            y, _ = layer(xi, mask)
+            (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+            results.append((y, xi.grad, layer.lin1.grad, layer.lin2.grad, layer.controller.grad))
+            assert function.called == (name == implementation)
+    for ours, theirs in zip(*results):
+        torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-6)
+
+
 def reference_expert_choice(x, mask, controller, lin1, lin2, group_size, capacity):
     """SPEC 1.3 with loops: padding rows and masked tokens are simply not candidates."""
     B, S, d = x.shape

@@ -75,6 +75,10 @@ class MoTCommonTests(ModelTesterMixin, TrainingTesterMixin):
     overrides: dict = {}
 
     def setUp(self):
+        name = self._testMethodName
+        if name.startswith("test_eager_matches_batched_and_grouped_inference") and self.ffn_type != "token_choice":
+            # parameterized upstream: one generated method per dtype, so skipped here by name
+            self.skipTest(f"the experts-implementation switch reaches Token Choice experts only; ffn_type={self.ffn_type} has none")
         self.model_tester = MoTModelTester(self, self.ffn_type, **self.overrides)
         self.config_tester = ConfigTester(self, config_class=MoTConfig, n_embd=32, n_head=4, n_layer=2, vocab_size=99)
 

@@ -192,3 +192,46 @@ def test_torch_export_traces_the_model_with_an_attention_mask_and_gives_the_same
             torch.testing.assert_close(out.logits, expected.logits, rtol=1e-5, atol=1e-5)
             if expected.aux_loss is not None:
                 torch.testing.assert_close(out.aux_loss, expected.aux_loss)
+
+
+def test_models_run_our_experts_by_default_and_transformers_ones_on_request(tmp_path):
+    torch.manual_seed(0)
+    model = MoTLMHeadModel(tiny_config("token_choice")).eval()
+    assert model.config._experts_implementation == "eager"
+    model.save_pretrained(tmp_path)
+    loaded = MoTLMHeadModel.from_pretrained(tmp_path, experts_implementation="grouped_mm").eval()
+    assert loaded.config._experts_implementation == "grouped_mm"
+    ids = torch.randint(0, 61, (2, 7))
+    with torch.no_grad():
+        expected = model(ids).logits
+        torch.testing.assert_close(loaded(ids).logits, expected, rtol=1e-5, atol=1e-5)
+        loaded.set_experts_implementation("batched_mm")
+        torch.testing.assert_close(loaded(ids).logits, expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="not supported"):
+        loaded.set_experts_implementation("no_such_kernel")
+
+
+def test_recorded_outputs_are_every_block_input_the_final_norm_and_the_router_logits_of_every_expert_layer():
+    """Hidden states, attentions and router logits come from transformers' recording hooks
+    (`_can_record_outputs`): checked against the blocks run by hand."""
+    torch.manual_seed(0)
+    model = MoTModel(tiny_config("token_choice")).eval()
+    ids = torch.randint(0, 61, (2, 5))
+    with torch.no_grad():
+        out = model(ids, output_hidden_states=True, output_router_logits=True, output_attentions=True)
+        x = model.wte(ids) + model.wpe(torch.arange(5))
+        expected_logits = []
+        for i, block in enumerate(model.h):
+            torch.testing.assert_close(out.hidden_states[i], x)
+            x, logits, weights = block(x, output_attentions=True)
+            torch.testing.assert_close(out.attentions[i], weights)
+            if logits is not None:
+                expected_logits.append(logits)
+        torch.testing.assert_close(out.hidden_states[-1], model.ln_f(x))
+    assert len(out.hidden_states) == model.config.n_layer + 1 and len(expected_logits) >= 1
+    assert len(out.router_logits) == len(expected_logits)
+    for recorded, expected in zip(out.router_logits, expected_logits):
+        torch.testing.assert_close(recorded, expected)
+    for head in (MoTLMHeadModel, MoTForSequenceClassification, MoTForTokenClassification, MoTForQuestionAnswering):
+        with torch.no_grad():
+            assert len(head(model.config).eval()(ids, output_router_logits=True).router_logits) == len(expected_logits)

@@ -7,7 +7,8 @@
 The (token, choice) pairs are sorted by expert into slots; all experts then run at once on their
 contiguous slices (`ExpertLayer.grouped_experts`), and one gather-weight-sum brings the outputs back
 (`_Dispatch`, `_Combine`: gathers both ways, no scatter). A single token (one-sequence decode) skips
-the sort and runs its k experts directly.
+the sort and runs its k experts directly. The experts sit under transformers' experts-implementation
+switch (`RoutedExperts`).
 
 In training a `capacity_factor` caps each expert at ceil(cf * N * k / E) slots (N = B * S), first
 come first served in order of sequence position, then batch row, so that dropping stays causal (a
@@ -22,11 +23,53 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from transformers.integrations.moe import use_experts_implementation
+
 from ..config import MoTConfig
 from .experts import ExpertLayer
 
 
-class TokenChoice(ExpertLayer):
+@use_experts_implementation(is_transposed=True, has_gate=False)
+class RoutedExperts(ExpertLayer):
+    """The experts of a Token Choice layer under transformers' experts-implementation switch
+    (`config._experts_implementation`: `from_pretrained(..., experts_implementation=...)` or
+    `model.set_experts_implementation(...)`). "eager", the default, is ours (below, and the dropping
+    routing of `TokenChoice`); "grouped_mm" and "batched_mm" are transformers' own functions, which
+    read the expert matrices under the names they expect: lin1 (E, d, f) and lin2 (E, f, d) are
+    transposed, ungated and without bias in their terms."""
+
+    up_proj = property(lambda self: self.lin1)
+    down_proj = property(lambda self: self.lin2)
+    act_fn = property(lambda self: self.act)
+    num_experts = property(lambda self: self.n_expert)
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
+        """Every token (N, d) through its k experts (N, k), weighted (N, k): (N, d). The implementation
+        the switch names runs; this one is "eager"."""
+        return self._dropless(hidden_states, top_k_index, top_k_weights)
+
+    def _dropless(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
+        """Ours: every choice computed."""
+        N, k = top_k_index.shape
+        if N == 1:  # one-token decode: run the k chosen experts, nothing to sort
+            return self._one_token(hidden_states, top_k_index, top_k_weights)
+        order = torch.argsort(top_k_index.reshape(-1), stable=True)  # choice c = t * k + j behind every slot
+        slots = _Slots(order, order // k, _inverse(order).view(N, k), None)
+        xs = _Dispatch.apply(hidden_states, slots)  # (N * k, d), sorted by expert
+        return _Combine.apply(self.grouped_experts(xs, _count(top_k_index, self.n_expert)), top_k_weights, slots)
+
+    def _one_token(self, flat: torch.Tensor, expert: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        """A single token through its k experts: (1, d) -> (1, d)."""
+        if torch.compiler.is_compiling():  # gather the k experts' matrices: no host read of the expert ids
+            chosen = expert.view(-1)
+            h = self.activate(torch.matmul(flat, self.lin1[chosen]))  # (k, 1, f)
+            return gate @ torch.matmul(h, self.lin2[chosen]).squeeze(1)
+        lin1, lin2 = self.lin1, self.lin2
+        outs = [self.activate(flat @ lin1[e]) @ lin2[e] for e in expert.view(-1).tolist()]  # k x (1, d)
+        return gate @ torch.cat(outs)
+
+
+class TokenChoice(RoutedExperts):
     def __init__(self, config: MoTConfig):
         super().__init__(config)
         self.top_k = config.num_experts_per_tok
@@ -41,30 +84,24 @@ class TokenChoice(ExpertLayer):
         if self.norm_topk_prob:
             gate = gate / gate.sum(dim=-1, keepdim=True)
         gate = gate if gate.dtype == x.dtype else gate.to(x.dtype)
-        if flat.shape[0] == 1 and token_mask is None:  # one-token decode: run the k chosen experts, nothing to sort
-            return self._one_token(flat, expert, gate).view(B, S, d), logits
-        # choice c = t * k + j is token t's j-th expert; a slot is a row of the expert-sorted buffer
-        if torch.compiler.is_compiling():  # shapes fixed by the input: every choice has a slot, a dropped one weighs 0
-            order, counts, kept = self._route_fixed(expert, token_mask, B, S)
-            slots = _Slots(order, order // self.top_k, _inverse(order).view_as(expert), kept.view_as(expert).to(x.dtype))
-        else:
-            order, counts = self._route(expert, token_mask, B, S)  # (n,) choice behind every slot, (E,) slots per expert
-            if order.numel() == 0:  # every token masked: zeros, still attached to the graph
-                return x.new_zeros(B, S, d) + 0.0 * gate.sum(), logits
-            slots = _Slots.of(order, expert.shape, x.dtype)
-        xs = _Dispatch.apply(flat, slots)  # (n, d), sorted by expert
-        y = _Combine.apply(self.grouped_experts(xs, counts), gate, slots)  # (N, d)
-        return y.view(B, S, d), logits
+        ours = self.config._experts_implementation in (None, "eager")  # None: a layer outside a model
+        experts = self._dropless if ours else super().forward  # the latter: transformers' dispatch
+        if token_mask is not None or (self.training and self.capacity_factor is not None):
+            if ours and not torch.compiler.is_compiling():
+                return self._dropping(flat, expert, gate, token_mask, B, S).view(B, S, d), logits
+            # traced, or transformers' experts: shapes fixed by the input, a dropped choice is computed and weighs 0
+            gate = gate * self._kept(expert, token_mask, B, S).to(gate.dtype)
+        return experts(flat, expert, gate).view(B, S, d), logits
 
-    def _one_token(self, flat: torch.Tensor, expert: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-        """A single token through its k experts: (1, d) -> (1, d)."""
-        if torch.compiler.is_compiling():  # gather the k experts' matrices: no host read of the expert ids
-            chosen = expert.view(-1)
-            h = self.activate(torch.matmul(flat, self.lin1[chosen]))  # (k, 1, f)
-            return gate @ torch.matmul(h, self.lin2[chosen]).squeeze(1)
-        lin1, lin2 = self.lin1, self.lin2
-        outs = [self.activate(flat @ lin1[e]) @ lin2[e] for e in expert.view(-1).tolist()]  # k x (1, d)
-        return gate @ torch.cat(outs)
+    def _dropping(self, flat, expert, gate, token_mask, B: int, S: int) -> torch.Tensor:
+        """Our experts, skipping the dropped choices: (N, d) -> (N, d)."""
+        # choice c = t * k + j is token t's j-th expert; a slot is a row of the expert-sorted buffer
+        order, counts = self._route(expert, token_mask, B, S)  # (n,) choice behind every slot, (E,) slots per expert
+        if order.numel() == 0:  # every token masked: zeros, still attached to the graph
+            return flat.new_zeros(flat.shape) + 0.0 * gate.sum()
+        slots = _Slots.of(order, expert.shape, flat.dtype)
+        xs = _Dispatch.apply(flat, slots)  # (n, d), sorted by expert
+        return _Combine.apply(self.grouped_experts(xs, counts), gate, slots)
 
     def _route(self, expert: torch.Tensor, token_mask: torch.Tensor | None, B: int, S: int):
         """Sort the choices (N, k) by expert, then by arrival (sequence position first, batch row second);
@@ -85,24 +122,28 @@ class TokenChoice(ExpertLayer):
         rank = torch.arange(order.numel(), device=expert.device) - (counts.cumsum(0) - counts)[sorted_expert]
         return order[(sorted_expert < E) & (rank < capacity)], counts[:E].clamp(max=capacity)
 
-    def _route_fixed(self, expert: torch.Tensor, token_mask: torch.Tensor | None, B: int, S: int):
-        """`_route` with shapes that depend on the input's shape only (for torch.compile and torch.export):
-        every choice keeps its slot, sorted by expert; within an expert the choices `_route` keeps come
-        first, in the same order. Returns the order (N*k,), the slots per expert (E,) and, for every
-        choice, whether `_route` keeps it (N*k,) bool."""
+    def _kept(self, expert: torch.Tensor, token_mask: torch.Tensor | None, B: int, S: int) -> torch.Tensor:
+        """Which choices (N, k) `_route` keeps, computed with shapes that depend on the input's shape only
+        (for torch.compile, torch.export and transformers' experts functions)."""
         E, k, N = self.n_expert, self.top_k, B * S
+        valid = torch.ones_like(expert, dtype=torch.bool) if token_mask is None else token_mask.reshape(-1, 1).expand(N, k)
+        if not (self.training and self.capacity_factor is not None):
+            return valid
+        capacity = math.ceil(self.capacity_factor * N * k / E)
         arrival = torch.arange(N, device=expert.device).view(S, B).t().reshape(-1, 1)
-        masked = torch.zeros_like(expert) if token_mask is None else (~token_mask.reshape(-1, 1)).long().expand(N, k)
-        order = torch.argsort(((expert * 2 + masked) * N + arrival).view(-1))  # keys are unique
-        expert = expert.reshape(-1)
-        counts = torch.zeros(E, dtype=torch.long, device=expert.device).index_add_(0, expert, torch.ones_like(expert))
-        kept_sorted = masked.reshape(-1)[order] == 0
-        if self.training and self.capacity_factor is not None:
-            capacity = math.ceil(self.capacity_factor * N * k / E)
-            sorted_expert = expert[order]
-            rank = torch.arange(N * k, device=expert.device) - (counts.cumsum(0) - counts)[sorted_expert]
-            kept_sorted = kept_sorted & (rank < capacity)
-        return order, counts, torch.empty_like(kept_sorted).scatter_(0, order, kept_sorted)
+        order = torch.argsort(((expert * 2 + (~valid).long()) * N + arrival).view(-1))  # within an expert: valid first
+        counts = _count(expert, E)
+        rank = torch.arange(N * k, device=expert.device) - (counts.cumsum(0) - counts)[expert.reshape(-1)[order]]
+        kept_sorted = valid.reshape(-1)[order] & (rank < capacity)
+        return torch.empty_like(kept_sorted).scatter_(0, order, kept_sorted).view(N, k)
+
+
+def _count(expert: torch.Tensor, E: int) -> torch.Tensor:
+    """Choices per expert (E,), of expert ids of any shape in [0, E)."""
+    flat = expert.reshape(-1)
+    if torch.compiler.is_compiling():  # bincount's size depends on the data
+        return torch.zeros(E, dtype=torch.long, device=flat.device).index_add_(0, flat, torch.ones_like(flat))
+    return torch.bincount(flat, minlength=E)
 
 
 def _inverse(order: torch.Tensor) -> torch.Tensor:
