@@ -123,6 +123,7 @@ class MoTPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["MoTBlock"]
     supports_gradient_checkpointing = True
     _supports_sdpa = True
+    _supports_flex_attn = True
     _skip_keys_device_placement = ["cache", "past_key_values"]
     _can_record_outputs = {
         "hidden_states": MoTBlock,

@@ -76,3 +76,19 @@ def test_a_custom_4d_mask_and_a_packed_batch_give_the_logits_of_separate_sequenc
         padding_free = model(packed, position_ids=positions, use_cache=False).logits  # told apart by positions
     torch.testing.assert_close(custom, separate, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(padding_free, separate, rtol=1e-5, atol=1e-5)
+
+
+def test_flex_attention_gives_the_sdpa_logits_with_left_padding():
+    """Prefill only: on CPU, torch 2.13's inductor fails to compile flex attention's kernel for a
+    decode step against a cache (a C++ codegen error in torch, not in the mask we pass)."""
+    torch.manual_seed(0)
+    model = MoTLMHeadModel(tiny_config("token_choice", n_embd=64, n_head=4)).eval()  # flex needs head dim >= 16
+    ids = torch.randint(1, 61, (2, 9))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    logits = []
+    for implementation in ("sdpa", "flex_attention"):
+        model.set_attn_implementation(implementation)
+        with torch.no_grad():
+            logits.append(model(ids, attention_mask=mask, use_cache=False).logits[mask.bool()])
+    torch.testing.assert_close(logits[1], logits[0], rtol=1e-5, atol=1e-5)
