@@ -5,6 +5,7 @@ and padding-free (packed) batches go through the same mask builder."""
 
 import pytest
 import torch
+from packaging.version import Version
 from transformers.cache_utils import StaticCache
 
 from conftest import tiny_config
@@ -41,8 +42,9 @@ def test_models_that_mix_batch_rows_refuse_a_static_cache_in_one_line(ffn_type):
     with pytest.raises(ValueError, match="mixes the tokens of 2 batch rows.*convert it to Token Choice") as error:
         _greedy(model, ids, mask, cache_implementation="static")
     assert "\n" not in str(error.value)
-    model.set_group_size(1)  # no mixing: per-sequence, so the static cache serves it like any model
-    assert torch.equal(_greedy(model, ids, mask, cache_implementation="static"), _greedy(model, ids, mask))
+    per_sequence = MoTLMHeadModel(tiny_config(ffn_type, group_size=1)).eval()  # no mixing: served like any model
+    static = _greedy(per_sequence, ids, mask, cache_implementation="static")
+    assert torch.equal(static, _greedy(per_sequence, ids, mask))
 
 
 def test_a_static_cache_passed_to_forward_gives_the_dynamic_cache_logits():
@@ -78,6 +80,11 @@ def test_a_custom_4d_mask_and_a_packed_batch_give_the_logits_of_separate_sequenc
     torch.testing.assert_close(padding_free, separate, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.skipif(
+    Version(torch.__version__.split("+")[0]) < Version("2.13"),
+    reason="flex attention on CPU crashes the process with torch 2.6 (inside its compiled kernel); 2.13 runs it, "
+    "versions between are untested",
+)
 def test_flex_attention_gives_the_sdpa_logits_with_left_padding():
     """Prefill only: on CPU, torch 2.13's inductor fails to compile flex attention's kernel for a
     decode step against a cache (a C++ codegen error in torch, not in the mask we pass)."""

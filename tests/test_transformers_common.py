@@ -10,6 +10,8 @@ import unittest
 
 import pytest
 import torch
+import transformers
+from packaging.version import Version
 from transformers.models.auto import modeling_auto
 
 import upstream
@@ -26,6 +28,8 @@ upstream.load()
 from upstream_tests.test_configuration_common import ConfigTester  # noqa: E402
 from upstream_tests.test_modeling_common import ModelTesterMixin, ids_tensor  # noqa: E402
 from upstream_tests.test_training_mixin import TrainingTesterMixin  # noqa: E402
+
+OLD_BF16_TOLERANCE = Version(transformers.__version__) < Version("5.23")
 
 # Where transformers lists its own models by task; the mixins pick labels and skips from these.
 TASK_NAMES = {
@@ -79,6 +83,11 @@ class MoTCommonTests(ModelTesterMixin, TrainingTesterMixin):
         if name.startswith("test_eager_matches_batched_and_grouped_inference") and self.ffn_type != "token_choice":
             # parameterized upstream: one generated method per dtype, so skipped here by name
             self.skipTest(f"the experts-implementation switch reaches Token Choice experts only; ffn_type={self.ffn_type} has none")
+        if name.startswith("test_eager_matches_batched_and_grouped_inference") and name.endswith("bf16") and OLD_BF16_TOLERANCE:
+            self.skipTest(
+                "this transformers holds bfloat16 to 1e-4 here, under one bfloat16 rounding step (5.23 and later allow "
+                "5e-3: experts summed in another order differ by a few steps); float32 and float16 run"
+            )
         self.model_tester = MoTModelTester(self, self.ffn_type, **self.overrides)
         self.config_tester = ConfigTester(self, config_class=MoTConfig, n_embd=32, n_head=4, n_layer=2, vocab_size=99)
 
