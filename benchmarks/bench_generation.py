@@ -64,3 +64,59 @@ def generation_speed(quick: bool = False) -> Benchmark:
             Figure("Token Choice / MoT group_size=1, tokens/s", t.ratio("mot_g1", "token_choice"), "x", spread=t.spread("mot_g1", "token_choice")),
         ],
     )
+
+
+def compiled_decode(quick: bool = False) -> Benchmark:
+    """Benchmark 7: the standard compiled-decoding recipe (static KV cache + torch.compile of the
+    forward, fullgraph) against eager decoding, for the converted Token Choice model and dense."""
+    torch.manual_seed(0)
+    token_choice, _ = convert_model(MoTLMHeadModel(_config("mot", quick)).eval())
+    models = {"token_choice": token_choice.eval(), "dense": MoTLMHeadModel(_config("dense", quick)).eval()}
+    prompt = torch.randint(0, 4096, (1, 16))
+    new_tokens = 8 if quick else 32
+
+    def generate(model, **options):
+        def run():
+            with torch.inference_mode():
+                out = model.generate(input_ids=prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                     do_sample=False, **options)
+            assert out.shape[1] == prompt.shape[1] + new_tokens
+        return run
+
+    candidates, outputs = {}, {}
+    for name, model in models.items():
+        compiled = MoTLMHeadModel(model.config)
+        compiled.load_state_dict(model.state_dict())
+        compiled.eval().forward = torch.compile(compiled.forward, fullgraph=True, dynamic=False)
+        candidates[f"{name}_eager"] = generate(model)
+        candidates[f"{name}_static"] = generate(model, cache_implementation="static")
+        candidates[f"{name}_compiled"] = generate(compiled, cache_implementation="static")
+        with torch.inference_mode():  # the compiled model decodes the same tokens (compiles here, before timing)
+            outputs[name] = [m.generate(input_ids=prompt, max_new_tokens=new_tokens, do_sample=False, **o)
+                             for m, o in ((model, {}), (compiled, {"cache_implementation": "static"}))]
+    t = side_by_side(candidates, **({"rounds": 2, "warmup": 1} if quick else {"rounds": 7, "warmup": 1}))
+    rate = {name: new_tokens / t.median(name) for name in t.seconds}
+    same = all(torch.equal(*pair) for pair in outputs.values())
+    c = token_choice.config
+    return Benchmark(
+        7, "Compiled decoding: static KV cache + torch.compile against eager",
+        f"Greedy generation of {new_tokens} tokens after a {prompt.shape[1]}-token prompt, batch 1, float32. "
+        f"Eager: `generate` with the dynamic cache; static: `cache_implementation=\"static\"`; compiled: the static "
+        f"cache and `torch.compile(model.forward, fullgraph=True, dynamic=False)`, compiled before timing. Models as "
+        f"in benchmark 5 (d={c.n_embd}, Token Choice k={c.num_experts_per_tok} of E={c.n_expert}). Compiled greedy "
+        f"tokens equal eager ones: {same}.",
+        f"Median time for {new_tokens} tokens: Token Choice eager {t.median('token_choice_eager'):.3f} s, compiled "
+        f"{t.median('token_choice_compiled'):.3f} s; dense eager {t.median('dense_eager'):.3f} s, compiled "
+        f"{t.median('dense_compiled'):.3f} s.",
+        [
+            Figure("Token Choice eager", rate["token_choice_eager"], "tok/s"),
+            Figure("Token Choice static cache", rate["token_choice_static"], "tok/s"),
+            Figure("Token Choice compiled", rate["token_choice_compiled"], "tok/s"),
+            Figure("Token Choice compiled / eager, tokens/s", t.ratio("token_choice_eager", "token_choice_compiled"), "x",
+                   spread=t.spread("token_choice_eager", "token_choice_compiled"), note="above 1: compiled is faster"),
+            Figure("dense eager", rate["dense_eager"], "tok/s"),
+            Figure("dense compiled", rate["dense_compiled"], "tok/s"),
+            Figure("dense compiled / eager, tokens/s", t.ratio("dense_eager", "dense_compiled"), "x",
+                   spread=t.spread("dense_eager", "dense_compiled"), note="above 1: compiled is faster"),
+        ],
+    )

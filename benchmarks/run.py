@@ -29,6 +29,7 @@ BENCHMARKS = {
     4: bench_convert.convert_vs_copy,
     5: bench_generation.generation_speed,
     6: bench_training.training_speed,
+    7: bench_generation.compiled_decode,
 }
 
 

@@ -23,6 +23,7 @@ from safetensors import safe_open
 from .checkpoint_io import load_config, read_header, tensor_table, weight_files
 from .config import MoTConfig
 from .counts import parameter_counts
+from .data.tokenizer import ready_for_generation
 
 COPIED_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                 "vocab.json", "merges.txt", "generation_config.json")
@@ -255,6 +256,7 @@ def convert_checkpoint(
         for name in COPIED_FILES:
             if (src / name).is_file():
                 shutil.copy2(src / name, staging / name)
+        ready_for_generation(staging, tc_config.n_positions)  # also for checkpoints saved before tokenizers were
         (staging / "conversion_report.json").write_text(report.to_json())
         replace_directory(staging, dst)
     except BaseException:

@@ -102,3 +102,31 @@ def test_calibrated_conversion_of_a_trained_checkpoint_reports_its_scales(pipeli
     calibration = report["calibration"]
     assert calibration["batches"] == 2 and set(calibration["scales"]) == {"2", "3"}
     assert all(calibration["mse_after"][k] <= calibration["mse_before"][k] for k in calibration["scales"])
+
+
+def test_every_saved_tokenizer_is_ready_for_batched_generation_with_pipeline(pipeline):
+    """Left padding, the model's context as model_max_length, a pad token: `pipeline` and batched
+    `generate` need no adjustment, and a batch gives each prompt's own continuation."""
+    import warnings
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import pipeline as hf_pipeline
+
+    from mot_transition.train.checkpoint import latest_checkpoint
+
+    out, _ = pipeline
+    for stage in ("mot", "token_choice", "transition", "baseline"):
+        directory = out / stage if (out / stage / "config.json").is_file() else latest_checkpoint(out / stage)
+        tokenizer = AutoTokenizer.from_pretrained(directory)
+        model = AutoModelForCausalLM.from_pretrained(directory)
+        assert tokenizer.padding_side == "left" and tokenizer.pad_token_id is not None, stage
+        assert tokenizer.model_max_length == model.config.n_positions, stage
+    model.eval()  # the Token Choice baseline: per-sequence, so a batch must not change a continuation
+    generator = hf_pipeline("text-generation", model=model, tokenizer=tokenizer)
+    prompts = ["The", "A much longer prompt than the first one"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        batched = generator(prompts, batch_size=2, max_new_tokens=5, do_sample=False)
+    alone = [generator(p, max_new_tokens=5, do_sample=False) for p in prompts]
+    assert [b[0]["generated_text"] for b in batched] == [a[0]["generated_text"] for a in alone]
+    assert not [w for w in caught if "padding" in str(w.message).lower()]

@@ -4,6 +4,7 @@ Byte-level means every string has an encoding (no unknown token) and decode(enco
 The single special token `<|endoftext|>` ends documents and also serves as bos and pad.
 """
 
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -53,6 +54,22 @@ def load_tokenizer(path: Path) -> PreTrainedTokenizerFast:
         pad_token=EOS_TOKEN,
         clean_up_tokenization_spaces=False,  # decode gives back the exact text, spaces before punctuation too
     )
+
+
+def ready_for_generation(directory: Path, context: int) -> None:
+    """Make the tokenizer saved in `directory` ready for generation as saved, so that `pipeline` and
+    batched `generate` need no adjustment: left padding (a decoder continues from the last real
+    token), `model_max_length` equal to the model's context (so that truncation works and long
+    prompts are caught by the tokenizer, not by the model), and a pad token (the eos token when
+    there is none). Edits `tokenizer_config.json` in place; a directory without one is left alone."""
+    path = Path(directory) / "tokenizer_config.json"
+    if not path.is_file():
+        return
+    config = json.loads(path.read_text())
+    config.update(padding_side="left", model_max_length=int(context))
+    if config.get("pad_token") is None and config.get("eos_token") is not None:
+        config["pad_token"] = config["eos_token"]
+    path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
 
 
 def _train_bpe(documents: list[str], vocab_size: int) -> Tokenizer:

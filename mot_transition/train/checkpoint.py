@@ -33,6 +33,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..data.tokenizer import ready_for_generation
+
 CHECKPOINTS = "checkpoints"
 STATE_TENSORS = "training_state.safetensors"
 STATE_JSON = "training_state.json"
@@ -87,6 +89,7 @@ def save_checkpoint(
             model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+            ready_for_generation(tmp, model.config.n_positions)
         tensors, optimizer_json = optimizer_state(model, optimizer)
         tensors.update({name: t.detach().cpu().contiguous() for name, t in rng_states.items()})
         save_file(tensors, tmp / STATE_TENSORS)
