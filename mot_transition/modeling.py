@@ -29,9 +29,7 @@ from transformers.utils.generic import can_return_tuple
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .config import MoTConfig
-from .layers import (
-    DenseFFN, ExpertChoice, ExpertLayer, MixtureOfTokens, TokenChoice, build_ffn, load_balancing_loss, router_z_loss,
-)
+from .layers import DenseFFN, ExpertLayer, build_ffn, load_balancing_loss, router_z_loss
 from .outputs import (
     CACHE_FIELD,
     MoTCausalLMOutput,
@@ -283,15 +281,19 @@ class MoTModel(MoTPreTrainedModel):
 
     def _mixes_rows(self) -> bool:
         """Whether a row's output depends on the other rows of the batch (MoT, Expert Choice with g > 1)."""
-        return self.config.group_size > 1 and any(isinstance(b.mlp, (MixtureOfTokens, ExpertChoice)) for b in self.h)
+        config = self.config
+        return config.group_size > 1 and any(config.ffn_type_of_layer(i) in ("mot", "expert_choice") for i in range(config.n_layer))
 
     def _router_losses(self, router_logits, token_mask):
-        """Mean over the Token Choice layers of the load-balancing and z losses (None without any)."""
-        pairs = [(block.mlp, r) for block, r in zip(self.h, router_logits) if isinstance(block.mlp, TokenChoice)]
-        if not pairs:
+        """Mean over the Token Choice layers of the load-balancing and z losses (None without any).
+        The layers are known by the config, not by their module's class, which a wrapper (PEFT's
+        LoRA on the expert weights, for one) replaces."""
+        config = self.config
+        routed = [r for i, r in enumerate(router_logits) if config.ffn_type_of_layer(i) == "token_choice"]
+        if not routed:
             return None, None
-        aux = torch.stack([load_balancing_loss(r, mlp.top_k, token_mask) for mlp, r in pairs]).mean()
-        z = torch.stack([router_z_loss(r, token_mask) for _, r in pairs]).mean()
+        aux = torch.stack([load_balancing_loss(r, config.num_experts_per_tok, token_mask) for r in routed]).mean()
+        z = torch.stack([router_z_loss(r, token_mask) for r in routed]).mean()
         return aux, z
 
 

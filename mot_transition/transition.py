@@ -19,6 +19,7 @@ import torch
 
 from .checkpoint_io import load_checked, load_config, resolve_checkpoint
 from .train import Recipe, Trainer, evaluate, load_training_state, prepare_run_data, recipe_from_dict
+from .train.tracking import Reporters
 
 TRANSITION_FILE = "transition.json"
 
@@ -143,6 +144,8 @@ def transition(
         pre, unbatched = mot_losses(source, recipe, trainer.eval_sequences)
 
     result = TransitionResult(str(source) if source else None, "", steps, lr, pre, unbatched)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    reporters = Reporters(t.report_to, out_dir, f"transition-{out_dir.name}", asdict(recipe), 0)
     bar = _bar(steps, progress)
     try:
         result.curve.append(_evaluate(trainer))
@@ -150,9 +153,12 @@ def transition(
             record = trainer.step()
             if trainer.step_count % eval_every == 0 or trainer.step_count == steps:
                 result.curve.append(_evaluate(trainer))
+                record["eval_loss"] = result.curve[-1]["loss"]  # post-switch: one sequence at a time
+            reporters.log(record)
             if bar is not None:
                 bar.update(bar.tasks[0].id, completed=trainer.step_count, status=f"loss {record['lm_loss']:.3f}  post-switch {result.curve[-1]['loss']:.3f}")
     finally:
+        reporters.close()
         if bar is not None:
             bar.stop()
     result.checkpoint = str(trainer.save_checkpoint())

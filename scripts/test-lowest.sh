@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs the test suite in a throw-away venv with every direct requirement of pyproject.toml
-# (dependencies and the dev and plot extras) at the lowest version it declares ("name>=X" -> "name==X";
+# (dependencies and every extra) at the lowest version it declares ("name>=X" -> "name==X";
 # what they pull in is the newest that fits). This proves the lower bounds true. Not part of CI: the
 # lowest torch comes from PyPI as a CUDA build (about 3 GB). Extra arguments go to pytest.
 set -euo pipefail
@@ -12,7 +12,7 @@ mapfile -t lowest < <("$venv/bin/python" - <<'PY'
 import re, tomllib
 project = tomllib.load(open("pyproject.toml", "rb"))["project"]
 extras = project["optional-dependencies"]
-for requirement in project["dependencies"] + extras["dev"] + extras["plot"]:
+for requirement in project["dependencies"] + [r for extra in extras.values() for r in extra]:
     name, lower = re.match(r"([A-Za-z0-9_.-]+)\s*>=\s*([^,;\s]+)", requirement).groups()
     print(f"{name}=={lower}")
 PY

@@ -7,12 +7,14 @@
 # Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# every extra of pyproject.toml (dev, plot, the trackers)
+extras=$(python3 -c 'import tomllib; print(",".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]))')
 torch=${TORCH:-$(sed -n 's/^torch==//p' requirements.lock)}
 report=$(mktemp -t mot-newest-report-XXXXXX.json)
 venv=$(mktemp -d -t mot-newest-XXXXXX)
 trap 'rm -rf "$report" "$venv"' EXIT
 if [ -z "${MOT_NEWEST_ALWAYS:-}" ]; then
-    python3 -m pip install -q --dry-run --ignore-installed --report "$report" -e ".[dev,plot]" "torch==$torch"
+    python3 -m pip install -q --dry-run --ignore-installed --report "$report" -e ".[$extras]" "torch==$torch"
     if python3 - "$report" <<'PY'
 import json, re, sys
 

@@ -130,3 +130,14 @@ def test_every_saved_tokenizer_is_ready_for_batched_generation_with_pipeline(pip
     alone = [generator(p, max_new_tokens=5, do_sample=False) for p in prompts]
     assert [b[0]["generated_text"] for b in batched] == [a[0]["generated_text"] for a in alone]
     assert not [w for w in caught if "padding" in str(w.message).lower()]
+
+
+def test_transition_logs_every_step_like_train_and_train_draws_its_loss_curves(pipeline):
+    out, _ = pipeline
+    records = [json.loads(line) for line in (out / "transition" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2]
+    assert all(r["lm_loss"] > 0 and r["aux_loss"] is not None and r["lr"] > 0 for r in records)
+    curve = json.loads((out / "transition" / "transition.json").read_text())["curve"]
+    assert records[-1]["eval_loss"] == curve[-1]["loss"]  # the post-switch loss, one sequence at a time
+    for stage in ("mot", "baseline"):
+        assert (out / stage / "loss_curves.png").stat().st_size > 1000

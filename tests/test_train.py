@@ -273,6 +273,8 @@ def test_torchrun_with_two_cpu_processes_gives_the_losses_of_one_process_on_the_
         ("optim.warmup_steps=-1", "optim.warmup_steps"),  # impossible value
         ("train.micro_batch_size=3", "train.micro_batch_size"),  # does not divide batch_size
         ("model.n_head=5", "n_head"),  # impossible for the model: checked by building MoTConfig
+        ("train.report_to=['jsonl', 'mlflow']", "train.report_to"),  # no such reporter
+        ("train.report_to=['tensorboard']", "train.report_to"),  # metrics.jsonl is what compare reads
     ],
 )
 def test_bad_recipe_gives_one_line_error_naming_the_key(override, key):

@@ -42,6 +42,7 @@ def train(
     table.add_row("tokens/s", f"{result.tokens_per_second:,.0f}")
     table.add_row("checkpoint", str(result.checkpoint))
     table.add_row("metrics", str(result.metrics))
+    table.add_row("loss curves", str(result.plot) if result.plot else "(needs matplotlib: pip install 'mot-transition[plot]')")
     Console().print(table)
 
 

@@ -22,6 +22,8 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .tracking import check_report_to
+
 RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
 PRECISIONS = ("auto", "bf16", "fp32")
 
@@ -102,7 +104,9 @@ class TrainRecipe:
     keep_checkpoints: int = 2
     precision: str = "auto"  # "auto" = bf16 autocast on CUDA with bf16 support, float32 otherwise
     device: str = "auto"  # "auto" = cuda if available, else cpu; or "cpu", "cuda", ...
-    log_every: int = 10  # progress bar refresh; every step is written to metrics.jsonl anyway
+    log_every: int = 10  # progress bar refresh and expert-load measurement; every step is written to metrics.jsonl anyway
+    # where per-step metrics go: "jsonl" (metrics.jsonl, always), "tensorboard", "trackio", "wandb" (offline)
+    report_to: list[str] = field(default_factory=lambda: ["jsonl"])
     threads: int = 0  # torch CPU threads of this process (torch.set_num_threads); 0 = torch's default
     # Step after which the MoT model is switched to Token Choice inside this run. The switch
     # itself is the converter stage's: `train(..., switch=hook)` calls `hook(trainer)` there.
@@ -300,6 +304,7 @@ def check_recipe(recipe: Recipe) -> None:
     need(t.checkpoint_every >= 1, "train.checkpoint_every", "must be at least 1")
     need(t.keep_checkpoints >= 1, "train.keep_checkpoints", "must be at least 1")
     need(t.log_every >= 1, "train.log_every", "must be at least 1")
+    check_report_to(t.report_to)
     need(t.threads >= 0, "train.threads", "must be >= 0 (0 = torch's default)")
     need(t.precision in PRECISIONS, "train.precision", f"must be one of {', '.join(PRECISIONS)}")
     need(

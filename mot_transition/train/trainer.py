@@ -21,7 +21,7 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -31,8 +31,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from .checkpoint import latest_checkpoint, load_model, load_optimizer_state, load_training_state, save_checkpoint
 from .recipe import Recipe, recipe_to_toml
-
-METRICS_FILE = "metrics.jsonl"
+from .tracking import METRICS_FILE, Reporters, expert_load, load_record, plot_training
 RECIPE_FILE = "recipe.toml"
 # MoT and Expert Choice group g batch rows of a micro-batch at the same position (SPEC 1.1, 1.3)
 GROUPING_FFN_TYPES = ("mot", "expert_choice")
@@ -53,6 +52,7 @@ class TrainResult:
     train_seconds: float  # wall-clock time of the steps run in this call (eval and saves included)
     tokens_per_second: float  # training tokens per second over those steps (all ranks)
     rank: int = 0  # the process that returned this (under torchrun only rank 0 writes files)
+    plot: Path | None = None  # loss_curves.png (None without matplotlib)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -256,14 +256,20 @@ class Trainer:
         start = time.perf_counter()
         sums = torch.zeros(4, dtype=torch.float32, device=self.device)  # loss, lm_loss, aux, z
         has_aux = has_z = False
+        layers, top_k = self._expert_layers()
+        measure_load = bool(layers) and (self.step_count + 1) % self.recipe.train.log_every == 0
+        load = torch.zeros(len(layers), self.model.config.n_expert, device=self.device) if measure_load else None
         for i in range(self.accumulation):
             batch = self.batches.next_batch().to(self.device)
             last = i == self.accumulation - 1
             sync = self.forward_model.no_sync() if self.dist.world_size > 1 and not last else contextlib.nullcontext()
             with sync:
                 with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-                    out = self.forward_model(input_ids=batch, labels=batch, use_cache=False)
+                    out = self.forward_model(input_ids=batch, labels=batch, use_cache=False, output_router_logits=measure_load)
                 (out.loss / self.accumulation).backward()
+            if measure_load:
+                with torch.no_grad():
+                    load += expert_load(out.router_logits, layers, top_k)
             has_aux, has_z = out.aux_loss is not None, out.z_loss is not None
             sums += torch.stack([
                 out.loss.detach().float(),
@@ -275,6 +281,8 @@ class Trainer:
         if self.dist.world_size > 1:
             dist.all_reduce(sums)
             sums /= self.dist.world_size
+            if measure_load:
+                dist.all_reduce(load)
         loss, lm_loss, aux, z = sums.tolist()
         if not math.isfinite(loss):
             self._diverged(f"the training loss became {loss}")
@@ -286,7 +294,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.step_count += 1
         seconds = time.perf_counter() - start
-        return {
+        record = {
             "step": self.step_count,
             "lr": lr,
             "loss": loss,
@@ -296,6 +304,18 @@ class Trainer:
             "grad_norm": grad_norm,
             "tokens_per_s": self.recipe.train.batch_size * self.seq_len / seconds,
         }
+        if measure_load:
+            record.update(load_record(load, layers))
+        return record
+
+    def _expert_layers(self) -> tuple[list[int], int]:
+        """The expert layers and the k of their load: a Token Choice model's top-k, or for MoT and
+        Expert Choice the top-k a conversion gives by default (E / g): the load it would route."""
+        config = self.model.config
+        layers = [i for i in range(config.n_layer) if config.ffn_type_of_layer(i) != "dense"]
+        if config.ffn_type == "token_choice":
+            return layers, config.num_experts_per_tok
+        return layers, max(1, config.n_expert // config.group_size)
 
     def _diverged(self, what: str) -> None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -466,11 +486,11 @@ def _run(trainer: Trainer, corpus, resumed_from: Path | None, show: bool, switch
     recipe, run_dir, t = trainer.recipe, trainer.run_dir, trainer.recipe.train
     metrics_path = run_dir / METRICS_FILE
     unigram = unigram_entropy(trainer.batches.sequences, trainer.eval_sequences, len(trainer.tokenizer))
+    reporters = None
     if trainer.dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / RECIPE_FILE).write_text(recipe_to_toml(recipe))
-        _truncate_metrics(metrics_path, trainer.step_count)
-    metrics_file = open(metrics_path, "a") if trainer.dist.is_main else None
+        reporters = Reporters(t.report_to, run_dir, f"{recipe.name}-{run_dir.name}", asdict(recipe), trainer.step_count)
     console = _Progress(trainer, corpus, unigram, resumed_from) if show else None
     eval_loss = None
     start, steps_run = time.perf_counter(), 0
@@ -483,20 +503,20 @@ def _run(trainer: Trainer, corpus, resumed_from: Path | None, show: bool, switch
             step = trainer.step_count
             if step % t.eval_every == 0 or step == t.steps:
                 eval_loss = record["eval_loss"] = trainer.evaluate()
-            if metrics_file is not None:
-                metrics_file.write(json.dumps(record) + "\n")
-                metrics_file.flush()
+            if reporters is not None:
+                reporters.log(record)
             if step % t.checkpoint_every == 0 or step == t.steps:
                 trainer.save_checkpoint()
             if console is not None:
                 console.update(record)
     finally:
-        if metrics_file is not None:
-            metrics_file.close()
+        if reporters is not None:
+            reporters.close()
         if console is not None:
             console.close()
     if eval_loss is None:  # resumed at the last step: nothing left to run
         eval_loss = trainer.evaluate()
+    plot = plot_training(run_dir, t.switch_at_step) if trainer.dist.is_main else None
     seconds = time.perf_counter() - start
     tokens = steps_run * t.batch_size * trainer.seq_len
     return TrainResult(
@@ -505,19 +525,12 @@ def _run(trainer: Trainer, corpus, resumed_from: Path | None, show: bool, switch
         unigram_entropy=unigram,
         checkpoint=latest_checkpoint(run_dir) if trainer.dist.is_main else None,
         metrics=metrics_path,
+        plot=plot,
         run_dir=run_dir,
         train_seconds=seconds,
         tokens_per_second=tokens / seconds if seconds > 0 else 0.0,
         rank=trainer.dist.rank,
     )
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop metric lines past `step`: a resumed run rewrites the steps after its checkpoint."""
-    if not path.exists():
-        return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in kept))
 
 
 class _Progress:
