@@ -141,3 +141,38 @@ def test_transition_logs_every_step_like_train_and_train_draws_its_loss_curves(p
     assert records[-1]["eval_loss"] == curve[-1]["loss"]  # the post-switch loss, one sequence at a time
     for stage in ("mot", "baseline"):
         assert (out / stage / "loss_curves.png").stat().st_size > 1000
+
+
+def _local_task(folder):
+    """A two-choice task from a local JSONL file: lm-eval reads it with no download."""
+    rows = [{"context": "The cat sat on the", "choices": [" mat", " moon"], "label": 0},
+            {"context": "One, two,", "choices": [" three", " banana"], "label": 0},
+            {"context": "Water is", "choices": [" wet", " loud"], "label": 1}]
+    (folder / "tiny.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (folder / "tiny.yaml").write_text(
+        "task: tiny_choice\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+        f"    test: {folder / 'tiny.jsonl'}\ntest_split: test\noutput_type: multiple_choice\n"
+        'doc_to_text: "{{context}}"\ndoc_to_choice: "{{choices}}"\ndoc_to_target: label\nmetric_list:\n  - metric: acc\n'
+    )
+    return folder
+
+
+def test_eval_scores_a_converted_checkpoint_on_a_local_task_and_refuses_mot_in_one_line(pipeline, tmp_path, capsys, monkeypatch):
+    from conftest import run_cli
+    from mot_transition.harness import evaluate_tasks
+
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets"))
+    out, _ = pipeline
+    tasks = _local_task(tmp_path)
+    scores = evaluate_tasks(out / "token_choice", ["tiny_choice"], include_path=tasks)
+    assert set(scores) == {"tiny_choice"} and scores["tiny_choice"]["acc"] in (0.0, 1 / 3, 2 / 3, 1.0)
+    code, stdout, _ = run_cli(["eval", out / "token_choice", "--tasks", "tiny_choice", "--include-path", tasks,
+                               "--out", tmp_path / "scores.json"], capsys)
+    assert code == 0 and "tiny_choice" in stdout
+    assert json.loads((tmp_path / "scores.json").read_text()) == scores  # the same requests, the same scores
+    code, _, stderr = run_cli(["eval", out / "mot", "--tasks", "tiny_choice", "--include-path", tasks], capsys)
+    assert code == 1 and "convert it first" in stderr and "--group-size 1" in stderr and len(stderr.strip().splitlines()) == 1
+    per_sequence = evaluate_tasks(out / "mot", ["tiny_choice"], include_path=tasks, group_size=1)
+    assert set(per_sequence["tiny_choice"]) >= {"acc"}
+    code, _, stderr = run_cli(["eval", out / "token_choice", "--tasks", "no_such_task", "--include-path", tasks], capsys)
+    assert code == 1 and "unknown task" in stderr

@@ -1,0 +1,91 @@
+"""Task scores with lm-evaluation-harness (the `eval` extra): `evaluate_tasks(CKPT, ["hellaswag"])`.
+
+A model is scored one task request at a time in batches that lm-eval forms by its own rules, so a
+model whose output depends on the other rows of a batch (MoT, Expert Choice with g > 1) would get
+scores that depend on which requests happen to share a batch, and on the right padding lm-eval
+uses. Those checkpoints are refused unless `group_size=1` is asked for (exact per-sequence MoT, at
+E times the FFN cost); converting them to Token Choice first is the usual path.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from .checkpoint_io import load_checked, load_config, resolve_checkpoint
+
+MIXING = ("mot", "expert_choice")
+
+
+def evaluate_tasks(
+    checkpoint: str | Path,
+    tasks: list[str],
+    include_path: str | Path | None = None,
+    limit: int | None = None,
+    batch_size: int = 8,
+    group_size: int | None = None,
+    device: str = "cpu",
+) -> dict[str, dict[str, float]]:
+    """{task: {metric: value}} for a dense or Token Choice checkpoint (or MoT with `group_size=1`).
+    `include_path`: a folder of task YAML files (and their local data), for tasks lm-eval does not
+    ship. Raises ValueError / OSError with one line for what cannot work."""
+    try:
+        import lm_eval
+        from lm_eval.models.huggingface import HFLM
+        from lm_eval.tasks import TaskManager
+    except ImportError:
+        raise ImportError("eval needs lm-evaluation-harness: pip install 'mot-transition[eval]'") from None
+    from transformers import AutoTokenizer
+
+    checkpoint = resolve_checkpoint(checkpoint)
+    config = load_config(checkpoint)
+    if not tasks:
+        raise ValueError("name at least one task (--tasks)")
+    if limit is not None and limit < 1:
+        raise ValueError(f"--limit must be at least 1, got {limit}")
+    if batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1, got {batch_size}")
+    if group_size is not None and group_size != 1:
+        raise ValueError(f"--group-size takes 1 (per-sequence evaluation) only, got {group_size}")
+    if config.ffn_type in MIXING and config.group_size > 1 and group_size != 1:
+        raise ValueError(
+            f"{checkpoint} is a {config.ffn_type} checkpoint: it mixes the {config.group_size} rows of a group, so its "
+            f"scores would depend on which requests lm-eval batches together; convert it first (mot-transition convert), "
+            f"or evaluate it one sequence at a time with --group-size 1"
+        )
+    if include_path is not None and not Path(include_path).is_dir():
+        raise FileNotFoundError(f"no task folder at {include_path}")
+    manager = None
+    if include_path is not None:  # indexing lm-eval's own tasks takes ~20 s: only when the folder lacks one
+        manager = TaskManager(include_path=str(include_path), include_defaults=False)
+        if any(task not in manager.all_tasks for task in tasks):
+            manager = None
+    if manager is None:
+        manager = TaskManager(include_path=str(include_path) if include_path is not None else None)
+    unknown = [task for task in tasks if task not in manager.all_tasks]
+    if unknown:
+        raise ValueError(f"unknown task(s) {', '.join(unknown)}; give a folder of task YAML files with --include-path")
+    model = load_checked(checkpoint).eval().to(device)
+    if group_size == 1:
+        model.set_group_size(1)
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=config.n_positions, device=device)
+    results = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, limit=limit)["results"]
+    scores = {}
+    for task, metrics in results.items():
+        scores[task] = {  # lm-eval names a score "metric,filter"
+            name.split(",")[0]: float(value) for name, value in metrics.items()
+            if "," in name and isinstance(value, (int, float)) and not isinstance(value, bool)
+        }
+    return scores
+
+
+def write_scores(scores: dict, path: str | Path) -> Path:
+    """The scores as JSON, written whole or not at all."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(scores, indent=1))
+    os.replace(tmp, path)
+    return path
