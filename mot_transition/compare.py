@@ -3,6 +3,7 @@
     compare_runs([...])   reads a pipeline directory, or a transition run and optionally a Token
                           Choice baseline run, and returns the table's rows
     plot_curves(...)      the loss curves with the switch marked (needs matplotlib)
+    add_task_scores(...)  lm-eval task scores of the compared models (needs the eval extra)
 """
 
 import json
@@ -126,3 +127,24 @@ def plot_curves(comparison: dict, path: Path) -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def add_task_scores(comparison: dict, tasks: list[str], include_path=None, limit: int | None = None) -> dict:
+    """comparison["task_scores"] = {model: {task: {metric: value}}} for the models that can be scored
+    one sequence at a time: the transition-tuned model, the Token Choice baseline, and the MoT model
+    with group_size=1 (its grouped self would score by which requests share a batch)."""
+    from .checkpoint_io import resolve_checkpoint
+    from .harness import evaluate_tasks
+
+    runs = {k: Path(v) for k, v in comparison["runs"].items()}
+    result = load_transition(runs["transition"])
+    models = {}
+    if result.source:
+        models["MoT, one sequence at a time (group_size=1)"] = (Path(result.source), 1)
+    models["after the switch (transition-tuned Token Choice)"] = (Path(result.checkpoint), None)
+    if "baseline" in runs:
+        models["Token Choice from scratch"] = (resolve_checkpoint(runs["baseline"]), None)
+    comparison["task_scores"] = {
+        name: evaluate_tasks(path, tasks, include_path, limit, group_size=group_size) for name, (path, group_size) in models.items()
+    }
+    return comparison

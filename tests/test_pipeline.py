@@ -176,3 +176,15 @@ def test_eval_scores_a_converted_checkpoint_on_a_local_task_and_refuses_mot_in_o
     assert set(per_sequence["tiny_choice"]) >= {"acc"}
     code, _, stderr = run_cli(["eval", out / "token_choice", "--tasks", "no_such_task", "--include-path", tasks], capsys)
     assert code == 1 and "unknown task" in stderr
+
+
+def test_compare_adds_the_task_scores_of_every_model_it_compares(pipeline, tmp_path, capsys, monkeypatch):
+    from conftest import run_cli
+
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets"))
+    out, _ = pipeline
+    tasks = _local_task(tmp_path)
+    code, stdout, _ = run_cli(["compare", out, "--tasks", "tiny_choice", "--include-path", tasks], capsys)
+    assert code == 0 and "lm-eval task scores" in stdout
+    scores = json.loads((out / "transition" / "comparison.json").read_text())["task_scores"]
+    assert len(scores) == 3 and all(set(by_task) == {"tiny_choice"} for by_task in scores.values())

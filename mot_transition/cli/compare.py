@@ -7,7 +7,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from ..compare import compare_runs, plot_curves
+from ..compare import add_task_scores, compare_runs, plot_curves
 from .app import app
 
 
@@ -15,9 +15,14 @@ from .app import app
 def compare(
     runs: list[Path] = typer.Argument(..., help="A `run` output directory, or a transition run and a Token Choice baseline run."),
     plot: Path = typer.Option(None, "--plot", help="Where to write the PNG of the loss curves (default: beside the transition run)."),
+    tasks: str = typer.Option(None, "--tasks", help="Also score the models on these lm-eval tasks (comma-separated; the eval extra)."),
+    include_path: Path = typer.Option(None, "--include-path", help="A folder of lm-eval task YAML files."),
+    limit: int = typer.Option(None, "--limit", help="Score only the first N examples of each task."),
 ) -> None:
     """Compare pre-switch, unbatched, post-switch and baseline losses on the same held-out batches."""
     comparison = compare_runs(runs)
+    if tasks:
+        add_task_scores(comparison, [t.strip() for t in tasks.split(",") if t.strip()], include_path, limit)
     show_comparison(comparison, Console())
     transition_dir = Path(comparison["runs"]["transition"])
     (transition_dir / "comparison.json").write_text(json.dumps(comparison, indent=1))
@@ -42,3 +47,12 @@ def show_comparison(comparison: dict, console: Console) -> None:
         step = comparison.get(key)
         where = f"not within the {comparison['transition_steps']} transition steps" if step is None else f"at transition step {step}"
         console.print(f"{what}: {where}")
+    if comparison.get("task_scores"):
+        scores = Table(title="lm-eval task scores")
+        for column in ("model", "task", "metric", "value"):
+            scores.add_column(column, justify="right" if column == "value" else "left")
+        for model, by_task in comparison["task_scores"].items():
+            for task, metrics in by_task.items():
+                for metric, value in metrics.items():
+                    scores.add_row(model, task, metric, f"{value:.4f}")
+        console.print(scores)
