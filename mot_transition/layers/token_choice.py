@@ -22,7 +22,6 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-
 from transformers.integrations.moe import use_experts_implementation
 
 from ..config import MoTConfig
@@ -152,9 +151,10 @@ def _inverse(order: torch.Tensor) -> torch.Tensor:
 
 
 class _Slots(NamedTuple):
-    """Where every choice went. A dropped choice (masked token, or past capacity) has weight 0: it
-    points at slot 0 (or, when traced, keeps a slot of its own), so it adds 0 times a (finite)
-    expert output: exactly 0."""
+    """Where every choice went. A dropped choice (masked token, or past capacity) points at slot 0
+    with weight 0, so it adds 0 times a real token's (finite) expert output: exactly 0. (Traced runs
+    and transformers' experts functions keep every choice in a slot and give a dropped one gate 0
+    instead: `TokenChoice._kept`.)"""
 
     order: torch.Tensor  # (n,) the choice behind every slot
     token: torch.Tensor  # (n,) the token behind every slot
