@@ -12,8 +12,13 @@ mapfile -t lowest < <("$venv/bin/python" - <<'PY'
 import re, tomllib
 project = tomllib.load(open("pyproject.toml", "rb"))["project"]
 extras = project["optional-dependencies"]
+lowest = {}  # a package named twice (numpy: core and the eval extra) gets the higher of its bounds
 for requirement in project["dependencies"] + [r for extra in extras.values() for r in extra]:
     name, lower = re.match(r"([A-Za-z0-9_.-]+)\s*>=\s*([^,;\s]+)", requirement).groups()
+    version = tuple(int(part) for part in re.findall(r"\d+", lower))
+    if name not in lowest or version > lowest[name][0]:
+        lowest[name] = (version, lower)
+for name, (_, lower) in lowest.items():
     print(f"{name}=={lower}")
 PY
 )
