@@ -8,6 +8,7 @@ from transformers import PreTrainedConfig
 
 FFN_TYPES = ("dense", "mot", "token_choice", "expert_choice")
 EXPERT_FFN_TYPES = ("mot", "token_choice", "expert_choice")
+GROUPING_FFN_TYPES = ("mot", "expert_choice")  # group g batch rows at the same position (SPEC 1.1, 1.3)
 
 
 class MoTConfig(PreTrainedConfig):
@@ -112,5 +113,10 @@ class MoTConfig(PreTrainedConfig):
         """The feed-forward kind of block `layer_idx`: `ffn_type` for the MoE layers, dense otherwise."""
         return self.ffn_type if layer_idx in self.moe_layers else "dense"
 
+    def mixes_batch_rows(self) -> bool:
+        """Whether a row's output depends on the other rows of its batch: MoT or Expert Choice layers
+        with group_size > 1."""
+        return self.ffn_type in GROUPING_FFN_TYPES and self.group_size > 1 and bool(self.moe_layers)
 
-__all__ = ["MoTConfig", "FFN_TYPES", "EXPERT_FFN_TYPES"]
+
+__all__ = ["MoTConfig", "FFN_TYPES", "EXPERT_FFN_TYPES", "GROUPING_FFN_TYPES"]

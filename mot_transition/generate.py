@@ -14,8 +14,6 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from .checkpoint_io import load_checked, load_config, resolve_checkpoint
 from .modeling import MoTLMHeadModel
 
-GROUPED_TYPES = ("mot", "expert_choice")
-
 
 def load_for_inference(checkpoint: str | Path, device: str = "cpu") -> tuple[MoTLMHeadModel, PreTrainedTokenizerBase, str | None]:
     """(model in eval mode, tokenizer, warning or None) for one-sequence inference."""
@@ -29,7 +27,7 @@ def load_for_inference(checkpoint: str | Path, device: str = "cpu") -> tuple[MoT
         tokenizer.pad_token = tokenizer.eos_token
     model = load_checked(checkpoint).to(device).eval()
     warning = None
-    if config.ffn_type in GROUPED_TYPES and config.group_size > 1:
+    if config.mixes_batch_rows():
         model.set_group_size(1)
         warning = (
             f"{config.ffn_type} checkpoint: running with group_size=1 (no mixing), so every token passes through "

@@ -15,7 +15,10 @@ from pathlib import Path
 
 from .checkpoint_io import load_checked, load_config, resolve_checkpoint
 
-MIXING = ("mot", "expert_choice")
+
+def task_names(text: str) -> list[str]:
+    """The task names of a comma-separated option value (`--tasks a,b`)."""
+    return [name.strip() for name in text.split(",") if name.strip()]
 
 
 def evaluate_tasks(
@@ -48,7 +51,7 @@ def evaluate_tasks(
         raise ValueError(f"--batch-size must be at least 1, got {batch_size}")
     if group_size is not None and group_size != 1:
         raise ValueError(f"--group-size takes 1 (per-sequence evaluation) only, got {group_size}")
-    if config.ffn_type in MIXING and config.group_size > 1 and group_size != 1:
+    if config.mixes_batch_rows() and group_size != 1:
         raise ValueError(
             f"{checkpoint} is a {config.ffn_type} checkpoint: it mixes the {config.group_size} rows of a group, so its "
             f"scores would depend on which requests lm-eval batches together; convert it first (mot-transition convert), "

@@ -240,7 +240,7 @@ class MoTModel(MoTPreTrainedModel):
         cache = one_cache(cache, past_key_values) if use_cache else None
         if use_cache and cache is None:
             cache = DynamicCache(config=config)
-        if cache is not None and not isinstance(cache, DynamicCache) and self._mixes_rows():
+        if cache is not None and not isinstance(cache, DynamicCache) and config.mixes_batch_rows():
             raise ValueError(
                 f"a {type(cache).__name__} serves compiled per-sequence decoding, and this model mixes the "
                 f"tokens of {config.group_size} batch rows in its {config.ffn_type} layers: use the dynamic "
@@ -278,11 +278,6 @@ class MoTModel(MoTPreTrainedModel):
         x = self.ln_f(x)
         aux_loss, z_loss = self._router_losses(router_logits, token_mask)
         return MoTModelOutput(last_hidden_state=x, aux_loss=aux_loss, z_loss=z_loss, **{CACHE_FIELD: cache})
-
-    def _mixes_rows(self) -> bool:
-        """Whether a row's output depends on the other rows of the batch (MoT, Expert Choice with g > 1)."""
-        config = self.config
-        return config.group_size > 1 and any(config.ffn_type_of_layer(i) in ("mot", "expert_choice") for i in range(config.n_layer))
 
     def _router_losses(self, router_logits, token_mask):
         """Mean over the Token Choice layers of the load-balancing and z losses (None without any).

@@ -22,7 +22,9 @@ def compare(
     """Compare pre-switch, unbatched, post-switch and baseline losses on the same held-out batches."""
     comparison = compare_runs(runs)
     if tasks:
-        add_task_scores(comparison, [t.strip() for t in tasks.split(",") if t.strip()], include_path, limit)
+        from ..harness import task_names
+
+        add_task_scores(comparison, task_names(tasks), include_path, limit)
     show_comparison(comparison, Console())
     transition_dir = Path(comparison["runs"]["transition"])
     (transition_dir / "comparison.json").write_text(json.dumps(comparison, indent=1))

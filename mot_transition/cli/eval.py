@@ -22,10 +22,9 @@ def eval_command(
     from rich.console import Console
     from rich.table import Table
 
-    from ..harness import evaluate_tasks, write_scores
+    from ..harness import evaluate_tasks, task_names, write_scores
 
-    names = [task.strip() for task in tasks.split(",") if task.strip()]
-    scores = evaluate_tasks(checkpoint, names, include_path, limit, batch_size, group_size, device)
+    scores = evaluate_tasks(checkpoint, task_names(tasks), include_path, limit, batch_size, group_size, device)
     table = Table(title=f"{checkpoint}: lm-eval")
     for column in ("task", "metric", "value"):
         table.add_column(column, justify="right" if column == "value" else "left")

@@ -17,8 +17,7 @@ from pathlib import Path
 import torch
 
 METRICS_FILE = "metrics.jsonl"
-REPORTERS = ("jsonl", "tensorboard", "trackio", "wandb")
-_PACKAGES = {"tensorboard": "tensorboard", "trackio": "trackio", "wandb": "wandb"}
+REPORTERS = ("jsonl", "tensorboard", "trackio", "wandb")  # each tracker is its own package and extra
 
 
 def check_report_to(names: list[str]) -> None:
@@ -31,10 +30,9 @@ def check_report_to(names: list[str]) -> None:
     import importlib.util
 
     for name in names:
-        package = _PACKAGES.get(name)
-        if package is not None and importlib.util.find_spec(package) is None:
+        if name != "jsonl" and importlib.util.find_spec(name) is None:
             raise ValueError(
-                f"recipe key 'train.report_to' has {name!r}, which needs the {package} package: "
+                f"recipe key 'train.report_to' has {name!r}, which needs the {name} package: "
                 f"pip install 'mot-transition[{name}]'"
             )
 
@@ -55,13 +53,13 @@ def scalars(record: dict) -> dict[str, float]:
     return flat
 
 
-def expert_load(router_logits: tuple[torch.Tensor, ...], layers: list[int], top_k: int) -> torch.Tensor:
+def expert_load(router_logits: tuple[torch.Tensor, ...], top_k: int) -> torch.Tensor:
     """Tokens that have each expert among their top k, per expert layer: (layers, E) counts."""
     return torch.stack([
         torch.zeros(r.shape[-1], device=r.device).index_add_(0, r.topk(top_k, dim=-1).indices.reshape(-1),
                                                               torch.ones(r.shape[0] * top_k, device=r.device))
         for r in router_logits
-    ]) if router_logits else torch.zeros(len(layers), 0)
+    ])
 
 
 def load_record(counts: torch.Tensor, layers: list[int]) -> dict:
@@ -81,14 +79,13 @@ class Reporters:
 
     def __init__(self, names: list[str], run_dir: Path, run_name: str, config: dict, step: int):
         check_report_to(names)
-        self.run_dir, self._jsonl = Path(run_dir), None
-        self._trackers = []
-        _truncate_metrics(self.run_dir / METRICS_FILE, step)
-        self._jsonl = open(self.run_dir / METRICS_FILE, "a")
+        run_dir = Path(run_dir)
+        _truncate_metrics(run_dir / METRICS_FILE, step)
+        self._jsonl, self._trackers = open(run_dir / METRICS_FILE, "a"), []
         try:
             for name in names:
                 if name != "jsonl":
-                    self._trackers.append(_OPEN[name](self.run_dir, run_name, config, step))
+                    self._trackers.append(_OPEN[name](run_dir, run_name, config, step))
         except BaseException:
             self.close()
             raise
@@ -101,8 +98,7 @@ class Reporters:
             tracker.log(values, record["step"])
 
     def close(self) -> None:
-        if self._jsonl is not None:
-            self._jsonl.close()
+        self._jsonl.close()
         for tracker in self._trackers:
             tracker.close()
 

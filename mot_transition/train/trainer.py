@@ -29,12 +29,13 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+from ..config import GROUPING_FFN_TYPES
+from ..convert import default_top_k
 from .checkpoint import latest_checkpoint, load_model, load_optimizer_state, load_training_state, save_checkpoint
 from .recipe import Recipe, recipe_to_toml
 from .tracking import METRICS_FILE, Reporters, expert_load, load_record, plot_training
+
 RECIPE_FILE = "recipe.toml"
-# MoT and Expert Choice group g batch rows of a micro-batch at the same position (SPEC 1.1, 1.3)
-GROUPING_FFN_TYPES = ("mot", "expert_choice")
 
 
 class TrainingDiverged(ValueError):
@@ -269,7 +270,7 @@ class Trainer:
                 (out.loss / self.accumulation).backward()
             if measure_load:
                 with torch.no_grad():
-                    load += expert_load(out.router_logits, layers, top_k)
+                    load += expert_load(out.router_logits, top_k)
             has_aux, has_z = out.aux_loss is not None, out.z_loss is not None
             sums += torch.stack([
                 out.loss.detach().float(),
@@ -315,7 +316,7 @@ class Trainer:
         layers = [i for i in range(config.n_layer) if config.ffn_type_of_layer(i) != "dense"]
         if config.ffn_type == "token_choice":
             return layers, config.num_experts_per_tok
-        return layers, max(1, config.n_expert // config.group_size)
+        return layers, default_top_k(config)
 
     def _diverged(self, what: str) -> None:
         self.optimizer.zero_grad(set_to_none=True)
