@@ -2,6 +2,10 @@
 
 Field names follow the Mixture-of-Tokens port to transformers (GPT-2 style: `n_embd`, `n_layer`,
 ...), with the usual aliases (`hidden_size`, `num_hidden_layers`, ...). See SPEC.md section 2.
+
+Two block styles (SPEC 5): `block="gpt2"` (LayerNorm with bias, learned positions, two-matrix
+MLPs and experts) and `block="llama"` (RMSNorm, rotary positions, no biases, SwiGLU in the dense
+MLP and in every expert, per-head RMSNorm of queries and keys).
 """
 
 from transformers import PreTrainedConfig
@@ -9,6 +13,7 @@ from transformers import PreTrainedConfig
 FFN_TYPES = ("dense", "mot", "token_choice", "expert_choice")
 EXPERT_FFN_TYPES = ("mot", "token_choice", "expert_choice")
 GROUPING_FFN_TYPES = ("mot", "expert_choice")  # group g batch rows at the same position (SPEC 1.1, 1.3)
+BLOCK_STYLES = ("gpt2", "llama")
 
 
 class MoTConfig(PreTrainedConfig):
@@ -22,14 +27,17 @@ class MoTConfig(PreTrainedConfig):
         "intermediate_size": "n_inner",
     }
 
-    # transformer trunk (GPT-2 style, pre-LayerNorm, learned positions)
+    # transformer trunk: pre-norm, "gpt2" or "llama" style
+    block: str = "gpt2"
     vocab_size: int = 50257
     n_positions: int = 1024
     n_embd: int = 768
     n_layer: int = 12
     n_head: int = 12
-    n_inner: int | None = None  # dense FFN width; None = 4 * n_embd
-    activation_function: str = "relu"
+    n_inner: int | None = None  # dense FFN width; None = 4 * n_embd ("gpt2"), 8/3 * n_embd ("llama", SwiGLU)
+    activation_function: str | None = None  # None = "relu" ("gpt2"), "silu" ("llama": the gate of SwiGLU)
+    rope_theta: float = 10000.0  # rotary positions ("llama")
+    qk_norm: bool | None = None  # per-head RMSNorm of queries and keys; None = on for "llama", off for "gpt2"
     resid_pdrop: float = 0.0
     embd_pdrop: float = 0.0
     attn_pdrop: float = 0.0
@@ -59,8 +67,13 @@ class MoTConfig(PreTrainedConfig):
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
+        llama = self.block == "llama"
+        if self.activation_function is None:
+            self.activation_function = "silu" if llama else "relu"
+        if self.qk_norm is None:
+            self.qk_norm = llama
         if self.n_inner is None:
-            self.n_inner = 4 * self.n_embd
+            self.n_inner = _multiple_of_8(8 * self.n_embd / 3) if llama else 4 * self.n_embd
         if self.moe_layers is None:
             self.moe_layers = list(range(self.n_layer // 2, self.n_layer))
         else:
@@ -69,9 +82,20 @@ class MoTConfig(PreTrainedConfig):
             self.expert_size = self.flop_matched_expert_size()
         self.check()
 
+    @property
+    def gated(self) -> bool:
+        """Whether the dense MLP and the experts are SwiGLU (three matrices, "llama") rather than
+        two-matrix (`act(x W1) W2`, "gpt2")."""
+        return self.block == "llama"
+
     def flop_matched_expert_size(self) -> int:
-        """Expert width whose MoT FLOPs per token equal a dense FFN of width 4d (SPEC 1.1)."""
-        size = 4 * self.n_embd * self.group_size // self.n_expert
+        """Expert width whose MoT FLOPs per token equal a dense FFN of width 4d (SPEC 1.1); with
+        SwiGLU experts, of a SwiGLU FFN of width 8d/3 (the same FLOPs: three matrices instead of two),
+        rounded to a multiple of 8 (SPEC 5)."""
+        if self.gated:
+            size = _multiple_of_8(8 * self.n_embd * self.group_size / (3 * self.n_expert))
+        else:
+            size = 4 * self.n_embd * self.group_size // self.n_expert
         if size < 1:
             raise ValueError(
                 f"flop-matched expert_size 4*n_embd*group_size/n_expert is below 1 for n_embd={self.n_embd}, "
@@ -86,15 +110,21 @@ class MoTConfig(PreTrainedConfig):
             if not condition:
                 raise ValueError(message)
 
+        need(self.block in BLOCK_STYLES, f"block must be one of {', '.join(BLOCK_STYLES)}, got {self.block!r}")
         need(self.ffn_type in FFN_TYPES, f"ffn_type must be one of {', '.join(FFN_TYPES)}, got {self.ffn_type!r}")
         for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner"):
             need(isinstance(getattr(self, name), int) and getattr(self, name) >= 1, f"{name} must be a positive integer, got {getattr(self, name)!r}")
         need(self.n_embd % self.n_head == 0, f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        need(
+            self.block != "llama" or (self.n_embd // self.n_head) % 2 == 0,
+            f"rotary positions turn pairs of dimensions: the head size n_embd / n_head = {self.n_embd // self.n_head} must be even",
+        )
         bad = [i for i in self.moe_layers if not 0 <= i < self.n_layer]
         need(not bad, f"moe_layers index {bad[0] if bad else ''} is out of range for n_layer={self.n_layer} (valid: 0..{self.n_layer - 1})")
         need(self.n_expert >= 1, f"n_expert must be at least 1, got {self.n_expert}")
         need(self.group_size >= 1, f"group_size must be at least 1, got {self.group_size}")
         need(self.expert_size is None or self.expert_size >= 1, f"expert_size must be at least 1, got {self.expert_size}")
+        need(self.rope_theta > 0, f"rope_theta must be positive, got {self.rope_theta}")
         need(self.mot_temperature > 0, f"mot_temperature must be positive, got {self.mot_temperature}")
         need(
             1 <= self.num_experts_per_tok <= self.n_expert,
@@ -119,4 +149,10 @@ class MoTConfig(PreTrainedConfig):
         return self.ffn_type in GROUPING_FFN_TYPES and self.group_size > 1 and bool(self.moe_layers)
 
 
-__all__ = ["MoTConfig", "FFN_TYPES", "EXPERT_FFN_TYPES", "GROUPING_FFN_TYPES"]
+def _multiple_of_8(width: float) -> int:
+    """The multiple of 8 nearest to `width` (at least 8), or `width` rounded when below 8: widths that
+    keep rows of the expert matrices aligned for grouped matmuls."""
+    return max(8, 8 * round(width / 8)) if width >= 8 else max(1, round(width))
+
+
+__all__ = ["MoTConfig", "BLOCK_STYLES", "FFN_TYPES", "EXPERT_FFN_TYPES", "GROUPING_FFN_TYPES"]

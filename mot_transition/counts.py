@@ -43,6 +43,8 @@ def parameter_counts(config: MoTConfig) -> dict:
     trunk = model.transformer
     seen = set()
     for module in (trunk.wte, trunk.wpe, model.lm_head, trunk.ln_f):
+        if module is None:  # no learned positions ("llama" style)
+            continue
         for p in module.parameters():
             if id(p) not in seen:
                 seen.add(id(p))

@@ -1,7 +1,7 @@
-"""The MoT model family: a GPT-2 style pre-LayerNorm transformer whose feed-forward layers are
-dense, Mixture of Tokens, Token Choice or Expert Choice (SPEC sections 1 and 2).
+"""The MoT model family: a pre-norm transformer, GPT-2 or Llama style (SPEC 5), whose feed-forward
+layers are dense, Mixture of Tokens, Token Choice or Expert Choice (SPEC sections 1 and 2).
 
-    MoTModel                        trunk: embeddings, blocks, final LayerNorm
+    MoTModel                        trunk: embeddings, blocks, final norm
     MoTLMHeadModel                  causal LM, generate() with a KV cache
     MoTForSequenceClassification    last real token -> labels
     MoTForTokenClassification       every token -> labels
@@ -24,10 +24,10 @@ from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils.generic import can_return_tuple
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
+from .attention import MoTAttention, build_norm, rotary_embedding
 from .config import MoTConfig
 from .layers import DenseFFN, ExpertLayer, build_ffn, load_balancing_loss, router_z_loss
 from .outputs import (
@@ -44,70 +44,22 @@ from .outputs import (
 _MASK_CACHE_ARG = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
 
 
-def eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
-    """softmax(q k^T * scaling + mask) v written out, so that the attention weights can be returned.
-    query (B, h, S, hd), key and value (B, h, T, hd); attention_mask boolean (B, 1, S, T) (True =
-    attend), additive float, or None for plain causal attention. A query that may attend nothing (a
-    left-padding position) gets weights 0 and outputs 0, as torch's SDPA gives it. Returns
-    ((B, S, h, hd), weights)."""
-    scores = torch.matmul(query, key.transpose(2, 3)) * scaling  # (B, h, S, T)
-    if attention_mask is None:
-        S, T = scores.shape[-2:]
-        attention_mask = torch.ones(S, T, dtype=torch.bool, device=scores.device).tril(T - S)
-    lowest, attention_mask = torch.finfo(scores.dtype).min, attention_mask[..., : key.shape[-2]]
-    if attention_mask.dtype == torch.bool:
-        scores = scores.masked_fill(~attention_mask, lowest)
-    else:
-        scores = scores + attention_mask
-    blind = scores.amax(dim=-1, keepdim=True) <= lowest / 2  # every key masked
-    weights = F.softmax(scores, dim=-1, dtype=torch.float32).masked_fill(blind, 0.0).to(query.dtype)
-    weights = F.dropout(weights, p=dropout, training=module.training)
-    return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
-
-
-class MoTAttention(nn.Module):
-    """Causal multi-head self-attention through transformers' attention interface: `eager` (ours,
-    above; returns the weights) or any registered implementation (`sdpa` by default)."""
-
-    is_causal = True
-    num_key_value_groups = 1
-
-    def __init__(self, config: MoTConfig, layer_idx: int):
-        super().__init__()
-        self.config, self.n_head, self.layer_idx = config, config.n_head, layer_idx
-        self.scaling = (config.n_embd // config.n_head) ** -0.5
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
-        self.attn_pdrop = config.attn_pdrop
-        self.resid_dropout = nn.Dropout(config.resid_pdrop)
-
-    def forward(self, x, attn_mask, cache: Cache | None, output_attentions: bool = False, **attention_kwargs):
-        B, S, d = x.shape
-        q, k, v = self.c_attn(x).view(B, S, 3, self.n_head, d // self.n_head).permute(2, 0, 3, 1, 4)  # (B, h, S, hd)
-        if cache is not None:
-            k, v = cache.update(k, v, self.layer_idx)
-        implementation = "eager" if output_attentions else self.config._attn_implementation
-        attention = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
-        y, weights = attention(
-            self, q, k, v, attn_mask, dropout=self.attn_pdrop if self.training else 0.0, scaling=self.scaling,
-            **attention_kwargs,
-        )
-        return self.resid_dropout(self.c_proj(y.reshape(B, S, d))), weights
-
-
 class MoTBlock(GradientCheckpointingLayer):
     def __init__(self, config: MoTConfig, layer_idx: int):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.ln_1 = build_norm(config, config.n_embd)
         self.attn = MoTAttention(config, layer_idx)
-        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.ln_2 = build_norm(config, config.n_embd)
         self.mlp = build_ffn(config, layer_idx)
         self.mlp_dropout = nn.Dropout(config.resid_pdrop)
 
-    def forward(self, x, attn_mask=None, cache=None, token_mask=None, output_attentions=False, **attention_kwargs):
+    def forward(
+        self, x, attn_mask=None, cache=None, token_mask=None, output_attentions=False, position_embeddings=None,
+        **attention_kwargs,
+    ):
         """(x, router logits or None, attention weights or None). `attention_kwargs` reach the
         attention implementation (`position_ids` for padding-free flash attention, for example)."""
-        h, weights = self.attn(self.ln_1(x), attn_mask, cache, output_attentions, **attention_kwargs)
+        h, weights = self.attn(self.ln_1(x), attn_mask, cache, output_attentions, position_embeddings, **attention_kwargs)
         x = x + h
         y, router_logits = self.mlp(self.ln_2(x), token_mask)
         return x + self.mlp_dropout(y), router_logits, weights
@@ -197,10 +149,11 @@ class MoTModel(MoTPreTrainedModel):
     def __init__(self, config: MoTConfig):
         super().__init__(config)
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
-        self.wpe = nn.Embedding(config.n_positions, config.n_embd)
+        # learned absolute positions ("gpt2"), or rotary ones in every attention layer ("llama")
+        self.wpe = nn.Embedding(config.n_positions, config.n_embd) if config.block == "gpt2" else None
         self.drop = nn.Dropout(config.embd_pdrop)
         self.h = nn.ModuleList(MoTBlock(config, i) for i in range(config.n_layer))
-        self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.ln_f = build_norm(config, config.n_embd)
         self.post_init()
 
     def get_input_embeddings(self):
@@ -258,7 +211,12 @@ class MoTModel(MoTPreTrainedModel):
                 position_ids = (padding.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
             else:
                 position_ids = torch.arange(past, past + S, device=x.device).unsqueeze(0)
-        x = self.drop(x + self.wpe(position_ids))
+        rotary = None
+        if self.wpe is not None:
+            x = x + self.wpe(position_ids)
+        else:
+            rotary = rotary_embedding(position_ids, config.n_embd // config.n_head, config.rope_theta, x.dtype)
+        x = self.drop(x)
 
         token_mask = None  # the real tokens, for the expert layers and router losses (a 4-D mask says nothing of padding)
         if padding is not None and (torch.compiler.is_compiling() or not bool(padding.all())):
@@ -272,7 +230,7 @@ class MoTModel(MoTPreTrainedModel):
         for block in self.h:
             x, logits, _ = block(
                 x, attn_mask=attn_mask, cache=cache, token_mask=token_mask, output_attentions=output_attentions,
-                position_ids=position_ids, **kwargs,
+                position_embeddings=rotary, position_ids=position_ids, **kwargs,
             )
             router_logits.append(logits)
         x = self.ln_f(x)

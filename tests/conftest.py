@@ -4,6 +4,7 @@ import torch
 from mot_transition import MoTConfig
 
 FFN_TYPES = ["dense", "mot", "token_choice", "expert_choice"]
+BLOCKS = ["gpt2", "llama"]
 
 
 def tiny_config(ffn_type: str = "mot", **overrides) -> MoTConfig:
@@ -14,6 +15,15 @@ def tiny_config(ffn_type: str = "mot", **overrides) -> MoTConfig:
     )
     fields.update(overrides)
     return MoTConfig(**fields)
+
+
+def plain_ffn(z, w1, w2, gated=False):
+    """An FFN written out: relu(z w1) w2, or SwiGLU, silu(z gate) * (z up) w2 with w1 = [gate | up]."""
+    if not gated:
+        return torch.relu(z @ w1) @ w2
+    f = w2.shape[0]
+    gate, up = z @ w1[..., :f], z @ w1[..., f:]
+    return (gate * torch.sigmoid(gate) * up) @ w2
 
 
 @pytest.fixture(autouse=True)

@@ -6,12 +6,21 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from conftest import FFN_TYPES, tiny_config
+from conftest import BLOCKS, FFN_TYPES, tiny_config
 from mot_transition import MoTConfig, MoTLMHeadModel
+
+_block = {"style": "gpt2"}
+
+
+@pytest.fixture(params=BLOCKS, autouse=True)
+def block_style(request):
+    """Every test of this file runs for both block styles: `model_of` builds the style of the run."""
+    _block["style"] = request.param
+    return request.param
 
 
 def model_of(ffn_type, **overrides):
-    return MoTLMHeadModel(tiny_config(ffn_type, **overrides)).eval()
+    return MoTLMHeadModel(tiny_config(ffn_type, block=_block["style"], **overrides)).eval()
 
 
 @pytest.mark.parametrize("ffn_type", FFN_TYPES)
@@ -201,6 +210,9 @@ def test_set_group_size_one_makes_mot_batch_independent():
         (dict(capacity_factor=-1.0), "capacity_factor"),
         (dict(mot_temperature=0.0), "mot_temperature"),
         (dict(activation_function="nope"), "activation_function"),
+        (dict(block="bert"), "block"),
+        (dict(rope_theta=0.0), "rope_theta"),
+        (dict(block="llama", n_embd=12, n_head=4), "head size"),
     ],
 )
 def test_config_rejects_what_cannot_work_with_a_message_naming_the_field(overrides, words):
@@ -215,3 +227,15 @@ def test_config_aliases_and_defaults():
     assert config.moe_layers == [3, 4, 5]  # the second half of the blocks
     assert config.expert_size == 4 * 64 * 8 // 16  # flop-matched
     assert config.n_inner == 256
+
+
+def test_llama_style_defaults_are_swiglu_silu_qk_norm_and_widths_matching_the_flops_of_gpt2():
+    llama = MoTConfig(block="llama", n_embd=128, n_head=4, n_expert=32, group_size=16)
+    gpt2 = MoTConfig(n_embd=128, n_head=4, n_expert=32, group_size=16)
+    assert (llama.activation_function, llama.qk_norm, llama.gated) == ("silu", True, True)
+    assert (gpt2.activation_function, gpt2.qk_norm, gpt2.gated) == ("relu", False, False)
+    # three matrices of 8d/3 cost what two of 4d do; rounded to multiples of 8
+    assert llama.n_inner == 344 and 3 * llama.n_inner == pytest.approx(2 * gpt2.n_inner, rel=0.01)
+    assert llama.expert_size == 168 and 3 * llama.expert_size == pytest.approx(2 * gpt2.expert_size, rel=0.02)
+    explicit = MoTConfig(block="llama", n_embd=64, n_head=4, activation_function="gelu", qk_norm=False, n_inner=100)
+    assert (explicit.activation_function, explicit.qk_norm, explicit.n_inner) == ("gelu", False, 100)

@@ -3,11 +3,11 @@
 import pytest
 import torch
 
-from conftest import tiny_config
+from conftest import plain_ffn, tiny_config
 from mot_transition.layers import DenseFFN, MixtureOfTokens
 
 
-def reference_mot(x, token_mask, controller, lin1, lin2, group_size, temperature=1.0, emit_softmax=False, discrete=False):
+def reference_mot(x, token_mask, controller, lin1, lin2, group_size, temperature=1.0, emit_softmax=False, discrete=False, gated=False):
     """SPEC 1.1 written with loops: groups are g batch rows at the same position."""
     B, S, d = x.shape
     E = controller.shape[1]
@@ -28,7 +28,7 @@ def reference_mot(x, token_mask, controller, lin1, lin2, group_size, temperature
                 else:
                     merge = torch.softmax(logits[:, e], dim=0)
                 mixed = (merge[:, None] * xs).sum(0)
-                out = torch.relu(mixed @ lin1[e]) @ lin2[e]
+                out = plain_ffn(mixed, lin1[e], lin2[e], gated)
                 for i, r in enumerate(members):
                     if discrete:
                         weight = merge[i]
@@ -58,6 +58,8 @@ def make_layer(**overrides):
         (4, 3, 4, {"emit_softmax_over_experts": True}),
         (5, 3, 2, {"use_discrete_routing": True}),
         (3, 4, 1, {}),  # no mixing
+        (5, 4, 2, {"block": "llama"}),  # SwiGLU experts
+        (5, 3, 2, {"block": "llama", "use_discrete_routing": True}),
     ],
 )
 @pytest.mark.parametrize("masked", [False, True])
@@ -73,7 +75,7 @@ def test_mot_layer_equals_plain_reference(batch, seq, group_size, variant, maske
         x, mask, layer.controller, layer.lin1, layer.lin2, group_size,
         temperature=variant.get("mot_temperature", 1.0),
         emit_softmax=variant.get("emit_softmax_over_experts", False),
-        discrete=variant.get("use_discrete_routing", False),
+        discrete=variant.get("use_discrete_routing", False), gated=layer.gated,
     )
     assert torch.allclose(y, expected, atol=1e-10, rtol=0)
     if mask is not None:

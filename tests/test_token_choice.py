@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from conftest import tiny_config
+from conftest import BLOCKS, plain_ffn, tiny_config
 from mot_transition.layers import ExpertChoice, TokenChoice, load_balancing_loss, router_z_loss
 
 
@@ -47,7 +47,7 @@ def make_token_choice(**overrides):
 
 
 def expert_output(layer, x, e):
-    return torch.relu(x @ layer.lin1[e]) @ layer.lin2[e]
+    return plain_ffn(x, layer.lin1[e], layer.lin2[e], layer.gated)
 
 
 def test_capacity_drops_later_tokens_first_come_first_served_in_training_only():
@@ -68,8 +68,11 @@ def test_capacity_drops_later_tokens_first_come_first_served_in_training_only():
 
 
 @pytest.mark.parametrize("norm", [False, True])
-def test_token_choice_top_2_of_4_output_with_and_without_renormalisation(norm):
-    layer = TokenChoice(tiny_config("token_choice", n_embd=4, n_expert=4, expert_size=3, num_experts_per_tok=2, norm_topk_prob=norm)).double().eval()
+@pytest.mark.parametrize("block", BLOCKS)
+def test_token_choice_top_2_of_4_output_with_and_without_renormalisation(norm, block):
+    layer = TokenChoice(tiny_config(
+        "token_choice", n_embd=4, n_head=2, n_expert=4, expert_size=3, num_experts_per_tok=2, norm_topk_prob=norm, block=block,
+    )).double().eval()
     with torch.no_grad():
         layer.controller.normal_(0, 1.0)
     x = torch.randn(2, 5, 4, dtype=torch.float64)
@@ -176,7 +179,7 @@ def test_transformers_experts_functions_give_our_outputs_and_gradients_with_mask
         torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-6)
 
 
-def reference_expert_choice(x, mask, controller, lin1, lin2, group_size, capacity):
+def reference_expert_choice(x, mask, controller, lin1, lin2, group_size, capacity, gated=False):
     """SPEC 1.3 with loops: padding rows and masked tokens are simply not candidates."""
     B, S, d = x.shape
     E = controller.shape[1]
@@ -191,18 +194,19 @@ def reference_expert_choice(x, mask, controller, lin1, lin2, group_size, capacit
             score = torch.softmax(xs @ controller, dim=-1)  # (n, E)
             for e in range(E):
                 for i in score[:, e].topk(min(capacity, len(rows))).indices.tolist():
-                    y[rows[i], s] += score[i, e] * (torch.relu(xs[i] @ lin1[e]) @ lin2[e])
+                    y[rows[i], s] += score[i, e] * plain_ffn(xs[i], lin1[e], lin2[e], gated)
     return y
 
 
 @pytest.mark.parametrize("batch, group_size, capacity_factor", [(8, 4, None), (8, 4, 2.0), (4, 4, 4.0), (7, 4, 2.0)])
 @pytest.mark.parametrize("masked", [False, True])
-def test_expert_choice_equals_plain_reference(batch, group_size, capacity_factor, masked):
+@pytest.mark.parametrize("block", BLOCKS)
+def test_expert_choice_equals_plain_reference(batch, group_size, capacity_factor, masked, block):
     layer = ExpertChoice(tiny_config("expert_choice", n_embd=8, n_expert=2, expert_size=5, group_size=group_size,
-                                     capacity_factor=capacity_factor, num_experts_per_tok=1)).double()
+                                     capacity_factor=capacity_factor, num_experts_per_tok=1, block=block)).double()
     with torch.no_grad():
         layer.controller.normal_(0, 1.0)
     x = torch.randn(batch, 3, 8, dtype=torch.float64)
     mask = (torch.rand(batch, 3) > 0.4) if masked else None
-    expected = reference_expert_choice(x, mask, layer.controller, layer.lin1, layer.lin2, group_size, layer.capacity)
+    expected = reference_expert_choice(x, mask, layer.controller, layer.lin1, layer.lin2, group_size, layer.capacity, layer.gated)
     assert torch.allclose(layer(x, mask)[0], expected, atol=1e-10)

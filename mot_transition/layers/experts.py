@@ -4,10 +4,12 @@ Mixture of Tokens, Token Choice and Expert Choice all own the same tensors (SPEC
 checkpoint of one kind loads into the others:
 
     controller (d, E)     MoT controller / router
-    lin1       (E, d, f)  first matrix of every expert
+    lin1       (E, d, f)  first matrix of every expert; (E, d, 2f) for SwiGLU experts: [gate | up]
     lin2       (E, f, d)  second matrix of every expert
 
-Expert e computes FFN_e(z) = act(z @ lin1[e]) @ lin2[e], no bias.
+Expert e computes FFN_e(z) = act(z @ lin1[e]) @ lin2[e], no bias; a SwiGLU expert ("llama" block
+style) computes (act(z @ gate[e]) * (z @ up[e])) @ lin2[e], act = silu, with gate and up the two
+halves of lin1[e]: one matmul for both, so every fast path below serves both kinds.
 
 Two layouts of the same math: `experts` (all experts on equally many tokens, one bmm per matrix;
 MoT and Expert Choice) and `grouped_experts` (tokens sorted by expert, ragged; Token Choice).
@@ -31,9 +33,9 @@ class ExpertLayer(nn.Module):
     def __init__(self, config: MoTConfig):
         super().__init__()
         d, E, f = config.n_embd, config.n_expert, config.expert_size
-        self.n_expert = E
+        self.n_expert, self.gated = E, config.gated
         self.controller = nn.Parameter(torch.empty(d, E))
-        self.lin1 = nn.Parameter(torch.empty(E, d, f))
+        self.lin1 = nn.Parameter(torch.empty(E, d, 2 * f if self.gated else f))
         self.lin2 = nn.Parameter(torch.empty(E, f, d))
         self.act = ACT2FN[config.activation_function]
         self.reset_parameters(config.initializer_range, config.n_layer)
@@ -71,13 +73,11 @@ class ExpertLayer(nn.Module):
         return torch.cat([self.activate(p @ w1) @ w2 for p, w1, w2 in zip(pieces, lin1.unbind(0), lin2.unbind(0))])
 
     def activate(self, h: torch.Tensor) -> torch.Tensor:
-        """act(h) of a fresh matmul output h; ReLU works in place (see `_ReLUInPlace`)."""
-        if not isinstance(self.act, nn.ReLU):
-            return self.act(h)
-        return _ReLUInPlace.apply(h) if h.requires_grad else h.relu_()  # no autograd, no Function overhead
+        """act(h) of a fresh matmul output h (..., f), or act(gate) * up of h = [gate | up] (..., 2f)."""
+        return activate(h, self.act, self.gated)
 
     def _grouped_mm_takes(self, tokens: torch.Tensor) -> bool:
-        (d, f), size = self.lin1.shape[1:], tokens.element_size()
+        (f, d), size = self.lin2.shape[1:], tokens.element_size()
         return (
             hasattr(F, "grouped_mm") and tokens.dtype == self.lin1.dtype
             and tokens.dtype in (torch.float32, torch.bfloat16, torch.float16)
@@ -94,6 +94,17 @@ class ExpertLayer(nn.Module):
         if x.dtype == controller.dtype == dtype:  # the common case, without two no-op casts (decode pays per op)
             return x @ controller
         return x.to(dtype) @ controller.to(dtype)
+
+
+def activate(h: torch.Tensor, act: nn.Module, gated: bool) -> torch.Tensor:
+    """The activation of an FFN (dense or expert) applied to the fresh output h of its first matmul:
+    act(h), or act(gate) * up for h = [gate | up] (SwiGLU). ReLU works in place (`_ReLUInPlace`)."""
+    if gated:
+        gate, up = h.chunk(2, dim=-1)
+        return act(gate) * up
+    if not isinstance(act, nn.ReLU):
+        return act(h)
+    return _ReLUInPlace.apply(h) if h.requires_grad else h.relu_()  # no autograd, no Function overhead
 
 
 class _ReLUInPlace(torch.autograd.Function):

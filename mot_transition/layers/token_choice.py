@@ -35,9 +35,11 @@ class RoutedExperts(ExpertLayer):
     `model.set_experts_implementation(...)`). "eager", the default, is ours (below, and the dropping
     routing of `TokenChoice`); "grouped_mm" and "batched_mm" are transformers' own functions, which
     read the expert matrices under the names they expect: lin1 (E, d, f) and lin2 (E, f, d) are
-    transposed, ungated and without bias in their terms."""
+    transposed and without bias in their terms, and lin1 of SwiGLU experts, (E, d, 2f) = [gate | up],
+    is their concatenated `gate_up_proj`."""
 
     up_proj = property(lambda self: self.lin1)
+    gate_up_proj = property(lambda self: self.lin1)
     down_proj = property(lambda self: self.lin2)
     act_fn = property(lambda self: self.act)
     num_experts = property(lambda self: self.n_expert)
@@ -71,6 +73,7 @@ class RoutedExperts(ExpertLayer):
 class TokenChoice(RoutedExperts):
     def __init__(self, config: MoTConfig):
         super().__init__(config)
+        self.has_gate = self.gated  # for transformers' experts functions (the decorator set it to False)
         self.top_k = config.num_experts_per_tok
         self.capacity_factor = config.capacity_factor
         self.norm_topk_prob = config.norm_topk_prob
