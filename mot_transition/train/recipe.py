@@ -37,15 +37,16 @@ class ModelRecipe:
     """
 
     ffn_type: str = "mot"
+    block: str = "gpt2"  # "gpt2" or "llama" (RMSNorm, rotary positions, SwiGLU, qk_norm; exports to Qwen3)
     n_embd: int = 768
     n_layer: int = 12
     n_head: int = 12
-    n_inner: int | None = None  # dense FFN width; None = 4 * n_embd
+    n_inner: int | None = None  # dense FFN width; None = 4 * n_embd ("gpt2"), 8/3 * n_embd ("llama")
     n_positions: int | None = None  # None = data.seq_len
     moe_layers: list[int] | None = None  # None = the second half of the blocks
     n_expert: int = 32
     group_size: int = 32
-    expert_size: int | None = None  # None = flop-matched, 4 * n_embd * group_size / n_expert
+    expert_size: int | None = None  # None = flop-matched, 4 * n_embd * group_size / n_expert (2/3 of it for SwiGLU)
     mot_temperature: float = 1.0
     emit_softmax_over_experts: bool = False
     use_discrete_routing: bool = False
@@ -54,7 +55,9 @@ class ModelRecipe:
     norm_topk_prob: bool = False
     router_aux_loss_coef: float = 0.01
     router_z_loss_coef: float = 0.0
-    activation_function: str = "relu"
+    activation_function: str | None = None  # None = "relu" ("gpt2"), "silu" ("llama")
+    rope_theta: float = 10000.0
+    qk_norm: bool | None = None  # None = on for "llama"
     resid_pdrop: float = 0.0
     embd_pdrop: float = 0.0
     attn_pdrop: float = 0.0

@@ -1,0 +1,84 @@
+"""Writing a checkpoint directory safely: the work happens in a staging directory beside the
+destination, which is renamed into place only when complete; an existing destination is replaced
+only with --force and only when this toolkit wrote it; what a killed run left behind is tidied."""
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+
+def check_destination(src: Path, dst: Path, force: bool) -> None:
+    """`dst` may be new, an empty directory, or (with `force`) a checkpoint this toolkit wrote; never
+    anything else, which `--force` would otherwise delete."""
+    s, d = src.resolve(), dst.resolve()
+    if d == s or s in d.parents or d in s.parents:
+        raise ValueError(f"the destination {dst} would overwrite or nest with the source {src}; choose another directory")
+    if not dst.exists():
+        return
+    if not dst.is_dir():
+        raise FileExistsError(f"{dst} exists and is not a directory")
+    if not force:
+        raise FileExistsError(f"{dst} already exists; pass --force to replace it")
+    if any(dst.iterdir()) and not written_by_this_toolkit(dst):
+        raise FileExistsError(
+            f"{dst} is not a checkpoint of this toolkit (no config.json of model_type \"mot\"), and --force replaces "
+            "only those; choose another destination"
+        )
+
+
+def written_by_this_toolkit(folder: Path) -> bool:
+    """A checkpoint, conversion or export this toolkit wrote: its config.json says model_type "mot",
+    or an export report lies beside it."""
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and (config.get("model_type") == "mot" or (folder / "export_report.json").is_file())
+
+
+def beside(dst: Path, kind: str, pid: int | None = None) -> Path:
+    """The hidden directory `.NAME.KIND-PID` beside `dst` that a conversion or export works in:
+    `converting` (its staging) or `old` (the previous `dst`, moved aside while the new one is renamed in)."""
+    return dst.parent / f".{dst.name}.{kind}-{os.getpid() if pid is None else pid}"
+
+
+def clean_after_killed_runs(dst: Path) -> None:
+    """Tidy what a killed conversion left beside `dst`: its staging directory is removed, and an old
+    `dst` it had moved aside is put back when `dst` itself is missing. Only for processes that no
+    longer run; a conversion still running keeps its files."""
+    for path in sorted(dst.parent.iterdir()) if dst.parent.is_dir() else ():
+        kind, _, pid = path.name.removeprefix(f".{dst.name}.").rpartition("-")
+        if kind not in ("converting", "old") or not pid.isdigit() or path != beside(dst, kind, int(pid)):
+            continue
+        if _running(int(pid)):
+            continue
+        if kind == "old" and not dst.exists():
+            os.replace(path, dst)
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: running
+        pass
+    return True
+
+
+def replace_directory(staging: Path, dst: Path) -> None:
+    """Move the finished `staging` directory to `dst`, replacing an old `dst` only once it is complete."""
+    if not dst.exists():
+        os.replace(staging, dst)
+        return
+    old = beside(dst, "old")
+    os.replace(dst, old)
+    try:
+        os.replace(staging, dst)
+    except BaseException:
+        os.replace(old, dst)  # put the old destination back: never leave neither
+        raise
+    shutil.rmtree(old, ignore_errors=True)
