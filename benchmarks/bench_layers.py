@@ -6,7 +6,9 @@
 2. Token Choice at one-token decode (batch 1, eval) against a dense FFN of equal active FLOPs.
 3. Mixture of Tokens training step against a dense FFN of equal FLOPs.
 Benchmarks 1 and 2 also run the same Token Choice layer with its experts switched to transformers'
-grouped_mm function, to check that ours are the right default.
+grouped_mm function, to check that ours are the right default. Every benchmark also runs the layers
+of the "llama" block style (SwiGLU experts and dense FFN, SPEC 5) side by side with the same
+targets: the fast paths must stay fast for both kinds of experts.
 """
 
 import copy
@@ -81,6 +83,8 @@ def token_choice_training(quick: bool = False) -> Benchmark:
     ours_dense = DenseFFN(_config("dense", n_inner=TC_EXPERT)).train()
     mixtral = _mixtral_block(MIXTRAL_EXPERT).train()
     mixtral_dense = _swiglu_dense(MIXTRAL_EXPERT).train()
+    swiglu = TokenChoice(_config("token_choice", block="llama", expert_size=MIXTRAL_EXPERT, num_experts_per_tok=1)).train()
+    swiglu_dense = DenseFFN(_config("dense", block="llama", n_inner=MIXTRAL_EXPERT)).train()
     x = torch.randn(B, S, D, requires_grad=True)
     dy = torch.randn(B, S, D)
     t = side_by_side(
@@ -90,6 +94,8 @@ def token_choice_training(quick: bool = False) -> Benchmark:
             "dense_relu": _training_step(ours_dense, x, dy, True),
             "mixtral": _training_step(mixtral, x, dy, False),
             "dense_swiglu": _training_step(mixtral_dense, x, dy, False),
+            "tc_swiglu": _training_step(swiglu, x, dy, True),
+            "ours_dense_swiglu": _training_step(swiglu_dense, x, dy, True),
         },
         **_rounds(quick, 7),
     )
@@ -107,9 +113,11 @@ def token_choice_training(quick: bool = False) -> Benchmark:
         f"top-1, dropless. Ours: `TokenChoice`, ReLU experts of width {TC_EXPERT}; normalised by `DenseFFN` "
         f"(ReLU) of width {TC_EXPERT}. Mixtral: `MixtralSparseMoeBlock` with `experts_implementation=\"grouped_mm\"`, "
         f"SwiGLU experts of width {MIXTRAL_EXPERT} (3 x {MIXTRAL_EXPERT} = 2 x {TC_EXPERT}: equal expert FLOPs); "
-        f"normalised by `MistralMLP` (SwiGLU) of width {MIXTRAL_EXPERT}.",
+        f"normalised by `MistralMLP` (SwiGLU) of width {MIXTRAL_EXPERT}. Ours, llama style: `TokenChoice` with SwiGLU "
+        f"experts of width {MIXTRAL_EXPERT} (the shapes of Mixtral's), normalised by our SwiGLU `DenseFFN` of that width.",
         f"Median times: ours {t.median('token_choice') * 1e3:.0f} ms, dense ReLU {t.median('dense_relu') * 1e3:.0f} ms, Mixtral "
-        f"{t.median('mixtral') * 1e3:.0f} ms, dense SwiGLU {t.median('dense_swiglu') * 1e3:.0f} ms.",
+        f"{t.median('mixtral') * 1e3:.0f} ms, dense SwiGLU {t.median('dense_swiglu') * 1e3:.0f} ms, ours SwiGLU "
+        f"{t.median('tc_swiglu') * 1e3:.0f} ms, our dense SwiGLU {t.median('ours_dense_swiglu') * 1e3:.0f} ms.",
         [
             Figure("Token Choice / dense ReLU FFN", ours_ratio, "x", 1.10, spread=t.spread("token_choice", "dense_relu")),
             Figure("Mixtral block (grouped_mm) / dense SwiGLU FFN", mixtral_ratio, "x", spread=t.spread("mixtral", "dense_swiglu")),
@@ -119,6 +127,10 @@ def token_choice_training(quick: bool = False) -> Benchmark:
                    spread=t.spread("token_choice", "mixtral"), note="equal expert FLOPs"),
             Figure("Token Choice, transformers' grouped_mm experts / ours", t.ratio("tc_grouped_mm", "token_choice"), "x",
                    spread=t.spread("tc_grouped_mm", "token_choice"), note="above 1: ours (the default) is faster"),
+            Figure("SwiGLU Token Choice / our dense SwiGLU FFN", t.ratio("tc_swiglu", "ours_dense_swiglu"), "x", 1.10,
+                   spread=t.spread("tc_swiglu", "ours_dense_swiglu")),
+            Figure("SwiGLU Token Choice / Mixtral block, raw time", t.ratio("tc_swiglu", "mixtral"), "x", 1.00,
+                   spread=t.spread("tc_swiglu", "mixtral"), note="the same expert shapes"),
         ],
     )
 
@@ -130,6 +142,8 @@ def token_choice_decode(quick: bool = False) -> Benchmark:
     ours_dense = DenseFFN(_config("dense", n_inner=TC_EXPERT)).eval()
     mixtral = _mixtral_block(MIXTRAL_EXPERT).eval()
     mixtral_dense = _swiglu_dense(MIXTRAL_EXPERT).eval()
+    swiglu = TokenChoice(_config("token_choice", block="llama", expert_size=MIXTRAL_EXPERT, num_experts_per_tok=1)).eval()
+    swiglu_dense = DenseFFN(_config("dense", block="llama", n_inner=MIXTRAL_EXPERT)).eval()
     x = torch.randn(1, 1, D)
     calls = 20 if quick else 100
 
@@ -142,21 +156,25 @@ def token_choice_decode(quick: bool = False) -> Benchmark:
     t = side_by_side(
         {
             "token_choice": call(ours), "tc_grouped_mm": call(theirs), "dense_relu": call(ours_dense),
-            "mixtral": call(mixtral), "dense_swiglu": call(mixtral_dense),
+            "mixtral": call(mixtral), "dense_swiglu": call(mixtral_dense), "tc_swiglu": call(swiglu),
+            "ours_dense_swiglu": call(swiglu_dense),
         },
         calls=calls, **_rounds(quick, 31),
     )
     return Benchmark(
         2, "Token Choice at one-token decode",
         f"Batch 1, one token, eval, `torch.inference_mode`, float32; same layers as benchmark 1 "
-        f"(d={D}, E={E}, top-1, expert width {TC_EXPERT}); {calls} calls per sample.",
+        f"(d={D}, E={E}, top-1, expert width {TC_EXPERT}; SwiGLU: {MIXTRAL_EXPERT}); {calls} calls per sample.",
         f"Median per call: ours {t.median('token_choice') * 1e6:.0f} us, dense ReLU {t.median('dense_relu') * 1e6:.0f} us, Mixtral "
-        f"{t.median('mixtral') * 1e6:.0f} us, dense SwiGLU {t.median('dense_swiglu') * 1e6:.0f} us.",
+        f"{t.median('mixtral') * 1e6:.0f} us, dense SwiGLU {t.median('dense_swiglu') * 1e6:.0f} us, ours SwiGLU "
+        f"{t.median('tc_swiglu') * 1e6:.0f} us, our dense SwiGLU {t.median('ours_dense_swiglu') * 1e6:.0f} us.",
         [
             Figure("Token Choice / dense ReLU FFN", t.ratio("token_choice", "dense_relu"), "x", 1.30, spread=t.spread("token_choice", "dense_relu")),
             Figure("Mixtral block (grouped_mm) / dense SwiGLU FFN", t.ratio("mixtral", "dense_swiglu"), "x", spread=t.spread("mixtral", "dense_swiglu")),
             Figure("Token Choice, transformers' grouped_mm experts / ours", t.ratio("tc_grouped_mm", "token_choice"), "x",
                    spread=t.spread("tc_grouped_mm", "token_choice"), note="above 1: ours (the default) is faster"),
+            Figure("SwiGLU Token Choice / our dense SwiGLU FFN", t.ratio("tc_swiglu", "ours_dense_swiglu"), "x", 1.30,
+                   spread=t.spread("tc_swiglu", "ours_dense_swiglu")),
         ],
     )
 
@@ -168,6 +186,8 @@ def mot_training(quick: bool = False) -> Benchmark:
     ours = MixtureOfTokens(_config("mot", group_size=g)).train()
     assert ours.lin1.shape[-1] == f
     dense = DenseFFN(_config("dense", n_inner=4 * D)).train()
+    swiglu = MixtureOfTokens(_config("mot", block="llama", group_size=g)).train()  # flop-matched SwiGLU experts
+    swiglu_dense = DenseFFN(_config("dense", block="llama", n_inner=swiglu.lin2.shape[1])).train()  # equal FLOPs
     x = torch.randn(B, S, D, requires_grad=True)
     dy = torch.randn(B, S, D)
     # the expert matmuls alone, on already mixed tokens: the floor any MoT layout can reach
@@ -181,18 +201,25 @@ def mot_training(quick: bool = False) -> Benchmark:
         ours.experts(mixed).backward(dmixed)
 
     t = side_by_side(
-        {"mot": _training_step(ours, x, dy, True), "dense": _training_step(dense, x, dy, True), "experts_only": experts_only},
+        {
+            "mot": _training_step(ours, x, dy, True), "dense": _training_step(dense, x, dy, True), "experts_only": experts_only,
+            "mot_swiglu": _training_step(swiglu, x, dy, True), "dense_swiglu": _training_step(swiglu_dense, x, dy, True),
+        },
         **_rounds(quick, 7),
     )
     return Benchmark(
         3, "Mixture of Tokens training step against a dense FFN",
         f"Forward + backward at {B}x{S} = {B * S:,} tokens, float32, d={D}, g={g}, E={E}, flop-matched expert width {f}; "
-        f"against `DenseFFN` of width {4 * D} (equal FLOPs).",
+        f"against `DenseFFN` of width {4 * D} (equal FLOPs). Llama style: SwiGLU experts of flop-matched width "
+        f"{swiglu.lin2.shape[1]} against our SwiGLU `DenseFFN` of that width.",
         f"Median times: MoT {t.median('mot') * 1e3:.0f} ms, dense "
-        f"{t.median('dense') * 1e3:.0f} ms, expert matmuls alone {t.median('experts_only') * 1e3:.0f} ms.",
+        f"{t.median('dense') * 1e3:.0f} ms, expert matmuls alone {t.median('experts_only') * 1e3:.0f} ms, MoT SwiGLU "
+        f"{t.median('mot_swiglu') * 1e3:.0f} ms, dense SwiGLU {t.median('dense_swiglu') * 1e3:.0f} ms.",
         [
             Figure("MoT / dense FFN", t.ratio("mot", "dense"), "x", 1.15, spread=t.spread("mot", "dense")),
             Figure("expert matmuls alone / dense FFN", t.ratio("experts_only", "dense"), "x", spread=t.spread("experts_only", "dense"),
                    note="floor: mixing and emitting excluded"),
+            Figure("SwiGLU MoT / dense SwiGLU FFN", t.ratio("mot_swiglu", "dense_swiglu"), "x", 1.15,
+                   spread=t.spread("mot_swiglu", "dense_swiglu")),
         ],
     )

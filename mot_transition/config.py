@@ -139,6 +139,26 @@ class MoTConfig(PreTrainedConfig):
 
         need(self.activation_function in ACT2FN, f"activation_function {self.activation_function!r} is unknown; try 'relu' or 'gelu'")
 
+    def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs):
+        """transformers' save, plus `auto_map` and the generated configuration_mot.py and
+        modeling_mot.py beside config.json (remote_code.py), so that transformers loads the
+        checkpoint without this package (`trust_remote_code=True`)."""
+        remote_code = package_module("remote_code")
+        if remote_code is not None:  # else this class runs as remote code: transformers copies its files itself
+            import os
+
+            os.makedirs(save_directory, exist_ok=True)
+            remote_code.write_remote_code(save_directory)
+            self.auto_map = {**remote_code.AUTO_MAP, **(getattr(self, "auto_map", None) or {})}
+        return super().save_pretrained(save_directory, push_to_hub, **kwargs)
+
+    @classmethod
+    def register_for_auto_class(cls, auto_class="AutoConfig"):
+        """Nothing to do: every save writes `auto_map` and the generated code (see save_pretrained).
+        (Loaded as remote code, transformers' own way is kept.)"""
+        if package_module("remote_code") is None:
+            return super().register_for_auto_class(auto_class)
+
     def ffn_type_of_layer(self, layer_idx: int) -> str:
         """The feed-forward kind of block `layer_idx`: `ffn_type` for the MoE layers, dense otherwise."""
         return self.ffn_type if layer_idx in self.moe_layers else "dense"
@@ -147,6 +167,17 @@ class MoTConfig(PreTrainedConfig):
         """Whether a row's output depends on the other rows of its batch: MoT or Expert Choice layers
         with group_size > 1."""
         return self.ffn_type in GROUPING_FFN_TYPES and self.group_size > 1 and bool(self.moe_layers)
+
+
+def package_module(name: str):
+    """The module `mot_transition.NAME`, or None where this file runs as the generated remote code
+    (remote_code.py), which loads without the package. Imported by name: transformers scans remote
+    code for import statements and would require the package."""
+    if __name__ != "mot_transition.config":
+        return None
+    import importlib
+
+    return importlib.import_module(f"mot_transition.{name}")
 
 
 def _multiple_of_8(width: float) -> int:

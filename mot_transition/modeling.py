@@ -28,7 +28,7 @@ from transformers.utils.generic import can_return_tuple
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .attention import MoTAttention, build_norm, rotary_embedding
-from .config import MoTConfig
+from .config import MoTConfig, package_module
 from .layers import DenseFFN, ExpertLayer, build_ffn, load_balancing_loss, router_z_loss
 from .outputs import (
     CACHE_FIELD,
@@ -100,6 +100,14 @@ class MoTPreTrainedModel(PreTrainedModel):
         """Our own experts ("eager") unless another implementation is asked for: they skip dropped
         choices and are the faster on CPU (benchmarks/)."""
         return "eager" if requested_experts is None else super().get_correct_experts_implementation(requested_experts)
+
+    @classmethod
+    def register_for_auto_class(cls, auto_class="AutoModel"):
+        """Nothing to do: every save writes `auto_map` and the files that load this model without
+        the package (MoTConfig.save_pretrained). transformers' own way copies this class's file and
+        fails on a package's relative imports. (Loaded as remote code, transformers' way is kept.)"""
+        if package_module("remote_code") is None:  # this class runs as remote code
+            return super().register_for_auto_class(auto_class)
 
     def set_group_size(self, group_size: int) -> None:
         """Change the MoT / Expert Choice group size in place (1 = no mixing: per-sequence inference)."""

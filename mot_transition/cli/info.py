@@ -21,7 +21,7 @@ def info(checkpoint: Path = typer.Argument(..., help="A checkpoint directory, or
     settings.add_column("field")
     settings.add_column("value")
     for key, value in sorted(config.to_diff_dict().items()):
-        if key not in ("architectures", "transformers_version", "dtype"):
+        if key not in ("architectures", "transformers_version", "dtype", "auto_map"):
             settings.add_row(key, str(value))
     console.print(settings)
 

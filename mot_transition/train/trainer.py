@@ -467,13 +467,13 @@ def train(
 def _check_resumable(recipe: Recipe, checkpoint: Path) -> None:
     """The model, data, seed and batch layout must be those of the run being resumed."""
     saved = json.loads((checkpoint / "training_state.json").read_text())["recipe"]
-    now = recipe.to_dict()
+    now, default = recipe.to_dict(), Recipe().to_dict()  # a key newer than the run: its default
     keys = [("seed",)] + [("model", k) for k in now["model"]] + [("data", k) for k in now["data"] if k != "cache_dir"]
     keys += [("train", "batch_size"), ("train", "micro_batch_size")]
     for key in keys:
-        a, b = saved, now
+        a, b, c = saved, now, default
         for part in key:
-            a, b = a.get(part) if isinstance(a, dict) else None, b[part]
+            a, b, c = a.get(part, c[part]) if isinstance(a, dict) else None, b[part], c[part]
         if a != b:
             raise ValueError(
                 f"--resume: recipe key {'.'.join(key)!r} is {b!r} but the run in {checkpoint.parent.parent} used {a!r}; "
