@@ -188,3 +188,29 @@ def test_compare_adds_the_task_scores_of_every_model_it_compares(pipeline, tmp_p
     assert code == 0 and "lm-eval task scores" in stdout
     scores = json.loads((out / "transition" / "comparison.json").read_text())["task_scores"]
     assert len(scores) == 3 and all(set(by_task) == {"tiny_choice"} for by_task in scores.values())
+
+
+def test_the_llama_path_as_a_user_types_it_ends_in_a_model_plain_transformers_serves(tmp_path, capsys, monkeypatch):
+    """docs/transition.md: train tiny-llama, convert, transition-tune (`run`), export to Qwen3-MoE,
+    then load model and tokenizer with transformers alone and generate."""
+    import subprocess
+    import sys
+
+    monkeypatch.setenv("MOT_TRANSITION_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "llama"
+    code, _, err = run_cli(["run", "tiny-llama", "--out", out, "--transition-steps", "2", "--no-baseline", *MICRO], capsys)
+    assert code == 0, err
+    code, stdout, err = run_cli(["export", out / "transition", out / "native"], capsys)
+    assert code == 0 and "same greedy tokens" in stdout and "yes" in stdout, err
+    script = (
+        "import sys; sys.modules['mot_transition'] = None\n"
+        "from transformers import AutoModelForCausalLM, AutoTokenizer\n"
+        f"path = {str(out / 'native')!r}\n"
+        "tok = AutoTokenizer.from_pretrained(path); model = AutoModelForCausalLM.from_pretrained(path)\n"
+        "ids = tok(['def main(', 'import os'], return_tensors='pt', padding=True)\n"
+        "new = model.generate(**ids, max_new_tokens=5, do_sample=False)\n"
+        "print(type(model).__name__, new.shape[1] - ids['input_ids'].shape[1])\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["Qwen3MoeForCausalLM", "5"]
