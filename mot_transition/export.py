@@ -151,6 +151,7 @@ def export_checkpoint(
                 shutil.copy2(src / name, staging / name)
         if (staging / "tokenizer_config.json").is_file():
             ready_for_generation(staging, config.n_positions)
+            _portable_tokenizer_class(staging / "tokenizer_config.json")
         if verify:
             report.max_abs_logit_difference, report.same_greedy_tokens = compare_with_export(model, staging)
             if report.max_abs_logit_difference > 1e-4 or not report.same_greedy_tokens:
@@ -165,6 +166,16 @@ def export_checkpoint(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return report
+
+
+def _portable_tokenizer_class(path: Path) -> None:
+    """Name the tokenizer class as every transformers release knows it: transformers 5 writes
+    `TokenizersBackend`, which 4.x (still pinned by llama.cpp's GGUF converter, for one) cannot
+    load; `PreTrainedTokenizerFast` is the same class in 5.x."""
+    fields = json.loads(path.read_text())
+    if fields.get("tokenizer_class") == "TokenizersBackend":
+        fields["tokenizer_class"] = "PreTrainedTokenizerFast"
+        path.write_text(json.dumps(fields, indent=2, ensure_ascii=False) + "\n")
 
 
 @torch.no_grad()
@@ -237,7 +248,7 @@ def to_native(model, target: str = "qwen3_moe", dropless: bool = False):
         )
     if config.tie_word_embeddings:
         native.tie_weights()
-    with torch.device("cpu"):  # its buffers (rotary frequencies) were built on the meta device: build them again
+    with torch.device(model.device):  # its buffers (rotary frequencies) were built on the meta device: build them again
         native.model.rotary_emb = type(native.model.rotary_emb)(native_config)
     return native.eval()
 

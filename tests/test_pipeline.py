@@ -202,6 +202,8 @@ def test_the_llama_path_as_a_user_types_it_ends_in_a_model_plain_transformers_se
     assert code == 0, err
     code, stdout, err = run_cli(["export", out / "transition", out / "native"], capsys)
     assert code == 0 and "same greedy tokens" in stdout and "yes" in stdout, err
+    # the tokenizer class by the name transformers 4.x knows too (llama.cpp's converter pins 4.x)
+    assert json.loads((out / "native" / "tokenizer_config.json").read_text())["tokenizer_class"] == "PreTrainedTokenizerFast"
     script = (
         "import sys; sys.modules['mot_transition'] = None\n"
         "from transformers import AutoModelForCausalLM, AutoTokenizer\n"

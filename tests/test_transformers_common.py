@@ -138,3 +138,16 @@ class ExpertChoiceTest(MoTCommonTests, unittest.TestCase):
     @unittest.skip("Expert Choice picks tokens within a group of rows: a row alone is grouped differently (by design)")
     def test_batching_equivalence(self):
         pass
+
+
+# the same suites for the llama block style (RMSNorm, rotary positions, SwiGLU, qk_norm)
+class LlamaDenseTest(DenseTest):
+    overrides = {"block": "llama"}
+
+
+class LlamaTokenChoiceTest(TokenChoiceTest):
+    overrides = {"block": "llama"}
+
+
+class LlamaMoTGroupTwoTest(MoTGroupTwoTest):
+    overrides = {"block": "llama"}
