@@ -116,14 +116,15 @@ def test_router_losses_of_a_batch_without_real_tokens_are_zero_not_nan():
 
 @pytest.mark.parametrize("training, capacity_factor", [(False, None), (True, 1.0), (True, 0.5)])
 @pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("block", BLOCKS)
 def test_fixed_shape_routing_of_traced_runs_gives_the_outputs_and_gradients_of_the_dropping_one(
-    monkeypatch, training, capacity_factor, masked
+    monkeypatch, training, capacity_factor, masked, block
 ):
     """torch.compile / torch.export take the routing whose shapes do not depend on the data (a
     dropped choice keeps its slot with weight 0): it must compute exactly what the eager one does."""
     torch.manual_seed(0)
     layer = TokenChoice(tiny_config("token_choice", n_embd=8, n_expert=4, expert_size=4, num_experts_per_tok=2,
-                                    capacity_factor=capacity_factor)).train(training)
+                                    capacity_factor=capacity_factor, block=block)).train(training)
     x = torch.randn(3, 5, 8)
     mask = torch.rand(3, 5) > 0.3 if masked else None
     results = []
@@ -140,9 +141,10 @@ def test_fixed_shape_routing_of_traced_runs_gives_the_outputs_and_gradients_of_t
         assert (results[0][0].abs().sum(-1) == 0).any(), "the test should drop some choices"
 
 
-def test_one_token_decode_of_traced_runs_gathers_the_chosen_experts(monkeypatch):
+@pytest.mark.parametrize("block", BLOCKS)
+def test_one_token_decode_of_traced_runs_gathers_the_chosen_experts(monkeypatch, block):
     torch.manual_seed(0)
-    layer = TokenChoice(tiny_config("token_choice", n_embd=8, n_expert=4, expert_size=4, num_experts_per_tok=2)).eval()
+    layer = TokenChoice(tiny_config("token_choice", n_embd=8, n_expert=4, expert_size=4, num_experts_per_tok=2, block=block)).eval()
     x = torch.randn(1, 1, 8)
     eager, _ = layer(x)
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
@@ -152,8 +154,9 @@ def test_one_token_decode_of_traced_runs_gathers_the_chosen_experts(monkeypatch)
 
 @pytest.mark.parametrize("implementation", ["grouped_mm", "batched_mm"])
 @pytest.mark.parametrize("training, capacity_factor, masked", [(False, None, True), (True, 1.0, False), (True, 0.5, True)])
+@pytest.mark.parametrize("block", BLOCKS)  # llama: SwiGLU experts, lin1 read as their gated `gate_up_proj`
 def test_transformers_experts_functions_give_our_outputs_and_gradients_with_masks_and_capacity(
-    implementation, training, capacity_factor, masked
+    implementation, training, capacity_factor, masked, block
 ):
     from unittest.mock import Mock, patch
 
@@ -161,7 +164,7 @@ def test_transformers_experts_functions_give_our_outputs_and_gradients_with_mask
 
     torch.manual_seed(0)
     layer = TokenChoice(tiny_config("token_choice", n_embd=8, n_expert=4, expert_size=4, num_experts_per_tok=2,
-                                    capacity_factor=capacity_factor)).train(training)
+                                    capacity_factor=capacity_factor, block=block)).train(training)
     x = torch.randn(3, 5, 8)
     mask = torch.rand(3, 5) > 0.3 if masked else None
     function = Mock(wraps=moe.ALL_EXPERTS_FUNCTIONS[implementation])

@@ -323,6 +323,13 @@ def test_overrides_are_toml_literals_with_dotted_section_keys():
     assert recipe.data.source == "/tmp/my corpus.txt" and recipe.model.expert_size is None
 
 
+def test_block_style_is_an_override_on_any_recipe_and_the_flop_matched_widths_follow_it():
+    gpt2, llama = load_recipe("tiny").model_config(), load_recipe("tiny", ["model.block=llama"]).model_config()
+    assert (llama.block, llama.gated, llama.qk_norm, llama.activation_function) == ("llama", True, True, "silu")
+    assert (gpt2.expert_size, llama.expert_size) == (256, 168)  # 2 x 256 ReLU matrices ~ 3 x 168 SwiGLU ones
+    assert llama.to_dict() == load_recipe("tiny-llama").model_config().to_dict()
+
+
 def test_recipe_written_as_toml_reads_back_equal():
     recipe = load_recipe("tiny", ["train.steps=7"])
     assert recipe_from_dict(tomllib.loads(recipe_to_toml(recipe))) == recipe
@@ -337,10 +344,11 @@ def test_every_shipped_recipe_is_valid_and_starts_with_the_command_that_runs_it(
         assert recipe.train.batch_size % recipe.model.group_size == 0
 
 
-@pytest.mark.parametrize("size", ["tiny", "medium", "base"])
+@pytest.mark.parametrize("size", ["tiny", "medium", "base", "tiny-llama", "medium-llama"])
 def test_baselines_have_the_shape_of_their_mot_recipe(size):
-    mot = load_recipe("tiny" if size == "tiny" else f"{size}-mot")
+    mot = load_recipe(size if size.startswith("tiny") else f"{size}-mot")
     dense, token_choice = load_recipe(f"{size}-dense"), load_recipe(f"{size}-token-choice")
+    assert dense.model.block == token_choice.model.block == mot.model.block
     shape = lambda r: (r.model.n_embd, r.model.n_layer, r.model.n_head, r.data.seq_len, r.train.batch_size, r.train.steps)
     assert shape(dense) == shape(token_choice) == shape(mot)
     assert (dense.model.ffn_type, token_choice.model.ffn_type, mot.model.ffn_type) == ("dense", "token_choice", "mot")
