@@ -24,7 +24,7 @@ from .checkpoint_io import load_config, read_header, tensor_table, weight_files
 from .config import MoTConfig
 from .counts import parameter_counts
 from .data.tokenizer import ready_for_generation
-from .destinations import beside, check_destination, clean_after_killed_runs, replace_directory
+from .destinations import check_destination, clean_after_killed_runs, staged
 
 COPIED_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                 "vocab.json", "merges.txt", "generation_config.json")
@@ -244,10 +244,7 @@ def convert_checkpoint(
         scales = report.calibration["scales"]
         del state_dict
 
-    staging = beside(dst, "converting")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    try:
+    with staged(dst) as staging:
         for file in weight_files(src):
             write_converted(file, staging / file.name, config, scales, report)
         index = src / "model.safetensors.index.json"
@@ -259,10 +256,6 @@ def convert_checkpoint(
                 shutil.copy2(src / name, staging / name)
         ready_for_generation(staging, tc_config.n_positions)  # also for checkpoints saved before tokenizers were
         (staging / "conversion_report.json").write_text(report.to_json())
-        replace_directory(staging, dst)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return report
 
 

@@ -5,6 +5,7 @@ only with --force and only when this toolkit wrote it; what a killed run left be
 import json
 import os
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -82,3 +83,18 @@ def replace_directory(staging: Path, dst: Path) -> None:
         os.replace(old, dst)  # put the old destination back: never leave neither
         raise
     shutil.rmtree(old, ignore_errors=True)
+
+
+@contextmanager
+def staged(dst: Path):
+    """A fresh staging directory beside `dst` to write into: renamed into place as `dst` when the
+    block completes, removed when it raises (or is interrupted)."""
+    staging = beside(dst, "converting")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        yield staging
+        replace_directory(staging, dst)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise

@@ -30,7 +30,7 @@ import torch
 from .checkpoint_io import load_checked, load_config
 from .config import MoTConfig
 from .convert import COPIED_FILES
-from .destinations import beside, check_destination, clean_after_killed_runs, replace_directory
+from .destinations import check_destination, clean_after_killed_runs, staged
 
 TARGETS = ("qwen3_moe", "qwen3")
 
@@ -140,10 +140,7 @@ def export_checkpoint(
         sparse_layers=[i for i in range(config.n_layer) if config.ffn_type_of_layer(i) != "dense"],
         dense_layers=[i for i in range(config.n_layer) if config.ffn_type_of_layer(i) == "dense"],
     )
-    staging = beside(dst, "converting")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    try:
+    with staged(dst) as staging:
         native.save_pretrained(staging)
         del native
         for name in COPIED_FILES:
@@ -161,10 +158,6 @@ def export_checkpoint(
                 )
         report.files = sorted(path.name for path in staging.iterdir()) + ["export_report.json"]
         (staging / "export_report.json").write_text(report.to_json())
-        replace_directory(staging, dst)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return report
 
 

@@ -146,3 +146,13 @@ def test_cli_export_as_a_user_types_it_and_force_replaces_only_an_export(tmp_pat
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
     code, _, err = run_cli(["export", tmp_path / "ours", tmp_path / "mine", "--force"], capsys)
     assert code == 1 and (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+
+
+def test_an_export_that_does_not_reproduce_our_model_is_not_written(tmp_path, monkeypatch):
+    import mot_transition.export as export
+
+    llama_model().save_pretrained(tmp_path / "ours")
+    monkeypatch.setattr(export, "compare_with_export", lambda model, folder: (3e-2, True))
+    with pytest.raises(ValueError, match="differs from ours"):
+        export_checkpoint(tmp_path / "ours", tmp_path / "native")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ours"]  # neither the export nor its staging

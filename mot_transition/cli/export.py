@@ -25,7 +25,7 @@ def export(
     console = Console()
     with console.status(f"exporting to {to}"):
         report = export_checkpoint(src, dst, to, force=force, dropless=dropless, verify=verify)
-    table = Table(title=f"{report.architecture} (transformers {report.transformers_version})")
+    table = Table(title=f"{report.architecture} (transformers {report.transformers_version})", show_header=False)
     table.add_column("")
     table.add_column("", justify="right")
     table.add_row("sparse blocks", ", ".join(map(str, report.sparse_layers)) or "none")
