@@ -10,6 +10,7 @@ from transformers import (
     AutoModelForTokenClassification,
 )
 
+from . import remote_code  # noqa: F401  (reads the sources that checkpoints carry, once, now)
 from .config import MoTConfig
 from .modeling import (
     MoTForQuestionAnswering,

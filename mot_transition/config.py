@@ -68,10 +68,9 @@ class MoTConfig(PreTrainedConfig):
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
         llama = self.block == "llama"
-        if self.activation_function is None:
-            self.activation_function = "silu" if llama else "relu"
-        if self.qk_norm is None:
-            self.qk_norm = llama
+        for name, value in style_defaults(self.block).items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
         if self.n_inner is None:
             self.n_inner = _multiple_of_8(8 * self.n_embd / 3) if llama else 4 * self.n_embd
         if self.moe_layers is None:
@@ -92,16 +91,15 @@ class MoTConfig(PreTrainedConfig):
         """Expert width whose MoT FLOPs per token equal a dense FFN of width 4d (SPEC 1.1); with
         SwiGLU experts, of a SwiGLU FFN of width 8d/3 (the same FLOPs: three matrices instead of two),
         rounded to a multiple of 8 (SPEC 5)."""
+        formula, width = "4*n_embd*group_size/n_expert", 4 * self.n_embd * self.group_size / self.n_expert
         if self.gated:
-            size = _multiple_of_8(8 * self.n_embd * self.group_size / (3 * self.n_expert))
-        else:
-            size = 4 * self.n_embd * self.group_size // self.n_expert
-        if size < 1:
+            formula, width = "8*n_embd*group_size/(3*n_expert)", width * 2 / 3
+        if width < 1:
             raise ValueError(
-                f"flop-matched expert_size 4*n_embd*group_size/n_expert is below 1 for n_embd={self.n_embd}, "
+                f"flop-matched expert_size {formula} is below 1 for n_embd={self.n_embd}, "
                 f"group_size={self.group_size}, n_expert={self.n_expert}; set expert_size explicitly"
             )
-        return size
+        return _multiple_of_8(width) if self.gated else int(width)
 
     def check(self) -> None:
         """Raise a ValueError naming the field for any value that cannot work."""
@@ -124,7 +122,7 @@ class MoTConfig(PreTrainedConfig):
         need(self.n_expert >= 1, f"n_expert must be at least 1, got {self.n_expert}")
         need(self.group_size >= 1, f"group_size must be at least 1, got {self.group_size}")
         need(self.expert_size is None or self.expert_size >= 1, f"expert_size must be at least 1, got {self.expert_size}")
-        need(self.rope_theta > 0, f"rope_theta must be positive, got {self.rope_theta}")
+        need(isinstance(self.rope_theta, (int, float)) and self.rope_theta > 0, f"rope_theta must be a positive number, got {self.rope_theta!r}")
         need(self.mot_temperature > 0, f"mot_temperature must be positive, got {self.mot_temperature}")
         need(
             1 <= self.num_experts_per_tok <= self.n_expert,
@@ -143,14 +141,20 @@ class MoTConfig(PreTrainedConfig):
         """transformers' save, plus `auto_map` and the generated configuration_mot.py and
         modeling_mot.py beside config.json (remote_code.py), so that transformers loads the
         checkpoint without this package (`trust_remote_code=True`)."""
-        remote_code = package_module("remote_code")
+        remote_code, files = package_module("remote_code"), None
         if remote_code is not None:  # else this class runs as remote code: transformers copies its files itself
-            import os
+            try:
+                files = remote_code.generated_sources()
+            except ValueError as error:  # never fail a save (a training checkpoint) for want of these files
+                import warnings
 
-            os.makedirs(save_directory, exist_ok=True)
-            remote_code.write_remote_code(save_directory)
-            self.auto_map = {**remote_code.AUTO_MAP, **(getattr(self, "auto_map", None) or {})}
-        return super().save_pretrained(save_directory, push_to_hub, **kwargs)
+                warnings.warn(f"saving without the code that loads this checkpoint without mot-transition: {error}")
+            else:
+                self.auto_map = {**(getattr(self, "auto_map", None) or {}), **remote_code.AUTO_MAP}
+        result = super().save_pretrained(save_directory, push_to_hub, **kwargs)
+        if files is not None:
+            remote_code.write_remote_code(save_directory, files)
+        return result
 
     @classmethod
     def register_for_auto_class(cls, auto_class="AutoConfig"):
@@ -167,6 +171,12 @@ class MoTConfig(PreTrainedConfig):
         """Whether a row's output depends on the other rows of its batch: MoT or Expert Choice layers
         with group_size > 1."""
         return self.ffn_type in GROUPING_FFN_TYPES and self.group_size > 1 and bool(self.moe_layers)
+
+
+def style_defaults(block: str) -> dict:
+    """What a None `activation_function` and `qk_norm` mean for a block style."""
+    llama = block == "llama"
+    return {"activation_function": "silu" if llama else "relu", "qk_norm": llama}
 
 
 def package_module(name: str):

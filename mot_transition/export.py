@@ -33,6 +33,7 @@ from .convert import COPIED_FILES
 from .destinations import check_destination, clean_after_killed_runs, staged
 
 TARGETS = ("qwen3_moe", "qwen3")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -41,6 +42,7 @@ class ExportReport:
 
     source: str | None = None
     target: str = ""
+    dtype: str = "float32"
     architecture: str = ""
     transformers_version: str = ""
     sparse_layers: list[int] = field(default_factory=list)
@@ -115,27 +117,33 @@ def target_config(config: MoTConfig, target: str):
 
 def export_checkpoint(
     src: str | Path, dst: str | Path, target: str = "qwen3_moe", force: bool = False, dropless: bool = False,
-    verify: bool = True,
+    verify: bool = True, dtype: str = "float32",
 ) -> ExportReport:
     """Export the checkpoint `src` (llama style) to `dst`, a directory that plain transformers loads
-    as the `target` architecture, with the tokenizer. With `verify`, the written directory is loaded
-    back by transformers and must give our logits (max abs difference <= 1e-4, float32, random
-    prompts) and our greedy tokens, or nothing is written. Written in a staging directory beside
-    `dst` and renamed into place; `dst` is replaced only with `force` and only if this toolkit wrote it."""
+    as the `target` architecture, with the tokenizer; tensors in `dtype` (float32, bfloat16 or
+    float16). With `verify`, the written directory is loaded back by transformers and must give our
+    logits (max abs difference <= 1e-4, computed in float32, random prompts; for a half-precision
+    export, against our model with its weights rounded the same way) and our greedy tokens, or
+    nothing is written. Written in a staging directory beside `dst` and renamed into place; `dst` is
+    replaced only with `force` and only if this toolkit wrote it."""
     import transformers
 
     from .checkpoint_io import resolve_checkpoint
     from .data.tokenizer import ready_for_generation
 
     src, dst = resolve_checkpoint(src), Path(dst)
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     config = load_config(src)
     check_exportable(config, target, dropless)
     clean_after_killed_runs(dst)
     check_destination(src, dst, force)
     model = load_checked(src).eval()
-    native = to_native(model, target, dropless)
+    if dtype != "float32":  # the reference of the check: our model with the export's rounded weights
+        model = model.to(DTYPES[dtype]).float()
+    native = to_native(model, target, dropless).to(DTYPES[dtype])
     report = ExportReport(
-        source=str(src.resolve()), target=target, architecture=type(native).__name__,
+        source=str(src.resolve()), target=target, dtype=dtype, architecture=type(native).__name__,
         transformers_version=transformers.__version__,
         sparse_layers=[i for i in range(config.n_layer) if config.ffn_type_of_layer(i) != "dense"],
         dense_layers=[i for i in range(config.n_layer) if config.ffn_type_of_layer(i) == "dense"],
@@ -181,7 +189,8 @@ def compare_with_export(model, exported: str | Path, prompts: int = 4, length: i
     model = model.float().eval()
     config = model.config
     generator = torch.Generator().manual_seed(seed)
-    length = min(length, config.n_positions - new_tokens)
+    new_tokens = min(new_tokens, config.n_positions // 2)
+    length = max(1, min(length, config.n_positions - new_tokens))
     ids = torch.randint(0, config.vocab_size, (prompts, length), generator=generator)
     difference = (model(ids).logits - native(ids).logits).abs().max().item()
     greedy = dict(max_new_tokens=new_tokens, do_sample=False, pad_token_id=config.pad_token_id or 0)

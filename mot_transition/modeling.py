@@ -27,7 +27,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils.generic import can_return_tuple
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
-from .attention import MoTAttention, build_norm, rotary_embedding
+from .attention import MoTAttention, build_norm, eager_attention_forward, rotary_embedding  # noqa: F401  (eager_attention_forward: its old home)
 from .config import MoTConfig, package_module
 from .layers import DenseFFN, ExpertLayer, build_ffn, load_balancing_loss, router_z_loss
 from .outputs import (

@@ -156,3 +156,30 @@ def test_an_export_that_does_not_reproduce_our_model_is_not_written(tmp_path, mo
     with pytest.raises(ValueError, match="differs from ours"):
         export_checkpoint(tmp_path / "ours", tmp_path / "native")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ours"]  # neither the export nor its staging
+
+
+def test_left_padded_batches_give_our_logits_and_greedy_tokens(tmp_path):
+    """What a server batches: left-padded prompts, positions counted over real tokens."""
+    from mot_transition.export import to_native
+
+    model = llama_model()
+    native = to_native(model)
+    ids = torch.randint(1, 61, (3, 10))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    mask[2, :6] = 0
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        ours = model(ids, attention_mask=mask, position_ids=positions).logits
+        theirs = native(ids, attention_mask=mask, position_ids=positions).logits
+        assert (ours - theirs)[mask.bool()].abs().max() <= 1e-4
+        greedy = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+        assert torch.equal(model.generate(ids, **greedy), native.generate(ids, **greedy))
+
+
+def test_a_bfloat16_export_is_checked_against_our_model_with_the_same_rounded_weights(tmp_path):
+    llama_model().save_pretrained(tmp_path / "ours")
+    report = export_checkpoint(tmp_path / "ours", tmp_path / "native", dtype="bfloat16")
+    assert report.dtype == "bfloat16" and report.max_abs_logit_difference <= 1e-4 and report.same_greedy_tokens
+    with safe_open(tmp_path / "native" / "model.safetensors", "pt") as handle:
+        assert handle.get_tensor("model.layers.1.mlp.gate.weight").dtype == torch.bfloat16

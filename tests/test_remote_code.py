@@ -118,3 +118,28 @@ def test_with_the_package_imported_the_package_classes_still_load_without_trust_
     MoTLMHeadModel(tiny_config("dense")).save_pretrained(tmp_path)
     loaded = getattr(transformers, auto).from_pretrained(tmp_path)
     assert type(loaded).__module__.startswith("mot_transition.")
+
+
+def test_a_save_never_fails_for_want_of_the_generated_code(tmp_path, monkeypatch):
+    """An install without the .py sources still saves (training checkpoints must), with a warning,
+    and without an auto_map that would point at files it could not write."""
+    from mot_transition import remote_code
+
+    monkeypatch.setattr(remote_code, "_SOURCES", None)
+    remote_code.generated_sources.cache_clear()
+    config = tiny_config("dense")
+    try:
+        with pytest.warns(UserWarning, match="without the code"):
+            MoTLMHeadModel(config).save_pretrained(tmp_path)
+    finally:
+        remote_code.generated_sources.cache_clear()
+    assert "auto_map" not in json.loads((tmp_path / "config.json").read_text())
+    assert not (tmp_path / "modeling_mot.py").exists() and (tmp_path / "model.safetensors").exists()
+
+
+def test_our_auto_map_replaces_a_stale_one(tmp_path):
+    config = tiny_config("dense")
+    config.auto_map = {"AutoModelForCausalLM": "someone/else--modeling_x.Model", "AutoTokenizer": "tok.Tok"}
+    MoTLMHeadModel(config).save_pretrained(tmp_path)
+    auto_map = json.loads((tmp_path / "config.json").read_text())["auto_map"]
+    assert auto_map["AutoModelForCausalLM"] == "modeling_mot.MoTLMHeadModel" and auto_map["AutoTokenizer"] == "tok.Tok"

@@ -121,6 +121,20 @@ def test_resume_with_another_model_shape_names_the_key(data_dir, tmp_path):
         train(recipe_from_dict(changed), tmp_path / "run", resume=True, progress=False)
 
 
+def test_a_run_started_before_the_block_style_keys_existed_resumes(data_dir, tmp_path):
+    """Runs saved `activation_function: "relu"` (the default then) and no block, rope_theta, qk_norm."""
+    train(recipe_from_dict(tiny_recipe(data_dir, train={"steps": 3})), tmp_path / "run", progress=False)
+    state_file = latest_checkpoint(tmp_path / "run") / "training_state.json"
+    state = json.loads(state_file.read_text())
+    for key in ("block", "rope_theta", "qk_norm"):
+        del state["recipe"]["model"][key]
+    state["recipe"]["model"]["activation_function"] = "relu"
+    state_file.write_text(json.dumps(state))
+    assert train(recipe_from_dict(tiny_recipe(data_dir)), tmp_path / "run", resume=True, progress=False).step == 6
+    with pytest.raises(ValueError, match="'model.block'"):  # but a llama-style recipe is another model
+        train(recipe_from_dict(tiny_recipe(data_dir, model={"block": "llama"})), tmp_path / "run", resume=True, progress=False)
+
+
 # ---------------------------------------------------------------------------------------------
 # checkpoints that survive a crash
 

@@ -15,6 +15,7 @@ def export(
     src: Path = typer.Argument(..., help="Checkpoint directory (or a run directory: its latest checkpoint), llama block style."),
     dst: Path = typer.Argument(..., help="Directory to write the native transformers model to."),
     to: str = typer.Option("qwen3_moe", "--to", help="qwen3_moe (Token Choice models) or qwen3 (dense models)."),
+    dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16: the dtype of the written tensors."),
     dropless: bool = typer.Option(False, "--dropless", help="Export a model trained with a capacity factor (Qwen3-MoE never drops)."),
     verify: bool = typer.Option(True, "--verify/--no-verify", help="Load the export back with transformers and compare logits and greedy tokens."),
     force: bool = typer.Option(False, "--force", help="Replace DST if this toolkit wrote it."),
@@ -24,7 +25,7 @@ def export(
 
     console = Console()
     with console.status(f"exporting to {to}"):
-        report = export_checkpoint(src, dst, to, force=force, dropless=dropless, verify=verify)
+        report = export_checkpoint(src, dst, to, force=force, dropless=dropless, verify=verify, dtype=dtype)
     table = Table(title=f"{report.architecture} (transformers {report.transformers_version})", show_header=False)
     table.add_column("")
     table.add_column("", justify="right")

@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from ..config import GROUPING_FFN_TYPES
+from ..config import GROUPING_FFN_TYPES, style_defaults
 from ..convert import default_top_k
 from .checkpoint import latest_checkpoint, load_model, load_optimizer_state, load_training_state, save_checkpoint
 from .recipe import Recipe, recipe_to_toml
@@ -468,6 +468,10 @@ def _check_resumable(recipe: Recipe, checkpoint: Path) -> None:
     """The model, data, seed and batch layout must be those of the run being resumed."""
     saved = json.loads((checkpoint / "training_state.json").read_text())["recipe"]
     now, default = recipe.to_dict(), Recipe().to_dict()  # a key newer than the run: its default
+    for fields in (saved.get("model", {}), now["model"], default["model"]):  # None means the block style's default: compare what it means
+        for name, value in style_defaults(fields.get("block", "gpt2")).items():
+            if fields.get(name) is None:
+                fields[name] = value
     keys = [("seed",)] + [("model", k) for k in now["model"]] + [("data", k) for k in now["data"] if k != "cache_dir"]
     keys += [("train", "batch_size"), ("train", "micro_batch_size")]
     for key in keys:
