@@ -37,8 +37,9 @@ def evaluate_tasks(
         import lm_eval
         from lm_eval.models.huggingface import HFLM
         from lm_eval.tasks import TaskManager
-    except ImportError:
-        raise ImportError("eval needs lm-evaluation-harness: pip install 'mot-transition[eval]'") from None
+    except ImportError as error:  # not installed, or installed and broken: say which
+        why = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ImportError(f"eval needs lm-evaluation-harness, which does not import here ({why}): pip install 'mot-transition[eval]'") from None
     from transformers import AutoTokenizer
 
     checkpoint = resolve_checkpoint(checkpoint)
