@@ -62,7 +62,7 @@ def generated_sources() -> dict[str, str]:
     config_body = _without_docstring(config_source, ast.parse(config_source))
     config_names = _top_level_names(ast.parse(config_source))
     imports, bodies, defined, from_config = [], [], {}, set()
-    bound = {}  # name -> the import statement that binds it
+    bound = {}  # name -> (module, name) of the import that binds it
     for module in MODELING_MODULES:
         source = _SOURCES[module]
         tree = ast.parse(source)
@@ -83,8 +83,8 @@ def generated_sources() -> dict[str, str]:
                 drop.update(span)
                 statement = "".join(lines[i] for i in span).strip()
                 for alias in node.names:  # one file: a name must mean one thing in every module
-                    name = alias.asname or alias.name.split(".")[0]
-                    if bound.setdefault(name, (alias.name, getattr(node, "module", None))) != (alias.name, getattr(node, "module", None)):
+                    name, origin = alias.asname or alias.name.split(".")[0], (getattr(node, "module", None), alias.name)
+                    if bound.setdefault(name, origin) != origin:
                         raise ValueError(f"{module} imports a different {name} than a module before it")
                 if statement not in imports:
                     imports.append(statement)
@@ -92,7 +92,8 @@ def generated_sources() -> dict[str, str]:
                 drop.update(span)
         for name in _top_level_names(tree):
             if name in defined or name in config_names or name in bound:
-                raise ValueError(f"{module} and {defined.get(name, 'config.py')} both define {name}: one file cannot hold both")
+                where = defined.get(name) or ("config.py" if name in config_names else "an import")
+                raise ValueError(f"{module} and {where} both define {name}: one file cannot hold both")
             defined[name] = module
         body = "".join(line for i, line in enumerate(lines) if i not in drop).strip("\n")
         bodies.append(f"# ---- mot_transition/{module}\n\n{body}\n")

@@ -143,3 +143,21 @@ def test_our_auto_map_replaces_a_stale_one(tmp_path):
     MoTLMHeadModel(config).save_pretrained(tmp_path)
     auto_map = json.loads((tmp_path / "config.json").read_text())["auto_map"]
     assert auto_map["AutoModelForCausalLM"] == "modeling_mot.MoTLMHeadModel" and auto_map["AutoTokenizer"] == "tok.Tok"
+
+
+@pytest.mark.parametrize("addition, words", [
+    ("\ndef activate(h):\n    return h\n", "both define activate"),  # experts.py defines it already
+    ("\nfrom math import inf as F\n", "imports a different F"),  # F is torch.nn.functional elsewhere
+])
+def test_generation_refuses_modules_that_would_clash_in_one_file(addition, words, monkeypatch):
+    from mot_transition import remote_code
+
+    sources = dict(remote_code._SOURCES)
+    sources["layers/dense.py"] += addition
+    monkeypatch.setattr(remote_code, "_SOURCES", sources)
+    remote_code.generated_sources.cache_clear()
+    try:
+        with pytest.raises(ValueError, match=words):
+            remote_code.generated_sources()
+    finally:
+        remote_code.generated_sources.cache_clear()
