@@ -29,6 +29,7 @@ def export(
     table = Table(title=f"{report.architecture} (transformers {report.transformers_version})", show_header=False)
     table.add_column("")
     table.add_column("", justify="right")
+    table.add_row("tensors", report.dtype)
     table.add_row("sparse blocks", ", ".join(map(str, report.sparse_layers)) or "none")
     table.add_row("dense blocks (mlp_only_layers)", ", ".join(map(str, report.dense_layers)) or "none")
     if report.max_abs_logit_difference is not None:
