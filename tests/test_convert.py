@@ -214,6 +214,19 @@ def test_convert_puts_back_an_old_output_that_a_killed_run_had_moved_aside(mot_c
     assert digest(tmp_path / "out") == before and not list(tmp_path.glob(".out.*"))
 
 
+@pytest.mark.parametrize("damage, words", [
+    (corrupt_truncate, "truncated or corrupted"),
+    (corrupt_header_byte, "truncated or corrupted"),
+    (lambda path: (path / "model.safetensors").write_bytes(os.urandom(4096)), "truncated or corrupted"),
+    (lambda path: (path / "model.safetensors").unlink(), "has no model.safetensors"),
+])
+def test_info_reports_a_damaged_checkpoint_in_one_line_instead_of_describing_it(mot_checkpoint, damage, words, capsys):
+    """Issue 13, item 11: info read only config.json and said rc 0 of a truncated or random file."""
+    damage(mot_checkpoint)
+    code, _, err = run_cli(["info", mot_checkpoint], capsys)
+    assert code == 1 and words in err and len(err.strip().splitlines()) == 1
+
+
 def test_cli_convert_and_info_as_a_user_types_them(mot_checkpoint, tmp_path):
     done = subprocess.run([sys.executable, "-m", "mot_transition.cli", "convert", str(mot_checkpoint), str(tmp_path / "tc")],
                           capture_output=True, text=True)
