@@ -8,6 +8,8 @@ MLPs and experts) and `block="llama"` (RMSNorm, rotary positions, no biases, Swi
 MLP and in every expert, per-head RMSNorm of queries and keys).
 """
 
+import math
+
 from transformers import PreTrainedConfig
 
 FFN_TYPES = ("dense", "mot", "token_choice", "expert_choice")
@@ -67,6 +69,7 @@ class MoTConfig(PreTrainedConfig):
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
+        self._check_values()  # before anything is derived from them
         llama = self.block == "llama"
         for name, value in style_defaults(self.block).items():
             if getattr(self, name) is None:
@@ -76,7 +79,7 @@ class MoTConfig(PreTrainedConfig):
         if self.moe_layers is None:
             self.moe_layers = list(range(self.n_layer // 2, self.n_layer))
         else:
-            self.moe_layers = sorted({int(i) for i in self.moe_layers})
+            self.moe_layers = sorted(set(self.moe_layers))
         if self.expert_size is None and self.ffn_type in EXPERT_FFN_TYPES and self.group_size >= 1 and self.n_expert >= 1:
             self.expert_size = self.flop_matched_expert_size()
         self.check()
@@ -101,17 +104,36 @@ class MoTConfig(PreTrainedConfig):
             )
         return _multiple_of_8(width) if self.gated else int(width)
 
+    def _check_values(self) -> None:
+        """Each field alone: its type and range (finite numbers only). ValueError naming the field."""
+        for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_expert", "group_size", "num_experts_per_tok"):
+            _need(_is_int(getattr(self, name)) and getattr(self, name) >= 1, f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        for name in ("n_inner", "expert_size"):
+            value = getattr(self, name)
+            _need(value is None or (_is_int(value) and value >= 1), f"{name} must be a positive integer or None, got {value!r}")
+        moe_layers = self.moe_layers
+        _need(
+            moe_layers is None or (isinstance(moe_layers, (list, tuple)) and all(_is_int(i) for i in moe_layers)),
+            f"moe_layers must be a list of block indices, got {moe_layers!r}",
+        )
+        positive = ("layer_norm_epsilon", "rope_theta", "mot_temperature")
+        at_least_zero = ("initializer_range", "router_aux_loss_coef", "router_z_loss_coef")
+        for name in positive + at_least_zero:
+            value, what = getattr(self, name), "positive number" if name in positive else "number >= 0"
+            _need(_is_number(value) and (value > 0 if name in positive else value >= 0), f"{name} must be a finite {what}, got {value!r}")
+        _need(
+            self.capacity_factor is None or (_is_number(self.capacity_factor) and self.capacity_factor > 0),
+            f"capacity_factor must be a finite positive number or None, got {self.capacity_factor!r}",
+        )
+        for name in ("resid_pdrop", "embd_pdrop", "attn_pdrop"):
+            _need(_is_number(getattr(self, name)) and 0 <= getattr(self, name) < 1, f"{name} must be in [0, 1), got {getattr(self, name)!r}")
+
     def check(self) -> None:
         """Raise a ValueError naming the field for any value that cannot work."""
-
-        def need(condition: bool, message: str) -> None:
-            if not condition:
-                raise ValueError(message)
-
+        need = _need
+        self._check_values()
         need(self.block in BLOCK_STYLES, f"block must be one of {', '.join(BLOCK_STYLES)}, got {self.block!r}")
         need(self.ffn_type in FFN_TYPES, f"ffn_type must be one of {', '.join(FFN_TYPES)}, got {self.ffn_type!r}")
-        for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner"):
-            need(isinstance(getattr(self, name), int) and getattr(self, name) >= 1, f"{name} must be a positive integer, got {getattr(self, name)!r}")
         need(self.n_embd % self.n_head == 0, f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         need(
             self.block != "llama" or (self.n_embd // self.n_head) % 2 == 0,
@@ -119,20 +141,10 @@ class MoTConfig(PreTrainedConfig):
         )
         bad = [i for i in self.moe_layers if not 0 <= i < self.n_layer]
         need(not bad, f"moe_layers index {bad[0] if bad else ''} is out of range for n_layer={self.n_layer} (valid: 0..{self.n_layer - 1})")
-        need(self.n_expert >= 1, f"n_expert must be at least 1, got {self.n_expert}")
-        need(self.group_size >= 1, f"group_size must be at least 1, got {self.group_size}")
-        need(self.expert_size is None or self.expert_size >= 1, f"expert_size must be at least 1, got {self.expert_size}")
-        need(isinstance(self.rope_theta, (int, float)) and self.rope_theta > 0, f"rope_theta must be a positive number, got {self.rope_theta!r}")
-        need(self.mot_temperature > 0, f"mot_temperature must be positive, got {self.mot_temperature}")
         need(
-            1 <= self.num_experts_per_tok <= self.n_expert,
+            self.num_experts_per_tok <= self.n_expert,
             f"num_experts_per_tok must be between 1 and n_expert={self.n_expert}, got {self.num_experts_per_tok}",
         )
-        need(self.capacity_factor is None or self.capacity_factor > 0, f"capacity_factor must be positive or None, got {self.capacity_factor}")
-        need(self.router_aux_loss_coef >= 0, f"router_aux_loss_coef must be >= 0, got {self.router_aux_loss_coef}")
-        need(self.router_z_loss_coef >= 0, f"router_z_loss_coef must be >= 0, got {self.router_z_loss_coef}")
-        for name in ("resid_pdrop", "embd_pdrop", "attn_pdrop"):
-            need(0 <= getattr(self, name) < 1, f"{name} must be in [0, 1), got {getattr(self, name)}")
         from transformers.activations import ACT2FN
 
         need(self.activation_function in ACT2FN, f"activation_function {self.activation_function!r} is unknown; try 'relu' or 'gelu'")
@@ -188,6 +200,20 @@ def package_module(name: str):
     import importlib
 
     return importlib.import_module(f"mot_transition.{name}")
+
+
+def _need(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    """A finite int or float (not a bool): NaN and infinities pass no range check honestly."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _multiple_of_8(width: float) -> int:

@@ -213,6 +213,15 @@ def test_set_group_size_one_makes_mot_batch_independent():
         (dict(block="bert"), "block"),
         (dict(rope_theta=0.0), "rope_theta"),
         (dict(block="llama", n_embd=12, n_head=4), "head size"),
+        # issue 13 (items 4, 7, 8): out of range, non-finite, or of the wrong type
+        (dict(layer_norm_epsilon=-5), "layer_norm_epsilon"),
+        (dict(initializer_range=-1.0), "initializer_range"),
+        (dict(mot_temperature=float("inf")), "mot_temperature"),
+        (dict(capacity_factor=float("inf")), "capacity_factor"),
+        (dict(router_aux_loss_coef=float("nan")), "router_aux_loss_coef"),
+        (dict(n_expert=32.0), "n_expert"),
+        (dict(moe_layers="ab"), "moe_layers"),
+        (dict(expert_size=1.5), "expert_size"),
     ],
 )
 def test_config_rejects_what_cannot_work_with_a_message_naming_the_field(overrides, words):
