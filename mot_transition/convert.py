@@ -12,6 +12,7 @@ raw bytes, so peak memory stays near the size of the largest tensor, whatever th
 """
 
 import json
+import math
 import os
 import shutil
 from dataclasses import asdict, dataclass, field
@@ -58,8 +59,8 @@ def token_choice_config(config: MoTConfig, num_experts_per_tok: int | None = Non
     k = default_top_k(config) if num_experts_per_tok is None else num_experts_per_tok
     if not 1 <= k <= config.n_expert:
         raise ValueError(f"--top-k must be between 1 and the number of experts ({config.n_expert}), got {k}")
-    if capacity_factor is not None and capacity_factor <= 0:
-        raise ValueError(f"--capacity-factor must be positive, got {capacity_factor}")
+    if capacity_factor is not None and not (math.isfinite(capacity_factor) and capacity_factor > 0):
+        raise ValueError(f"--capacity-factor must be a finite positive number, got {capacity_factor}")
     fields = config.to_dict()
     fields.update(ffn_type="token_choice", num_experts_per_tok=k, capacity_factor=capacity_factor)
     for key in ("model_type", "transformers_version"):

@@ -12,6 +12,7 @@ group_size=1, the post-switch losses one sequence at a time (and batched, which 
 """
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -112,8 +113,8 @@ def transition(
         raise ValueError(f"--steps must be at least 1, got {steps}")
     if eval_every is not None and eval_every < 1:
         raise ValueError(f"--eval-every must be at least 1, got {eval_every}")
-    if lr is not None and lr <= 0:
-        raise ValueError(f"--lr must be positive, got {lr}")
+    if lr is not None and not (math.isfinite(lr) and lr > 0):
+        raise ValueError(f"--lr must be a finite positive number, got {lr}")
     out_dir = Path(out_dir)
     if (out_dir / TRANSITION_FILE).exists() or (out_dir / "checkpoints").exists():
         raise FileExistsError(f"{out_dir} already holds a transition run; choose another --out")

@@ -141,6 +141,7 @@ def make_dense(path):
         (corrupt_header_byte, "truncated or corrupted"),
         ("self", "overwrite or nest"),
         ("top-k", "--top-k must be between 1"),
+        ("capacity", "--capacity-factor must be a finite positive number"),  # issue 13: inf passed
         ("missing", "no checkpoint"),
     ],
 )
@@ -150,6 +151,8 @@ def test_convert_refuses_bad_input_with_one_line_and_writes_nothing(mot_checkpoi
         dst = mot_checkpoint
     elif damage == "top-k":
         extra = ["--top-k", "9"]
+    elif damage == "capacity":
+        extra = ["--capacity-factor", "inf"]
     elif damage == "missing":
         src = tmp_path / "nowhere"
     elif damage is make_dense:

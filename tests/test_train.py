@@ -289,6 +289,11 @@ def test_torchrun_with_two_cpu_processes_gives_the_losses_of_one_process_on_the_
         ("model.n_head=5", "n_head"),  # impossible for the model: checked by building MoTConfig
         ("train.report_to=['jsonl', 'mlflow']", "train.report_to"),  # no such reporter
         ("train.report_to=['tensorboard']", "train.report_to"),  # metrics.jsonl is what compare reads
+        # issue 13: non-finite numbers, out-of-range values and a seed the trainer would overflow
+        ("optim.lr=inf", "optim.lr"),
+        ("model.mot_temperature=nan", "model.mot_temperature"),
+        ("model.layer_norm_epsilon=-5.0", "layer_norm_epsilon"),
+        ("seed=140737488355328", "seed"),
     ],
 )
 def test_bad_recipe_gives_one_line_error_naming_the_key(override, key):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import tomllib
 import types
 import typing
@@ -262,6 +263,8 @@ def _check_type(key: str, value, tp):
             return [_check_type(key, item, item_type) for item in value]
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):  # inf or nan passes no range check honestly
+                raise ValueError(f"recipe key {key!r} must be a finite number, got {value!r}")
             return float(value)
     elif tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
@@ -281,6 +284,7 @@ def check_recipe(recipe: Recipe) -> None:
             raise ValueError(f"recipe key {key!r} {rule}, got {value!r}")
 
     d, o, t = recipe.data, recipe.optim, recipe.train
+    need(0 <= recipe.seed < 2**47, "seed", "must be in [0, 2**47)")  # the trainer seeds (seed << 16) + rank + 1
     need(d.heldout_fraction > 0 and d.heldout_fraction < 1, "data.heldout_fraction", "must be between 0 and 1")
     need(d.max_bytes is None or d.max_bytes > 0, "data.max_bytes", "must be positive (or none)")
     need(d.vocab_size >= 257, "data.vocab_size", "must be at least 257 (256 bytes and <|endoftext|>)")
