@@ -294,6 +294,7 @@ def test_torchrun_with_two_cpu_processes_gives_the_losses_of_one_process_on_the_
         ("model.mot_temperature=nan", "model.mot_temperature"),
         ("model.layer_norm_epsilon=-5.0", "layer_norm_epsilon"),
         ("seed=140737488355328", "seed"),
+        ("train.device=xyz", "train.device"),  # was a RuntimeError traceback from torch.device
     ],
 )
 def test_bad_recipe_gives_one_line_error_naming_the_key(override, key):

@@ -313,6 +313,7 @@ def check_recipe(recipe: Recipe) -> None:
     need(t.log_every >= 1, "train.log_every", "must be at least 1")
     check_report_to(t.report_to)
     need(t.threads >= 0, "train.threads", "must be >= 0 (0 = torch's default)")
+    need(_device_kind(t.device) in ("auto", "cpu", "cuda", "mps"), "train.device", "must be auto, cpu, cuda, cuda:N or mps")
     need(t.precision in PRECISIONS, "train.precision", f"must be one of {', '.join(PRECISIONS)}")
     need(
         t.switch_at_step is None or 0 < t.switch_at_step < t.steps,
@@ -329,6 +330,18 @@ def check_recipe(recipe: Recipe) -> None:
     except (ValueError, TypeError) as error:
         message = str(error).strip().splitlines()[0]
         raise ValueError(f"recipe [model]: {message}") from None
+
+
+def _device_kind(name: str) -> str | None:
+    """"auto", or the kind of a device torch can name ("cuda:1" -> "cuda"); None for anything else."""
+    if name == "auto":
+        return name
+    import torch
+
+    try:
+        return torch.device(name).type
+    except RuntimeError:
+        return None
 
 
 def recipe_to_toml(recipe: Recipe) -> str:
