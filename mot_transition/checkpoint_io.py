@@ -125,18 +125,27 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return latest
 
 
-def load_checked(checkpoint: str | Path, model_class=None):
-    """A model loaded from a checkpoint directory in float32 after every tensor was checked against
-    its config: a missing, unexpected or misshapen tensor, or a damaged file, is a one-line error
-    instead of a silently re-initialised weight."""
+def checked_config(checkpoint: str | Path) -> MoTConfig:
+    """The config of a checkpoint directory whose weight files were checked against it, headers
+    only (no tensor is read): a missing, unexpected or misshapen tensor, or a damaged file, is a
+    one-line error."""
     from .convert import check_tensors
 
-    if model_class is None:
-        from .modeling import MoTLMHeadModel as model_class
     path = Path(checkpoint)
     config = load_config(path)
     table = tensor_table(path)
     check_tensors({name: tuple(entry["shape"]) for name, (_, entry) in table.items()}, config, where=str(path))
+    return config
+
+
+def load_checked(checkpoint: str | Path, model_class=None):
+    """A model loaded from a checkpoint directory in float32 after every tensor was checked against
+    its config (`checked_config`): a bad tensor is a one-line error instead of a silently
+    re-initialised weight."""
+    if model_class is None:
+        from .modeling import MoTLMHeadModel as model_class
+    path = Path(checkpoint)
+    checked_config(path)
     import torch
     from transformers.utils import logging
 

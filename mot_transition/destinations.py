@@ -23,8 +23,8 @@ def check_destination(src: Path, dst: Path, force: bool) -> None:
         raise FileExistsError(f"{dst} already exists; pass --force to replace it")
     if any(dst.iterdir()) and not written_by_this_toolkit(dst):
         raise FileExistsError(
-            f"{dst} is not a checkpoint of this toolkit (no config.json of model_type \"mot\"), and --force replaces "
-            "only those; choose another destination"
+            f"{dst} is not a checkpoint of this toolkit (no config.json of model_type \"mot\", nor an export with "
+            "its export_report.json), and --force replaces only those; choose another destination"
         )
 
 

@@ -59,8 +59,8 @@ def generated_sources() -> dict[str, str]:
         'mot-transition writes it again. Sources: {sources}."""\n\n'
     )
     config_source = _SOURCES["config.py"]
-    config_body = _without_docstring(config_source, ast.parse(config_source))
-    config_names = _top_level_names(ast.parse(config_source))
+    config_tree = ast.parse(config_source)
+    config_body, config_names = _without_docstring(config_source, config_tree), _top_level_names(config_tree)
     imports, bodies, defined, from_config = [], [], {}, set()
     bound = {}  # name -> (module, name) of the import that binds it
     for module in MODELING_MODULES:
@@ -105,9 +105,9 @@ def generated_sources() -> dict[str, str]:
     return {CONFIG_FILE: header.format(sources="config.py") + config_body, MODELING_FILE: modeling}
 
 
-def write_remote_code(folder: str | Path, files: dict[str, str] | None = None) -> None:
-    """Write the two generated files (`generated_sources()` unless given) into a checkpoint directory."""
-    for name, text in (generated_sources() if files is None else files).items():
+def write_remote_code(folder: str | Path, files: dict[str, str]) -> None:
+    """Write the generated files (`generated_sources()`) into a checkpoint directory."""
+    for name, text in files.items():
         (Path(folder) / name).write_text(text)
 
 

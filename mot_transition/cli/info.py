@@ -6,7 +6,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from ..checkpoint_io import load_config, resolve_checkpoint, tensor_table
+from ..checkpoint_io import checked_config, resolve_checkpoint
 from ..counts import parameter_counts
 from .app import app
 
@@ -16,12 +16,8 @@ def info(checkpoint: Path = typer.Argument(..., help="A checkpoint directory, or
     """Print a checkpoint's config and its parameter counts: total, active per token, per layer kind.
     The weight files' headers are read and checked against the config first (cheap: no tensor is
     read), so a truncated, damaged or mismatched checkpoint is reported, not described."""
-    from ..convert import check_tensors
-
     checkpoint = resolve_checkpoint(checkpoint)
-    config = load_config(checkpoint)
-    table = tensor_table(checkpoint)  # ValueError naming the file for a truncated or corrupted one
-    check_tensors({name: tuple(entry["shape"]) for name, (_, entry) in table.items()}, config, where=str(checkpoint))
+    config = checked_config(checkpoint)
     console = Console()
     settings = Table(title=f"{checkpoint}", show_header=True)
     settings.add_column("field")
