@@ -35,6 +35,8 @@ def load_config(checkpoint: str | Path) -> MoTConfig:
         return MoTConfig(**fields)
     except TypeError as error:  # a field of the wrong type, e.g. "n_embd": "big"
         raise ValueError(f"{path / 'config.json'} has a field of the wrong type ({error})") from None
+    except ValueError as error:  # a field out of range: MoTConfig names it
+        raise ValueError(f"{path / 'config.json'}: {str(error).strip().splitlines()[0]}") from None
 
 
 def weight_files(checkpoint: str | Path) -> list[Path]:
@@ -138,10 +140,34 @@ def checked_config(checkpoint: str | Path) -> MoTConfig:
     return config
 
 
+def first_nonfinite(named_tensors) -> str | None:
+    """The name of the first floating-point tensor holding a NaN or an infinity, else None."""
+    for name, tensor in named_tensors:
+        if tensor.is_floating_point() and not bool(tensor.isfinite().all()):
+            return name
+    return None
+
+
+def nonfinite_error(where, name: str) -> ValueError:
+    return ValueError(f"{where}: tensor {name} holds NaN or infinite values; this checkpoint cannot be used (take an earlier one)")
+
+
+def check_finite(checkpoint: str | Path) -> None:
+    """Read the weight files of a checkpoint one tensor at a time (memory-mapped) and raise a
+    one-line ValueError naming the first tensor that holds a NaN or an infinity."""
+    from safetensors import safe_open
+
+    for file in weight_files(checkpoint):
+        with safe_open(file, "pt") as handle:
+            bad = first_nonfinite((name, handle.get_tensor(name)) for name in handle.keys())
+        if bad is not None:
+            raise nonfinite_error(file, bad)
+
+
 def load_checked(checkpoint: str | Path, model_class=None):
     """A model loaded from a checkpoint directory in float32 after every tensor was checked against
     its config (`checked_config`): a bad tensor is a one-line error instead of a silently
-    re-initialised weight."""
+    re-initialised weight, and so is a weight holding NaN or infinite values."""
     if model_class is None:
         from .modeling import MoTLMHeadModel as model_class
     path = Path(checkpoint)
@@ -152,6 +178,10 @@ def load_checked(checkpoint: str | Path, model_class=None):
     verbosity = logging.get_verbosity()
     logging.set_verbosity_error()  # the tensors were checked above: no "newly initialized" notes to fear
     try:
-        return model_class.from_pretrained(path, dtype=torch.float32)
+        model = model_class.from_pretrained(path, dtype=torch.float32)
     finally:
         logging.set_verbosity(verbosity)
+    bad = first_nonfinite(model.state_dict().items())
+    if bad is not None:
+        raise nonfinite_error(path, bad)
+    return model

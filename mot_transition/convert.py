@@ -21,11 +21,12 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from .checkpoint_io import load_config, read_header, tensor_table, weight_files
+from .checkpoint_io import check_finite, load_config, read_header, tensor_table, weight_files
 from .config import MoTConfig
 from .counts import parameter_counts
 from .data.tokenizer import ready_for_generation
 from .destinations import check_destination, clean_after_killed_runs, staged
+from .jsonfiles import dumps
 
 COPIED_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                 "vocab.json", "merges.txt", "generation_config.json")
@@ -44,7 +45,7 @@ class ConversionReport:
     recipe: dict | None = None  # the MoT run's recipe, when the source is a training checkpoint
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2)
+        return dumps(asdict(self), indent=2)
 
 
 def default_top_k(config: MoTConfig) -> int:
@@ -229,6 +230,7 @@ def convert_checkpoint(
     tc_config = token_choice_config(config, num_experts_per_tok, capacity_factor)
     table = tensor_table(src)  # every header checked against its file's size
     check_tensors({name: tuple(entry["shape"]) for name, (_, entry) in table.items()}, config, where=str(src))
+    check_finite(src)
     clean_after_killed_runs(dst)
     check_destination(src, dst, force)
 

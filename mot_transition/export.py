@@ -31,6 +31,7 @@ from .checkpoint_io import load_checked, load_config
 from .config import MoTConfig
 from .convert import COPIED_FILES
 from .destinations import check_destination, clean_after_killed_runs, staged
+from .jsonfiles import dumps, write_json
 
 TARGETS = ("qwen3_moe", "qwen3")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -52,7 +53,7 @@ class ExportReport:
     same_greedy_tokens: bool | None = None
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2)
+        return dumps(asdict(self), indent=2)
 
 
 def check_exportable(config: MoTConfig, target: str, dropless: bool = False) -> None:
@@ -176,7 +177,7 @@ def _portable_tokenizer_class(path: Path) -> None:
     fields = json.loads(path.read_text())
     if fields.get("tokenizer_class") == "TokenizersBackend":
         fields["tokenizer_class"] = "PreTrainedTokenizerFast"
-        path.write_text(json.dumps(fields, indent=2, ensure_ascii=False) + "\n")
+        write_json(path, fields, indent=2, ensure_ascii=False)
 
 
 @torch.no_grad()

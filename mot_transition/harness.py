@@ -9,11 +9,10 @@ E times the FFN cost); converting them to Token Choice first is the usual path.
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
 from .checkpoint_io import load_checked, load_config, resolve_checkpoint
+from .jsonfiles import write_json
 
 
 def task_names(text: str) -> list[str]:
@@ -89,7 +88,4 @@ def write_scores(scores: dict, path: str | Path) -> Path:
     """The scores as JSON, written whole or not at all."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(scores, indent=1))
-    os.replace(tmp, path)
-    return path
+    return write_json(path, scores)

@@ -1,6 +1,5 @@
 """`mot-transition compare RUN...`: the pre/post-switch table of SPEC section 4 and a plot."""
 
-import json
 from pathlib import Path
 
 import typer
@@ -8,6 +7,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ..compare import add_task_scores, compare_runs, plot_curves
+from ..jsonfiles import write_json
 from .app import app
 
 
@@ -27,7 +27,7 @@ def compare(
         add_task_scores(comparison, task_names(tasks), include_path, limit)
     show_comparison(comparison, Console())
     transition_dir = Path(comparison["runs"]["transition"])
-    (transition_dir / "comparison.json").write_text(json.dumps(comparison, indent=1))
+    write_json(transition_dir / "comparison.json", comparison)
     try:
         path = plot_curves(comparison, plot or transition_dir / "loss_curves.png")
         Console().print(f"loss curves: {path}")

@@ -13,6 +13,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from transformers import PreTrainedTokenizerFast
 
 from mot_transition.data.corpus import Corpus
+from mot_transition.jsonfiles import write_json
 
 EOS_TOKEN = "<|endoftext|>"
 CACHE_ENV = "MOT_TRANSITION_CACHE"
@@ -69,7 +70,7 @@ def ready_for_generation(directory: Path, context: int) -> None:
     config.update(padding_side="left", model_max_length=int(context))
     if config.get("pad_token") is None and config.get("eos_token") is not None:
         config["pad_token"] = config["eos_token"]
-    path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+    write_json(path, config, indent=2, ensure_ascii=False)
 
 
 def _train_bpe(documents: list[str], vocab_size: int) -> Tokenizer:

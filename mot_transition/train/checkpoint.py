@@ -33,7 +33,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..checkpoint_io import first_nonfinite, nonfinite_error
 from ..data.tokenizer import ready_for_generation
+from ..jsonfiles import write_json
 
 CHECKPOINTS = "checkpoints"
 STATE_TENSORS = "training_state.safetensors"
@@ -79,6 +81,9 @@ def save_checkpoint(
     `model` is the bare model (not the DDP wrapper); `state` is JSON-able (step, data position,
     recipe, ...); `rng_states` are uint8 tensors. Returns the checkpoint's path.
     """
+    bad = first_nonfinite(model.state_dict().items())
+    if bad is not None:  # never write, and so never offer to resume from, a checkpoint of NaN
+        raise nonfinite_error(f"step {step} of {run_dir}", bad)
     final = checkpoint_dir(run_dir, step)
     parent = final.parent
     parent.mkdir(parents=True, exist_ok=True)
@@ -93,7 +98,7 @@ def save_checkpoint(
         tensors, optimizer_json = optimizer_state(model, optimizer)
         tensors.update({name: t.detach().cpu().contiguous() for name, t in rng_states.items()})
         save_file(tensors, tmp / STATE_TENSORS)
-        (tmp / STATE_JSON).write_text(json.dumps({**state, "step": step, "optimizer": optimizer_json}, indent=1))
+        write_json(tmp / STATE_JSON, {**state, "step": step, "optimizer": optimizer_json})
         _fsync_tree(tmp)
         if final.exists():  # the same step saved again (e.g. after a resume): move the old one aside
             final.rename(parent / f".trash-{final.name}-{os.getpid()}")

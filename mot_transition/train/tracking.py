@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from ..jsonfiles import dumps
 METRICS_FILE = "metrics.jsonl"
 REPORTERS = ("jsonl", "tensorboard", "trackio", "wandb")  # each tracker is its own package and extra
 
@@ -91,7 +92,7 @@ class Reporters:
             raise
 
     def log(self, record: dict) -> None:
-        self._jsonl.write(json.dumps(record) + "\n")
+        self._jsonl.write(dumps(record, indent=None) + "\n")
         self._jsonl.flush()
         values = scalars(record)
         for tracker in self._trackers:

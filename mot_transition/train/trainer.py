@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+from ..checkpoint_io import first_nonfinite
 from ..config import GROUPING_FFN_TYPES, style_defaults
 from ..convert import default_top_k
 from .checkpoint import latest_checkpoint, load_model, load_optimizer_state, load_training_state, save_checkpoint
@@ -318,13 +319,16 @@ class Trainer:
             return layers, config.num_experts_per_tok
         return layers, default_top_k(config)
 
-    def _diverged(self, what: str) -> None:
+    def _diverged(self, what: str, updated: bool = False) -> None:
+        """Stop: `what` happened in step step_count + 1 (before its update), or with `updated`
+        after step step_count (whose weights are then never saved)."""
         self.optimizer.zero_grad(set_to_none=True)
         last = latest_checkpoint(self.run_dir) if self.run_dir is not None else None
         where = f"the last good checkpoint is {last}" if last else "no checkpoint had been written yet"
+        when = f"after step {self.step_count}; training stopped without saving it" if updated else (
+            f"at step {self.step_count + 1}; training stopped before that update")
         raise TrainingDiverged(
-            f"{what} at step {self.step_count + 1}; training stopped before that update and {where} "
-            f"(try a lower optim.lr, more optim.warmup_steps or a smaller optim.grad_clip)"
+            f"{what} {when} and {where} (try a lower optim.lr, more optim.warmup_steps or a smaller optim.grad_clip)"
         )
 
     def evaluate(self, batch_size: int | None = None) -> float:
@@ -347,6 +351,9 @@ class Trainer:
 
     def save_checkpoint(self) -> Path | None:
         """Write a checkpoint of the current step (rank 0 writes; every rank must call this)."""
+        bad = first_nonfinite(self.model.named_parameters())  # every rank holds the same weights: all stop together
+        if bad is not None:
+            self._diverged(f"the parameter {bad} became NaN or infinite", updated=True)
         rng = self.rng_states()
         path = None
         if self.dist.is_main:
@@ -508,6 +515,8 @@ def _run(trainer: Trainer, corpus, resumed_from: Path | None, show: bool, switch
             step = trainer.step_count
             if step % t.eval_every == 0 or step == t.steps:
                 eval_loss = record["eval_loss"] = trainer.evaluate()
+                if not math.isfinite(eval_loss):
+                    trainer._diverged(f"the held-out loss became {eval_loss}", updated=True)
             if reporters is not None:
                 reporters.log(record)
             if step % t.checkpoint_every == 0 or step == t.steps:
