@@ -6,10 +6,10 @@
     add_task_scores(...)  lm-eval task scores of the compared models (needs the eval extra)
 """
 
-import json
 import math
 from pathlib import Path
 
+from .train.tracking import read_metrics_file
 from .transition import TRANSITION_FILE, TransitionResult, load_transition
 
 RECOVERY_MARGIN = 1.02
@@ -19,7 +19,7 @@ def read_metrics(run_dir: Path) -> list[dict]:
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"{run_dir} is not a training run (no metrics.jsonl)")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return read_metrics_file(path)
 
 
 def eval_curve(run_dir: Path) -> list[tuple[int, float]]:

@@ -12,9 +12,11 @@ from pathlib import Path
 def check_destination(src: Path, dst: Path, force: bool) -> None:
     """`dst` may be new, an empty directory, or (with `force`) a checkpoint this toolkit wrote; never
     anything else, which `--force` would otherwise delete."""
-    s, d = src.resolve(), dst.resolve()
+    s, d, here = src.resolve(), dst.resolve(), Path.cwd().resolve()
     if d == s or s in d.parents or d in s.parents:
         raise ValueError(f"the destination {dst} would overwrite or nest with the source {src}; choose another directory")
+    if d == here or d in here.parents:
+        raise ValueError(f"the destination {dst} is the current directory or holds it; choose a new directory")
     if not dst.exists():
         return
     if not dst.is_dir():

@@ -9,7 +9,7 @@ a regime the model was not trained in. Convert and transition-tune it to serve i
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoTokenizer, BatchEncoding, PreTrainedTokenizerBase
 
 from .checkpoint_io import load_checked, load_config, resolve_checkpoint
 from .modeling import MoTLMHeadModel
@@ -64,9 +64,10 @@ def generate(
 
     A Token Choice model gives every prompt the same tokens alone or in the batch, as long as the
     padded batch leaves room in the context: new tokens are capped at n_positions minus the
-    longest prompt."""
+    longest prompt. An empty prompt starts a new document: from the bos (else eos) token, the
+    document separator the model was trained with."""
     options = sampling_options(max_new_tokens, temperature, top_p, tokenizer)
-    inputs = tokenizer(prompts, return_tensors="pt", padding=True).to(model.device)
+    inputs = left_padded(tokenizer, prompts).to(model.device)
     room = model.config.n_positions - inputs["input_ids"].shape[1]
     if room < 1:
         raise ValueError(f"the prompt is {inputs['input_ids'].shape[1]} tokens; the model's context is {model.config.n_positions}")
@@ -74,3 +75,26 @@ def generate(
     output = model.generate(**inputs, **options, streamer=streamer)
     new = output[:, inputs["input_ids"].shape[1]:]
     return tokenizer.batch_decode(new, skip_special_tokens=True)
+
+
+def left_padded(tokenizer, prompts: list[str]):
+    """The prompts as one left-padded batch (input_ids, attention_mask); an empty prompt (no tokens)
+    is the bos token, or the eos token where there is no bos."""
+    if not prompts:
+        raise ValueError("no prompt to continue")
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    rows = [tokenizer(prompt)["input_ids"] for prompt in prompts]
+    if any(not row for row in rows):
+        if start is None:
+            raise ValueError("an empty prompt needs a bos or eos token to start from, and this tokenizer has neither")
+        rows = [row or [start] for row in rows]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else start
+    if pad is None and len({len(row) for row in rows}) > 1:
+        raise ValueError("prompts of different lengths need a pad token, and this tokenizer has none")
+    width = max(len(row) for row in rows)
+    input_ids = torch.full((len(rows), width), pad if pad is not None else 0, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        input_ids[i, width - len(row):] = torch.tensor(row)
+        attention_mask[i, width - len(row):] = 1
+    return BatchEncoding({"input_ids": input_ids, "attention_mask": attention_mask})

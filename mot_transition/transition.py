@@ -13,7 +13,7 @@ group_size=1, the post-switch losses one sequence at a time (and batched, which 
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -188,10 +188,34 @@ def _bar(steps: int, show: bool):
 
 
 def load_transition(run_dir: str | Path) -> TransitionResult:
+    """The TransitionResult a transition run saved; a damaged or edited file is a one-line error."""
     path = Path(run_dir) / TRANSITION_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{run_dir} is not a transition run (no {TRANSITION_FILE})")
-    return TransitionResult(**json.loads(path.read_text()))
+    try:
+        raw = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is not valid JSON ({error}); rerun the transition") from None
+    names = [f.name for f in fields(TransitionResult)]
+    problem = None
+    if not isinstance(raw, dict):
+        problem = "it is not a JSON object"
+    elif unknown := sorted(set(raw) - set(names)):
+        problem = f"it has the unknown key {unknown[0]!r}"
+    elif missing := [name for name in ("checkpoint", "steps", "curve") if name not in raw]:
+        problem = f"it lacks the key {missing[0]!r}"
+    elif not isinstance(raw["curve"], list) or not raw["curve"]:
+        problem = "its curve is empty"
+    elif not all(isinstance(p, dict) and isinstance(p.get("step"), int) and _finite(p.get("loss")) and _finite(p.get("loss_batched"))
+                 for p in raw["curve"]):
+        problem = "its curve has a point without step, loss and loss_batched"
+    if problem:
+        raise ValueError(f"{path} is not a transition record: {problem}; rerun the transition")
+    return TransitionResult(**raw)
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def in_run_switch(trainer: Trainer, num_experts_per_tok: int | None = None, capacity_factor: float | None = None) -> None:

@@ -19,7 +19,7 @@ def transition(
     eval_every: int = typer.Option(None, "--eval-every", help="Evaluate every M steps (default steps / 10)."),
 ) -> None:
     """Transition-tune with the load-balancing loss on; evaluate batched and one sequence at a time."""
-    out = out or checkpoint.with_name(checkpoint.name + "-transition")
+    out = out or checkpoint.resolve().with_name(checkpoint.resolve().name + "-transition")
     result = run_transition(checkpoint, steps, out, lr=lr, eval_every=eval_every)
     table = Table(title=f"post-switch held-out loss (nats/token), lr {result.lr:g}")
     for column in ("step", "one sequence at a time", "batched"):

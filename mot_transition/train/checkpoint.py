@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..checkpoint_io import first_nonfinite, nonfinite_error
+from ..checkpoint_io import checked_config, first_nonfinite, load_checked, nonfinite_error, read_header
 from ..data.tokenizer import ready_for_generation
 from ..jsonfiles import write_json
 
@@ -118,18 +118,55 @@ def save_checkpoint(
 def load_model(checkpoint: Path, model_class=None):
     """The model saved in `checkpoint`, as `model_class` (default: `MoTLMHeadModel`), in float32,
     every tensor checked against the config first (`checkpoint_io.load_checked`)."""
-    from ..checkpoint_io import load_checked
-
     with _quiet_transformers():
         return load_checked(checkpoint, model_class)
 
 
 def load_training_state(checkpoint: Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(the JSON state, the tensors) of a checkpoint written by `save_checkpoint`."""
+    """(the JSON state, the tensors) of a checkpoint written by `save_checkpoint`, both checked
+    first (`check_training_checkpoint`)."""
+    state = check_training_checkpoint(checkpoint, weights=False)
+    return state, load_file(Path(checkpoint) / STATE_TENSORS)
+
+
+def check_training_checkpoint(checkpoint: Path, weights: bool = True) -> dict:
+    """The JSON training state of a checkpoint whose files are whole, else a one-line ValueError /
+    FileNotFoundError naming the damaged file: training_state.json must be an object with the step,
+    data position, optimizer and recipe; the safetensors headers must match their files' sizes (and,
+    with `weights`, the model's tensors its config)."""
     checkpoint = Path(checkpoint)
     if not (checkpoint / STATE_JSON).is_file() or not (checkpoint / STATE_TENSORS).is_file():
         raise FileNotFoundError(f"{checkpoint} is not a training checkpoint (no {STATE_JSON} / {STATE_TENSORS})")
-    return json.loads((checkpoint / STATE_JSON).read_text()), load_file(checkpoint / STATE_TENSORS)
+    try:
+        state = json.loads((checkpoint / STATE_JSON).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ValueError(f"{checkpoint / STATE_JSON} is truncated or corrupted: not valid JSON") from None
+    kinds = {"step": int, "data": dict, "optimizer": dict, "recipe": dict}
+    if not isinstance(state, dict):
+        raise ValueError(f"{checkpoint / STATE_JSON} is corrupted: not a JSON object")
+    for key, kind in kinds.items():
+        if not isinstance(state.get(key), kind):
+            raise ValueError(f"{checkpoint / STATE_JSON} is corrupted: no {key!r} ({kind.__name__})")
+    read_header(checkpoint / STATE_TENSORS)
+    if weights:
+        checked_config(checkpoint)
+    return state
+
+
+def resumable_checkpoint(run_dir: Path) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """(the newest checkpoint of a run whose files are whole, [(newer damaged checkpoint, why)]).
+    (None, []) when the run has no checkpoint; a ValueError naming the damage when none is whole."""
+    skipped = []
+    for checkpoint in reversed(list_checkpoints(run_dir)):
+        try:
+            check_training_checkpoint(checkpoint)
+        except (ValueError, OSError) as error:
+            skipped.append((checkpoint, str(error).strip().splitlines()[0]))
+            continue
+        return checkpoint, skipped
+    if skipped:
+        raise ValueError(f"no intact checkpoint to resume in {run_dir}: {skipped[0][1]}")
+    return None, []
 
 
 def optimizer_state(model, optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
@@ -221,6 +258,8 @@ __all__ = [
     "list_checkpoints",
     "checkpoint_dir",
     "load_training_state",
+    "check_training_checkpoint",
+    "resumable_checkpoint",
     "load_model",
     "optimizer_state",
     "load_optimizer_state",

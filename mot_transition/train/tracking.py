@@ -104,12 +104,37 @@ class Reporters:
             tracker.close()
 
 
+def read_metrics_file(path: Path) -> list[dict]:
+    """The records of a metrics.jsonl. A last line cut short (the process was killed while writing
+    it) is dropped; any other line that is not a record is a one-line ValueError naming the line."""
+    return [record for _, record in _metric_lines(path)]
+
+
+def _metric_lines(path: Path) -> list[tuple[str, dict]]:
+    lines = [line for line in Path(path).read_text(errors="replace").splitlines() if line.strip()]
+    records = []
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+                raise ValueError
+        except ValueError:
+            if number == len(lines):
+                break  # half-written by a killed run
+            raise ValueError(f"{path} line {number} is not a metrics record; fix or delete that line") from None
+        records.append((line, record))
+    return records
+
+
 def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop metric lines past `step`: a resumed run rewrites the steps after its checkpoint."""
+    """Drop metric lines past `step` (a resumed run rewrites the steps after its checkpoint) and a
+    half-written last line; the file is replaced whole, never left half-rewritten."""
     if not path.exists():
         return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in kept))
+    kept = [line for line, record in _metric_lines(path) if record["step"] <= step]
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
 
 
 class _TensorBoard:

@@ -32,7 +32,7 @@ from torch.nn.parallel import DistributedDataParallel
 from ..checkpoint_io import first_nonfinite
 from ..config import GROUPING_FFN_TYPES, style_defaults
 from ..convert import default_top_k
-from .checkpoint import latest_checkpoint, load_model, load_optimizer_state, load_training_state, save_checkpoint
+from .checkpoint import latest_checkpoint, load_model, load_optimizer_state, load_training_state, resumable_checkpoint, save_checkpoint
 from .recipe import Recipe, recipe_to_toml
 from .tracking import METRICS_FILE, Reporters, expert_load, load_record, plot_training
 
@@ -452,7 +452,11 @@ def train(
                 f"{run_dir} already holds checkpoints (latest: {checkpoint.name}); pass --resume to continue that run "
                 f"or choose another --out"
             )
-        if resume and checkpoint is not None:
+        if resume:
+            checkpoint, skipped = resumable_checkpoint(run_dir)
+            for damaged, why in skipped if world.is_main else ():
+                _warn(f"skipping the damaged checkpoint {damaged.name} ({why}); resuming from {checkpoint.name}", progress)
+        if checkpoint is not None:
             _check_resumable(recipe, checkpoint)
         tokenizer, train_seq, heldout_seq, corpus = prepare_run_data(recipe, tokenizer, world)
         if checkpoint is not None:
@@ -469,6 +473,17 @@ def train(
     finally:
         if world.started_here:
             dist.destroy_process_group()
+
+
+def _warn(message: str, console: bool) -> None:
+    if console:
+        from rich.console import Console
+
+        Console(stderr=True).print(f"[yellow]warning:[/yellow] {message}", highlight=False)
+    else:
+        import warnings
+
+        warnings.warn(message, stacklevel=3)
 
 
 def _check_resumable(recipe: Recipe, checkpoint: Path) -> None:
