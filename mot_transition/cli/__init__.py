@@ -14,7 +14,11 @@ from . import train  # noqa: F401
 
 
 def main() -> None:
+    import warnings
+
     from transformers.utils import logging
+
+    warnings.formatwarning = _one_line_warning
 
     logging.disable_progress_bar()  # our own rich progress bars speak for long work
     from safetensors import SafetensorError
@@ -30,3 +34,8 @@ def main() -> None:
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         print(f"error: {message}", file=sys.stderr)
         sys.exit(1)
+
+
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    """A library warning as a user reads it: `warning: MESSAGE`, without the source line."""
+    return f"warning: {message}\n"

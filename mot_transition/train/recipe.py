@@ -167,6 +167,14 @@ def load_recipe(recipe: str | Path | None = None, overrides: typing.Sequence[str
         except tomllib.TOMLDecodeError as error:
             raise ValueError(f"recipe {path} is not valid TOML: {error}") from None
     raw.setdefault("name", name)
+    if recipe is not None and not raw.get("model") and not any(o.strip().startswith("model.") for o in overrides):
+        import warnings
+
+        warnings.warn(
+            f"recipe {recipe} sets nothing in [model]: the default model is trained (GPT-2 small's shape, 12 blocks of "
+            f"768 with 32 experts: about 1B parameters); see recipes/tiny.toml for a small one",
+            stacklevel=2,
+        )
     for override in overrides:
         key, value = parse_override(override)
         *section, leaf = key.split(".")

@@ -33,6 +33,7 @@ from ..checkpoint_io import first_nonfinite
 from ..config import GROUPING_FFN_TYPES, style_defaults
 from ..convert import default_top_k
 from .checkpoint import latest_checkpoint, load_model, load_optimizer_state, load_training_state, resumable_checkpoint, save_checkpoint
+from .memory import check_fits
 from .recipe import Recipe, recipe_to_toml
 from .tracking import METRICS_FILE, Reporters, expert_load, load_record, plot_training
 
@@ -459,12 +460,14 @@ def train(
         if checkpoint is not None:
             _check_resumable(recipe, checkpoint)
         tokenizer, train_seq, heldout_seq, corpus = prepare_run_data(recipe, tokenizer, world)
+        eos = tokenizer.eos_token_id
+        config = model.config if model is not None else recipe.model_config(len(tokenizer), bos_token_id=eos, eos_token_id=eos, pad_token_id=eos)
+        check_fits(config, t.micro_batch_size or t.batch_size // world.world_size, train_seq.shape[1], pick_device(t.device, world.local_rank))
         if checkpoint is not None:
             model = load_model(checkpoint, type(model) if model is not None else MoTLMHeadModel)
         elif model is None:
             torch.manual_seed(recipe.seed)
-            eos = tokenizer.eos_token_id
-            model = MoTLMHeadModel(recipe.model_config(len(tokenizer), bos_token_id=eos, eos_token_id=eos, pad_token_id=eos))
+            model = MoTLMHeadModel(config)
         torch.manual_seed((recipe.seed << 16) + world.rank + 1)  # dropout stream, one per rank
         trainer = Trainer(model, recipe, train_seq, heldout_seq, tokenizer=tokenizer, run_dir=run_dir, distributed=world)
         if checkpoint is not None:
