@@ -149,3 +149,100 @@ def test_transition_cli_killed_with_sigkill_resumes_with_resume(converted, capsy
     assert code == 0, err
     assert "post-switch held-out loss" in stdout
     assert_same_run(out, converted / "full")
+
+
+# ---------------------------------------------------------------------------------------------
+# run
+
+
+def test_run_resumed_after_its_transition_stage_was_killed_keeps_the_finished_stages(converted, tmp_path, monkeypatch):
+    from mot_transition.pipeline import run_pipeline
+
+    monkeypatch.setenv("MOT_TRANSITION_CACHE", str(converted / "cache"))
+    out, quiet = tmp_path / "run", (lambda *a: None)
+    original, ran = Trainer.step, []
+
+    def counted(self):  # the transition stage dies once its step 2 is done (checkpoints at 1 and 2)
+        if self.run_dir.name == "transition" and self.step_count == 2 and not ran.count("resumed"):
+            raise KeyboardInterrupt("killed")
+        ran.append(self.run_dir.name)
+        return original(self)
+
+    monkeypatch.setattr(Trainer, "step", counted)
+    with pytest.raises(KeyboardInterrupt):
+        run_pipeline("tiny", out, MICRO, transition_steps=4, progress=False, log=quiet)
+    assert ran == ["mot"] * 8 + ["transition"] * 2 and latest_checkpoint(out / "transition").name == "step-000002"
+    kept = {path: (path.stat().st_ino, path.stat().st_mtime_ns) for path in
+            [latest_checkpoint(out / "mot") / "model.safetensors", out / "token_choice" / "model.safetensors",
+             out / "token_choice" / "conversion_report.json"]}
+    mot_metrics = (out / "mot" / "metrics.jsonl").read_text()
+
+    ran[:] = ["resumed"]
+    lines = []
+    comparison = run_pipeline("tiny", out, MICRO, transition_steps=4, progress=False, log=lines.append, resume=True)
+
+    assert ran == ["resumed"] + ["transition"] * 2 + ["baseline"] * 12  # MoT finished: not one step again
+    assert {path: (path.stat().st_ino, path.stat().st_mtime_ns) for path in kept} == kept  # nor converted again
+    assert (out / "mot" / "metrics.jsonl").read_text() == mot_metrics
+    assert any("already" in line and "kept" in line for line in lines)
+    monkeypatch.setattr(Trainer, "step", original)
+    reference = transition(out / "token_choice", 4, tmp_path / "reference", progress=False)  # never interrupted
+    ours = json.loads((out / "transition" / "transition.json").read_text())
+    assert ours["curve"] == reference.curve and [p["step"] for p in ours["curve"]] == [0, 1, 2, 3, 4]
+    a, b = weights(out / "transition"), weights(tmp_path / "reference")
+    assert all(torch.equal(a[name], b[name]) for name in a)
+    assert [row["measure"] for row in comparison["rows"]][3:5] == ["post-switch loss at step 4", "Token Choice from scratch, step 12"]
+
+
+def _started(out: Path, monkeypatch, *args) -> None:
+    """A `run` into OUT that stops as its first stage begins: OUT holds pipeline.json and nothing more."""
+    from mot_transition import pipeline
+
+    def stopped(*_, **__):
+        raise KeyboardInterrupt("killed")
+
+    with monkeypatch.context() as m:
+        m.setattr(pipeline, "train", stopped)
+        with pytest.raises(KeyboardInterrupt):
+            pipeline.run_pipeline("tiny", out, MICRO, *args, progress=False, log=lambda *a: None)
+    assert [p.name for p in out.iterdir()] == ["pipeline.json"]
+
+
+@pytest.mark.parametrize("change, named", [
+    (["--top-k", "1"], "--top-k is 1 but the run in"),
+    (["--transition-steps", "3"], "--transition-steps is 3 but"),
+    (["--calibrate", "1"], "--calibrate is 1 but"),
+    (["--no-baseline"], "--baseline/--no-baseline is False but"),
+    (["train.steps=9"], "recipe key 'train.steps' is 9 but the run in"),
+    (["model.mot_temperature=0.5"], "recipe key 'model.mot_temperature' is 0.5 but"),
+])
+def test_run_resume_refuses_another_option_or_recipe_key_in_one_line(tmp_path, monkeypatch, capsys, change, named):
+    out = tmp_path / "run"
+    _started(out, monkeypatch, 2)
+    code, _, err = run_cli(["run", "tiny", *MICRO, "--out", out, "--transition-steps", "2", "--resume", *change], capsys)
+    assert code == 1 and named in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert [p.name for p in out.iterdir()] == ["pipeline.json"]  # refused before any stage
+
+
+def test_run_refuses_a_non_empty_out_without_resume_and_resume_of_a_folder_it_did_not_start(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    _started(out, monkeypatch, 2)
+    code, _, err = run_cli(["run", "tiny", *MICRO, "--out", out, "--transition-steps", "2"], capsys)
+    assert code == 1 and "not empty" in err and "--resume" in err and len(err.strip().splitlines()) == 1
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    code, _, err = run_cli(["run", "tiny", *MICRO, "--out", other, "--resume"], capsys)
+    assert code == 1 and "pipeline.json" in err and len(err.strip().splitlines()) == 1
+    assert [p.name for p in other.iterdir()] == ["notes.txt"]
+
+
+@pytest.mark.parametrize("option, named", [
+    (["--calibrate", "100000"], "--calibrate 100000: the MoT run's training split has only"),
+    (["data.eval_batch_size=6", "data.eval_batches=1"], "cannot form groups of 4; set data.eval_batch_size"),
+])
+def test_run_refuses_an_option_that_cannot_work_before_training_starts(converted, tmp_path, monkeypatch, capsys, option, named):
+    monkeypatch.setenv("MOT_TRANSITION_CACHE", str(converted / "cache"))
+    code, _, err = run_cli(["run", "tiny", *MICRO, "--out", tmp_path / "run", *option], capsys)
+    assert code == 1 and named in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
