@@ -125,7 +125,7 @@ def transition(
     size and optimizer settings are the MoT run's, and the data stream continues where the MoT run
     stopped when that is known. `resume=True` continues the run in `out_dir` from its newest
     checkpoint exactly as if it had never stopped (the same curve, the same final weights); lr,
-    eval_every and warmup_steps left None are then the run's own, and given ones must be.
+    eval_every and warmup_steps left None are then the run's own, and given ones must match it.
     """
     from transformers import AutoTokenizer
 
@@ -220,7 +220,7 @@ def _resumable(last: Path, checkpoint: Path, steps: int, options: dict) -> dict:
     """What the run being resumed carried in its checkpoint `last`; ValueError when this call
     asks for another checkpoint, --steps, or another given option than that run used."""
     run = last.parent.parent
-    state, _ = load_training_state(last)
+    state = json.loads((last / "training_state.json").read_text())  # the JSON only: the tensors load on resume
     saved = (state.get("extra") or {}).get("transition")
     if saved is None:
         raise ValueError(f"{run} holds checkpoints that are not of a transition run; choose another --out")
