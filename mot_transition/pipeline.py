@@ -12,9 +12,12 @@ import json
 from pathlib import Path
 
 from .compare import compare_runs, plot_curves
-from .convert import convert_checkpoint, default_top_k
-from .train import Recipe, load_recipe, train
-from .transition import calibration_batches, transition
+from .convert import convert_checkpoint, default_top_k, token_choice_config
+from .jsonfiles import write_json
+from .train import Recipe, load_recipe, prepare_run_data, train
+from .transition import calibration_batches, check_calibration, check_heldout_groups, transition
+
+PIPELINE_FILE = "pipeline.json"  # the recipe and options the run was started with: --resume must match them
 
 
 def baseline_recipe(recipe: Recipe, top_k: int, steps: int) -> Recipe:
@@ -35,54 +38,119 @@ def run_pipeline(
     baseline: bool = True,
     progress: bool = True,
     log=print,
+    resume: bool = False,
 ) -> dict:
-    """Run every stage and return the comparison (also written to OUT/transition/comparison.json)."""
+    """Run every stage and return the comparison (also written to OUT/transition/comparison.json).
+
+    `resume=True` continues a pipeline in OUT that stopped part-way, with the recipe and options
+    it was started with (OUT/pipeline.json): finished stages are kept, a stopped training or
+    transition run continues from its newest checkpoint.
+    """
     mot_recipe = load_recipe(recipe, overrides)
     if mot_recipe.model.ffn_type != "mot":
         raise ValueError(f"the pipeline starts from a MoT model; recipe {recipe} has model.ffn_type={mot_recipe.model.ffn_type!r}")
     if mot_recipe.train.switch_at_step is not None:
         raise ValueError("the pipeline converts after the MoT run; remove train.switch_at_step (that is the in-run switch of `train`)")
     out = Path(out_dir) if out_dir is not None else Path("runs") / f"{mot_recipe.name}-pipeline"
-    if out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"{out} already exists and is not empty; choose another --out")
+    if not resume and out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out} already exists and is not empty; pass --resume to continue the run in it, or choose another --out")
     # every option is checked before the first stage starts
     mot_config = mot_recipe.model_config()
     k = default_top_k(mot_config) if top_k is None else top_k
-    if not 1 <= k <= mot_config.n_expert:
-        raise ValueError(f"--top-k must be between 1 and the number of experts ({mot_config.n_expert}), got {k}")
+    token_choice_config(mot_config, k)  # --top-k in range
     steps = max(1, round(0.1 * mot_recipe.train.steps)) if transition_steps is None else transition_steps
     if steps < 1:
         raise ValueError(f"--transition-steps must be at least 1, got {steps}")
     if calibrate < 0:
         raise ValueError(f"--calibrate must be >= 0, got {calibrate}")
+    check_heldout_groups(mot_recipe.data.eval_batch_size * mot_recipe.data.eval_batches, mot_config.group_size)
+    base = baseline_recipe(mot_recipe, k, mot_recipe.train.steps + steps)
+    base.model_config()
+    started = {"recipe": mot_recipe.to_dict(), "options": {"transition_steps": steps, "top_k": k, "calibrate": calibrate, "baseline": baseline}}
+    if resume and out.exists() and any(out.iterdir()):
+        _check_same_pipeline(out, json.loads(json.dumps(started)))
+    if calibrate:  # the data is cached: the MoT run reads it back
+        check_calibration(mot_recipe, prepare_run_data(mot_recipe)[1], calibrate)
+    out.mkdir(parents=True, exist_ok=True)
+    if not (out / PIPELINE_FILE).is_file():
+        write_json(out / PIPELINE_FILE, started)
 
     log(f"[1/5] training MoT ({mot_recipe.train.steps} steps) -> {out / 'mot'}")
-    mot = train(mot_recipe, out / "mot", progress=progress)
+    mot = train(mot_recipe, out / "mot", resume=resume, progress=progress)
     log(f"      held-out loss {mot.eval_loss:.4f} nats/token (unigram baseline {mot.unigram_entropy:.4f}), {mot.train_seconds:.0f} s")
 
-    log(f"[2/5] converting to Token Choice (top-{k}{f', calibrated on {calibrate} batches' if calibrate else ''}) -> {out / 'token_choice'}")
-    batches = calibration_batches(mot.checkpoint, calibrate) if calibrate else None
-    convert_checkpoint(mot.checkpoint, out / "token_choice", num_experts_per_tok=k, calibration=batches)
+    calibrated = f", calibrated on {calibrate} batches" if calibrate else ""
+    if resume and _converted(out / "token_choice", mot.checkpoint, k, calibrate):
+        log(f"[2/5] converted to Token Choice (top-{k}{calibrated}) already: {out / 'token_choice'} kept")
+    else:
+        log(f"[2/5] converting to Token Choice (top-{k}{calibrated}) -> {out / 'token_choice'}")
+        batches = calibration_batches(mot.checkpoint, calibrate) if calibrate else None
+        convert_checkpoint(mot.checkpoint, out / "token_choice", num_experts_per_tok=k, calibration=batches, force=resume)
 
     log(f"[3/5] transition tuning ({steps} steps) -> {out / 'transition'}")
-    result = transition(out / "token_choice", steps, out / "transition", progress=progress)
+    result = transition(out / "token_choice", steps, out / "transition", progress=progress, resume=resume)
     log(f"      post-switch loss {result.post_switch_loss:.4f} at step 0, {result.final_loss:.4f} at step {steps}")
 
     if baseline:
-        base = baseline_recipe(mot_recipe, k, mot_recipe.train.steps + steps)
         log(f"[4/5] training the Token Choice baseline from scratch ({base.train.steps} steps) -> {out / 'baseline'}")
-        train(base, out / "baseline", progress=progress)
+        train(base, out / "baseline", resume=resume, progress=progress)
     else:
         log("[4/5] Token Choice baseline skipped")
 
     log("[5/5] comparing")
     comparison = compare_runs([out])
-    (out / "transition" / "comparison.json").write_text(json.dumps(comparison, indent=1))
+    write_json(out / "transition" / "comparison.json", comparison)
     try:
         comparison["plot"] = str(plot_curves(comparison, out / "transition" / "loss_curves.png"))
     except ImportError:
         comparison["plot"] = None
     return comparison
+
+
+OPTIONS = {"transition_steps": "--transition-steps", "top_k": "--top-k", "calibrate": "--calibrate", "baseline": "--baseline/--no-baseline"}
+
+
+def _check_same_pipeline(out: Path, now: dict) -> None:
+    """--resume continues the run in `out` only with the recipe and options it was started with."""
+    if not (out / PIPELINE_FILE).is_file():
+        raise FileExistsError(f"{out} holds no {PIPELINE_FILE}, so it is not a `mot-transition run` that --resume can continue; choose another --out")
+    saved = json.loads((out / PIPELINE_FILE).read_text())
+    for name, option in OPTIONS.items():
+        if saved["options"].get(name) != now["options"][name]:
+            raise ValueError(f"--resume: {option} is {now['options'][name]} but the run in {out} was started with "
+                             f"{saved['options'].get(name)}; resume with the options it was started with")
+    was, is_ = _flat(saved["recipe"]), _flat(now["recipe"])
+    for key in [*is_, *(k for k in was if k not in is_)]:
+        if key != "data.cache_dir" and was.get(key) != is_.get(key):
+            raise ValueError(f"--resume: recipe key {key!r} is {is_.get(key)!r} but the run in {out} was started with "
+                             f"{was.get(key)!r}; resume with the recipe it was started with")
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _converted(folder: Path, source: Path, top_k: int, calibrate: int) -> bool:
+    """`folder` is a complete conversion of the MoT checkpoint `source` with these options."""
+    try:
+        config = json.loads((folder / "config.json").read_text())
+        report = json.loads((folder / "conversion_report.json").read_text())
+    except (OSError, ValueError):
+        return False
+    calibration = report.get("calibration") or {}
+    return (
+        report.get("source") == str(Path(source).resolve())
+        and config.get("ffn_type") == "token_choice"
+        and config.get("num_experts_per_tok") == top_k
+        and config.get("capacity_factor") is None
+        and calibration.get("batches", 0) == calibrate
+    )
 
 
 __all__ = ["run_pipeline", "baseline_recipe"]

@@ -2,7 +2,8 @@
 its MoT run, with the load-balancing loss on, and measure what the switch cost and how fast the
 fine-tuning won it back.
 
-    transition(ckpt, steps, out)   the fine-tuning run; writes OUT/transition.json and a checkpoint
+    transition(ckpt, steps, out)   the fine-tuning run; writes OUT/transition.json and checkpoints
+                                   (every checkpoint_every steps; resume=True continues a killed run)
     in_run_switch(trainer)         the paper's in-run switch (recipe key train.switch_at_step)
     calibration_batches(ckpt, n)   batches of the MoT run's training data, for `convert --calibrate`
 
@@ -13,13 +14,16 @@ group_size=1, the post-switch losses one sequence at a time (and batched, which 
 
 import json
 import math
+import warnings
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
 
 from .checkpoint_io import load_checked, load_config, resolve_checkpoint
-from .train import Recipe, Trainer, evaluate, load_training_state, prepare_run_data, recipe_from_dict
+from .jsonfiles import write_json
+from .train import Recipe, Trainer, evaluate, latest_checkpoint, load_training_state, prepare_run_data, recipe_from_dict
+from .train.checkpoint import resumable_checkpoint
 from .train.tracking import Reporters
 
 TRANSITION_FILE = "transition.json"
@@ -67,10 +71,32 @@ def calibration_batches(checkpoint: str | Path, num_batches: int) -> list[torch.
     checkpoint = resolve_checkpoint(checkpoint)
     recipe = run_recipe(checkpoint)
     _, train_seq, _, _ = prepare_run_data(recipe, AutoTokenizer.from_pretrained(checkpoint))
-    rows = recipe.train.micro_batch_size or recipe.train.batch_size
-    if train_seq.shape[0] < rows * num_batches:
-        raise ValueError(f"--calibrate {num_batches}: the training split has only {train_seq.shape[0] // rows} batches of {rows}")
+    rows = check_calibration(recipe, train_seq, num_batches)
     return list(train_seq[: rows * num_batches].split(rows))
+
+
+def check_calibration(recipe: Recipe, train_seq: torch.Tensor, num_batches: int) -> int:
+    """The rows of one calibration batch; ValueError when the training split has fewer than
+    `num_batches` of them (`run` checks this before its first stage)."""
+    rows = recipe.train.micro_batch_size or recipe.train.batch_size
+    available = train_seq.shape[0] // rows
+    if num_batches > available:
+        raise ValueError(
+            f"--calibrate {num_batches}: the MoT run's training split has only {available} batches of {rows} sequences; "
+            f"ask for at most {available}"
+        )
+    return rows
+
+
+def check_heldout_groups(sequences: int, group_size: int) -> None:
+    """The pre-switch loss groups the held-out sequences as the MoT run did: their number
+    (data.eval_batch_size x data.eval_batches) must be a multiple of group_size (`run` checks
+    this before its first stage)."""
+    if sequences % group_size:
+        raise ValueError(
+            f"{sequences} held-out sequences (data.eval_batch_size x data.eval_batches) cannot form groups of "
+            f"{group_size}; set data.eval_batch_size to a multiple of {group_size}"
+        )
 
 
 def mot_losses(source: Path, recipe: Recipe, heldout: torch.Tensor) -> tuple[float, float]:
@@ -78,8 +104,7 @@ def mot_losses(source: Path, recipe: Recipe, heldout: torch.Tensor) -> tuple[flo
     model = load_checked(source)
     g = model.config.group_size
     batch = max(g, recipe.data.eval_batch_size // g * g)
-    if heldout.shape[0] % g:
-        raise ValueError(f"{heldout.shape[0]} held-out sequences cannot form groups of {g}; set data.eval_batch_size to a multiple of {g}")
+    check_heldout_groups(heldout.shape[0], g)
     grouped = evaluate(model, heldout, batch)
     model.set_group_size(1)
     return grouped, evaluate(model, heldout, 1)
@@ -93,12 +118,17 @@ def transition(
     eval_every: int | None = None,
     warmup_steps: int | None = None,
     progress: bool = True,
+    checkpoint_every: int | None = None,
+    resume: bool = False,
 ) -> TransitionResult:
     """Fine-tune the converted Token Choice `checkpoint` for `steps` steps into `out_dir`.
 
     Defaults: lr = the MoT run's final learning rate (lr * final_lr_fraction), warmup = 10% of
-    the steps, an evaluation every steps / 10 steps; data, batch size and optimizer settings are
-    the MoT run's, and the data stream continues where the MoT run stopped when that is known.
+    the steps, an evaluation every steps / 10 steps, a checkpoint at every evaluation; data, batch
+    size and optimizer settings are the MoT run's, and the data stream continues where the MoT run
+    stopped when that is known. `resume=True` continues the run in `out_dir` from its newest
+    checkpoint exactly as if it had never stopped (the same curve, the same final weights); lr,
+    eval_every and warmup_steps left None are then the run's own, and given ones must match it.
     """
     from transformers import AutoTokenizer
 
@@ -111,70 +141,114 @@ def transition(
         )
     if steps < 1:
         raise ValueError(f"--steps must be at least 1, got {steps}")
-    if eval_every is not None and eval_every < 1:
-        raise ValueError(f"--eval-every must be at least 1, got {eval_every}")
+    for option, value in (("--eval-every", eval_every), ("--checkpoint-every", checkpoint_every)):
+        if value is not None and value < 1:
+            raise ValueError(f"{option} must be at least 1, got {value}")
     if lr is not None and not (math.isfinite(lr) and lr > 0):
         raise ValueError(f"--lr must be a finite positive number, got {lr}")
     out_dir = Path(out_dir)
-    if (out_dir / TRANSITION_FILE).exists() or (out_dir / "checkpoints").exists():
-        raise FileExistsError(f"{out_dir} already holds a transition run; choose another --out")
+    last = None
+    if resume:
+        last, skipped = resumable_checkpoint(out_dir)
+        for damaged, why in skipped:
+            warnings.warn(f"skipping the damaged checkpoint {damaged.name} ({why}); resuming from {last.name}", stacklevel=2)
+    if not resume and ((out_dir / TRANSITION_FILE).exists() or (out_dir / "checkpoints").exists()):
+        raise FileExistsError(f"{out_dir} already holds a transition run; pass --resume to continue it or choose another --out")
+    saved = None
+    if last is not None:
+        saved = _resumable(last, checkpoint, steps, {"--lr": lr, "--eval-every": eval_every, "warmup_steps": warmup_steps})
+        lr, eval_every, warmup_steps = saved["lr"], saved["eval_every"], saved["warmup_steps"]
     recipe = run_recipe(checkpoint)
     report = json.loads((checkpoint / "conversion_report.json").read_text()) if (checkpoint / "conversion_report.json").is_file() else {}
     o, t = recipe.optim, recipe.train
     lr = o.lr * o.final_lr_fraction if lr is None else lr
     eval_every = max(1, steps // 10) if eval_every is None else eval_every
-    o.lr, o.warmup_steps = lr, max(1, steps // 10) if warmup_steps is None else warmup_steps
-    t.steps, t.eval_every, t.checkpoint_every, t.switch_at_step = steps, eval_every, steps, None
+    warmup_steps = max(1, steps // 10) if warmup_steps is None else warmup_steps
+    checkpoint_every = eval_every if checkpoint_every is None else checkpoint_every
+    o.lr, o.warmup_steps = lr, warmup_steps
+    t.steps, t.eval_every, t.checkpoint_every, t.switch_at_step = steps, eval_every, checkpoint_every, None
 
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
     _, train_seq, heldout_seq, _ = prepare_run_data(recipe, tokenizer)
     torch.manual_seed(recipe.seed)
-    trainer = Trainer(load_checked(checkpoint), recipe, train_seq, heldout_seq, tokenizer=tokenizer, run_dir=out_dir)
-    source = Path(report["source"]) if report.get("source") else None
-    if source is not None and not (source / "config.json").is_file():
-        raise FileNotFoundError(
-            f"the MoT checkpoint {checkpoint} was converted from ({source}) is gone, so the pre-switch loss cannot be "
-            f"measured; put it back, or edit 'source' in {checkpoint / 'conversion_report.json'}"
-        )
-    if source is not None and (source / "training_state.json").is_file():
-        state, _ = load_training_state(source)
-        if state.get("world_size", 1) == 1:
-            trainer.batches.load_state_dict(state["data"])  # continue on the MoT run's data stream
-    pre = unbatched = None
-    if source is not None:
-        pre, unbatched = mot_losses(source, recipe, trainer.eval_sequences)
+    model = load_checked(last if saved is not None else checkpoint)
+    trainer = Trainer(model, recipe, train_seq, heldout_seq, tokenizer=tokenizer, run_dir=out_dir)
+    if saved is not None:  # the source MoT checkpoint is no longer needed: its losses are in the checkpoint
+        trainer.load_checkpoint(last)
+        result = TransitionResult(saved["source"], "", steps, lr, saved["pre_switch_loss"], saved["mot_unbatched_loss"], saved["curve"])
+    else:
+        source = Path(report["source"]) if report.get("source") else None
+        if source is not None and not (source / "config.json").is_file():
+            raise FileNotFoundError(
+                f"the MoT checkpoint {checkpoint} was converted from ({source}) is gone, so the pre-switch loss cannot be "
+                f"measured; put it back, or edit 'source' in {checkpoint / 'conversion_report.json'}"
+            )
+        if source is not None and (source / "training_state.json").is_file():
+            state, _ = load_training_state(source)
+            if state.get("world_size", 1) == 1:
+                trainer.batches.load_state_dict(state["data"])  # continue on the MoT run's data stream
+        pre = unbatched = None
+        if source is not None:
+            pre, unbatched = mot_losses(source, recipe, trainer.eval_sequences)
+        result = TransitionResult(str(source) if source else None, "", steps, lr, pre, unbatched)
+    carried = {"converted": str(checkpoint.resolve()), "eval_every": eval_every, "warmup_steps": warmup_steps}
 
-    result = TransitionResult(str(source) if source else None, "", steps, lr, pre, unbatched)
     out_dir.mkdir(parents=True, exist_ok=True)
-    reporters = Reporters(t.report_to, out_dir, f"transition-{out_dir.name}", asdict(recipe), 0)
-    bar = _bar(steps, progress)
+    reporters = Reporters(t.report_to, out_dir, f"transition-{out_dir.name}", asdict(recipe), trainer.step_count)
+    bar = _bar(steps, trainer.step_count, progress)
     try:
-        result.curve.append(_evaluate(trainer))
+        if not result.curve:
+            result.curve.append(_evaluate(trainer))
         while trainer.step_count < steps:
             record = trainer.step()
-            if trainer.step_count % eval_every == 0 or trainer.step_count == steps:
+            step = trainer.step_count
+            if step % eval_every == 0 or step == steps:
                 result.curve.append(_evaluate(trainer))
+                if not all(math.isfinite(result.curve[-1][key]) for key in ("loss", "loss_batched")):
+                    trainer._diverged(f"the held-out loss became {result.curve[-1]['loss']}", updated=True)
                 record["eval_loss"] = result.curve[-1]["loss"]  # post-switch: one sequence at a time
             reporters.log(record)
+            if step % checkpoint_every == 0 or step == steps:
+                trainer.save_checkpoint(extra={"transition": {**asdict(result), **carried}})
             if bar is not None:
-                bar.update(bar.tasks[0].id, completed=trainer.step_count, status=f"loss {record['lm_loss']:.3f}  post-switch {result.curve[-1]['loss']:.3f}")
+                bar.update(bar.tasks[0].id, completed=step, status=f"loss {record['lm_loss']:.3f}  post-switch {result.curve[-1]['loss']:.3f}")
     finally:
         reporters.close()
         if bar is not None:
             bar.stop()
-    result.checkpoint = str(trainer.save_checkpoint())
-    if pre is not None:
+    result.checkpoint = str(latest_checkpoint(out_dir))
+    if result.pre_switch_loss is not None:
+        pre = result.pre_switch_loss
         result.recovery_step = next((p["step"] for p in result.curve if p["loss"] <= pre * 1.02), None)
         result.full_recovery_step = next((p["step"] for p in result.curve if p["loss"] <= pre), None)
-    (out_dir / TRANSITION_FILE).write_text(json.dumps(asdict(result), indent=1))
+    write_json(out_dir / TRANSITION_FILE, asdict(result))
     return result
+
+
+def _resumable(last: Path, checkpoint: Path, steps: int, options: dict) -> dict:
+    """What the run being resumed carried in its checkpoint `last`; ValueError when this call
+    asks for another checkpoint, --steps, or another given option than that run used."""
+    run = last.parent.parent
+    state = json.loads((last / "training_state.json").read_text())  # the JSON only: the tensors load on resume
+    saved = (state.get("extra") or {}).get("transition")
+    if saved is None:
+        raise ValueError(f"{run} holds checkpoints that are not of a transition run; choose another --out")
+    if saved["converted"] != str(checkpoint.resolve()):
+        raise ValueError(f"--resume: the run in {run} fine-tunes {saved['converted']}, not {checkpoint}; resume it with that CHECKPOINT")
+    if steps != saved["steps"]:
+        raise ValueError(f"--resume: --steps is {steps} but the run in {run} used {saved['steps']}; resume with --steps {saved['steps']}")
+    for option, value in options.items():
+        used = saved[option.lstrip("-").replace("-", "_")]
+        if value is not None and value != used:
+            raise ValueError(f"--resume: {option} is {value} but the run in {run} used {used}; resume with {option} {used} or leave it out")
+    return saved
 
 
 def _evaluate(trainer: Trainer) -> dict:
     return {"step": trainer.step_count, "loss": trainer.evaluate(batch_size=1), "loss_batched": trainer.evaluate()}
 
 
-def _bar(steps: int, show: bool):
+def _bar(steps: int, done: int, show: bool):
     if not show:
         return None
     from rich.console import Console
@@ -182,7 +256,7 @@ def _bar(steps: int, show: bool):
 
     bar = Progress(TextColumn("[bold]transition"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[status]}"),
                    TimeElapsedColumn(), console=Console(stderr=True))
-    bar.add_task("transition", total=steps, status="")
+    bar.add_task("transition", total=steps, completed=done, status="")
     bar.start()
     return bar
 

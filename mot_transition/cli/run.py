@@ -19,10 +19,11 @@ def run(
     top_k: int = typer.Option(None, "--top-k", help="Experts per token after conversion (default max(1, round(E / g)))."),
     calibrate: int = typer.Option(0, "--calibrate", help="Fit conversion scales on this many batches (0 = off).", min=0),
     baseline: bool = typer.Option(True, "--baseline/--no-baseline", help="Train the Token Choice baseline from scratch."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out that stopped part-way (the same recipe, overrides and options); finished stages are kept."),
 ) -> None:
     """Train MoT, convert it, transition-tune it, train the Token Choice baseline, and compare."""
     console = Console()
-    comparison = run_pipeline(recipe, out, overrides or (), transition_steps, top_k, calibrate, baseline, log=console.print)
+    comparison = run_pipeline(recipe, out, overrides or (), transition_steps, top_k, calibrate, baseline, log=console.print, resume=resume)
     show_comparison(comparison, console)
     if comparison.get("plot"):
         console.print(f"loss curves: {comparison['plot']}")

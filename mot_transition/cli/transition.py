@@ -1,4 +1,4 @@
-"""`mot-transition transition CKPT --steps N`: fine-tune a converted Token Choice checkpoint."""
+"""`mot-transition transition CKPT --steps N [--resume]`: fine-tune a converted Token Choice checkpoint."""
 
 from pathlib import Path
 
@@ -17,10 +17,12 @@ def transition(
     out: Path = typer.Option(None, "--out", help="Run directory (default: CHECKPOINT-transition)."),
     lr: float = typer.Option(None, "--lr", help="Peak learning rate (default: the MoT run's final learning rate)."),
     eval_every: int = typer.Option(None, "--eval-every", help="Evaluate every M steps (default steps / 10)."),
+    checkpoint_every: int = typer.Option(None, "--checkpoint-every", help="Save a checkpoint every C steps (default: at every evaluation) and at the end."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its newest checkpoint (the same CHECKPOINT and --steps)."),
 ) -> None:
     """Transition-tune with the load-balancing loss on; evaluate batched and one sequence at a time."""
     out = out or checkpoint.resolve().with_name(checkpoint.resolve().name + "-transition")
-    result = run_transition(checkpoint, steps, out, lr=lr, eval_every=eval_every)
+    result = run_transition(checkpoint, steps, out, lr=lr, eval_every=eval_every, checkpoint_every=checkpoint_every, resume=resume)
     table = Table(title=f"post-switch held-out loss (nats/token), lr {result.lr:g}")
     for column in ("step", "one sequence at a time", "batched"):
         table.add_column(column, justify="right")

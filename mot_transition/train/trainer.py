@@ -350,8 +350,10 @@ class Trainer:
             dist.all_gather_object(everyone, {k: v.cpu() for k, v in mine.items()})
         return {f"rng.{kind}.rank{rank}": t for rank, states in enumerate(everyone) for kind, t in states.items()}
 
-    def save_checkpoint(self) -> Path | None:
-        """Write a checkpoint of the current step (rank 0 writes; every rank must call this)."""
+    def save_checkpoint(self, extra: dict | None = None) -> Path | None:
+        """Write a checkpoint of the current step (rank 0 writes; every rank must call this).
+        `extra` (JSON-able) is what a caller's own loop must carry across a resume (the transition
+        stage's loss curve, say): it is kept in training_state.json and `load_checkpoint` returns it."""
         bad = first_nonfinite(self.model.named_parameters())  # every rank holds the same weights: all stop together
         if bad is not None:
             self._diverged(f"the parameter {bad} became NaN or infinite", updated=True)
@@ -363,6 +365,8 @@ class Trainer:
                 "world_size": self.dist.world_size,
                 "recipe": self.recipe.to_dict(),
             }
+            if extra is not None:
+                state["extra"] = extra
             path = save_checkpoint(
                 self.run_dir, self.step_count, self.model, self.tokenizer, self.optimizer, state, rng,
                 keep=self.recipe.train.keep_checkpoints,
@@ -371,9 +375,10 @@ class Trainer:
             dist.barrier()
         return path
 
-    def load_checkpoint(self, checkpoint: Path) -> None:
+    def load_checkpoint(self, checkpoint: Path) -> dict | None:
         """Restore optimizer, step, data position and RNG from `checkpoint`; the weights are the
-        model's own (load the model from the same checkpoint with `from_pretrained`)."""
+        model's own (load the model from the same checkpoint with `from_pretrained`). Returns the
+        `extra` that `save_checkpoint` was given (None if it was given none)."""
         state, tensors = load_training_state(checkpoint)
         if state.get("world_size") != self.dist.world_size:
             raise ValueError(
@@ -386,6 +391,7 @@ class Trainer:
         torch.set_rng_state(tensors[f"rng.cpu.rank{self.dist.rank}"])
         if self.device.type == "cuda" and f"rng.cuda.rank{self.dist.rank}" in tensors:
             torch.cuda.set_rng_state(tensors[f"rng.cuda.rank{self.dist.rank}"], self.device)
+        return state.get("extra")
 
 
 # ---------------------------------------------------------------------------------------------
