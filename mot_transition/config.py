@@ -9,6 +9,7 @@ MLP and in every expert, per-head RMSNorm of queries and keys).
 """
 
 import math
+from dataclasses import dataclass
 
 from transformers import PreTrainedConfig
 
@@ -105,35 +106,16 @@ class MoTConfig(PreTrainedConfig):
         return _multiple_of_8(width) if self.gated else int(width)
 
     def _check_values(self) -> None:
-        """Each field alone: its type and range (finite numbers only). ValueError naming the field."""
-        for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_expert", "group_size", "num_experts_per_tok"):
-            _need(_is_int(getattr(self, name)) and getattr(self, name) >= 1, f"{name} must be a positive integer, got {getattr(self, name)!r}")
-        for name in ("n_inner", "expert_size"):
-            value = getattr(self, name)
-            _need(value is None or (_is_int(value) and value >= 1), f"{name} must be a positive integer or None, got {value!r}")
-        moe_layers = self.moe_layers
-        _need(
-            moe_layers is None or (isinstance(moe_layers, (list, tuple)) and all(_is_int(i) for i in moe_layers)),
-            f"moe_layers must be a list of block indices, got {moe_layers!r}",
-        )
-        positive = ("layer_norm_epsilon", "rope_theta", "mot_temperature")
-        at_least_zero = ("initializer_range", "router_aux_loss_coef", "router_z_loss_coef")
-        for name in positive + at_least_zero:
-            value, what = getattr(self, name), "positive number" if name in positive else "number >= 0"
-            _need(_is_number(value) and (value > 0 if name in positive else value >= 0), f"{name} must be a finite {what}, got {value!r}")
-        _need(
-            self.capacity_factor is None or (_is_number(self.capacity_factor) and self.capacity_factor > 0),
-            f"capacity_factor must be a finite positive number or None, got {self.capacity_factor!r}",
-        )
-        for name in ("resid_pdrop", "embd_pdrop", "attn_pdrop"):
-            _need(_is_number(getattr(self, name)) and 0 <= getattr(self, name) < 1, f"{name} must be in [0, 1), got {getattr(self, name)!r}")
+        """Each field alone against its declared rule (MODEL_RULES): its type and range, finite
+        numbers only. ValueError naming the field."""
+        for name, rule in MODEL_RULES.items():
+            rule.check(name, getattr(self, name, None))
 
     def check(self) -> None:
-        """Raise a ValueError naming the field for any value that cannot work."""
+        """Raise a ValueError naming the field for any value that cannot work: each field against
+        its rule, then the fields together."""
         need = _need
         self._check_values()
-        need(self.block in BLOCK_STYLES, f"block must be one of {', '.join(BLOCK_STYLES)}, got {self.block!r}")
-        need(self.ffn_type in FFN_TYPES, f"ffn_type must be one of {', '.join(FFN_TYPES)}, got {self.ffn_type!r}")
         need(self.n_embd % self.n_head == 0, f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         need(
             self.block != "llama" or (self.n_embd // self.n_head) % 2 == 0,
@@ -185,6 +167,87 @@ class MoTConfig(PreTrainedConfig):
         return self.ffn_type in GROUPING_FFN_TYPES and self.group_size > 1 and bool(self.moe_layers)
 
 
+@dataclass(frozen=True)
+class Rule:
+    """What one field accepts, declared once and enforced everywhere the field is given (config,
+    recipe, command line): a kind, for numbers a range (finite only: NaN and infinities pass no
+    range check honestly), or a set of choices; `optional` allows None."""
+
+    kind: type  # int, float (an int is accepted), bool, str or list
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False  # the bound itself excluded
+    high_open: bool = False
+    optional: bool = False
+    choices: tuple = ()
+    item: type | None = None  # the kind of a list's items
+
+    def check(self, key: str, value):
+        """`value` as this rule's kind (an int given for a float becomes a float; a tuple for a
+        list, a list), or a one-line ValueError: "KEY must be DESCRIPTION, got VALUE"."""
+        if value is None and self.optional:
+            return None
+        ok, result = self._accepts(value)
+        if not ok:
+            raise ValueError(f"{key} must be {self.describe()}, got {value!r}")
+        return result
+
+    def _accepts(self, value):
+        if self.kind is list:
+            if not isinstance(value, (list, tuple)):
+                return False, None
+            items = [Rule(self.item, self.low, self.high, self.low_open, self.high_open)._accepts(v) for v in value]
+            return all(ok for ok, _ in items), [v for _, v in items]
+        if self.kind is bool or self.kind is str:
+            return isinstance(value, self.kind) and (not self.choices or value in self.choices), value
+        if isinstance(value, bool) or not isinstance(value, (int, float) if self.kind is float else int):
+            return False, None
+        if not math.isfinite(value):
+            return False, None
+        low_ok = self.low is None or (value > self.low if self.low_open else value >= self.low)
+        high_ok = self.high is None or (value < self.high if self.high_open else value <= self.high)
+        return low_ok and high_ok, float(value) if self.kind is float else value
+
+    def describe(self) -> str:
+        if self.choices:
+            text = "one of " + ", ".join(str(c) for c in self.choices)
+        elif self.kind is list:
+            text = f"a list of {Rule(self.item, self.low, self.high, self.low_open, self.high_open).describe().removeprefix('an ').removeprefix('a ')}"
+            text = text.replace("integer", "integers", 1).replace("number", "numbers", 1)
+        else:
+            text = {int: "an integer", float: "a finite number", bool: "true or false", str: "a string"}[self.kind]
+            if self.low is not None and self.high is not None:
+                text += f" in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+            elif self.low is not None:
+                text += f" {'>' if self.low_open else '>='} {self.low:g}"
+            elif self.high is not None:
+                text += f" {'<' if self.high_open else '<='} {self.high:g}"
+        return text + (" or none" if self.optional else "")
+
+
+POSITIVE_INT, POSITIVE, AT_LEAST_ZERO = Rule(int, low=1), Rule(float, low=0, low_open=True), Rule(float, low=0)
+PROBABILITY = Rule(float, low=0, high=1, high_open=True)
+FLAG, OPTIONAL_FLAG = Rule(bool), Rule(bool, optional=True)
+MODEL_RULES: dict[str, Rule] = {
+    "block": Rule(str, choices=BLOCK_STYLES),
+    "vocab_size": POSITIVE_INT, "n_positions": POSITIVE_INT, "n_embd": POSITIVE_INT, "n_layer": POSITIVE_INT,
+    "n_head": POSITIVE_INT, "n_inner": Rule(int, low=1, optional=True),
+    "activation_function": Rule(str, optional=True),  # its name is checked against transformers' ACT2FN in check()
+    "rope_theta": POSITIVE, "qk_norm": OPTIONAL_FLAG,
+    "resid_pdrop": PROBABILITY, "embd_pdrop": PROBABILITY, "attn_pdrop": PROBABILITY,
+    "layer_norm_epsilon": POSITIVE, "initializer_range": AT_LEAST_ZERO,
+    "use_cache": FLAG, "tie_word_embeddings": FLAG,
+    "bos_token_id": Rule(int, low=0, optional=True), "pad_token_id": Rule(int, low=0, optional=True),
+    "ffn_type": Rule(str, choices=FFN_TYPES),
+    "moe_layers": Rule(list, item=int, low=0, optional=True),  # each below n_layer: checked in check()
+    "n_expert": POSITIVE_INT, "group_size": POSITIVE_INT, "expert_size": Rule(int, low=1, optional=True),
+    "mot_temperature": POSITIVE, "emit_softmax_over_experts": FLAG, "use_discrete_routing": FLAG,
+    "num_experts_per_tok": POSITIVE_INT, "capacity_factor": Rule(float, low=0, low_open=True, optional=True),
+    "norm_topk_prob": FLAG, "router_aux_loss_coef": AT_LEAST_ZERO, "router_z_loss_coef": AT_LEAST_ZERO,
+    "output_router_logits": FLAG,
+}
+
+
 def style_defaults(block: str) -> dict:
     """What a None `activation_function` and `qk_norm` mean for a block style."""
     llama = block == "llama"
@@ -207,19 +270,10 @@ def _need(condition: bool, message: str) -> None:
         raise ValueError(message)
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value) -> bool:
-    """A finite int or float (not a bool): NaN and infinities pass no range check honestly."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def _multiple_of_8(width: float) -> int:
     """The multiple of 8 nearest to `width` (at least 8), or `width` rounded when below 8: widths that
     keep rows of the expert matrices aligned for grouped matmuls."""
     return max(8, 8 * round(width / 8)) if width >= 8 else max(1, round(width))
 
 
-__all__ = ["MoTConfig", "BLOCK_STYLES", "FFN_TYPES", "EXPERT_FFN_TYPES", "GROUPING_FFN_TYPES"]
+__all__ = ["MoTConfig", "Rule", "MODEL_RULES", "BLOCK_STYLES", "FFN_TYPES", "EXPERT_FFN_TYPES", "GROUPING_FFN_TYPES"]

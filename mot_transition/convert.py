@@ -12,7 +12,6 @@ raw bytes, so peak memory stays near the size of the largest tensor, whatever th
 """
 
 import json
-import math
 import os
 import shutil
 from dataclasses import asdict, dataclass, field
@@ -27,6 +26,7 @@ from .counts import parameter_counts
 from .data.tokenizer import ready_for_generation
 from .destinations import check_destination, clean_after_killed_runs, staged
 from .jsonfiles import dumps
+from .options import check_options
 
 COPIED_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                 "vocab.json", "merges.txt", "generation_config.json")
@@ -57,11 +57,10 @@ def token_choice_config(config: MoTConfig, num_experts_per_tok: int | None = Non
     """The Token Choice config of a MoT config. Raises ValueError for a top-k out of range."""
     if config.ffn_type != "mot":
         raise ValueError(f"only a MoT checkpoint can be converted, this one has ffn_type={config.ffn_type!r}")
+    check_options(top_k=num_experts_per_tok, capacity_factor=capacity_factor)
     k = default_top_k(config) if num_experts_per_tok is None else num_experts_per_tok
-    if not 1 <= k <= config.n_expert:
+    if k > config.n_expert:
         raise ValueError(f"--top-k must be between 1 and the number of experts ({config.n_expert}), got {k}")
-    if capacity_factor is not None and not (math.isfinite(capacity_factor) and capacity_factor > 0):
-        raise ValueError(f"--capacity-factor must be a finite positive number, got {capacity_factor}")
     fields = config.to_dict()
     fields.update(ffn_type="token_choice", num_experts_per_tok=k, capacity_factor=capacity_factor)
     for key in ("model_type", "transformers_version"):

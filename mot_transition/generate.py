@@ -12,6 +12,7 @@ import torch
 from transformers import AutoTokenizer, BatchEncoding, PreTrainedTokenizerBase
 
 from .checkpoint_io import load_checked, load_config, resolve_checkpoint
+from .options import check_options
 from .modeling import MoTLMHeadModel
 
 
@@ -38,12 +39,7 @@ def load_for_inference(checkpoint: str | Path, device: str = "cpu") -> tuple[MoT
 
 
 def sampling_options(max_new_tokens: int, temperature: float, top_p: float, tokenizer) -> dict:
-    if max_new_tokens < 1:
-        raise ValueError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
-    if temperature < 0:
-        raise ValueError(f"--temperature must be >= 0 (0 = greedy), got {temperature}")
-    if not 0 < top_p <= 1:
-        raise ValueError(f"--top-p must be in (0, 1], got {top_p}")
+    check_options(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
     options = dict(max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
     if temperature == 0:
         return {**options, "do_sample": False}

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from .checkpoint_io import load_checked, load_config, resolve_checkpoint
 from .jsonfiles import write_json
+from .options import check_options
 
 
 def task_names(text: str) -> list[str]:
@@ -45,10 +46,7 @@ def evaluate_tasks(
     config = load_config(checkpoint)
     if not tasks:
         raise ValueError("name at least one task (--tasks)")
-    if limit is not None and limit < 1:
-        raise ValueError(f"--limit must be at least 1, got {limit}")
-    if batch_size < 1:
-        raise ValueError(f"--batch-size must be at least 1, got {batch_size}")
+    check_options(limit=limit, batch_size=batch_size, group_size=group_size)
     if group_size is not None and group_size != 1:
         raise ValueError(f"--group-size takes 1 (per-sequence evaluation) only, got {group_size}")
     if config.mixes_batch_rows() and group_size != 1:

@@ -14,6 +14,7 @@ from pathlib import Path
 from .compare import compare_runs, plot_curves
 from .convert import convert_checkpoint, default_top_k, token_choice_config
 from .jsonfiles import write_json
+from .options import check_options
 from .train import Recipe, load_recipe, prepare_run_data, train
 from .transition import calibration_batches, check_calibration, check_heldout_groups, transition
 
@@ -55,14 +56,11 @@ def run_pipeline(
     if not resume and out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} already exists and is not empty; pass --resume to continue the run in it, or choose another --out")
     # every option is checked before the first stage starts
+    check_options(transition_steps=transition_steps, top_k=top_k, calibrate=calibrate)
     mot_config = mot_recipe.model_config()
     k = default_top_k(mot_config) if top_k is None else top_k
     token_choice_config(mot_config, k)  # --top-k in range
     steps = max(1, round(0.1 * mot_recipe.train.steps)) if transition_steps is None else transition_steps
-    if steps < 1:
-        raise ValueError(f"--transition-steps must be at least 1, got {steps}")
-    if calibrate < 0:
-        raise ValueError(f"--calibrate must be >= 0, got {calibrate}")
     check_heldout_groups(mot_recipe.data.eval_batch_size * mot_recipe.data.eval_batches, mot_config.group_size)
     base = baseline_recipe(mot_recipe, k, mot_recipe.train.steps + steps)
     base.model_config()

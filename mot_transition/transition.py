@@ -22,6 +22,7 @@ import torch
 
 from .checkpoint_io import load_checked, load_config, resolve_checkpoint
 from .jsonfiles import write_json
+from .options import check_options
 from .train import Recipe, Trainer, evaluate, latest_checkpoint, load_training_state, prepare_run_data, recipe_from_dict
 from .train.checkpoint import resumable_checkpoint
 from .train.tracking import Reporters
@@ -139,13 +140,7 @@ def transition(
             f"{checkpoint} is a {config.ffn_type} checkpoint; transition tuning fine-tunes a converted Token Choice "
             f"checkpoint (run `mot-transition convert SRC DST` first)"
         )
-    if steps < 1:
-        raise ValueError(f"--steps must be at least 1, got {steps}")
-    for option, value in (("--eval-every", eval_every), ("--checkpoint-every", checkpoint_every)):
-        if value is not None and value < 1:
-            raise ValueError(f"{option} must be at least 1, got {value}")
-    if lr is not None and not (math.isfinite(lr) and lr > 0):
-        raise ValueError(f"--lr must be a finite positive number, got {lr}")
+    check_options(steps=steps, eval_every=eval_every, checkpoint_every=checkpoint_every, lr=lr)
     out_dir = Path(out_dir)
     last = None
     if resume:

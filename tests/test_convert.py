@@ -141,7 +141,7 @@ def make_dense(path):
         (corrupt_header_byte, "truncated or corrupted"),
         ("self", "overwrite or nest"),
         ("top-k", "--top-k must be between 1"),
-        ("capacity", "--capacity-factor must be a finite positive number"),  # issue 13: inf passed
+        ("capacity", "--capacity-factor must be a finite number > 0, got inf"),  # issue 13: inf passed
         ("missing", "no checkpoint"),
     ],
 )

@@ -91,7 +91,7 @@ def test_transition_refuses_an_unconverted_mot_checkpoint_with_one_line(pipeline
 def test_transition_refuses_a_non_finite_learning_rate_with_one_line(pipeline, capsys, tmp_path):
     out, _ = pipeline
     code, _, stderr = run_cli(["transition", out / "token_choice", "--steps", "2", "--lr", "inf", "--out", tmp_path / "t"], capsys)
-    assert code == 1 and "--lr must be a finite positive number" in stderr and len(stderr.strip().splitlines()) == 1
+    assert code == 1 and "--lr must be a finite number > 0, got inf" in stderr and len(stderr.strip().splitlines()) == 1
     assert not (tmp_path / "t").exists()
 
 

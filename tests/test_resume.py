@@ -118,7 +118,7 @@ def test_transition_cli_refuses_an_existing_run_without_resume_in_one_line(conve
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
     code, _, err = run_cli(["transition", converted / "tc", "--steps", STEPS, "--checkpoint-every", "0",
                             "--out", converted / "zero"], capsys)
-    assert code == 1 and "--checkpoint-every must be at least 1" in err and len(err.strip().splitlines()) == 1
+    assert code == 1 and "--checkpoint-every must be an integer >= 1" in err and len(err.strip().splitlines()) == 1
 
 
 def test_transition_cli_killed_with_sigkill_resumes_with_resume(converted, capsys):

@@ -307,7 +307,7 @@ def test_bad_recipe_gives_one_line_error_naming_the_key(override, key):
 def test_bad_recipe_file_gives_one_line_error_naming_the_key(tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text('[model]\nn_embd = "wide"\n')
-    with pytest.raises(ValueError, match=r"^recipe key 'model.n_embd' must be an integer, got 'wide'$"):
+    with pytest.raises(ValueError, match=r"^recipe key 'model.n_embd' must be an integer >= 1, got 'wide'$"):
         load_recipe(bad)
     bad.write_text("[optim]\nlearning_rate = 1e-3\n")
     with pytest.raises(ValueError, match=r"'optim.learning_rate'.*known: optim.lr"):

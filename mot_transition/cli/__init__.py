@@ -23,9 +23,22 @@ def main() -> None:
     logging.disable_progress_bar()  # our own rich progress bars speak for long work
     from safetensors import SafetensorError
 
+    import typer
+
+    # typer raises click's exceptions, from click or (typer >= 0.28) from its own copy of click
+    usage_error = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
+    no_args = getattr(sys.modules[usage_error.__module__], "NoArgsIsHelpError", ())
     try:
-        app()
-    except KeyboardInterrupt:
+        code = app(standalone_mode=False)  # click's usage errors come here, to be said in one line
+    except no_args as error:  # a bare `mot-transition` or command: its help, as click would show it
+        print(error.ctx.get_help() if error.ctx else str(error), file=sys.stderr)
+        sys.exit(2)
+    except usage_error as error:
+        where = error.ctx.command_path if error.ctx is not None else "mot-transition"
+        message = error.format_message().strip().splitlines()[0]
+        print(f"error: {message} (see {where} --help)", file=sys.stderr)
+        sys.exit(2)
+    except (KeyboardInterrupt, typer.Abort):
         print("interrupted", file=sys.stderr)
         sys.exit(130)
     except (ValueError, OSError, KeyError, SafetensorError) as error:
@@ -34,6 +47,8 @@ def main() -> None:
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         print(f"error: {message}", file=sys.stderr)
         sys.exit(1)
+    if isinstance(code, int) and code:  # click's exit code (e.g. of ctx.exit(N)) outside standalone mode
+        sys.exit(code)
 
 
 def _one_line_warning(message, category, filename, lineno, line=None) -> str:

@@ -10,6 +10,7 @@ from transformers import TextStreamer
 
 from ..generate import generate as generate_text
 from ..generate import load_for_inference
+from ..options import check_options
 from .app import app
 
 
@@ -23,9 +24,10 @@ def generate(
     seed: int = typer.Option(0, "--seed"),
 ) -> None:
     """Generate from one prompt with the KV cache, streaming tokens as they come."""
+    check_options(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)  # before the model loads
     model, tokenizer, warning = load_for_inference(checkpoint)
     if warning:
-        Console(stderr=True).print(f"[yellow]warning:[/yellow] {warning}")
+        Console(stderr=True).print(f"[yellow]warning:[/yellow] {warning}", soft_wrap=True, highlight=False)
     torch.manual_seed(seed)
     sys.stdout.write(prompt)
     sys.stdout.flush()

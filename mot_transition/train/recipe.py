@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import math
 import tomllib
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..config import AT_LEAST_ZERO, MODEL_RULES, POSITIVE, POSITIVE_INT, PROBABILITY, Rule
 from .tracking import check_report_to
 
 RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
@@ -142,6 +141,44 @@ class Recipe:
 SECTIONS = {"model": ModelRecipe, "data": DataRecipe, "optim": OptimRecipe, "train": TrainRecipe}
 TOP_LEVEL = ("name", "seed")
 
+# Every key's type and range, declared once (the [model] keys are MoTConfig's own rules); the checks
+# that involve several keys are in check_recipe.
+RECIPE_RULES: dict[str, Rule] = {
+    "name": Rule(str),
+    "seed": Rule(int, low=0, high=2**47, high_open=True),  # the trainer seeds (seed << 16) + rank + 1
+    **{f"model.{f.name}": MODEL_RULES[f.name] for f in dataclasses.fields(ModelRecipe) if f.name != "n_positions"},
+    "model.n_positions": Rule(int, low=1, optional=True),
+    "data.source": Rule(str),
+    "data.text_field": Rule(str),
+    "data.heldout_fraction": Rule(float, low=0, high=1, low_open=True, high_open=True),
+    "data.max_bytes": Rule(int, low=1, optional=True),
+    "data.vocab_size": Rule(int, low=257),  # 256 bytes and <|endoftext|>
+    "data.seq_len": Rule(int, low=2),
+    "data.eval_batches": POSITIVE_INT,
+    "data.eval_batch_size": POSITIVE_INT,
+    "data.cache_dir": Rule(str, optional=True),
+    "optim.lr": POSITIVE,
+    "optim.weight_decay": AT_LEAST_ZERO,
+    "optim.beta1": PROBABILITY,
+    "optim.beta2": PROBABILITY,
+    "optim.eps": POSITIVE,
+    "optim.warmup_steps": Rule(int, low=0),
+    "optim.final_lr_fraction": Rule(float, low=0, high=1),
+    "optim.grad_clip": AT_LEAST_ZERO,  # 0 turns clipping off
+    "train.steps": POSITIVE_INT,
+    "train.batch_size": POSITIVE_INT,
+    "train.micro_batch_size": Rule(int, low=0),  # 0 = batch_size / world size
+    "train.eval_every": POSITIVE_INT,
+    "train.checkpoint_every": POSITIVE_INT,
+    "train.keep_checkpoints": POSITIVE_INT,
+    "train.precision": Rule(str, choices=PRECISIONS),
+    "train.device": Rule(str),  # a name torch knows: checked in check_recipe
+    "train.log_every": POSITIVE_INT,
+    "train.report_to": Rule(list, item=str),
+    "train.threads": Rule(int, low=0),  # 0 = torch's default
+    "train.switch_at_step": Rule(int, low=1, optional=True),
+}
+
 
 def resolve_recipe_path(recipe: str | Path) -> Path:
     """A path as given, or a bare name such as `tiny` looked up as `recipes/tiny.toml` in the repo."""
@@ -215,71 +252,26 @@ def recipe_from_dict(raw: dict) -> Recipe:
             top[key] = value
         else:
             raise ValueError(f"unknown recipe key {key!r}{_did_you_mean(key, [*TOP_LEVEL, *SECTIONS], '')}")
-    hints = typing.get_type_hints(Recipe)
     for key, value in top.items():
-        top[key] = _check_type(key, value, hints[key])
+        top[key] = RECIPE_RULES[key].check(f"recipe key {key!r}", value)
     recipe = Recipe(**top, **sections)
     check_recipe(recipe)
     return recipe
 
 
 def _build_section(cls, values: dict, prefix: str):
-    hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     checked = {}
     for key, value in values.items():
-        if key not in hints:
+        if key not in names:
             raise ValueError(f"unknown recipe key {prefix + key!r}{_did_you_mean(key, names, prefix)}")
-        checked[key] = _check_type(prefix + key, value, hints[key])
+        checked[key] = RECIPE_RULES[prefix + key].check(f"recipe key {prefix + key!r}", value)
     return cls(**checked)
 
 
 def _did_you_mean(key: str, choices: list[str], prefix: str) -> str:
     close = difflib.get_close_matches(key, choices, n=1)
     return f" (did you mean {prefix + close[0]!r}?)" if close else f" (known: {', '.join(prefix + c for c in choices)})"
-
-
-def _type_name(tp) -> str:
-    names = {int: "an integer", float: "a number", bool: "true or false", str: "a string", type(None): "none"}
-    if tp in names:
-        return names[tp]
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(t) for t in typing.get_args(tp))
-    if origin is list:
-        return f"a list of {_type_name(typing.get_args(tp)[0]).removeprefix('an ').removeprefix('a ')}s"
-    return str(tp)
-
-
-def _check_type(key: str, value, tp):
-    """Return `value` as type `tp` (int accepted for float), or raise a ValueError naming `key`."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        options = typing.get_args(tp)
-        if value is None and type(None) in options:
-            return None
-        for option in options:
-            if option is type(None):
-                continue
-            try:
-                return _check_type(key, value, option)
-            except ValueError:
-                pass
-    elif origin is list:
-        if isinstance(value, list):
-            (item_type,) = typing.get_args(tp)
-            return [_check_type(key, item, item_type) for item in value]
-    elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            if not math.isfinite(value):  # inf or nan passes no range check honestly
-                raise ValueError(f"recipe key {key!r} must be a finite number, got {value!r}")
-            return float(value)
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif isinstance(value, tp):
-        return value
-    raise ValueError(f"recipe key {key!r} must be {_type_name(tp)}, got {value!r}")
 
 
 def check_recipe(recipe: Recipe) -> None:
@@ -291,40 +283,19 @@ def check_recipe(recipe: Recipe) -> None:
             value = getattr(getattr(recipe, section) if section else recipe, leaf)
             raise ValueError(f"recipe key {key!r} {rule}, got {value!r}")
 
-    d, o, t = recipe.data, recipe.optim, recipe.train
-    need(0 <= recipe.seed < 2**47, "seed", "must be in [0, 2**47)")  # the trainer seeds (seed << 16) + rank + 1
-    need(d.heldout_fraction > 0 and d.heldout_fraction < 1, "data.heldout_fraction", "must be between 0 and 1")
-    need(d.max_bytes is None or d.max_bytes > 0, "data.max_bytes", "must be positive (or none)")
-    need(d.vocab_size >= 257, "data.vocab_size", "must be at least 257 (256 bytes and <|endoftext|>)")
-    need(d.seq_len >= 2, "data.seq_len", "must be at least 2")
-    need(d.eval_batches >= 1, "data.eval_batches", "must be at least 1")
-    need(d.eval_batch_size >= 1, "data.eval_batch_size", "must be at least 1")
-    need(o.lr > 0, "optim.lr", "must be positive")
-    need(o.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
-    need(0 <= o.beta1 < 1, "optim.beta1", "must be in [0, 1)")
-    need(0 <= o.beta2 < 1, "optim.beta2", "must be in [0, 1)")
-    need(o.eps > 0, "optim.eps", "must be positive")
-    need(o.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
-    need(0 <= o.final_lr_fraction <= 1, "optim.final_lr_fraction", "must be in [0, 1]")
-    need(o.grad_clip >= 0, "optim.grad_clip", "must be >= 0 (0 turns clipping off)")
-    need(t.steps >= 1, "train.steps", "must be at least 1")
-    need(t.batch_size >= 1, "train.batch_size", "must be at least 1")
-    need(t.micro_batch_size >= 0, "train.micro_batch_size", "must be >= 0 (0 = batch_size / world size)")
+    for key, rule in RECIPE_RULES.items():  # each key alone (a Recipe built in Python skipped load_recipe)
+        section, _, leaf = key.rpartition(".")
+        rule.check(f"recipe key {key!r}", getattr(getattr(recipe, section) if section else recipe, leaf))
+    d, t = recipe.data, recipe.train
     need(
         t.micro_batch_size == 0 or t.batch_size % t.micro_batch_size == 0,
         "train.micro_batch_size",
         f"must divide train.batch_size={t.batch_size}",
     )
-    need(t.eval_every >= 1, "train.eval_every", "must be at least 1")
-    need(t.checkpoint_every >= 1, "train.checkpoint_every", "must be at least 1")
-    need(t.keep_checkpoints >= 1, "train.keep_checkpoints", "must be at least 1")
-    need(t.log_every >= 1, "train.log_every", "must be at least 1")
     check_report_to(t.report_to)
-    need(t.threads >= 0, "train.threads", "must be >= 0 (0 = torch's default)")
     need(_device_kind(t.device) in ("auto", "cpu", "cuda", "mps"), "train.device", "must be auto, cpu, cuda, cuda:N or mps")
-    need(t.precision in PRECISIONS, "train.precision", f"must be one of {', '.join(PRECISIONS)}")
     need(
-        t.switch_at_step is None or 0 < t.switch_at_step < t.steps,
+        t.switch_at_step is None or t.switch_at_step < t.steps,
         "train.switch_at_step",
         f"must be between 1 and train.steps - 1 = {t.steps - 1} (or none)",
     )

@@ -488,7 +488,7 @@ def _warn(message: str, console: bool) -> None:
     if console:
         from rich.console import Console
 
-        Console(stderr=True).print(f"[yellow]warning:[/yellow] {message}", highlight=False)
+        Console(stderr=True).print(f"[yellow]warning:[/yellow] {message}", soft_wrap=True, highlight=False)
     else:
         import warnings
 

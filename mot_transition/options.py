@@ -1,0 +1,34 @@
+"""The rules of the command-line options (config.Rule), declared once and checked by the library
+functions behind the commands, so that a Python caller gets the same one-line error as the CLI.
+(The rules of config and recipe keys are config.MODEL_RULES and train.recipe.RECIPE_RULES.)"""
+
+from .config import AT_LEAST_ZERO, POSITIVE, POSITIVE_INT, Rule
+
+OPTION_RULES: dict[str, Rule] = {
+    "--steps": POSITIVE_INT,
+    "--lr": POSITIVE,
+    "--eval-every": POSITIVE_INT,
+    "--checkpoint-every": POSITIVE_INT,
+    "--transition-steps": POSITIVE_INT,
+    "--top-k": POSITIVE_INT,  # and at most the number of experts: checked with the checkpoint's config
+    "--capacity-factor": POSITIVE,
+    "--calibrate": Rule(int, low=0),
+    "--max-new-tokens": POSITIVE_INT,
+    "--temperature": AT_LEAST_ZERO,  # 0 = greedy
+    "--top-p": Rule(float, low=0, high=1, low_open=True),
+    "--limit": POSITIVE_INT,
+    "--batch-size": POSITIVE_INT,
+    "--group-size": POSITIVE_INT,
+}
+
+
+def check_options(**values) -> None:
+    """Check options given by their Python names (`eval_every=...` is `--eval-every`); None means
+    not given and passes. A one-line ValueError naming the option otherwise."""
+    for name, value in values.items():
+        option = "--" + name.replace("_", "-")
+        if value is not None:
+            OPTION_RULES[option].check(option, value)
+
+
+__all__ = ["OPTION_RULES", "check_options"]
