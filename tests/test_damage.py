@@ -172,3 +172,17 @@ def test_compare_of_a_damaged_transition_record_is_one_line(tmp_path, capsys, ch
     (run / "transition.json").write_text("[1, 2")
     code, out, err = run_cli(["compare", run], capsys)
     assert code == 1 and "not valid JSON" in err and len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("field, value", [("mot_temperature", {"__float__": "Infinity"}), ("n_expert", 32.0), ("layer_norm_epsilon", -5)])
+def test_a_config_json_with_a_bad_value_is_one_line_naming_file_and_field(tmp_path, capsys, field, value):
+    from conftest import tiny_config
+    from mot_transition.modeling import MoTLMHeadModel
+
+    MoTLMHeadModel(tiny_config("mot")).save_pretrained(tmp_path / "ckpt")
+    config = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    (tmp_path / "ckpt" / "config.json").write_text(json.dumps({**config, field: value}))
+    for command in (["info", tmp_path / "ckpt"], ["convert", tmp_path / "ckpt", tmp_path / "out"]):
+        code, out, err = run_cli(command, capsys)
+        assert code == 1 and "config.json" in err and field in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()
