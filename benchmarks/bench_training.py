@@ -12,7 +12,7 @@ from timing import side_by_side
 
 from mot_transition import MoTLMHeadModel
 from mot_transition.train.recipe import DataRecipe, ModelRecipe, OptimRecipe, Recipe, TrainRecipe
-from mot_transition.train.trainer import Trainer
+from mot_transition.train import Trainer
 
 VOCAB = 4096
 

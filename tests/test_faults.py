@@ -37,8 +37,8 @@ from safetensors.torch import load_file
 from conftest import tiny_config
 from test_train import data_dir, tiny_recipe  # noqa: F401  (data_dir is a fixture used here)
 from mot_transition import MoTLMHeadModel
-from mot_transition.train import latest_checkpoint, load_model, load_training_state, recipe_from_dict, recipe_to_toml, train
-from mot_transition.train.trainer import prepare_run_data
+from mot_transition.train import latest_checkpoint, load_model, load_training_state, recipe_from_dict, recipe_to_toml
+from mot_transition.train import prepare_run_data
 
 REPO = Path(__file__).resolve().parents[1]
 SEED = 13

@@ -10,7 +10,6 @@ import typing
 from pathlib import Path
 
 import pytest
-import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -20,7 +19,6 @@ from mot_transition.config import MODEL_RULES, Rule
 from mot_transition.convert import token_choice_config
 from mot_transition.modeling import MoTLMHeadModel
 from mot_transition.options import OPTION_RULES
-from mot_transition.train import recipe as recipe_module
 from mot_transition.train.recipe import RECIPE_RULES, SECTIONS, load_recipe
 
 FUZZ = settings(max_examples=60, deadline=None, derandomize=True, database=None,  # the same examples on every run: reproducible CI

@@ -1,0 +1,58 @@
+"""Where training runs: the process group torchrun describes, the device, and bf16 autocast.
+
+Under `torchrun` (WORLD_SIZE > 1) the trainer runs with DistributedDataParallel, gloo on CPU and
+nccl on GPU; rank 0 writes metrics and checkpoints.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class Distributed:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    started_here: bool = False  # we called init_process_group, so we tear it down
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(device_kind: str) -> Distributed:
+    """Join the process group torchrun describes (WORLD_SIZE > 1), or the one already started."""
+    if dist.is_available() and dist.is_initialized():
+        return Distributed(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    if world_size == 1:
+        return Distributed()
+    dist.init_process_group(backend="nccl" if device_kind == "cuda" else "gloo")
+    return Distributed(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)), started_here=True)
+
+
+def pick_device(name: str, local_rank: int = 0) -> torch.device:
+    if name == "auto":
+        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"recipe key 'train.device' is {name!r} but no CUDA device is available; use auto or cpu")
+        if device.index is None:
+            device = torch.device(f"cuda:{local_rank}")
+    return device
+
+
+def use_bf16(precision: str, device: torch.device) -> bool:
+    supported = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    if precision == "bf16" and not supported:
+        raise ValueError(f"recipe key 'train.precision' is 'bf16' but {device} has no bf16 autocast here; use auto or fp32")
+    return precision == "bf16" or (precision == "auto" and supported)
+
+
+__all__ = ["Distributed", "setup_distributed", "pick_device", "use_bf16"]
