@@ -112,7 +112,12 @@ def _check_same_pipeline(out: Path, now: dict) -> None:
     """--resume continues the run in `out` only with the recipe and options it was started with."""
     if not (out / PIPELINE_FILE).is_file():
         raise FileExistsError(f"{out} holds no {PIPELINE_FILE}, so it is not a `mot-transition run` that --resume can continue; choose another --out")
-    saved = json.loads((out / PIPELINE_FILE).read_text())
+    try:
+        saved = json.loads((out / PIPELINE_FILE).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        saved = None
+    if not (isinstance(saved, dict) and isinstance(saved.get("options"), dict) and isinstance(saved.get("recipe"), dict)):
+        raise ValueError(f"{out / PIPELINE_FILE} is truncated or corrupted; it is what --resume compares against, so start a new --out")
     for name, option in OPTIONS.items():
         if saved["options"].get(name) != now["options"][name]:
             raise ValueError(f"--resume: {option} is {now['options'][name]} but the run in {out} was started with "

@@ -24,7 +24,7 @@ from .checkpoint_io import load_checked, load_config, resolve_checkpoint
 from .jsonfiles import write_json
 from .options import check_options
 from .train import Recipe, Trainer, evaluate, latest_checkpoint, load_training_state, prepare_run_data, recipe_from_dict
-from .train.checkpoint import resumable_checkpoint
+from .train.checkpoint import check_training_checkpoint, resumable_checkpoint
 from .train.tracking import Reporters
 
 TRANSITION_FILE = "transition.json"
@@ -53,11 +53,15 @@ class TransitionResult:
 
 def run_recipe(checkpoint: Path) -> Recipe:
     """The recipe of the MoT run behind a checkpoint: its training state, or the conversion report."""
-    for name, key in (("training_state.json", "recipe"), ("conversion_report.json", "recipe")):
-        if (checkpoint / name).is_file():
-            raw = json.loads((checkpoint / name).read_text()).get(key)
-            if raw:
-                return recipe_from_dict(raw)
+    if (checkpoint / "training_state.json").is_file():
+        return recipe_from_dict(check_training_checkpoint(checkpoint, weights=False)["recipe"])
+    if (checkpoint / "conversion_report.json").is_file():
+        try:
+            raw = json.loads((checkpoint / "conversion_report.json").read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise ValueError(f"{checkpoint / 'conversion_report.json'} is truncated or corrupted: not valid JSON") from None
+        if isinstance(raw, dict) and isinstance(raw.get("recipe"), dict):
+            return recipe_from_dict(raw["recipe"])
     raise ValueError(
         f"{checkpoint} does not say which data its MoT run was trained on (no training_state.json, and no recipe in "
         f"conversion_report.json); convert a checkpoint written by `mot-transition train`"
@@ -225,15 +229,16 @@ def _resumable(last: Path, checkpoint: Path, steps: int, options: dict) -> dict:
     asks for another checkpoint, --steps, or another given option than that run used."""
     run = last.parent.parent
     state = json.loads((last / "training_state.json").read_text())  # the JSON only: the tensors load on resume
-    saved = (state.get("extra") or {}).get("transition")
-    if saved is None:
+    extra = state.get("extra")
+    saved = extra.get("transition") if isinstance(extra, dict) else None
+    if not isinstance(saved, dict):
         raise ValueError(f"{run} holds checkpoints that are not of a transition run; choose another --out")
-    if saved["converted"] != str(checkpoint.resolve()):
-        raise ValueError(f"--resume: the run in {run} fine-tunes {saved['converted']}, not {checkpoint}; resume it with that CHECKPOINT")
-    if steps != saved["steps"]:
-        raise ValueError(f"--resume: --steps is {steps} but the run in {run} used {saved['steps']}; resume with --steps {saved['steps']}")
+    if saved.get("converted") != str(checkpoint.resolve()):
+        raise ValueError(f"--resume: the run in {run} fine-tunes {saved.get('converted')}, not {checkpoint}; resume it with that CHECKPOINT")
+    if steps != saved.get("steps"):
+        raise ValueError(f"--resume: --steps is {steps} but the run in {run} used {saved.get('steps')}; resume with --steps {saved.get('steps')}")
     for option, value in options.items():
-        used = saved[option.lstrip("-").replace("-", "_")]
+        used = saved.get(option.lstrip("-").replace("-", "_"))
         if value is not None and value != used:
             raise ValueError(f"--resume: {option} is {value} but the run in {run} used {used}; resume with {option} {used} or leave it out")
     return saved

@@ -186,3 +186,11 @@ def test_a_config_json_with_a_bad_value_is_one_line_naming_file_and_field(tmp_pa
         code, out, err = run_cli(command, capsys)
         assert code == 1 and "config.json" in err and field in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "out").exists()
+
+
+def test_run_resume_with_a_damaged_pipeline_json_is_one_line(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "pipeline.json").write_text('{"recipe": ')
+    code, _, err = run_cli(["run", "tiny", "--out", out, "--resume"], capsys)
+    assert code == 1 and "pipeline.json is truncated or corrupted" in err and len(err.strip().splitlines()) == 1, err
