@@ -11,7 +11,6 @@ The mapping works on state dicts (`mot_to_token_choice`) and on checkpoint direc
 raw bytes, so peak memory stays near the size of the largest tensor, whatever the model's size.
 """
 
-import json
 import os
 import shutil
 from dataclasses import asdict, dataclass, field
@@ -25,7 +24,7 @@ from .config import MoTConfig
 from .counts import parameter_counts
 from .data.tokenizer import ready_for_generation
 from .destinations import check_destination, clean_after_killed_runs, staged
-from .jsonfiles import dumps
+from .jsonfiles import dumps, read_json_object
 from .options import check_options
 
 COPIED_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
@@ -235,7 +234,8 @@ def convert_checkpoint(
 
     report = new_report(config, tc_config, source=str(src.resolve()))
     if (src / "training_state.json").is_file():  # transition tuning continues on the MoT run's data
-        report.recipe = json.loads((src / "training_state.json").read_text()).get("recipe")
+        recipe = read_json_object(src / "training_state.json").get("recipe")
+        report.recipe = recipe if isinstance(recipe, dict) else None
     scales = {}
     if calibration is not None:
         state_dict = {}

@@ -33,6 +33,17 @@ def write_json(path: str | Path, obj, indent: int | None = 1, **kwargs) -> Path:
     return path
 
 
+def read_json_object(path: str | Path) -> dict:
+    """The JSON object in `path`, or a one-line ValueError naming the file when it is not one."""
+    try:
+        value = json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ValueError(f"{path} is truncated or corrupted: not valid JSON") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path} is corrupted: not a JSON object")
+    return value
+
+
 def _nonfinite_at(obj, path: str) -> str | None:
     if isinstance(obj, float) and not math.isfinite(obj):
         return path
@@ -49,4 +60,4 @@ def _nonfinite_at(obj, path: str) -> str | None:
     return None
 
 
-__all__ = ["dumps", "write_json"]
+__all__ = ["dumps", "write_json", "read_json_object"]

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from .compare import compare_runs, plot_curves
 from .convert import convert_checkpoint, default_top_k, token_choice_config
-from .jsonfiles import write_json
+from .jsonfiles import read_json_object, write_json
 from .options import check_options
 from .train import Recipe, load_recipe, prepare_run_data, train
 from .transition import calibration_batches, check_calibration, check_heldout_groups, transition
@@ -113,8 +113,8 @@ def _check_same_pipeline(out: Path, now: dict) -> None:
     if not (out / PIPELINE_FILE).is_file():
         raise FileExistsError(f"{out} holds no {PIPELINE_FILE}, so it is not a `mot-transition run` that --resume can continue; choose another --out")
     try:
-        saved = json.loads((out / PIPELINE_FILE).read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
+        saved = read_json_object(out / PIPELINE_FILE)
+    except ValueError:
         saved = None
     if not (isinstance(saved, dict) and isinstance(saved.get("options"), dict) and isinstance(saved.get("recipe"), dict)):
         raise ValueError(f"{out / PIPELINE_FILE} is truncated or corrupted; it is what --resume compares against, so start a new --out")

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint_io import load_checked, load_config, resolve_checkpoint
-from .jsonfiles import write_json
+from .jsonfiles import read_json_object, write_json
 from .options import check_options
 from .train import Recipe, Trainer, evaluate, latest_checkpoint, load_training_state, prepare_run_data, recipe_from_dict
 from .train.checkpoint import check_training_checkpoint, resumable_checkpoint
@@ -56,11 +56,8 @@ def run_recipe(checkpoint: Path) -> Recipe:
     if (checkpoint / "training_state.json").is_file():
         return recipe_from_dict(check_training_checkpoint(checkpoint, weights=False)["recipe"])
     if (checkpoint / "conversion_report.json").is_file():
-        try:
-            raw = json.loads((checkpoint / "conversion_report.json").read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise ValueError(f"{checkpoint / 'conversion_report.json'} is truncated or corrupted: not valid JSON") from None
-        if isinstance(raw, dict) and isinstance(raw.get("recipe"), dict):
+        raw = read_json_object(checkpoint / "conversion_report.json")
+        if isinstance(raw.get("recipe"), dict):
             return recipe_from_dict(raw["recipe"])
     raise ValueError(
         f"{checkpoint} does not say which data its MoT run was trained on (no training_state.json, and no recipe in "
@@ -158,7 +155,7 @@ def transition(
         saved = _resumable(last, checkpoint, steps, {"--lr": lr, "--eval-every": eval_every, "warmup_steps": warmup_steps})
         lr, eval_every, warmup_steps = saved["lr"], saved["eval_every"], saved["warmup_steps"]
     recipe = run_recipe(checkpoint)
-    report = json.loads((checkpoint / "conversion_report.json").read_text()) if (checkpoint / "conversion_report.json").is_file() else {}
+    report = read_json_object(checkpoint / "conversion_report.json") if (checkpoint / "conversion_report.json").is_file() else {}
     o, t = recipe.optim, recipe.train
     lr = o.lr * o.final_lr_fraction if lr is None else lr
     eval_every = max(1, steps // 10) if eval_every is None else eval_every
@@ -233,6 +230,9 @@ def _resumable(last: Path, checkpoint: Path, steps: int, options: dict) -> dict:
     saved = extra.get("transition") if isinstance(extra, dict) else None
     if not isinstance(saved, dict):
         raise ValueError(f"{run} holds checkpoints that are not of a transition run; choose another --out")
+    needed = ("converted", "steps", "lr", "eval_every", "warmup_steps", "curve", "source", "pre_switch_loss", "mot_unbatched_loss")
+    if any(key not in saved for key in needed) or not isinstance(saved["curve"], list):
+        raise ValueError(f"{last / 'training_state.json'} is corrupted: its transition record is incomplete; resume from an earlier checkpoint")
     if saved.get("converted") != str(checkpoint.resolve()):
         raise ValueError(f"--resume: the run in {run} fine-tunes {saved.get('converted')}, not {checkpoint}; resume it with that CHECKPOINT")
     if steps != saved.get("steps"):

@@ -194,3 +194,15 @@ def test_run_resume_with_a_damaged_pipeline_json_is_one_line(tmp_path, capsys):
     (out / "pipeline.json").write_text('{"recipe": ')
     code, _, err = run_cli(["run", "tiny", "--out", out, "--resume"], capsys)
     assert code == 1 and "pipeline.json is truncated or corrupted" in err and len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("content", ["[1, 2]", '{"step": 1, "recipe": '])
+def test_convert_of_a_checkpoint_with_a_damaged_training_state_is_one_line(tmp_path, capsys, content):
+    from conftest import tiny_config
+    from mot_transition.modeling import MoTLMHeadModel
+
+    MoTLMHeadModel(tiny_config("mot")).save_pretrained(tmp_path / "ckpt")
+    (tmp_path / "ckpt" / "training_state.json").write_text(content)
+    code, _, err = run_cli(["convert", tmp_path / "ckpt", tmp_path / "out"], capsys)
+    assert code == 1 and "training_state.json" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()

@@ -24,7 +24,6 @@ save removes. Only the last `keep` checkpoints are kept.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
 import shutil
@@ -35,7 +34,7 @@ from safetensors.torch import load_file, save_file
 
 from ..checkpoint_io import checked_config, first_nonfinite, load_checked, nonfinite_error, read_header
 from ..data.tokenizer import ready_for_generation
-from ..jsonfiles import write_json
+from ..jsonfiles import read_json_object, write_json
 
 CHECKPOINTS = "checkpoints"
 STATE_TENSORS = "training_state.safetensors"
@@ -137,13 +136,8 @@ def check_training_checkpoint(checkpoint: Path, weights: bool = True) -> dict:
     checkpoint = Path(checkpoint)
     if not (checkpoint / STATE_JSON).is_file() or not (checkpoint / STATE_TENSORS).is_file():
         raise FileNotFoundError(f"{checkpoint} is not a training checkpoint (no {STATE_JSON} / {STATE_TENSORS})")
-    try:
-        state = json.loads((checkpoint / STATE_JSON).read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise ValueError(f"{checkpoint / STATE_JSON} is truncated or corrupted: not valid JSON") from None
+    state = read_json_object(checkpoint / STATE_JSON)
     kinds = {"step": int, "data": dict, "optimizer": dict, "recipe": dict}
-    if not isinstance(state, dict):
-        raise ValueError(f"{checkpoint / STATE_JSON} is corrupted: not a JSON object")
     for key, kind in kinds.items():
         if not isinstance(state.get(key), kind):
             raise ValueError(f"{checkpoint / STATE_JSON} is corrupted: no {key!r} ({kind.__name__})")

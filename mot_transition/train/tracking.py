@@ -199,7 +199,7 @@ def plot_training(run_dir: Path, switch_at_step: int | None = None) -> Path | No
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    records = [json.loads(line) for line in (Path(run_dir) / METRICS_FILE).read_text().splitlines() if line.strip()]
+    records = read_metrics_file(Path(run_dir) / METRICS_FILE)
     fig, ax = plt.subplots(figsize=(7, 4.5))
     ax.plot([r["step"] for r in records], [r["lm_loss"] for r in records], label="training loss", color="tab:blue",
             alpha=0.6, linewidth=0.8)
