@@ -11,6 +11,7 @@ from transformers import (
 )
 
 from . import remote_code  # noqa: F401  (reads the sources that checkpoints carry, once, now)
+from ._version import __version__
 from .config import MoTConfig
 from .modeling import (
     MoTForQuestionAnswering,
@@ -21,7 +22,6 @@ from .modeling import (
     MoTPreTrainedModel,
 )
 
-__version__ = "0.1.0"
 
 AutoConfig.register("mot", MoTConfig, exist_ok=True)
 for _auto, _cls in (

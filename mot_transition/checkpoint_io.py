@@ -1,10 +1,14 @@
-"""Reading checkpoint directories safely: config, safetensors headers, tensors one at a time.
+"""Reading checkpoint directories safely: config, safetensors headers, tensors one at a time, the
+tensors a config needs (`expected_shapes`, `check_tensors`), and where a training run keeps its
+checkpoints (`list_checkpoints`, `latest_checkpoint`). It imports nothing of the package but the
+config, so every other module may import it.
 
 Every problem with a checkpoint reaches the user as a ValueError / FileNotFoundError of one line
 that names the file and what is wrong with it, before anything is written anywhere.
 """
 
 import json
+import re
 import struct
 from pathlib import Path
 
@@ -114,13 +118,66 @@ def tensor_table(checkpoint: str | Path) -> dict[str, tuple[Path, dict]]:
     return table
 
 
+def expected_shapes(config: MoTConfig) -> dict[str, tuple[int, ...]]:
+    """The tensors a checkpoint of this config holds (tied embeddings stored once)."""
+    import torch
+
+    from .modeling import MoTLMHeadModel
+
+    with torch.device("meta"):
+        model = MoTLMHeadModel(config)
+    shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    if config.tie_word_embeddings:
+        shapes.pop("lm_head.weight", None)
+    return shapes
+
+
+def check_tensors(shapes: dict[str, tuple[int, ...]], config: MoTConfig, where: str = "the checkpoint") -> None:
+    """ValueError naming the first missing, unexpected or misshapen tensor against the config."""
+    expected = expected_shapes(config)
+    for name in sorted(expected):
+        if name not in shapes and not (name == "lm_head.weight" and "transformer.wte.weight" in shapes):
+            raise ValueError(f"{where} lacks the tensor {name} that its config needs")
+    for name in sorted(shapes):
+        if name not in expected and name != "lm_head.weight":
+            raise ValueError(f"{where} has a tensor {name} that its config does not describe")
+        if name in expected and tuple(shapes[name]) != expected[name]:
+            raise ValueError(f"{where} has {name} of shape {tuple(shapes[name])}, its config needs {expected[name]}")
+
+
+CHECKPOINTS = "checkpoints"  # a training run's checkpoints: RUN/checkpoints/step-NNNNNN/
+STATE_JSON = "training_state.json"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def checkpoint_dir(run_dir: Path, step: int) -> Path:
+    return Path(run_dir) / CHECKPOINTS / f"step-{step:06d}"
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints of a training run, oldest first."""
+    folder = Path(run_dir) / CHECKPOINTS
+    if not folder.is_dir():
+        return []
+    found = []
+    for path in folder.iterdir():
+        match = _STEP_DIR.match(path.name)
+        if match and (path / STATE_JSON).is_file():
+            found.append((int(match.group(1)), path))
+    return [path for _, path in sorted(found)]
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint of a training run, or None if it has none."""
+    checkpoints = list_checkpoints(run_dir)
+    return checkpoints[-1] if checkpoints else None
+
+
 def resolve_checkpoint(path: str | Path) -> Path:
     """A checkpoint directory as given, or the latest checkpoint of a training run directory."""
     path = Path(path)
-    if (path / "config.json").is_file() or not (path / "checkpoints").is_dir():
+    if (path / "config.json").is_file() or not (path / CHECKPOINTS).is_dir():
         return path
-    from .train.checkpoint import latest_checkpoint
-
     latest = latest_checkpoint(path)
     if latest is None:
         raise FileNotFoundError(f"the run directory {path} has no complete checkpoint yet")
@@ -131,8 +188,6 @@ def checked_config(checkpoint: str | Path) -> MoTConfig:
     """The config of a checkpoint directory whose weight files were checked against it, headers
     only (no tensor is read): a missing, unexpected or misshapen tensor, or a damaged file, is a
     one-line error."""
-    from .convert import check_tensors
-
     path = Path(checkpoint)
     config = load_config(path)
     table = tensor_table(path)

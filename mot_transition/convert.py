@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from .checkpoint_io import check_finite, load_config, read_header, tensor_table, weight_files
+from .checkpoint_io import check_finite, check_tensors, expected_shapes, load_config, read_header, tensor_table, weight_files  # noqa: F401  (expected_shapes: also this module's API)
 from .config import MoTConfig
 from .counts import parameter_counts
 from .data.tokenizer import ready_for_generation
@@ -65,31 +65,6 @@ def token_choice_config(config: MoTConfig, num_experts_per_tok: int | None = Non
     for key in ("model_type", "transformers_version"):
         fields.pop(key, None)
     return MoTConfig(**fields)
-
-
-def expected_shapes(config: MoTConfig) -> dict[str, tuple[int, ...]]:
-    """The tensors a checkpoint of this config holds (tied embeddings stored once)."""
-    from .modeling import MoTLMHeadModel
-
-    with torch.device("meta"):
-        model = MoTLMHeadModel(config)
-    shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
-    if config.tie_word_embeddings:
-        shapes.pop("lm_head.weight", None)
-    return shapes
-
-
-def check_tensors(shapes: dict[str, tuple[int, ...]], config: MoTConfig, where: str = "the checkpoint") -> None:
-    """ValueError naming the first missing, unexpected or misshapen tensor against the config."""
-    expected = expected_shapes(config)
-    for name in sorted(expected):
-        if name not in shapes and not (name == "lm_head.weight" and "transformer.wte.weight" in shapes):
-            raise ValueError(f"{where} lacks the tensor {name} that its config needs")
-    for name in sorted(shapes):
-        if name not in expected and name != "lm_head.weight":
-            raise ValueError(f"{where} has a tensor {name} that its config does not describe")
-        if name in expected and tuple(shapes[name]) != expected[name]:
-            raise ValueError(f"{where} has {name} of shape {tuple(shapes[name])}, its config needs {expected[name]}")
 
 
 def moe_layer_of(name: str) -> int | None:

@@ -14,6 +14,8 @@ import ast
 import functools
 from pathlib import Path
 
+from ._version import __version__
+
 PACKAGE = Path(__file__).resolve().parent
 CONFIG_FILE = "configuration_mot.py"
 MODELING_FILE = "modeling_mot.py"
@@ -48,8 +50,6 @@ AUTO_MAP = {
 def generated_sources() -> dict[str, str]:
     """{file name: text} of the two files written beside a checkpoint. ValueError when they cannot
     be generated (the sources are not on disk, or two modules bind the same name)."""
-    from . import __version__
-
     if _SOURCES is None:
         raise ValueError(f"the package's sources are not in {PACKAGE}")
 

@@ -25,44 +25,28 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import shutil
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..checkpoint_io import checked_config, first_nonfinite, load_checked, nonfinite_error, read_header
+from ..checkpoint_io import (  # noqa: F401  (the run layout's functions are this module's API too)
+    CHECKPOINTS,
+    STATE_JSON,
+    checked_config,
+    checkpoint_dir,
+    first_nonfinite,
+    latest_checkpoint,
+    list_checkpoints,
+    load_checked,
+    nonfinite_error,
+    read_header,
+)
 from ..data.tokenizer import ready_for_generation
 from ..jsonfiles import read_json_object, write_json
 
-CHECKPOINTS = "checkpoints"
 STATE_TENSORS = "training_state.safetensors"
-STATE_JSON = "training_state.json"
-_STEP_DIR = re.compile(r"^step-(\d+)$")
-
-
-def checkpoint_dir(run_dir: Path, step: int) -> Path:
-    return Path(run_dir) / CHECKPOINTS / f"step-{step:06d}"
-
-
-def list_checkpoints(run_dir: Path) -> list[Path]:
-    """Complete checkpoints of a run, oldest first."""
-    folder = Path(run_dir) / CHECKPOINTS
-    if not folder.is_dir():
-        return []
-    found = []
-    for path in folder.iterdir():
-        match = _STEP_DIR.match(path.name)
-        if match and (path / STATE_JSON).is_file():
-            found.append((int(match.group(1)), path))
-    return [path for _, path in sorted(found)]
-
-
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The newest complete checkpoint of a run, or None if it has none."""
-    checkpoints = list_checkpoints(run_dir)
-    return checkpoints[-1] if checkpoints else None
 
 
 def save_checkpoint(
