@@ -31,6 +31,16 @@ def _seed():
     torch.manual_seed(0)
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `cuda` skip, saying why, where there is no CUDA device."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
 def run_cli(args, capsys):
     """Run `mot-transition ARGS` in this process as a user would: (exit code, stdout, stderr)."""
     import sys

@@ -49,13 +49,16 @@ def lr_at(step: int, lr: float, warmup_steps: int, total_steps: int, final_lr_fr
 
 
 def build_optimizer(model: torch.nn.Module, recipe: Recipe) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices (and expert tensors) only, not on biases and gains."""
+    """AdamW with weight decay on matrices (and expert tensors) only, not on biases and gains: the
+    fused CUDA kernel when every parameter is on a CUDA device, the multi-tensor (foreach) one
+    otherwise."""
     o = recipe.optim
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, foreach=True)
+    fused = bool(params) and all(p.is_cuda for p in params)
+    return torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, foreach=not fused, fused=fused)
 
 
 @torch.no_grad()
