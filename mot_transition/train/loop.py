@@ -25,10 +25,11 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from ..checkpoint_io import first_nonfinite
-from ..config import GROUPING_FFN_TYPES
+from ..config import GROUPING_FFN_TYPES, MoTConfig
 from ..convert import default_top_k
 from .checkpoint import latest_checkpoint, load_optimizer_state, load_training_state, save_checkpoint
 from .devices import Distributed, pick_device, use_bf16
+from .flops import mfu, peak_flops, training_flops_per_token
 from .recipe import Recipe
 from .tracking import expert_load, load_record
 
@@ -171,6 +172,9 @@ class Trainer:
         else:
             self.forward_model = self.model
         self.optimizer = build_optimizer(self.model, self.recipe)
+        config = getattr(model, "config", None)
+        self.flops_per_token = training_flops_per_token(config, self.seq_len) if isinstance(config, MoTConfig) else None
+        self.peak_flops = peak_flops(self.device)
 
     def switch_model(self, model: torch.nn.Module) -> None:
         """Continue training on another model (the in-run MoT -> Token Choice switch,
@@ -240,6 +244,10 @@ class Trainer:
             "grad_norm": grad_norm,
             "tokens_per_s": self.recipe.train.batch_size * self.seq_len / seconds,
         }
+        if self.flops_per_token is not None and self.peak_flops:  # per device: this rank's share of the tokens
+            record["mfu"] = mfu(record["tokens_per_s"] / self.dist.world_size, self.flops_per_token, self.peak_flops)
+        if self.device.type == "cuda":
+            record["peak_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         if measure_load:
             record.update(load_record(load, layers))
         return record
