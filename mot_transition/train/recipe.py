@@ -204,14 +204,6 @@ def load_recipe(recipe: str | Path | None = None, overrides: typing.Sequence[str
         except tomllib.TOMLDecodeError as error:
             raise ValueError(f"recipe {path} is not valid TOML: {error}") from None
     raw.setdefault("name", name)
-    if recipe is not None and not raw.get("model") and not any(o.strip().startswith("model.") for o in overrides):
-        import warnings
-
-        warnings.warn(
-            f"recipe {recipe} sets nothing in [model]: the default model is trained (GPT-2 small's shape, 12 blocks of "
-            f"768 with 32 experts: about 1B parameters); see recipes/tiny.toml for a small one",
-            stacklevel=2,
-        )
     for override in overrides:
         key, value = parse_override(override)
         *section, leaf = key.split(".")
@@ -221,7 +213,16 @@ def load_recipe(recipe: str | Path | None = None, overrides: typing.Sequence[str
             if not isinstance(target, dict):
                 raise ValueError(f"recipe key {part!r} is a value, not a section, so {key!r} cannot be set")
         target[leaf] = value
-    return recipe_from_dict(raw)
+    checked = recipe_from_dict(raw)
+    if recipe is not None and not raw.get("model") and not any(o.strip().startswith("model.") for o in overrides):
+        import warnings
+
+        warnings.warn(
+            f"recipe {recipe} sets nothing in [model]: the default model is trained (GPT-2 small's shape, 12 blocks of "
+            f"768 with 32 experts: about 1B parameters); see recipes/tiny.toml for a small one",
+            stacklevel=2,
+        )
+    return checked
 
 
 def parse_override(text: str) -> tuple[str, typing.Any]:
