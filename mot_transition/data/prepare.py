@@ -161,8 +161,8 @@ def _write(out, sources, resolved, tok, text_field, heldout_fraction, shard_toke
     stream = SplitStream(iter_documents(sources, resolved, text_field), heldout_fraction)
     total_bytes = 0
     with _Encoder(tok.backend_tokenizer.to_str(), eos, dtype, workers) as encoder:
-        for split, ids, n_docs, n_bytes in encoder.run(_batches(stream, batch_bytes)):
-            writers[split].write(ids, n_docs)
+        for split, ids, ends, n_bytes in encoder.run(_batches(stream, batch_bytes)):
+            writers[split].write(ids, ends)
             total_bytes += n_bytes
             if progress is not None:
                 progress(sum(w.documents for w in writers.values()), sum(w.tokens for w in writers.values()), total_bytes)
@@ -232,16 +232,17 @@ def _init_worker(tokenizer_json: str, eos: int, dtype: str) -> None:
     _worker = (Tokenizer.from_str(tokenizer_json), eos, dtype)
 
 
-def _encode(split: str, texts: list[str], n_bytes: int) -> tuple[str, np.ndarray, int, int]:
+def _encode(split: str, texts: list[str], n_bytes: int) -> tuple[str, np.ndarray, np.ndarray, int]:
+    """(split, ids of every document each followed by eos, where each document ends, bytes)."""
     tokenizer, eos, dtype = _worker
     encodings = tokenizer.encode_batch_fast(texts, add_special_tokens=False)
-    count = sum(len(e.ids) for e in encodings) + len(encodings)
-    ids = np.fromiter(chain.from_iterable(chain(e.ids, (eos,)) for e in encodings), dtype=dtype, count=count)
-    return split, ids, len(texts), n_bytes
+    ends = np.cumsum([len(e.ids) + 1 for e in encodings], dtype=np.int64)
+    ids = np.fromiter(chain.from_iterable(chain(e.ids, (eos,)) for e in encodings), dtype=dtype, count=int(ends[-1]))
+    return split, ids, ends, n_bytes
 
 
 class _Encoder:
-    """`run(batches)` yields (split, ids, documents, bytes) in the order the batches came. With one
+    """`run(batches)` yields (split, ids, ends, bytes) in the order the batches came. With one
     worker the tokenizer runs here (its encode_batch uses every core by itself); with more, each
     worker process runs one single-threaded tokenizer, and at most 2 batches per worker are in flight."""
 

@@ -38,8 +38,18 @@ class ShardWriter:
         self.shards: list[dict] = []
         self._file, self._tokens, self._documents = None, 0, 0
 
-    def write(self, ids: np.ndarray, documents: int) -> None:
-        """Append `documents` whole documents, each already followed by its eos id."""
+    def write(self, ids: np.ndarray, ends: np.ndarray) -> None:
+        """Append whole documents: `ids` holds them one after another, each followed by its eos id,
+        and document i ends (exclusive) at `ends[i]`."""
+        position, first = 0, 0
+        while first < len(ends):
+            # the first document whose end brings the open shard to shard_tokens
+            last = int(np.searchsorted(ends, position + self.shard_tokens - self._tokens, side="left"))
+            last = min(last, len(ends) - 1)
+            self._append(ids[position : ends[last]], last - first + 1)
+            position, first = int(ends[last]), last + 1
+
+    def _append(self, ids: np.ndarray, documents: int) -> None:
         if self._file is None:
             self._name = f"{self.split}/{len(self.shards):06d}.bin"
             self._file = open(self.root / self._name, "wb")
