@@ -213,6 +213,15 @@ def test_bad_input_is_one_line_exit_1_and_nothing_a_reader_takes_for_a_dataset(t
     assert not out.exists() or sorted(p.name for p in out.iterdir()) in ([], ["notes.txt"])
 
 
+@pytest.mark.parametrize("option, value", [("--workers", "0"), ("--shard-tokens", "-1"), ("--vocab-size", "100"),
+                                           ("--heldout-fraction", "1.0"), ("--sample-bytes", "0")])
+def test_impossible_options_are_one_line_before_anything_is_written(tmp_path, capsys, option, value):
+    source = write_jsonl(tmp_path / "docs.jsonl", DOCS)
+    code, _, err = run_cli(["prepare", source, "--out", tmp_path / "out", option, value], capsys)
+    assert code == 1 and len(err.strip().splitlines()) == 1 and option in err, err
+    assert not (tmp_path / "out").exists()
+
+
 def test_missing_datasets_library_is_one_line_naming_pip_install(tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", None)  # import datasets -> ImportError
     code, _, err = run_cli(["prepare", "hf:someone/corpus", "--out", tmp_path / "out"], capsys)

@@ -22,8 +22,9 @@ from mot_transition.data.batches import tokenizer_hash
 from mot_transition.data.corpus import _hash_fraction
 from mot_transition.data.shards import FORMAT, FORMAT_VERSION, MANIFEST, SPLITS, ShardWriter, dtype_for
 from mot_transition.data.sources import iter_documents, resolve_sources
-from mot_transition.data.tokenizer import check_vocab_size, train_bpe_tokenizer
+from mot_transition.data.tokenizer import train_bpe_tokenizer
 from mot_transition.jsonfiles import write_json
+from mot_transition.options import check_options
 
 INCOMPLETE = ".prepare-incomplete"  # present from the first file written until the manifest is
 _OURS = ("train", "heldout", "tokenizer", MANIFEST, INCOMPLETE)
@@ -126,19 +127,16 @@ def prepare(
     trained on the first `sample_bytes` of the train split. `progress(documents, tokens, bytes)` is
     called after every batch written.
     """
-    if not 0.0 < heldout_fraction < 1.0:
-        raise ValueError(f"--heldout-fraction must be between 0 and 1 (exclusive), got {heldout_fraction}")
-    for name, value in (("--shard-tokens", shard_tokens), ("--workers", workers),
-                        ("--sample-bytes", sample_bytes), ("batch_bytes", batch_bytes)):
-        if value <= 0:
-            raise ValueError(f"{name} must be positive, got {value}")
+    check_options(heldout_fraction=float(heldout_fraction), shard_tokens=shard_tokens, workers=workers,
+                  sample_bytes=sample_bytes, vocab_size=None if tokenizer is not None else vocab_size)
+    if batch_bytes <= 0:
+        raise ValueError(f"batch_bytes must be positive, got {batch_bytes}")
     out = Path(out).expanduser()
     resolved = resolve_sources(sources, text_field)
     _check_output(out, force)
     if tokenizer is not None:
         tok = _load_tokenizer(Path(tokenizer).expanduser())
     else:
-        check_vocab_size(vocab_size)
         tok = train_bpe_tokenizer(_sample(sources, resolved, text_field, heldout_fraction, sample_bytes), vocab_size)
 
     created = not out.exists()
