@@ -19,6 +19,11 @@ OPTION_RULES: dict[str, Rule] = {
     "--limit": POSITIVE_INT,
     "--batch-size": POSITIVE_INT,
     "--group-size": POSITIVE_INT,
+    "--vocab-size": Rule(int, low=257),  # every byte and the eos token
+    "--sample-bytes": POSITIVE_INT,
+    "--heldout-fraction": Rule(float, low=0, high=1, low_open=True, high_open=True),
+    "--shard-tokens": POSITIVE_INT,
+    "--workers": POSITIVE_INT,
 }
 
 

@@ -155,7 +155,7 @@ def prepare_data(
     `cache_dir` is the cache root's `packed` folder.
     """
     cache_dir = Path(cache_dir) if cache_dir is not None else cache_root() / "packed"
-    path = cache_dir / f"{corpus.fingerprint}-{_tokenizer_hash(tokenizer)}-{seq_len}.safetensors"
+    path = cache_dir / f"{corpus.fingerprint}-{tokenizer_hash(tokenizer)}-{seq_len}.safetensors"
     if path.exists():
         tensors = load_file(path)
         return tensors["train"], tensors["heldout"]
@@ -184,6 +184,6 @@ def prepare_data(
     return splits["train"], splits["heldout"]
 
 
-def _tokenizer_hash(tokenizer) -> str:
+def tokenizer_hash(tokenizer) -> str:
     """16 hex digits naming the tokenizer's whole pipeline (vocabulary, merges, pre-tokenizer)."""
     return hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode("utf-8")).hexdigest()[:16]

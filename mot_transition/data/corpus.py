@@ -6,24 +6,23 @@ same on every run and every machine, and it does not move when other documents a
 """
 
 import hashlib
-import json
-import os
-import sys
-import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
 
-STDLIB = "stdlib"
+from mot_transition.data.sources import (
+    STDLIB,
+    decode_file,
+    folder_files,
+    iter_jsonl,
+    iter_parquet,
+    read_text_file,
+    stdlib_files,
+    stdlib_name,
+)
+
 # The cap for the "tiny" recipe (recipes/tiny.toml uses the same): about 4 MB of code, enough for
 # a 4096-token vocabulary and 8,000 sequences of 128 tokens, quick to tokenise on 2 cores.
 TINY_MAX_BYTES = 4_000_000
-
-# Folders of the standard library that are not its own hand-written source: installed packages,
-# the test suites, IDLE, generated tables (codec maps, pydoc's topic dump) and build configuration.
-_STDLIB_SKIP_DIRS = {
-    "site-packages", "dist-packages", "test", "tests", "idlelib",
-    "encodings", "pydoc_data", "__pycache__", "lib-dynload",
-}
 
 
 @dataclass(repr=False)
@@ -65,7 +64,7 @@ def load_corpus(
         raise ValueError(f"max_bytes must be a positive number of bytes or None, got {max_bytes}")
 
     if source is None or str(source) == STDLIB:
-        name, keyed = _stdlib_name(), _read_stdlib()
+        name, keyed = stdlib_name(), _read_stdlib()
     else:
         path = Path(source).expanduser()
         if not path.exists():
@@ -76,12 +75,10 @@ def load_corpus(
         name = path.resolve().name
         if path.is_dir():
             keyed = _read_folder(path)
-        elif path.suffix == ".jsonl":
-            keyed = _read_jsonl(path, text_field)
-        elif path.suffix == ".parquet":
-            keyed = _read_parquet(path, text_field)
+        elif path.suffix in (".jsonl", ".parquet"):
+            keyed = _read_records(path, text_field)
         else:
-            keyed = [(path.name, _read_text_file(path))]
+            keyed = [(path.name, read_text_file(path))]
 
     keyed = _drop_empty_and_duplicates(keyed)
     if max_bytes is not None:
@@ -94,103 +91,22 @@ def load_corpus(
 
 
 # ---------------------------------------------------------------------------------------------
-# the built-in corpus
-
-
-def _stdlib_name() -> str:
-    return f"python{sys.version_info.major}.{sys.version_info.minor}-stdlib"
+# whole-corpus readers (the streaming readers are in sources.py)
 
 
 def _read_stdlib() -> list[tuple[str, str]]:
     """(path relative to the stdlib root, text) for every hand-written .py file, sorted by path."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    if not root.is_dir():
-        raise FileNotFoundError(f"no Python standard library at {root}; pass your own corpus as source")
-    files = []
-    for folder, dirnames, filenames in os.walk(root):
-        # prune in place so that os.walk never descends into site-packages or the test suites
-        dirnames[:] = [d for d in dirnames if d not in _STDLIB_SKIP_DIRS and not d.startswith(("config-", "."))]
-        for filename in filenames:
-            # _sysconfigdata* records this machine's build paths: not the same on every machine
-            if filename.endswith(".py") and not filename.startswith("_sysconfigdata"):
-                files.append(Path(folder, filename))
-    keyed = []
-    for file in files:
-        text = _decode(file)
-        if text is not None:
-            keyed.append((file.relative_to(root).as_posix(), text))
-    return sorted(keyed)
-
-
-# ---------------------------------------------------------------------------------------------
-# user data
-
-
-def _decode(file: Path) -> str | None:
-    """The file's text, or None if it is not UTF-8 text (undecodable or holding NUL bytes)."""
-    try:
-        text = file.read_bytes().decode("utf-8")
-    except (UnicodeDecodeError, OSError):
-        return None
-    return None if "\x00" in text else text
-
-
-def _read_text_file(path: Path) -> str:
-    text = _decode(path)
-    if text is None:
-        raise ValueError(f"{path} is not UTF-8 text; convert it to UTF-8 or give a .jsonl or .parquet file")
-    return text
+    return [(key, text) for key, file in stdlib_files() if (text := decode_file(file)) is not None]
 
 
 def _read_folder(root: Path) -> list[tuple[str, str]]:
     """Every UTF-8 text file under `root` (hidden files and folders skipped), sorted by path."""
-    keyed = []
-    for file in root.rglob("*"):
-        relative = file.relative_to(root)
-        if not file.is_file() or any(part.startswith(".") for part in relative.parts):
-            continue
-        text = _decode(file)
-        if text is not None:
-            keyed.append((relative.as_posix(), text))
-    return sorted(keyed)
+    return [(key, text) for key, file in folder_files(root) if (text := decode_file(file)) is not None]
 
 
-def _read_jsonl(path: Path, text_field: str) -> list[tuple[str, str]]:
-    keyed = []
-    with path.open(encoding="utf-8") as f:
-        for line_number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}, line {line_number}: not valid JSON ({e.msg})") from None
-            if not isinstance(record, dict) or text_field not in record:
-                raise ValueError(
-                    f"{path}, line {line_number}: no {text_field!r} field; "
-                    f"pass text_field= to name the field that holds the text"
-                )
-            text = record[text_field]
-            if not isinstance(text, str):
-                kind = type(text).__name__
-                raise ValueError(f"{path}, line {line_number}: field {text_field!r} is a {kind}, not a string")
-            keyed.append((text, text))
-    return keyed
-
-
-def _read_parquet(path: Path, text_field: str) -> list[tuple[str, str]]:
-    try:
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise ValueError(f"reading {path.name} needs pyarrow: pip install pyarrow (or convert it to .jsonl)") from None
-    schema = pq.read_schema(path)
-    if text_field not in schema.names:
-        raise ValueError(
-            f"{path} has no column {text_field!r} (columns: {', '.join(schema.names)}); "
-            f"pass text_field= to name the column that holds the text"
-        )
-    texts = pq.read_table(path, columns=[text_field]).column(text_field).to_pylist()
-    return [(text, text) for text in texts if isinstance(text, str)]
+def _read_records(path: Path, text_field: str) -> list[tuple[str, str]]:
+    reader = iter_parquet if path.suffix == ".parquet" else iter_jsonl
+    return [(text, text) for text in reader(path, text_field)]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
+from typing import Iterable
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
@@ -34,8 +35,7 @@ def train_tokenizer(
     The result is cached as `cache_dir / f"{corpus.fingerprint}-{vocab_size}" / "tokenizer.json"`
     (default `cache_dir`: the cache root's `tokenizers` folder), so a second call only reads it.
     """
-    if vocab_size < _MIN_VOCAB_SIZE:
-        raise ValueError(f"vocab_size must be at least {_MIN_VOCAB_SIZE} (256 bytes and {EOS_TOKEN}), got {vocab_size}")
+    check_vocab_size(vocab_size)
     cache_dir = Path(cache_dir) if cache_dir is not None else cache_root() / "tokenizers"
     path = cache_dir / f"{corpus.fingerprint}-{vocab_size}" / "tokenizer.json"
     if not path.exists():
@@ -44,12 +44,28 @@ def train_tokenizer(
     return load_tokenizer(path)
 
 
+def train_bpe_tokenizer(documents: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer of `vocab_size` tokens trained on `documents`, not cached (the
+    `prepare` command trains on a bounded sample of a corpus this way)."""
+    check_vocab_size(vocab_size)
+    return _wrap(_train_bpe(documents, vocab_size))
+
+
+def check_vocab_size(vocab_size: int) -> None:
+    if vocab_size < _MIN_VOCAB_SIZE:
+        raise ValueError(f"vocab_size must be at least {_MIN_VOCAB_SIZE} (256 bytes and {EOS_TOKEN}), got {vocab_size}")
+
+
 def load_tokenizer(path: Path) -> PreTrainedTokenizerFast:
     """Wrap a `tokenizer.json` written by `train_tokenizer` as a transformers tokenizer."""
     if not Path(path).is_file():
         raise FileNotFoundError(f"no tokenizer file at {path}; train one with train_tokenizer()")
+    return _wrap(Tokenizer.from_file(str(path)))
+
+
+def _wrap(tokenizer: Tokenizer) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(
-        tokenizer_file=str(path),
+        tokenizer_object=tokenizer,
         bos_token=EOS_TOKEN,
         eos_token=EOS_TOKEN,
         pad_token=EOS_TOKEN,
@@ -73,7 +89,7 @@ def ready_for_generation(directory: Path, context: int) -> None:
     write_json(path, config, indent=2, ensure_ascii=False)
 
 
-def _train_bpe(documents: list[str], vocab_size: int) -> Tokenizer:
+def _train_bpe(documents: Iterable[str], vocab_size: int) -> Tokenizer:
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
@@ -84,7 +100,8 @@ def _train_bpe(documents: list[str], vocab_size: int) -> Tokenizer:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tokenizer.train_from_iterator(documents, trainer=trainer, length=len(documents))
+    length = len(documents) if isinstance(documents, list) else None
+    tokenizer.train_from_iterator(documents, trainer=trainer, length=length)
     return tokenizer
 
 

@@ -1,0 +1,335 @@
+"""`prepare`: a corpus of any size into the prepared token format (shards.py), as a stream.
+
+Documents are read one at a time (sources.py), exact duplicates dropped (a set of 8-byte hashes),
+split by the stable hash of their key (corpus.py's rule), tokenised in batches of about
+`batch_bytes` of text, inline or in `workers` processes, and appended to the current shard of their
+split. Memory holds the duplicate set, one document and a few batches in flight; never the corpus
+or its token stream.
+"""
+
+import hashlib
+import multiprocessing
+import os
+import shutil
+from collections import deque
+from itertools import chain
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+
+from mot_transition.data.batches import tokenizer_hash
+from mot_transition.data.corpus import _hash_fraction
+from mot_transition.data.shards import FORMAT, FORMAT_VERSION, MANIFEST, SPLITS, ShardWriter, dtype_for
+from mot_transition.data.sources import iter_documents, resolve_sources
+from mot_transition.data.tokenizer import train_bpe_tokenizer
+from mot_transition.jsonfiles import write_json
+from mot_transition.options import check_options
+
+INCOMPLETE = ".prepare-incomplete"  # present from the first file written until the manifest is
+_OURS = ("train", "heldout", "tokenizer", MANIFEST, INCOMPLETE)
+
+
+class SplitStream:
+    """(split, text) for every document of `keyed`, empty documents and exact copies dropped.
+
+    A document is held out when the hash of its key falls below `heldout_fraction`. As in
+    `load_corpus`, when the hash holds out nothing, the document with the smallest hash is held
+    out, and a source of one document is split by characters: to do that while streaming, the
+    smallest-hash document is held back (one document in memory) until a document is held out by
+    the hash, and released then, later in the train stream than its place in the source.
+    """
+
+    def __init__(self, keyed: Iterable[tuple[str, str]], heldout_fraction: float):
+        self.keyed, self.heldout_fraction = keyed, heldout_fraction
+        self.empty = self.duplicates = 0
+        self.documents = {split: 0 for split in SPLITS}
+        self._digests = {split: hashlib.sha256() for split in SPLITS}
+
+    def __iter__(self) -> Iterator[tuple[str, str]]:
+        seen: set[int] = set()  # 8 bytes of SHA-256 per kept document: the only state that grows
+        pending = None  # (fraction, text) of the smallest-hash document while none is held out
+        for key, text in self.keyed:
+            if not text:
+                self.empty += 1
+                continue
+            digest = hashlib.sha256(text.encode("utf-8")).digest()
+            text_hash = int.from_bytes(digest[:8], "big")
+            if text_hash in seen:
+                self.duplicates += 1
+                continue
+            seen.add(text_hash)
+            fraction = text_hash / 2**64 if key is text else _hash_fraction(key)
+            if fraction < self.heldout_fraction:
+                if pending is not None:
+                    yield self._emit("train", pending[1])
+                    pending = None
+                yield self._emit("heldout", text)
+            elif self.documents["heldout"] or (pending is not None and fraction >= pending[0]):
+                yield self._emit("train", text)
+            else:
+                if pending is not None:
+                    yield self._emit("train", pending[1])
+                pending = (fraction, text)
+        if pending is not None:
+            yield from self._fallback(pending[1])
+        if not self.documents["train"] and self.documents["heldout"]:
+            raise ValueError(
+                f"all {self.documents['heldout']} documents fell in the held-out split; "
+                f"lower --heldout-fraction ({self.heldout_fraction})"
+            )
+
+    def _fallback(self, text: str) -> Iterator[tuple[str, str]]:
+        if self.documents["train"]:
+            yield self._emit("heldout", text)
+            return
+        cut = int(len(text) * (1.0 - self.heldout_fraction))
+        if cut == 0 or cut == len(text):
+            raise ValueError(
+                f"the corpus is one document of {len(text)} characters, "
+                f"too short to hold out {self.heldout_fraction:.0%} of it"
+            )
+        yield self._emit("train", text[:cut])
+        yield self._emit("heldout", text[cut:])
+
+    def _emit(self, split: str, text: str) -> tuple[str, str]:
+        data = text.encode("utf-8")
+        self._digests[split].update(len(data).to_bytes(8, "big") + data)
+        self.documents[split] += 1
+        return split, text
+
+    def fingerprint(self) -> str:
+        """16 hex digits naming the documents and which split each one is in, in stream order."""
+        h = hashlib.sha256(b"mot-transition prepared v1")
+        for split in SPLITS:
+            h.update(f"\n[{split} {self.documents[split]}]".encode() + self._digests[split].digest())
+        return h.hexdigest()[:16]
+
+
+def prepare(
+    sources: list[str],
+    out: str | Path,
+    *,
+    tokenizer: str | Path | None = None,
+    vocab_size: int = 4096,
+    sample_bytes: int = 100_000_000,
+    text_field: str = "text",
+    heldout_fraction: float = 0.05,
+    shard_tokens: int = 100_000_000,
+    workers: int = 1,
+    batch_bytes: int = 1_000_000,
+    force: bool = False,
+    progress: Callable[[int, int, int], None] | None = None,
+) -> Path:
+    """Tokenise `sources` into the prepared corpus `out` (SPEC.md section 6) and return `out`.
+
+    Without `tokenizer` (an AutoTokenizer directory), a byte-level BPE of `vocab_size` tokens is
+    trained on the first `sample_bytes` of the train split. `progress(documents, tokens, bytes)` is
+    called after every batch written.
+    """
+    check_options(heldout_fraction=float(heldout_fraction), shard_tokens=shard_tokens, workers=workers,
+                  sample_bytes=sample_bytes, vocab_size=None if tokenizer is not None else vocab_size)
+    if batch_bytes <= 0:
+        raise ValueError(f"batch_bytes must be positive, got {batch_bytes}")
+    out = Path(out).expanduser()
+    resolved = resolve_sources(sources, text_field)
+    _check_output(out, force)
+    if tokenizer is not None:
+        tok = _load_tokenizer(Path(tokenizer).expanduser())
+    else:
+        tok = train_bpe_tokenizer(_sample(sources, resolved, text_field, heldout_fraction, sample_bytes), vocab_size)
+
+    created = not out.exists()
+    _claim_output(out)
+    try:
+        return _write(out, sources, resolved, tok, text_field, heldout_fraction, shard_tokens, workers,
+                      batch_bytes, progress)
+    except BaseException:  # bad input found mid-way, or Ctrl-C: leave nothing behind
+        _remove_ours(out)
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        raise
+
+
+def _write(out, sources, resolved, tok, text_field, heldout_fraction, shard_tokens, workers, batch_bytes, progress):
+    tok.save_pretrained(out / "tokenizer")
+    vocab = len(tok)
+    dtype, eos = dtype_for(vocab), tok.eos_token_id
+    writers = {split: ShardWriter(out, split, dtype, shard_tokens) for split in SPLITS}
+    stream = SplitStream(iter_documents(sources, resolved, text_field), heldout_fraction)
+    total_bytes = 0
+    with _Encoder(tok.backend_tokenizer.to_str(), eos, dtype, workers) as encoder:
+        for split, ids, ends, n_bytes in encoder.run(_batches(stream, batch_bytes)):
+            writers[split].write(ids, ends)
+            total_bytes += n_bytes
+            if progress is not None:
+                progress(sum(w.documents for w in writers.values()), sum(w.tokens for w in writers.values()), total_bytes)
+    if not stream.documents["train"]:
+        raise ValueError(f"no text in {', '.join(map(str, sources))}: no non-empty UTF-8 document")
+    splits = {}
+    for split, writer in writers.items():
+        writer.close()
+        splits[split] = {"tokens": writer.tokens, "documents": writer.documents, "shards": writer.shards}
+    manifest = {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "dtype": dtype, "byte_order": "little",
+        "eos_id": eos, "vocab_size": vocab, "tokenizer_hash": tokenizer_hash(tok),
+        "source_fingerprint": stream.fingerprint(), "sources": [str(s) for s in sources],
+        "text_field": text_field, "heldout_fraction": heldout_fraction, "shard_tokens": shard_tokens,
+        "bytes": total_bytes, "dropped": {"empty": stream.empty, "duplicates": stream.duplicates},
+        "splits": splits,
+    }
+    write_json(out / MANIFEST, manifest, indent=1)  # last, atomically: from now on it is a dataset
+    (out / INCOMPLETE).unlink()
+    return out
+
+
+def _batches(stream: SplitStream, batch_bytes: int) -> Iterator[tuple[str, list[str], int]]:
+    """(split, texts, UTF-8 bytes) batches of about `batch_bytes`, per split, in stream order."""
+    pending = {split: ([], 0) for split in SPLITS}
+    for split, text in stream:
+        texts, size = pending[split]
+        texts.append(text)
+        size += len(text.encode("utf-8"))
+        pending[split] = (texts, size)
+        if size >= batch_bytes:
+            yield split, texts, size
+            pending[split] = ([], 0)
+    for split, (texts, size) in pending.items():
+        if texts:
+            yield split, texts, size
+
+
+def _sample(sources, resolved, text_field, heldout_fraction, sample_bytes) -> list[str]:
+    """The train split's first `sample_bytes` UTF-8 bytes; the document that crosses it is cut."""
+    sample, total = [], 0
+    for split, text in SplitStream(iter_documents(sources, resolved, text_field), heldout_fraction):
+        if split != "train":
+            continue
+        data = text.encode("utf-8")
+        if total + len(data) >= sample_bytes:
+            sample.append(data[: sample_bytes - total].decode("utf-8", errors="ignore"))
+            break
+        sample.append(text)
+        total += len(data)
+    if not sample:
+        raise ValueError(f"no text in {', '.join(map(str, sources))}: no non-empty UTF-8 document to train a tokenizer on")
+    return sample
+
+
+# ---------------------------------------------------------------------------------------------
+# tokenising, inline or in worker processes
+
+_worker = None  # (tokenizer, eos, dtype) of a worker process
+
+
+def _init_worker(tokenizer_json: str, eos: int, dtype: str) -> None:
+    from tokenizers import Tokenizer
+
+    global _worker
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one worker per core: no threads inside
+    _worker = (Tokenizer.from_str(tokenizer_json), eos, dtype)
+
+
+def _encode(split: str, texts: list[str], n_bytes: int) -> tuple[str, np.ndarray, np.ndarray, int]:
+    """(split, ids of every document each followed by eos, where each document ends, bytes)."""
+    tokenizer, eos, dtype = _worker
+    encodings = tokenizer.encode_batch_fast(texts, add_special_tokens=False)
+    ends = np.cumsum([len(e.ids) + 1 for e in encodings], dtype=np.int64)
+    ids = np.fromiter(chain.from_iterable(chain(e.ids, (eos,)) for e in encodings), dtype=dtype, count=int(ends[-1]))
+    return split, ids, ends, n_bytes
+
+
+class _Encoder:
+    """`run(batches)` yields (split, ids, ends, bytes) in the order the batches came. With one
+    worker the tokenizer runs here (its encode_batch uses every core by itself); with more, each
+    worker process runs one single-threaded tokenizer, and at most 2 batches per worker are in flight."""
+
+    def __init__(self, tokenizer_json: str, eos: int, dtype: str, workers: int):
+        self.args, self.workers, self.pool = (tokenizer_json, eos, dtype), workers, None
+
+    def __enter__(self):
+        if self.workers == 1:
+            global _worker
+            from tokenizers import Tokenizer
+
+            _worker = (Tokenizer.from_str(self.args[0]), self.args[1], self.args[2])
+            return self
+        # fork: a worker needs no import of torch (a spawned one would import the package again).
+        # The variable is set while forking so that the tokenizers library does not warn that its
+        # threads were used before the fork (training the tokenizer); the children keep it.
+        saved = os.environ.get("TOKENIZERS_PARALLELISM")
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+        try:
+            self.pool = multiprocessing.get_context("fork").Pool(self.workers, _init_worker, self.args)
+        finally:
+            if saved is None:
+                os.environ.pop("TOKENIZERS_PARALLELISM")
+            else:
+                os.environ["TOKENIZERS_PARALLELISM"] = saved
+        return self
+
+    def run(self, batches: Iterable[tuple[str, list[str], int]]):
+        if self.pool is None:
+            for batch in batches:
+                yield _encode(*batch)
+            return
+        in_flight = deque()
+        for batch in batches:
+            in_flight.append(self.pool.apply_async(_encode, batch))
+            if len(in_flight) >= 2 * self.workers:
+                yield in_flight.popleft().get()
+        while in_flight:
+            yield in_flight.popleft().get()
+
+    def __exit__(self, *exc):
+        global _worker
+        _worker = None
+        if self.pool is not None:
+            self.pool.terminate()
+            self.pool.join()
+
+
+# ---------------------------------------------------------------------------------------------
+# the output folder and the tokenizer
+
+
+def _check_output(out: Path, force: bool) -> None:
+    """Refuse, before any work, an --out that is a file, a foreign non-empty folder, or a finished
+    dataset without `force`. A folder left by a killed prepare (it holds INCOMPLETE) is taken over."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; give a folder")
+    if not out.is_dir() or not any(out.iterdir()) or (out / INCOMPLETE).exists():
+        return
+    if (out / MANIFEST).exists():
+        if not force:
+            raise ValueError(f"{out} is already a prepared dataset; pass --force to prepare it again")
+        return
+    raise ValueError(f"--out {out} is a non-empty folder that is not a prepared dataset; give a new or empty folder")
+
+
+def _claim_output(out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / INCOMPLETE).write_text("a prepare is writing this folder; without manifest.json it is not a dataset\n")
+    (out / MANIFEST).unlink(missing_ok=True)  # first: a half-rewritten dataset is no dataset
+    for name in ("train", "heldout", "tokenizer"):
+        shutil.rmtree(out / name, ignore_errors=True)
+
+
+def _remove_ours(out: Path) -> None:
+    for name in _OURS:
+        path = out / name
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        elif path.exists():
+            path.unlink()
+
+
+def _load_tokenizer(path: Path):
+    if not path.is_dir():
+        raise FileNotFoundError(f"--tokenizer {path} is not a folder; give a folder that AutoTokenizer can load")
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    if getattr(tok, "backend_tokenizer", None) is None or tok.eos_token_id is None:
+        raise ValueError(f"the tokenizer in {path} needs to be a fast tokenizer with an eos token")
+    return tok
