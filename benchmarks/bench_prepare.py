@@ -100,7 +100,7 @@ def main() -> None:
         tokenizer_json, work = tokenizer.backend_tokenizer.to_str(), batches(documents)
         print(f"{megabytes:.1f} MB of text, {len(documents)} documents, vocabulary {len(tokenizer)}, "
               f"{os.cpu_count()} cores, best of {args.repeats}")
-        print(f"| workers | encode_batch s | prepare s | prepare MB/s | ratio |\n| --- | --- | --- | --- | --- |")
+        print("| workers | encode_batch s | prepare s | prepare MB/s | ratio |\n| --- | --- | --- | --- | --- |")
         for workers in args.workers:
             base, full = [], []
             for _ in range(args.repeats):

@@ -11,7 +11,7 @@ from transformers import (
 )
 
 from . import remote_code  # noqa: F401  (reads the sources that checkpoints carry, once, now)
-from ._version import __version__
+from ._version import __version__  # noqa: F401  (mot_transition.__version__)
 from .config import MoTConfig
 from .modeling import (
     MoTForQuestionAnswering,
