@@ -133,15 +133,22 @@ def heldout_batches(sequences: torch.Tensor, batch_size: int, num_batches: int) 
 def unigram_entropy(stream_train: torch.Tensor, stream_heldout: torch.Tensor, vocab_size: int) -> float:
     """Cross-entropy, nats/token, of held-out tokens under the train split's add-one unigram model.
 
-    The loss of a model that ignores context: a trained language model must beat it.
+    The loss of a model that ignores context: a trained language model must beat it. The train
+    side may be the rows of a prepared corpus (`PackedSequences`): its first 134M tokens are counted.
     """
-    train, heldout = stream_train.reshape(-1), stream_heldout.reshape(-1)
+    heldout = stream_heldout.reshape(-1)
     if heldout.numel() == 0:
         raise ValueError("the held-out stream is empty")
-    for name, stream in (("train", train), ("held-out", heldout)):
-        if stream.numel() and (stream.min() < 0 or stream.max() >= vocab_size):
+    if hasattr(stream_train, "token_counts"):  # rows of a prepared corpus on disk: counted in chunks
+        counts = stream_train.token_counts(vocab_size)
+    else:
+        counts = None
+    for name, stream in (("train", None if counts is not None else stream_train.reshape(-1)), ("held-out", heldout)):
+        if stream is not None and stream.numel() and (stream.min() < 0 or stream.max() >= vocab_size):
             raise ValueError(f"the {name} stream holds token ids outside [0, vocab_size={vocab_size})")
-    counts = torch.bincount(train, minlength=vocab_size).double() + 1.0
+    if counts is None:
+        counts = torch.bincount(stream_train.reshape(-1), minlength=vocab_size)
+    counts = counts.double() + 1.0
     log_probs = counts.log() - math.log(counts.sum().item())
     return -log_probs[heldout].mean().item()
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from mot_transition.jsonfiles import read_json_object
 
@@ -101,6 +102,55 @@ class Split:
         return np.concatenate(pieces) if pieces else np.empty(0, dtype=np.int64)
 
 
+class PackedSequences:
+    """A prepared split cut into rows of `seq_len` tokens, as `pack` cuts an in-memory stream (the
+    tokens after the last whole row dropped), read from the memory-mapped shards only when rows
+    are asked for: `rows[indices]` and `rows[a:b]` give int64 tensors of shape (n, seq_len). What
+    `TrainBatches`, `heldout_batches` and `evaluate` take in place of an (N, seq_len) tensor."""
+
+    def __init__(self, split: Split, seq_len: int):
+        if seq_len < 1:
+            raise ValueError(f"seq_len must be positive, got {seq_len}")
+        rows = split.tokens // seq_len
+        if rows == 0:
+            raise ValueError(f"the {split.name} split has {split.tokens} tokens, fewer than one sequence of seq_len={seq_len}")
+        self.split, self.seq_len = split, seq_len
+        self.shape = torch.Size((rows, seq_len))
+
+    def dim(self) -> int:
+        return 2
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, index) -> torch.Tensor:
+        S = self.seq_len
+        if isinstance(index, slice):
+            start, stop, step = index.indices(self.shape[0])
+            if step == 1:
+                stop = max(start, stop)
+                return torch.from_numpy(self.split.read(start * S, stop * S)).reshape(stop - start, S)
+            index = list(range(start, stop, step))
+        rows = torch.as_tensor(index, dtype=torch.int64).reshape(-1).tolist()
+        if any(not 0 <= r < self.shape[0] for r in rows):
+            raise IndexError(f"row index out of range for {self.shape[0]} sequences")
+        if not rows:
+            return torch.empty(0, S, dtype=torch.int64)
+        return torch.from_numpy(np.stack([self.split.read(r * S, (r + 1) * S) for r in rows]))
+
+    def token_counts(self, vocab_size: int, max_tokens: int = 1 << 27) -> torch.Tensor:
+        """How often each id occurs in the first `max_tokens` tokens of the rows (all of a corpus of
+        up to 134M tokens), read in chunks: memory stays that of one chunk."""
+        total = min(self.shape[0] * self.seq_len, max_tokens)
+        counts = np.zeros(vocab_size, dtype=np.int64)
+        for start in range(0, total, 1 << 24):
+            chunk = self.split.read(start, min(total, start + (1 << 24)))
+            if chunk.size and (chunk.min() < 0 or chunk.max() >= vocab_size):
+                raise ValueError(f"the {self.split.name} split holds token ids outside [0, vocab_size={vocab_size})")
+            counts += np.bincount(chunk, minlength=vocab_size)
+        return torch.from_numpy(counts)
+
+
 class PreparedData:
     """A prepared corpus directory, checked: `PreparedData(DIR).train.read(0, 1024)`."""
 
@@ -117,6 +167,10 @@ class PreparedData:
         self.dtype, self.eos_id = self.manifest["dtype"], self.manifest["eos_id"]
         self.vocab_size = self.manifest["vocab_size"]
         self.splits = {name: self._open_split(name, manifest_path) for name in SPLITS}
+
+    @property
+    def name(self) -> str:
+        return f"prepared corpus {self.directory}"
 
     @property
     def train(self) -> Split:

@@ -52,9 +52,12 @@ def prepare_run_data(recipe: Recipe, tokenizer=None, distributed: Distributed | 
     read the cache.
     """
     from ..data import load_corpus, prepare_data, train_tokenizer
+    from ..data.shards import MANIFEST
 
     d = recipe.data
     distributed = distributed or Distributed()
+    if d.source != "stdlib" and (Path(d.source).expanduser() / MANIFEST).is_file():
+        return _prepared_run_data(recipe, Path(d.source).expanduser(), tokenizer, distributed)
     cache = Path(d.cache_dir).expanduser() if d.cache_dir else None
     for turn in ("main", "others"):
         if (turn == "main") == distributed.is_main:
@@ -65,6 +68,32 @@ def prepare_run_data(recipe: Recipe, tokenizer=None, distributed: Distributed | 
         if turn == "main" and distributed.world_size > 1:
             dist.barrier()
     return tokenizer, train_seq, heldout_seq, corpus
+
+
+def _prepared_run_data(recipe: Recipe, source: Path, tokenizer, distributed: Distributed):
+    """The run's data from a corpus `mot-transition prepare` wrote: its tokenizer and its splits,
+    read from the memory-mapped shards as the rows are needed (every rank maps the same files)."""
+    import warnings
+
+    from ..data.batches import tokenizer_hash
+    from ..data.shards import PackedSequences, PreparedData
+    from .recipe import DataRecipe
+
+    prepared = PreparedData(source)
+    own = prepared.tokenizer()
+    if tokenizer is None:
+        tokenizer = own
+    elif tokenizer_hash(tokenizer) != tokenizer_hash(own):
+        raise ValueError(f"{source} was tokenised with another tokenizer than the checkpoint's; use the corpus its run trained on")
+    d, default = recipe.data, DataRecipe()
+    ignored = [f"data.{key}" for key in ("vocab_size", "heldout_fraction", "max_bytes", "text_field") if getattr(d, key) != getattr(default, key)]
+    if ignored and distributed.is_main:
+        warnings.warn(
+            f"data.source is the prepared corpus {source}: its tokenizer (vocabulary {len(tokenizer)}) and its splits are "
+            f"the run's, so {', '.join(ignored)} {'is' if len(ignored) == 1 else 'are'} ignored",
+            stacklevel=3,
+        )
+    return tokenizer, PackedSequences(prepared.train, d.seq_len), PackedSequences(prepared.heldout, d.seq_len), prepared
 
 
 def train(
