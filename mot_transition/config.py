@@ -8,7 +8,6 @@ MLPs and experts) and `block="llama"` (RMSNorm, rotary positions, no biases, Swi
 MLP and in every expert, per-head RMSNorm of queries and keys).
 """
 
-import math
 from dataclasses import dataclass
 
 from transformers import PreTrainedConfig
@@ -189,7 +188,8 @@ class Rule:
             return None
         ok, result = self._accepts(value)
         if not ok:
-            raise ValueError(f"{key} must be {self.describe()}, got {value!r}")
+            shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+            raise ValueError(f"{key} must be {self.describe()}, got {shown}")
         return result
 
     def _accepts(self, value):
@@ -202,7 +202,7 @@ class Rule:
             return isinstance(value, self.kind) and (not self.choices or value in self.choices), value
         if isinstance(value, bool) or not isinstance(value, (int, float) if self.kind is float else int):
             return False, None
-        if not math.isfinite(value):
+        if not -(2**63) < value < 2**63 or (self.kind is float and not -1e308 < value < 1e308):  # NaN, inf, huge
             return False, None
         low_ok = self.low is None or (value > self.low if self.low_open else value >= self.low)
         high_ok = self.high is None or (value < self.high if self.high_open else value <= self.high)

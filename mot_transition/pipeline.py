@@ -142,12 +142,11 @@ def _flat(tree: dict, prefix: str = "") -> dict:
 def _converted(folder: Path, source: Path, top_k: int, calibrate: int) -> bool:
     """`folder` is a complete conversion of the MoT checkpoint `source` with these options."""
     try:
-        config = json.loads((folder / "config.json").read_text())
-        report = json.loads((folder / "conversion_report.json").read_text())
+        config, report = read_json_object(folder / "config.json"), read_json_object(folder / "conversion_report.json")
     except (OSError, ValueError):
         return False
     calibration = report.get("calibration") or {}
-    return (
+    return isinstance(calibration, dict) and (
         report.get("source") == str(Path(source).resolve())
         and config.get("ffn_type") == "token_choice"
         and config.get("num_experts_per_tok") == top_k

@@ -24,7 +24,7 @@ from .checkpoint_io import load_checked, load_config, resolve_checkpoint
 from .jsonfiles import read_json_object, write_json
 from .options import check_options
 from .train import Recipe, Trainer, evaluate, latest_checkpoint, load_training_state, prepare_run_data, recipe_from_dict
-from .train.checkpoint import check_training_checkpoint, resumable_checkpoint
+from .train.checkpoint import check_training_checkpoint, resumable_checkpoint, set_aside
 from .train.tracking import Reporters
 
 TRANSITION_FILE = "transition.json"
@@ -147,7 +147,8 @@ def transition(
     if resume:
         last, skipped = resumable_checkpoint(out_dir)
         for damaged, why in skipped:
-            warnings.warn(f"skipping the damaged checkpoint {damaged.name} ({why}); resuming from {last.name}", stacklevel=2)
+            aside = set_aside(damaged)
+            warnings.warn(f"skipping the damaged checkpoint {damaged.name} ({why}), set aside as {aside.name}; resuming from {last.name}", stacklevel=2)
     if not resume and ((out_dir / TRANSITION_FILE).exists() or (out_dir / "checkpoints").exists()):
         raise FileExistsError(f"{out_dir} already holds a transition run; pass --resume to continue it or choose another --out")
     saved = None

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from conftest import run_cli
 from mot_transition.train import latest_checkpoint, recipe_from_dict, recipe_to_toml, train
-from mot_transition.train.checkpoint import check_training_checkpoint, resumable_checkpoint
+from mot_transition.train.checkpoint import check_training_checkpoint, list_checkpoints, resumable_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -71,9 +71,11 @@ def test_resume_skips_a_damaged_newest_checkpoint_and_ends_bit_identical(data_di
     truncate(newest / target)
     checkpoint, skipped = resumable_checkpoint(run)
     assert checkpoint.name == "step-000002" and skipped[0][0] == newest and target in skipped[0][1]
-    with pytest.warns(UserWarning, match=rf"skipping the damaged checkpoint step-000004 .*{target}.*resuming from step-000002"):
+    with pytest.warns(UserWarning, match=rf"skipping the damaged checkpoint step-000004 .*{target}.*set aside as \.damaged-step-000004; resuming from step-000002"):
         result = train(recipe_from_dict(raw_recipe(data_dir)), run, resume=True, progress=False)
     assert result.step == 6
+    assert (run / "checkpoints" / ".damaged-step-000004" / target).exists()  # kept for a look, out of the way
+    assert [p.name for p in list_checkpoints(run)] == ["step-000002", "step-000004", "step-000006"]
     assert same_weights(result.checkpoint, latest_checkpoint(finished))
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5, 6]

@@ -56,3 +56,10 @@ def test_a_recipe_without_model_keys_warns_and_the_default_model_is_refused_befo
     assert code == 1 and len(err.strip().splitlines()) == 1, err
     assert err.startswith("error: this run needs about") and "963M parameters" in err and "8.0 GiB free" in err
     assert not (tmp_path / "run").exists()
+
+
+def test_expert_choice_activations_count_the_capacity_each_expert_takes():
+    from mot_transition.counts import expert_share
+
+    config = tiny_config("expert_choice", n_expert=8, group_size=32, num_experts_per_tok=2)
+    assert memory.ffn_hidden_per_token(config)[1] == config.expert_size * 8 * expert_share(config, "expert_choice") == config.expert_size * 2

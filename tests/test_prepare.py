@@ -186,6 +186,15 @@ def _refusals(tmp: Path):
     (tmp / "foreign").mkdir()
     (tmp / "foreign" / "notes.txt").write_text("mine")
     good = write_jsonl(tmp / "good.jsonl", DOCS)
+    with gzip.open(tmp / "damaged.jsonl.gz", "wt") as handle:
+        handle.write("".join(json.dumps({"text": d}) + "\n" for d in DOCS * 20))
+    data = bytearray((tmp / "damaged.jsonl.gz").read_bytes())
+    for i in range(40, len(data) - 20, 7):  # garble the deflate stream, not the header
+        data[i] ^= 0x5A
+    (tmp / "damaged.jsonl.gz").write_bytes(bytes(data))
+    (tmp / "surrogate.jsonl").write_text('{"text": "fine"}\n{"text": "bad \\ud800 half"}\n')
+    (tmp / "src").mkdir()
+    write_jsonl(tmp / "src" / "part.jsonl", DOCS)
     return {
         "missing source": ([tmp / "nope.txt"], "does not exist"),
         "parquet without the column": ([tmp / "other.parquet"], "no column 'text'"),
@@ -194,11 +203,15 @@ def _refusals(tmp: Path):
         "glob matching nothing": ([str(tmp / "*.nothing")], "matches no file"),
         "foreign non-empty --out": ([good, "--out", tmp / "foreign"], "not a prepared dataset"),
         "Hub offline": (["hf:someone/corpus"], "offline"),
+        "damaged gzip": ([tmp / "damaged.jsonl.gz"], "not a complete gzip file"),
+        "lone surrogate in a record": ([tmp / "surrogate.jsonl"], "line 2: field 'text' holds an unpaired surrogate"),
+        "--out inside a source folder": ([tmp / "src", "--out", tmp / "src" / "prepared"], "lies inside the source folder"),
     }
 
 
 @pytest.mark.parametrize("case", ["missing source", "parquet without the column", "non-UTF-8 text file",
-                                  "empty source", "glob matching nothing", "foreign non-empty --out", "Hub offline"])
+                                  "empty source", "glob matching nothing", "foreign non-empty --out", "Hub offline",
+                                  "damaged gzip", "lone surrogate in a record", "--out inside a source folder"])
 def test_bad_input_is_one_line_exit_1_and_nothing_a_reader_takes_for_a_dataset(tmp_path, capsys, monkeypatch, case):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr("datasets.config.HF_HUB_OFFLINE", True)
@@ -317,3 +330,15 @@ def test_peak_memory_does_not_grow_with_the_corpus(tmp_path, tokenizer_dir):
     tokens = PreparedData(tmp_path / "out-big").train.tokens
     assert tokens * 8 / 2**20 > 25, "the big corpus's int64 stream must be big enough for the bound to mean something"
     assert peaks["after_big"] - peaks["after_small"] < 12, peaks
+
+
+def test_a_corpus_of_one_document_is_split_by_characters_whatever_its_key_hashes_to():
+    from mot_transition.data.prepare import SplitStream
+
+    held_by_hash = [f"doc{i}.txt" for i in range(400) if _hash_fraction(f"doc{i}.txt") < 0.05]
+    assert held_by_hash  # the case the streaming rule once got wrong: the only document hashed into held-out
+    for key in held_by_hash[:3] + ["doc-any.txt"]:
+        text = "hello world " * 50
+        assert list(SplitStream([(key, text)], 0.05)) == [("train", text[:570]), ("heldout", text[570:])]
+    two = list(SplitStream([(held_by_hash[0], "first " * 20), ("other.txt", "second " * 20)], 0.05))
+    assert sorted(split for split, _ in two) == ["heldout", "train"]

@@ -88,3 +88,37 @@ def test_a_damaged_prepared_corpus_is_one_line(prepared, tmp_path):
     with pytest.raises(ValueError) as error:
         train(recipe(broken), tmp_path / "run", progress=False)
     assert "\n" not in str(error.value) and shard.name in str(error.value)
+
+
+def test_resume_refuses_a_prepared_corpus_whose_contents_changed_under_the_same_path(prepared, tmp_path):
+    import shutil
+
+    corpus = tmp_path / "corpus"
+    shutil.copytree(prepared, corpus)
+    raw = recipe(corpus)
+    raw.train.steps, raw.train.checkpoint_every = 3, 3
+    train(raw, tmp_path / "run", progress=False)
+    state = json.loads((latest_checkpoint(tmp_path / "run") / "training_state.json").read_text())
+    assert state["corpus"]["source_fingerprint"] == json.loads((corpus / "manifest.json").read_text())["source_fingerprint"]
+    manifest = json.loads((corpus / "manifest.json").read_text())
+    (corpus / "manifest.json").write_text(json.dumps({**manifest, "source_fingerprint": "0" * 16}))  # prepared again, other data
+    raw.train.steps = 6
+    with pytest.raises(ValueError, match=r"holds other data than the run"):
+        train(raw, tmp_path / "run", resume=True, progress=False)
+
+
+def test_a_folder_a_killed_prepare_left_is_refused_not_read_as_text(prepared, tmp_path):
+    import shutil
+
+    from mot_transition.data.prepare import INCOMPLETE
+
+    unfinished = tmp_path / "unfinished"
+    shutil.copytree(prepared, unfinished)
+    (unfinished / "manifest.json").unlink()
+    (unfinished / INCOMPLETE).write_text("")
+    for folder in (unfinished,):
+        with pytest.raises(ValueError, match=r"is not a prepared dataset: it has no manifest.json"):
+            train(recipe(folder), tmp_path / "run", progress=False)
+    (unfinished / INCOMPLETE).unlink()  # tokenizer/ and train/ without a manifest: still not a folder of text
+    with pytest.raises(ValueError, match=r"is not a prepared dataset"):
+        train(recipe(unfinished), tmp_path / "run", progress=False)

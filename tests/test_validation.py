@@ -240,3 +240,14 @@ def test_train_cli_starts_only_with_a_valid_recipe_else_one_line(capsys, monkeyp
     except Reached:
         return
     assert code != 0 and err.startswith("error: ") and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+
+
+def test_integers_too_big_for_a_float_or_int64_are_one_line_everywhere(mot_source, capsys):
+    huge = "1" + "0" * 400
+    with pytest.raises(ValueError, match=r"^n_embd must be an integer >= 1, got 1000.*\.\.\.$"):
+        MoTConfig(n_embd=int(huge))
+    with pytest.raises(ValueError, match=r"recipe key 'optim.lr' must be a finite number > 0"):
+        load_recipe("tiny", [f"optim.lr={huge}"])
+    for option in ("--max-new-tokens", "--temperature"):
+        code, _, err = run_cli(["generate", mot_source, "--prompt", "x", option, huge], capsys)
+        assert code != 0 and err.startswith("error: ") and len(err.strip().splitlines()) == 1, err

@@ -29,7 +29,7 @@ def prepare(
     console = Console(stderr=True)
     bar = _Bar(console)
     try:
-        prepare_corpus(sources, out, tokenizer=tokenizer, vocab_size=vocab_size, sample_bytes=sample_bytes,
+        out = prepare_corpus(sources, out, tokenizer=tokenizer, vocab_size=vocab_size, sample_bytes=sample_bytes,
                        text_field=text_field, heldout_fraction=heldout_fraction, shard_tokens=shard_tokens,
                        workers=workers, force=force, progress=bar.update)
     finally:

@@ -49,6 +49,8 @@ class SplitStream:
     def __iter__(self) -> Iterator[tuple[str, str]]:
         seen: set[int] = set()  # 8 bytes of SHA-256 per kept document: the only state that grows
         pending = None  # (fraction, text) of the smallest-hash document while none is held out
+        first = None  # the first document when its hash holds it out: alone, it is split by characters
+        kept = 0
         for key, text in self.keyed:
             if not text:
                 self.empty += 1
@@ -59,8 +61,15 @@ class SplitStream:
                 self.duplicates += 1
                 continue
             seen.add(text_hash)
+            kept += 1
             fraction = text_hash / 2**64 if key is text else _hash_fraction(key)
+            if first is not None:  # a second document: the first one is held out after all
+                yield self._emit("heldout", first)
+                first = None
             if fraction < self.heldout_fraction:
+                if kept == 1:
+                    first = text
+                    continue
                 if pending is not None:
                     yield self._emit("train", pending[1])
                     pending = None
@@ -73,6 +82,8 @@ class SplitStream:
                 pending = (fraction, text)
         if pending is not None:
             yield from self._fallback(pending[1])
+        if first is not None:  # the corpus was this one document
+            yield from self._fallback(first)
         if not self.documents["train"] and self.documents["heldout"]:
             raise ValueError(
                 f"all {self.documents['heldout']} documents fell in the held-out split; "
@@ -132,6 +143,10 @@ def prepare(
     if batch_bytes <= 0:
         raise ValueError(f"batch_bytes must be positive, got {batch_bytes}")
     out = Path(out).expanduser()
+    for spec in sources:  # a dataset written inside a folder it reads would read itself on the next run
+        folder = Path(spec).expanduser()
+        if folder.is_dir() and (out.resolve() == folder.resolve() or folder.resolve() in out.resolve().parents):
+            raise ValueError(f"--out {out} lies inside the source folder {spec}; write the prepared corpus elsewhere")
     resolved = resolve_sources(sources, text_field)
     _check_output(out, force)
     if tokenizer is not None:

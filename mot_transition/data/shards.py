@@ -9,6 +9,7 @@
 anything, so a killed or damaged preparation is refused, not read.
 """
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,6 +65,7 @@ class ShardWriter:
         if self._file is None:
             return
         self._file.flush()
+        os.fsync(self._file.fileno())  # on disk before the manifest that names it (written, fsynced, last)
         self._file.close()
         self.shards.append({"file": self._name, "tokens": self._tokens, "documents": self._documents})
         self._file, self._tokens, self._documents = None, 0, 0

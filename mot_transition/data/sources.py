@@ -12,6 +12,7 @@ import json
 import os
 import sys
 import sysconfig
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -70,10 +71,14 @@ def iter_jsonl(path: Path, text_field: str) -> Iterator[str]:
                 if not isinstance(text, str):
                     kind = type(text).__name__
                     raise ValueError(f"{path}, line {line_number}: field {text_field!r} is a {kind}, not a string")
+                try:
+                    text.encode("utf-8")
+                except UnicodeEncodeError:  # JSON can spell a lone surrogate ("\ud800"), which no UTF-8 holds
+                    raise ValueError(f"{path}, line {line_number}: field {text_field!r} holds an unpaired surrogate, not text") from None
                 yield text
     except UnicodeDecodeError:
         raise ValueError(f"{path} is not UTF-8 text") from None
-    except (EOFError, gzip.BadGzipFile) as e:
+    except (EOFError, gzip.BadGzipFile, zlib.error) as e:
         raise ValueError(f"{path} is not a complete gzip file ({e})") from None
 
 

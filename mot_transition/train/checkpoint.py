@@ -131,6 +131,17 @@ def check_training_checkpoint(checkpoint: Path, weights: bool = True) -> dict:
     return state
 
 
+def set_aside(damaged: Path) -> Path:
+    """Rename a damaged checkpoint to `.damaged-step-N` beside it: kept for a look, but no longer
+    counted among the run's checkpoints (which the pruning of old ones would otherwise do, deleting
+    good checkpoints in favour of damaged newer ones)."""
+    target = damaged.with_name(f".damaged-{damaged.name}")
+    if target.exists():
+        target = damaged.with_name(f".damaged-{damaged.name}-{os.getpid()}")
+    damaged.rename(target)
+    return target
+
+
 def resumable_checkpoint(run_dir: Path) -> tuple[Path | None, list[tuple[Path, str]]]:
     """(the newest checkpoint of a run whose files are whole, [(newer damaged checkpoint, why)]).
     (None, []) when the run has no checkpoint; a ValueError naming the damage when none is whole."""
@@ -238,6 +249,7 @@ __all__ = [
     "load_training_state",
     "check_training_checkpoint",
     "resumable_checkpoint",
+    "set_aside",
     "load_model",
     "optimizer_state",
     "load_optimizer_state",

@@ -64,7 +64,14 @@ def peak_flops(device) -> float | None:
     """The device's dense bf16 peak in FLOP/s: MOT_TRANSITION_PEAK_TFLOPS when set, else from the
     table by the CUDA device's name; None when unknown (or on a CPU)."""
     if os.environ.get("MOT_TRANSITION_PEAK_TFLOPS"):
-        return float(os.environ["MOT_TRANSITION_PEAK_TFLOPS"]) * 1e12
+        text = os.environ["MOT_TRANSITION_PEAK_TFLOPS"]
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f"MOT_TRANSITION_PEAK_TFLOPS must be a positive number of TFLOP/s, got {text!r}")
+        return value * 1e12
     if getattr(device, "type", None) != "cuda":
         return None
     import torch

@@ -148,6 +148,7 @@ class Trainer:
             raise ValueError(f"{error} (recipe keys data.eval_batches, data.eval_batch_size)") from None
         self.batches = TrainBatches(train_sequences, self.micro_batch_size, recipe.seed, self.dist.rank, world)
         self.step_count = 0
+        self.corpus_identity = None  # what names the data beyond the recipe (a prepared corpus: its manifest's hashes)
         self._install(model)
 
     def _check_grouping(self, model) -> None:
@@ -306,6 +307,8 @@ class Trainer:
                 "world_size": self.dist.world_size,
                 "recipe": self.recipe.to_dict(),
             }
+            if self.corpus_identity is not None:
+                state["corpus"] = self.corpus_identity
             if extra is not None:
                 state["extra"] = extra
             path = save_checkpoint(

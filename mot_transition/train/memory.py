@@ -14,6 +14,7 @@ measured peaks it was checked against.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from dataclasses import dataclass
 
 import torch
@@ -45,8 +46,12 @@ def ffn_hidden_per_token(config) -> list[float]:
         kind = config.ffn_type_of_layer(i)
         width = config.n_inner if kind == "dense" else config.expert_size
         width *= 2 if config.gated else 1
-        if kind == "mot" or kind == "expert_choice":
+        if kind == "mot":
             width *= config.n_expert / config.group_size
+        elif kind == "expert_choice":  # each expert takes `capacity` of every g tokens
+            from ..counts import expert_share
+
+            width *= config.n_expert * expert_share(config, kind)
         elif kind == "token_choice":
             width *= config.num_experts_per_tok
         widths.append(width)
@@ -95,8 +100,20 @@ def _cgroup_room() -> int | None:
         except (OSError, ValueError):
             continue
         if limit.isdigit() and int(limit) < 1 << 60:
-            return max(0, int(limit) - usage)
+            return max(0, int(limit) - usage + _reclaimable(Path(usage_file).with_name("memory.stat")))
     return None
+
+
+def _reclaimable(stat_file: Path) -> int:
+    """Page cache the kernel drops before it kills (inactive file pages), counted in a cgroup's usage."""
+    try:
+        for line in stat_file.read_text().splitlines():
+            name, _, value = line.partition(" ")
+            if name in ("inactive_file", "total_inactive_file"):
+                return int(value)
+    except (OSError, ValueError):
+        pass
+    return 0
 
 
 def check_fits(config, micro_batch_size: int, seq_len: int, device: torch.device) -> MemoryEstimate:

@@ -20,7 +20,8 @@ import torch
 import torch.distributed as dist
 
 from ..config import style_defaults
-from .checkpoint import latest_checkpoint, load_model, resumable_checkpoint
+from ..jsonfiles import read_json_object
+from .checkpoint import latest_checkpoint, load_model, resumable_checkpoint, set_aside
 from .devices import Distributed, pick_device, setup_distributed
 from .loop import Trainer, TrainingDiverged, build_optimizer, evaluate, lr_at
 from .memory import check_fits
@@ -52,12 +53,15 @@ def prepare_run_data(recipe: Recipe, tokenizer=None, distributed: Distributed | 
     read the cache.
     """
     from ..data import load_corpus, prepare_data, train_tokenizer
+    from ..data.prepare import INCOMPLETE
     from ..data.shards import MANIFEST
 
     d = recipe.data
     distributed = distributed or Distributed()
-    if d.source != "stdlib" and (Path(d.source).expanduser() / MANIFEST).is_file():
-        return _prepared_run_data(recipe, Path(d.source).expanduser(), tokenizer, distributed)
+    source = Path(d.source).expanduser()
+    looks_prepared = (source / MANIFEST).is_file() or (source / INCOMPLETE).exists() or (source / "train").is_dir() and (source / "tokenizer").is_dir()
+    if d.source != "stdlib" and looks_prepared:
+        return _prepared_run_data(recipe, source, tokenizer, distributed)  # an unfinished one: PreparedData says so
     cache = Path(d.cache_dir).expanduser() if d.cache_dir else None
     for turn in ("main", "others"):
         if (turn == "main") == distributed.is_main:
@@ -138,7 +142,8 @@ def train(
         if resume:
             checkpoint, skipped = resumable_checkpoint(run_dir)
             for damaged, why in skipped if world.is_main else ():
-                _warn(f"skipping the damaged checkpoint {damaged.name} ({why}); resuming from {checkpoint.name}", progress)
+                aside = set_aside(damaged)
+                _warn(f"skipping the damaged checkpoint {damaged.name} ({why}), set aside as {aside.name}; resuming from {checkpoint.name}", progress)
         if checkpoint is not None:
             _check_resumable(recipe, checkpoint)
         tokenizer, train_seq, heldout_seq, corpus = prepare_run_data(recipe, tokenizer, world)
@@ -152,6 +157,15 @@ def train(
             model = MoTLMHeadModel(config)
         torch.manual_seed((recipe.seed << 16) + world.rank + 1)  # dropout stream, one per rank
         trainer = Trainer(model, recipe, train_seq, heldout_seq, tokenizer=tokenizer, run_dir=run_dir, distributed=world)
+        manifest = getattr(corpus, "manifest", None)
+        if manifest is not None:  # a prepared corpus: the same path must hold the same data to resume
+            trainer.corpus_identity = {key: manifest[key] for key in ("source_fingerprint", "tokenizer_hash")}
+            saved = read_json_object(checkpoint / "training_state.json").get("corpus") if checkpoint is not None else None
+            if saved is not None and saved != trainer.corpus_identity:
+                raise ValueError(
+                    f"--resume: {recipe.data.source} holds other data than the run in {run_dir} trained on (its manifest's "
+                    f"source_fingerprint / tokenizer_hash differ); resume with the corpus the run started with"
+                )
         if checkpoint is not None:
             trainer.load_checkpoint(checkpoint)
         return _run(trainer, corpus, checkpoint, progress and world.is_main, switch)
