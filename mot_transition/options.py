@@ -24,6 +24,7 @@ OPTION_RULES: dict[str, Rule] = {
     "--heldout-fraction": Rule(float, low=0, high=1, low_open=True, high_open=True),
     "--shard-tokens": POSITIVE_INT,
     "--workers": POSITIVE_INT,
+    "--seed": Rule(int, low=0),  # generate's sampling seed (below 2**63, as every integer rule)
 }
 
 

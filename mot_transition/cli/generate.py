@@ -24,7 +24,7 @@ def generate(
     seed: int = typer.Option(0, "--seed"),
 ) -> None:
     """Generate from one prompt with the KV cache, streaming tokens as they come."""
-    check_options(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)  # before the model loads
+    check_options(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)  # before the model loads
     model, tokenizer, warning = load_for_inference(checkpoint)
     if warning:
         Console(stderr=True).print(f"[yellow]warning:[/yellow] {warning}", soft_wrap=True, highlight=False)
