@@ -139,15 +139,15 @@ def unigram_entropy(stream_train: torch.Tensor, stream_heldout: torch.Tensor, vo
     heldout = stream_heldout.reshape(-1)
     if heldout.numel() == 0:
         raise ValueError("the held-out stream is empty")
-    if hasattr(stream_train, "token_counts"):  # rows of a prepared corpus on disk: counted in chunks
+    if heldout.min() < 0 or heldout.max() >= vocab_size:
+        raise ValueError(f"the held-out stream holds token ids outside [0, vocab_size={vocab_size})")
+    if hasattr(stream_train, "token_counts"):  # rows of a prepared corpus on disk: counted in chunks (and checked)
         counts = stream_train.token_counts(vocab_size)
     else:
-        counts = None
-    for name, stream in (("train", None if counts is not None else stream_train.reshape(-1)), ("held-out", heldout)):
-        if stream is not None and stream.numel() and (stream.min() < 0 or stream.max() >= vocab_size):
-            raise ValueError(f"the {name} stream holds token ids outside [0, vocab_size={vocab_size})")
-    if counts is None:
-        counts = torch.bincount(stream_train.reshape(-1), minlength=vocab_size)
+        train = stream_train.reshape(-1)
+        if train.numel() and (train.min() < 0 or train.max() >= vocab_size):
+            raise ValueError(f"the train stream holds token ids outside [0, vocab_size={vocab_size})")
+        counts = torch.bincount(train, minlength=vocab_size)
     counts = counts.double() + 1.0
     log_probs = counts.log() - math.log(counts.sum().item())
     return -log_probs[heldout].mean().item()
