@@ -20,6 +20,8 @@ from __future__ import annotations
 import math
 import os
 
+from ..counts import expert_share
+
 # Dense bf16 tensor-core peak per device, FLOP/s, as the vendors list them (without sparsity).
 PEAK_BF16 = {
     "H100 PCIe": 756e12,
@@ -44,14 +46,9 @@ def forward_flops_per_token(config, seq_len: int) -> float:
         kind = config.ffn_type_of_layer(i)
         if kind == "dense":
             total += ffn_flops(config, config.n_inner)
-        elif kind == "mot":
-            total += 6 * d * E + E / config.group_size * ffn_flops(config, config.expert_size)
-        elif kind == "token_choice":
-            total += 2 * d * E + config.num_experts_per_tok * ffn_flops(config, config.expert_size)
-        else:  # expert choice
-            factor = config.capacity_factor or 1.0
-            capacity = min(config.group_size, math.ceil(factor * config.group_size * config.num_experts_per_tok / E))
-            total += 2 * d * E + E * capacity / config.group_size * ffn_flops(config, config.expert_size)
+        else:  # routing (MoT: also mixing into E and emitting back), then E x the share of the experts a token uses
+            routing = (6 if kind == "mot" else 2) * d * E
+            total += routing + E * expert_share(config, kind) * ffn_flops(config, config.expert_size)
     return float(total)
 
 

@@ -14,10 +14,12 @@ measured peaks it was checked against.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+
+from ..counts import expert_share
 
 GiB = 1 << 30
 
@@ -46,14 +48,8 @@ def ffn_hidden_per_token(config) -> list[float]:
         kind = config.ffn_type_of_layer(i)
         width = config.n_inner if kind == "dense" else config.expert_size
         width *= 2 if config.gated else 1
-        if kind == "mot":
-            width *= config.n_expert / config.group_size
-        elif kind == "expert_choice":  # each expert takes `capacity` of every g tokens
-            from ..counts import expert_share
-
+        if kind != "dense":  # the expert FFNs a token pays for: E/g (MoT), k (Token Choice), E c/g (Expert Choice)
             width *= config.n_expert * expert_share(config, kind)
-        elif kind == "token_choice":
-            width *= config.num_experts_per_tok
         widths.append(width)
     return widths
 
