@@ -1,3 +1,8 @@
+import argparse
+import contextlib
+import hashlib
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -59,3 +64,39 @@ def run_cli(args, capsys):
         sys.argv = argv
     captured = capsys.readouterr()
     return code, captured.out, captured.err
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    """A small real-text corpus (40 KB of argparse.py) and a data cache shared by a module's runs."""
+    folder = tmp_path_factory.mktemp("data")
+    (folder / "corpus.txt").write_text(Path(argparse.__file__).read_text()[:40_000])
+    return folder
+
+
+def tree_digest(path: Path) -> str:
+    """One hash of every file under `path`, names and bytes: equal before and after means untouched."""
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        digest.update(str(file.relative_to(path)).encode() + file.read_bytes())
+    return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def interrupted_after(step: int):
+    """Within the block, `Trainer.step` raises KeyboardInterrupt (as a kill would stop the run) when
+    asked for the step after `step`: step `step` is done and its metrics line written."""
+    from mot_transition.train import Trainer
+
+    original = Trainer.step
+
+    def die_after(self):
+        if self.step_count == step:
+            raise KeyboardInterrupt("killed")
+        return original(self)
+
+    Trainer.step = die_after
+    try:
+        yield
+    finally:
+        Trainer.step = original

@@ -1,7 +1,6 @@
 """Damaged files give one line, never a traceback, and resume falls back to the newest intact
 checkpoint (issue 13, items 8 and 10); odd but valid input works (an empty prompt, the path `.`)."""
 
-import argparse
 import json
 from pathlib import Path
 
@@ -12,13 +11,6 @@ from safetensors.torch import load_file
 from conftest import run_cli
 from mot_transition.train import latest_checkpoint, recipe_from_dict, recipe_to_toml, train
 from mot_transition.train.checkpoint import check_training_checkpoint, list_checkpoints, resumable_checkpoint
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("damage-data")
-    (folder / "corpus.txt").write_text(Path(argparse.__file__).read_text()[:40_000])
-    return folder
 
 
 def raw_recipe(data_dir: Path) -> dict:

@@ -35,7 +35,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import tiny_config
-from test_train import data_dir, tiny_recipe  # noqa: F401  (data_dir is a fixture used here)
+from test_train import tiny_recipe
 from mot_transition import MoTLMHeadModel
 from mot_transition.train import latest_checkpoint, load_model, load_training_state, recipe_from_dict, recipe_to_toml
 from mot_transition.train import prepare_run_data

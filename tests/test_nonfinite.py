@@ -1,8 +1,6 @@
 """NaN and infinity never pass silently (issue 13, items 4-6): no checkpoint with non-finite
 weights is written, called good, converted, loaded or served, and no JSON file holds NaN."""
 
-import argparse
-import hashlib
 import json
 from pathlib import Path
 
@@ -10,19 +8,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import run_cli, tiny_config
+from conftest import run_cli, tiny_config, tree_digest
 from mot_transition.checkpoint_io import check_finite, load_checked
 from mot_transition.jsonfiles import dumps, write_json
 from mot_transition.modeling import MoTLMHeadModel
 from mot_transition.train import Trainer, TrainingDiverged, latest_checkpoint, recipe_from_dict, train
 from mot_transition.train.checkpoint import save_checkpoint
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("nonfinite-data")
-    (folder / "corpus.txt").write_text(Path(argparse.__file__).read_text()[:40_000])
-    return folder
 
 
 def recipe(data_dir: Path, **train_keys):
@@ -101,13 +92,6 @@ def test_loading_a_checkpoint_with_non_finite_weights_names_the_tensor(nan_check
         load_checked(nan_checkpoint)
     with pytest.raises(ValueError, match=r"model\.safetensors: tensor transformer\.h\.1\.mlp\.lin2"):
         check_finite(nan_checkpoint)
-
-
-def tree_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    for file in sorted(p for p in path.rglob("*") if p.is_file()):
-        digest.update(file.name.encode() + file.read_bytes())
-    return digest.hexdigest()
 
 
 @pytest.mark.parametrize("command", [

@@ -10,10 +10,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import interrupted_after
 from mot_transition.data import pack, unigram_entropy
 from mot_transition.data.prepare import prepare
 from mot_transition.data.shards import PackedSequences, PreparedData
-from mot_transition.train import Trainer, latest_checkpoint, recipe_from_dict, train
+from mot_transition.train import latest_checkpoint, recipe_from_dict, train
 
 
 @pytest.fixture(scope="module")
@@ -53,25 +54,15 @@ def recipe(prepared: Path, **data):
     })
 
 
-def test_a_run_on_a_prepared_corpus_uses_its_tokenizer_and_resumes_bit_exactly(prepared, tmp_path, monkeypatch):
+def test_a_run_on_a_prepared_corpus_uses_its_tokenizer_and_resumes_bit_exactly(prepared, tmp_path):
     with pytest.warns(UserWarning, match=r"prepared corpus .*data\.vocab_size is ignored"):
         full = train(recipe(prepared, vocab_size=2048), tmp_path / "full", progress=False)
     tokenizer_vocab = PreparedData(prepared).vocab_size
     config = json.loads((full.checkpoint / "config.json").read_text())
     assert config["vocab_size"] == tokenizer_vocab and torch.isfinite(torch.tensor(full.eval_loss))
 
-    original = Trainer.step
-
-    def die_after_4(self):
-        record = original(self)
-        if self.step_count == 4:
-            raise KeyboardInterrupt("killed")
-        return record
-
-    monkeypatch.setattr(Trainer, "step", die_after_4)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted_after(4), pytest.raises(KeyboardInterrupt):
         train(recipe(prepared), tmp_path / "resumed", progress=False)
-    monkeypatch.setattr(Trainer, "step", original)
     assert latest_checkpoint(tmp_path / "resumed").name == "step-000003"
     resumed = train(recipe(prepared), tmp_path / "resumed", resume=True, progress=False)
     a, b = load_file(full.checkpoint / "model.safetensors"), load_file(resumed.checkpoint / "model.safetensors")

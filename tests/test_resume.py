@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import run_cli
+from conftest import interrupted_after, run_cli
 from mot_transition.train import Trainer, latest_checkpoint, list_checkpoints, load_recipe, train
 from mot_transition.transition import transition
 from test_pipeline import MICRO
@@ -59,30 +59,14 @@ def assert_same_run(run_dir: Path, full_dir: Path) -> None:
     assert steps_and_losses(run_dir) == steps_and_losses(full_dir) and [s for s, _ in steps_and_losses(run_dir)] == [1, 2, 3, 4, 5, 6]
 
 
-def kill_at(monkeypatch, step: int):
-    """Trainer.step raises (as a kill would stop the run) when asked for the step after `step`:
-    step `step` is done and its metrics line written."""
-    original = Trainer.step
-
-    def die_after(self):
-        if self.step_count == step:
-            raise KeyboardInterrupt("killed")
-        return original(self)
-
-    monkeypatch.setattr(Trainer, "step", die_after)
-    return original
-
-
 # ---------------------------------------------------------------------------------------------
 # transition
 
 
-def test_transition_killed_after_a_checkpoint_resumes_to_the_uninterrupted_runs_curve_and_weights(converted, monkeypatch):
+def test_transition_killed_after_a_checkpoint_resumes_to_the_uninterrupted_runs_curve_and_weights(converted):
     out = converted / "killed"
-    original = kill_at(monkeypatch, 3)  # one step past the checkpoint at 2: the resume redoes it
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted_after(3), pytest.raises(KeyboardInterrupt):  # one step past the checkpoint at 2: the resume redoes it
         transition(converted / "tc", STEPS, out, eval_every=EVERY, progress=False)
-    monkeypatch.setattr(Trainer, "step", original)
     assert [c.name for c in list_checkpoints(out)] == ["step-000002"] and not (out / "transition.json").exists()
     assert [s for s, _ in steps_and_losses(out)] == [1, 2, 3]
 
@@ -96,12 +80,10 @@ def test_transition_killed_after_a_checkpoint_resumes_to_the_uninterrupted_runs_
     assert_same_run(out, converted / "full")
 
 
-def test_transition_resume_refuses_other_steps_lr_or_eval_every_naming_the_option(converted, monkeypatch):
+def test_transition_resume_refuses_other_steps_lr_or_eval_every_naming_the_option(converted):
     out = converted / "refused"
-    original = kill_at(monkeypatch, 2)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted_after(2), pytest.raises(KeyboardInterrupt):
         transition(converted / "tc", STEPS, out, eval_every=EVERY, checkpoint_every=1, progress=False)
-    monkeypatch.setattr(Trainer, "step", original)
     for kwargs, option in (({"steps": 8}, "--steps"), ({"lr": 1e-2}, "--lr"), ({"eval_every": 3}, "--eval-every")):
         call = {"steps": STEPS, **kwargs}
         with pytest.raises(ValueError, match=f"^--resume: {option} is .* but the run in .* used ") as error:

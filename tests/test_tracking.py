@@ -1,7 +1,6 @@
 """Tracking: metrics.jsonl always, TensorBoard / trackio / W&B (offline) on request with the same
 metrics, per-layer expert load, the transition's per-step log, and the training loss plot."""
 
-import argparse
 import json
 import math
 from pathlib import Path
@@ -10,13 +9,6 @@ import pytest
 
 from mot_transition.train import recipe_from_dict, train
 from mot_transition.train.tracking import load_record, scalars
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("tracking-data")
-    (folder / "corpus.txt").write_text(Path(argparse.__file__).read_text()[:40_000])
-    return folder
 
 
 def _recipe(data_dir: Path, ffn_type: str, report_to: list[str]):

@@ -4,7 +4,6 @@ Every run here is a model of a few thousand parameters on a 40 KB slice of `argp
 the tokenizer and packed data cached once per module.
 """
 
-import argparse
 import json
 import os
 import subprocess
@@ -16,6 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import interrupted_after
 from mot_transition.train import (
     Trainer,
     TrainingDiverged,
@@ -30,14 +30,6 @@ from mot_transition.train import (
 from mot_transition.train.recipe import RECIPES_DIR
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    """A small real-text corpus and a data cache shared by the module's runs."""
-    folder = tmp_path_factory.mktemp("train-data")
-    (folder / "corpus.txt").write_text(Path(argparse.__file__).read_text()[:40_000])
-    return folder
 
 
 def tiny_recipe(data_dir: Path, **sections) -> dict:
@@ -70,7 +62,7 @@ def metric_lines(run_dir: Path) -> list[dict]:
 # exact resume
 
 
-def test_run_killed_at_step_4_and_resumed_reaches_bit_identical_parameters(data_dir, tmp_path, monkeypatch):
+def test_run_killed_at_step_4_and_resumed_reaches_bit_identical_parameters(data_dir, tmp_path):
     # MoT with dropout and gradient accumulation: the RNG state, data position and optimizer
     # moments must all come back for the parameters to match bit for bit.
     raw = tiny_recipe(
@@ -80,18 +72,8 @@ def test_run_killed_at_step_4_and_resumed_reaches_bit_identical_parameters(data_
     )
     full = train(recipe_from_dict(raw), tmp_path / "full", progress=False)
 
-    original_step = Trainer.step
-
-    def step_then_die_after_4(self):
-        record = original_step(self)
-        if self.step_count == 4:  # one step past the checkpoint at 3, which the resume must redo
-            raise KeyboardInterrupt("killed")
-        return record
-
-    monkeypatch.setattr(Trainer, "step", step_then_die_after_4)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted_after(4), pytest.raises(KeyboardInterrupt):  # one step past the checkpoint at 3, which the resume must redo
         train(recipe_from_dict(raw), tmp_path / "resumed", progress=False)
-    monkeypatch.setattr(Trainer, "step", original_step)
     assert latest_checkpoint(tmp_path / "resumed").name == "step-000003"
 
     resumed = train(recipe_from_dict(raw), tmp_path / "resumed", resume=True, progress=False)

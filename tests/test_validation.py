@@ -3,7 +3,6 @@ thrown random and adversarial values by Hypothesis (issue 13): whatever comes in
 valid object or one line naming the key, never a traceback; nothing is written; input unchanged."""
 
 import dataclasses
-import hashlib
 import inspect
 import math
 import typing
@@ -13,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import run_cli, tiny_config
+from conftest import run_cli, tiny_config, tree_digest
 from mot_transition import MoTConfig
 from mot_transition.config import MODEL_RULES, Rule
 from mot_transition.convert import token_choice_config
@@ -166,13 +165,6 @@ def test_conversion_options_give_a_token_choice_config_or_one_line(top_k, capaci
         assert one_line_naming(error, "--top-k", "--capacity-factor"), str(error)
         return
     assert converted.ffn_type == "token_choice" and 1 <= converted.num_experts_per_tok <= config.n_expert
-
-
-def tree_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    for file in sorted(p for p in path.rglob("*") if p.is_file()):
-        digest.update(str(file.relative_to(path)).encode() + file.read_bytes())
-    return digest.hexdigest()
 
 
 @pytest.fixture(scope="module")
