@@ -192,6 +192,10 @@ class Rule:
             raise ValueError(f"{key} must be {self.describe()}, got {shown}")
         return result
 
+    def accepts(self, value) -> bool:
+        """Whether `check` would take `value`."""
+        return (value is None and self.optional) or self._accepts(value)[0]
+
     def _accepts(self, value):
         if self.kind is list:
             if not isinstance(value, (list, tuple)):

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint_io import load_checked, load_config, resolve_checkpoint
+from .config import Rule
 from .jsonfiles import read_json_object, write_json
 from .options import check_options
 from .train import Recipe, Trainer, evaluate, latest_checkpoint, load_training_state, prepare_run_data, recipe_from_dict
@@ -28,6 +29,7 @@ from .train.checkpoint import check_training_checkpoint, resumable_checkpoint, s
 from .train.tracking import Reporters
 
 TRANSITION_FILE = "transition.json"
+FINITE = Rule(float)  # a loss in transition.json
 
 
 @dataclass
@@ -281,16 +283,13 @@ def load_transition(run_dir: str | Path) -> TransitionResult:
         problem = f"it lacks the key {missing[0]!r}"
     elif not isinstance(raw["curve"], list) or not raw["curve"]:
         problem = "its curve is empty"
-    elif not all(isinstance(p, dict) and isinstance(p.get("step"), int) and _finite(p.get("loss")) and _finite(p.get("loss_batched"))
+    elif not all(isinstance(p, dict) and isinstance(p.get("step"), int) and FINITE.accepts(p.get("loss")) and FINITE.accepts(p.get("loss_batched"))
                  for p in raw["curve"]):
         problem = "its curve has a point without step, loss and loss_batched"
     if problem:
         raise ValueError(f"{path} is not a transition record: {problem}; rerun the transition")
     return TransitionResult(**raw)
 
-
-def _finite(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def in_run_switch(trainer: Trainer, num_experts_per_tok: int | None = None, capacity_factor: float | None = None) -> None:
