@@ -35,8 +35,8 @@ from .tracking import expert_load, load_record
 
 
 class TrainingDiverged(ValueError):
-    """The loss (or gradient norm) became NaN or infinite; the run stopped before the bad update."""
-
+    """The loss, the gradient norm, the held-out loss or a weight became NaN or infinite; the run
+    stopped before the bad update, or without saving the step that made it."""
 
 
 def lr_at(step: int, lr: float, warmup_steps: int, total_steps: int, final_lr_fraction: float) -> float:
@@ -328,6 +328,12 @@ class Trainer:
             raise ValueError(
                 f"{checkpoint} was written by a run of {state.get('world_size')} processes; resume it with the same "
                 f"number of processes (this run has {self.dist.world_size})"
+            )
+        saved = state.get("corpus")
+        if self.corpus_identity is not None and saved is not None and saved != self.corpus_identity:
+            raise ValueError(
+                f"--resume: {self.recipe.data.source} holds other data than the run in {checkpoint.parent.parent} trained on "
+                f"(its manifest's source_fingerprint / tokenizer_hash differ); resume with the corpus the run started with"
             )
         load_optimizer_state(self.model, self.optimizer, state, tensors)
         self.batches.load_state_dict(state["data"])

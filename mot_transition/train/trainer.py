@@ -20,7 +20,6 @@ import torch
 import torch.distributed as dist
 
 from ..config import style_defaults
-from ..jsonfiles import read_json_object
 from .checkpoint import latest_checkpoint, load_model, resumable_checkpoint, set_aside
 from .devices import Distributed, pick_device, setup_distributed
 from .loop import Trainer, TrainingDiverged, build_optimizer, evaluate, lr_at
@@ -160,12 +159,6 @@ def train(
         manifest = getattr(corpus, "manifest", None)
         if manifest is not None:  # a prepared corpus: the same path must hold the same data to resume
             trainer.corpus_identity = {key: manifest[key] for key in ("source_fingerprint", "tokenizer_hash")}
-            saved = read_json_object(checkpoint / "training_state.json").get("corpus") if checkpoint is not None else None
-            if saved is not None and saved != trainer.corpus_identity:
-                raise ValueError(
-                    f"--resume: {recipe.data.source} holds other data than the run in {run_dir} trained on (its manifest's "
-                    f"source_fingerprint / tokenizer_hash differ); resume with the corpus the run started with"
-                )
         if checkpoint is not None:
             trainer.load_checkpoint(checkpoint)
         return _run(trainer, corpus, checkpoint, progress and world.is_main, switch)
