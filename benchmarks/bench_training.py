@@ -1,10 +1,15 @@
-"""Benchmark 6: training throughput of the trainer, MoT against dense at equal FLOPs.
+"""Benchmarks 6 and 8: throughput of the trainer.
 
-Both models train with `mot_transition.train.Trainer` (AdamW, clipping, the real loop) on the same
-random token sequences; a MoT model with the flop-matched expert width has the FLOPs per token of the
-dense model but E times its feed-forward parameters in the MoE blocks, which the optimizer step pays
-for. The forward + backward alone is timed too, to tell the layers' cost from the optimizer's.
+6. MoT and Token Choice against dense at equal active FLOPs. All three train with
+   `mot_transition.train.Trainer` (fused AdamW, clipping, the real loop) on the same random token
+   sequences; MoT with the flop-matched expert width, and Token Choice top-1 with the same experts,
+   have the FLOPs per token of the dense model but E times its feed-forward parameters in the MoE
+   blocks, which the optimizer step pays for. The forward + backward alone is timed too, to tell
+   the layers' cost from the optimizer's.
+8. `train.compile` on against off, for every feed-forward type.
 """
+
+import time
 
 import torch
 from report import Benchmark, Figure
@@ -17,14 +22,15 @@ from mot_transition.train import Trainer
 VOCAB = 4096
 
 
-def _trainer(ffn_type: str, quick: bool, sequences: torch.Tensor) -> Trainer:
-    d, batch = (128, 32) if quick else (512, 32)
+def _trainer(ffn_type: str, quick: bool, sequences: torch.Tensor, d: int | None = None, compile: bool = False) -> Trainer:
+    d, batch = d or (128 if quick else 512), 32
     recipe = Recipe(
         name=f"bench-{ffn_type}",
         model=ModelRecipe(ffn_type=ffn_type, n_embd=d, n_layer=4, n_head=8, n_expert=32, group_size=32),
         data=DataRecipe(seq_len=sequences.shape[1], eval_batches=1, eval_batch_size=batch),
         optim=OptimRecipe(warmup_steps=10),
-        train=TrainRecipe(steps=1000, batch_size=batch, micro_batch_size=batch, device="cpu", precision="fp32"),
+        train=TrainRecipe(steps=1000, batch_size=batch, micro_batch_size=batch, device="cpu", precision="fp32",
+                          compile=compile, log_every=10**6),
     )
     torch.manual_seed(0)
     model = MoTLMHeadModel(recipe.model_config(VOCAB))
@@ -41,33 +47,64 @@ def _forward_backward(trainer: Trainer, batch: torch.Tensor):
 def training_speed(quick: bool = False) -> Benchmark:
     seq_len = 32 if quick else 128
     sequences = torch.randint(0, VOCAB, (256, seq_len), generator=torch.Generator().manual_seed(0))
-    mot, dense = _trainer("mot", quick, sequences), _trainer("dense", quick, sequences)
-    batch_size = mot.micro_batch_size
+    kinds = {"MoT": "mot", "Token Choice": "token_choice", "dense": "dense"}
+    trainers = {name: _trainer(kind, quick, sequences) for name, kind in kinds.items()}
+    batch_size = trainers["MoT"].micro_batch_size
     batch = sequences[:batch_size]
-    t = side_by_side(
-        {"mot_step": mot.step, "dense_step": dense.step,
-         "mot_fwd_bwd": _forward_backward(mot, batch), "dense_fwd_bwd": _forward_backward(dense, batch)},
-        **({"rounds": 1, "warmup": 1} if quick else {"rounds": 5, "warmup": 1}),
-    )
+    candidates = {f"{name} step": trainer.step for name, trainer in trainers.items()}
+    candidates |= {f"{name} fwd+bwd": _forward_backward(trainer, batch) for name, trainer in trainers.items()}
+    t = side_by_side(candidates, **({"rounds": 1, "warmup": 1} if quick else {"rounds": 5, "warmup": 1}))
     tokens = batch_size * seq_len
-    c = mot.model.config
-    params = {name: sum(p.numel() for p in trainer.model.parameters()) for name, trainer in (("mot", mot), ("dense", dense))}
+    c = trainers["MoT"].model.config
+    params = {name: sum(p.numel() for p in trainer.model.parameters()) / 1e6 for name, trainer in trainers.items()}
+    figures = [Figure(f"{name} trainer", tokens / t.median(f"{name} step"), "tok/s") for name in trainers]
+    for name in ("MoT", "Token Choice"):
+        figures += [
+            Figure(f"{name} / dense, trainer tokens/s", t.ratio("dense step", f"{name} step"), "x", target=0.85, at_least=True,
+                   spread=t.spread("dense step", f"{name} step"), note="optimizer step included"),
+            Figure(f"{name} / dense, forward + backward tokens/s", t.ratio("dense fwd+bwd", f"{name} fwd+bwd"), "x",
+                   spread=t.spread("dense fwd+bwd", f"{name} fwd+bwd"), note="model only"),
+        ]
     return Benchmark(
-        6, "Training throughput of the trainer: MoT against dense at equal FLOPs",
-        f"`Trainer.step()` (one AdamW step on a batch of {batch_size}x{seq_len} = {tokens:,} tokens, float32, gradient "
+        6, "Training throughput of the trainer: MoT and Token Choice against dense at equal active FLOPs",
+        f"`Trainer.step()` (one fused AdamW step on a batch of {batch_size}x{seq_len} = {tokens:,} tokens, float32, gradient "
         f"clipping) for a MoT model (d={c.n_embd}, {c.n_layer} blocks, MoE blocks {c.moe_layers}, E={c.n_expert}, "
-        f"g={c.group_size}, flop-matched expert width {c.expert_size}; {params['mot'] / 1e6:.1f}M parameters) and the "
-        f"dense model of equal FLOPs (FFN width {4 * c.n_embd}; {params['dense'] / 1e6:.1f}M parameters). "
+        f"g={c.group_size}, flop-matched expert width {c.expert_size}; {params['MoT']:.1f}M parameters), the Token Choice "
+        f"model of the same experts (top-1, dropless, load-balancing loss; {params['Token Choice']:.1f}M parameters) and the "
+        f"dense model of equal active FLOPs (FFN width {4 * c.n_embd}; {params['dense']:.1f}M parameters). "
         f"Ratios are of tokens/s (above 1: faster).",
-        f"Median step: "
-        f"MoT {t.median('mot_step'):.2f} s, dense {t.median('dense_step'):.2f} s; forward + backward alone: MoT "
-        f"{t.median('mot_fwd_bwd'):.2f} s, dense {t.median('dense_fwd_bwd'):.2f} s.",
+        "Median step: " + ", ".join(f"{name} {t.median(f'{name} step'):.2f} s" for name in trainers)
+        + "; forward + backward alone: " + ", ".join(f"{name} {t.median(f'{name} fwd+bwd'):.2f} s" for name in trainers) + ".",
+        figures,
+    )
+
+
+def compiled_training(quick: bool = False) -> Benchmark:
+    """`train.compile=true` against eager, one Trainer step each, for every feed-forward type."""
+    seq_len, d = (32, 64) if quick else (128, 256)
+    sequences = torch.randint(0, VOCAB, (256, seq_len), generator=torch.Generator().manual_seed(0))
+    kinds = ["dense", "mot", "token_choice", "expert_choice"]
+    candidates, compile_seconds = {}, {}
+    for kind in kinds:
+        for compiled in (False, True):
+            trainer = _trainer(kind, quick, sequences, d=d, compile=compiled)
+            if compiled:  # the first step compiles: timed apart
+                start = time.perf_counter()
+                trainer.step()
+                compile_seconds[kind] = time.perf_counter() - start
+            candidates[f"{kind} {'compiled' if compiled else 'eager'}"] = trainer.step
+    t = side_by_side(candidates, **({"rounds": 1, "warmup": 1} if quick else {"rounds": 5, "warmup": 1}))
+    tokens = 32 * seq_len
+    return Benchmark(
+        8, "torch.compile in the trainer (train.compile) against eager, every feed-forward type",
+        f"`Trainer.step()` on {32}x{seq_len} = {tokens:,} tokens, float32, d={d}, 4 blocks (MoE blocks [2, 3]), E=32, g=32 "
+        f"(Token Choice top-1), eager and with `train.compile=true` after its first (compiling) step.",
+        "Median step, eager / compiled: "
+        + ", ".join(f"{kind} {t.median(f'{kind} eager') * 1e3:.0f} / {t.median(f'{kind} compiled') * 1e3:.0f} ms" for kind in kinds)
+        + "; first (compiling) step: " + ", ".join(f"{kind} {s:.0f} s" for kind, s in compile_seconds.items()) + ".",
         [
-            Figure("MoT trainer", tokens / t.median("mot_step"), "tok/s"),
-            Figure("dense trainer", tokens / t.median("dense_step"), "tok/s"),
-            Figure("MoT / dense, trainer tokens/s", t.ratio("dense_step", "mot_step"), "x", spread=t.spread("dense_step", "mot_step"),
-                   note="optimizer step included"),
-            Figure("MoT / dense, forward + backward tokens/s", t.ratio("dense_fwd_bwd", "mot_fwd_bwd"), "x",
-                   spread=t.spread("dense_fwd_bwd", "mot_fwd_bwd"), note="model only"),
+            Figure(f"{kind}: compiled / eager, tokens/s", t.ratio(f"{kind} eager", f"{kind} compiled"), "x",
+                   spread=t.spread(f"{kind} eager", f"{kind} compiled"), note="above 1: compiled is faster")
+            for kind in kinds
         ],
     )

@@ -109,13 +109,17 @@ def print_table(runs: dict[int, list[Benchmark]], console: Console | None = None
     console.print(table)
 
 
-def markdown(runs: dict[int, list[Benchmark]], command: str, quick: bool, load: tuple[tuple, tuple]) -> str:
+def markdown(runs: dict[int, list[Benchmark]], command: str, quick: bool, load: tuple[tuple, tuple], malloc: str = "keep") -> str:
+    memory = (
+        "glibc's malloc keeps freed memory for reuse, as the trainer sets it on CPU (`train.keep_freed_memory`)"
+        if malloc == "keep" else "glibc's malloc as it comes (every tensor over 32 MB mapped and unmapped)"
+    )
     lines = [
         "# Benchmark results",
         "",
         f"Produced by `{command}`{' (quick smoke run: small shapes, few rounds; not a measurement)' if quick else ''}.",
         "",
-        f"Machine: {machine_text()}; measured at {', '.join(_threads(t) for t in runs)} (torch intra-op threads).",
+        f"Machine: {machine_text()}; measured at {', '.join(_threads(t) for t in runs)} (torch intra-op threads); {memory}.",
         "",
         f"Load average (1, 5, 15 min) before the run {_load(load[0])}, after {_load(load[1])}. Other work on the",
         "machine slows every candidate, and those made of many short parallel regions (per-expert matmuls,",

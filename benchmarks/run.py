@@ -4,6 +4,10 @@
     python benchmarks/run.py --threads 1 2  # the full suite twice, side by side in one table
     python benchmarks/run.py --quick        # smoke run in seconds: small shapes, one thread, no RESULTS.md
     python benchmarks/run.py --only 1 3     # a subset
+    python benchmarks/run.py --malloc default   # leave glibc's malloc as it is (the trainer's train.keep_freed_memory=false)
+
+The suite runs, as the trainer does on CPU, with malloc keeping freed memory for reuse
+(`mot_transition.train.devices.keep_freed_memory`); `--malloc default` measures without it.
 """
 
 import argparse
@@ -20,6 +24,8 @@ import bench_layers
 import bench_training
 import torch
 from report import markdown, print_table
+
+from mot_transition.train.devices import keep_freed_memory
 from rich.console import Console
 
 BENCHMARKS = {
@@ -30,6 +36,7 @@ BENCHMARKS = {
     5: bench_generation.generation_speed,
     6: bench_training.training_speed,
     7: bench_generation.compiled_decode,
+    8: bench_training.compiled_training,
 }
 
 
@@ -38,8 +45,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="small shapes and few rounds: checks the suite runs")
     parser.add_argument("--only", type=int, nargs="+", choices=sorted(BENCHMARKS), help="run only these benchmarks")
     parser.add_argument("--threads", type=int, nargs="+", help="torch intra-op thread counts to run the suite at")
+    parser.add_argument("--malloc", choices=["keep", "default"], default="keep",
+                        help="keep: malloc keeps freed memory, as the trainer sets it on CPU (default); default: glibc as it is")
     parser.add_argument("--output", type=Path, help="where to write the markdown (default: benchmarks/RESULTS.md; none with --quick)")
     args = parser.parse_args(argv)
+    if args.malloc == "keep" and not keep_freed_memory():
+        sys.exit("error: --malloc keep needs glibc's mallopt (Linux); pass --malloc default")
     thread_counts = args.threads or ([1] if args.quick else [torch.get_num_threads()])
     console = Console(width=180)
     load_before = os.getloadavg()
@@ -55,7 +66,7 @@ def main(argv: list[str] | None = None) -> None:
     output = args.output or (None if args.quick else HERE / "RESULTS.md")
     if output is not None:
         command = "python benchmarks/run.py " + " ".join(argv if argv is not None else sys.argv[1:])
-        output.write_text(markdown(runs, command.strip(), args.quick, (load_before, os.getloadavg())))
+        output.write_text(markdown(runs, command.strip(), args.quick, (load_before, os.getloadavg()), args.malloc))
         console.print(f"wrote {output}")
 
 

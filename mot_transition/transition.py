@@ -26,6 +26,7 @@ from .jsonfiles import read_json_object, write_json
 from .options import check_options
 from .train import Recipe, Trainer, evaluate, latest_checkpoint, load_training_state, prepare_run_data, recipe_from_dict
 from .train.checkpoint import check_training_checkpoint, resumable_checkpoint, set_aside
+from .train.recipe import micro_batch_size
 from .train.tracking import Reporters
 
 TRANSITION_FILE = "transition.json"
@@ -82,7 +83,7 @@ def calibration_batches(checkpoint: str | Path, num_batches: int) -> list[torch.
 def check_calibration(recipe: Recipe, train_seq: torch.Tensor, num_batches: int) -> int:
     """The rows of one calibration batch; ValueError when the training split has fewer than
     `num_batches` of them (`run` checks this before its first stage)."""
-    rows = recipe.train.micro_batch_size or recipe.train.batch_size
+    rows = micro_batch_size(recipe.train)  # the MoT run's micro-batch (of a single-process run)
     available = train_seq.shape[0] // rows
     if num_batches > available:
         raise ValueError(

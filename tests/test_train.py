@@ -268,6 +268,8 @@ def test_torchrun_with_two_cpu_processes_gives_the_losses_of_one_process_on_the_
         ("model.moe_layers=[1, 'x']", "model.moe_layers"),  # wrong type inside a list
         ("optim.warmup_steps=-1", "optim.warmup_steps"),  # impossible value
         ("train.micro_batch_size=3", "train.micro_batch_size"),  # does not divide batch_size
+        ("train.grad_accum=3", "train.grad_accum"),  # does not divide batch_size (32)
+        ("train.grad_accum=64", "train.grad_accum"),  # more micro-batches than rows
         ("model.n_head=5", "n_head"),  # impossible for the model: checked by building MoTConfig
         ("train.report_to=['jsonl', 'mlflow']", "train.report_to"),  # no such reporter
         ("train.report_to=['tensorboard']", "train.report_to"),  # metrics.jsonl is what compare reads
@@ -309,6 +311,26 @@ def test_cli_bad_recipe_exits_non_zero_with_one_line_error_naming_the_key(overri
     assert exit_info.value.code != 0
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("error: ") and key in err
+
+
+def test_grad_accum_is_another_way_to_give_the_micro_batch_and_trains_the_same(data_dir, tmp_path):
+    by_rows = tiny_recipe(data_dir, model={"ffn_type": "mot", "group_size": 2}, train={"steps": 2, "micro_batch_size": 2})
+    by_count = tiny_recipe(data_dir, model={"ffn_type": "mot", "group_size": 2}, train={"steps": 2, "grad_accum": 4})
+    a = train(recipe_from_dict(by_rows), tmp_path / "rows", progress=False)
+    b = train(recipe_from_dict(by_count), tmp_path / "count", progress=False)
+    assert [m["loss"] for m in metric_lines(a.run_dir)] == [m["loss"] for m in metric_lines(b.run_dir)]
+    one_pass = train(recipe_from_dict(tiny_recipe(data_dir, model={"ffn_type": "mot", "group_size": 2}, train={"steps": 2})), tmp_path / "one", progress=False)
+    # 4 micro-batches of 2 rows: the same rows and the mean of the same per-token losses as one pass of 8
+    assert [m["loss"] for m in metric_lines(a.run_dir)] == pytest.approx([m["loss"] for m in metric_lines(one_pass.run_dir)], rel=1e-5)
+
+
+def test_grad_accum_and_micro_batch_size_that_disagree_are_refused_naming_both(data_dir, tmp_path):
+    with pytest.raises(ValueError, match=r"'train.grad_accum' times train.micro_batch_size=16 must be at most"):
+        load_recipe("tiny", ["train.micro_batch_size=16", "train.grad_accum=4"])
+    raw = tiny_recipe(data_dir, train={"micro_batch_size": 2, "grad_accum": 2})  # 2 x 2 rows of 8: fits 2 processes, not 1
+    with pytest.raises(ValueError, match=r"^recipe keys 'train.micro_batch_size' \(2\) x 'train.grad_accum' \(2\) must equal"):
+        train(recipe_from_dict(raw), tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
 
 
 def test_mot_micro_batch_not_a_multiple_of_group_size_fails_at_start_up_with_the_fix(data_dir, tmp_path):

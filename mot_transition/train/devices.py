@@ -6,7 +6,9 @@ nccl on GPU; rank 0 writes metrics and checkpoints.
 
 from __future__ import annotations
 
+import ctypes
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -55,4 +57,25 @@ def use_bf16(precision: str, device: torch.device) -> bool:
     return precision == "bf16" or (precision == "auto" and supported)
 
 
-__all__ = ["Distributed", "setup_distributed", "pick_device", "use_bf16"]
+def keep_freed_memory() -> bool:
+    """Make glibc's malloc keep freed memory for reuse instead of handing it back to the kernel:
+    large blocks come from the heap rather than one `mmap` each, and the heap is not trimmed.
+
+    PyTorch has no caching allocator on CPU. Without this, every tensor above 32 MB (a MoT layer's
+    expert gradients: E times a dense layer's) is mapped fresh and its pages are faulted in and
+    zeroed on first touch, then unmapped when freed: every step, forward and backward. The freed
+    memory stays with the process, as the CUDA caching allocator keeps GPU memory, so its resident
+    set stays at its peak. Process-wide; returns whether it took effect (glibc on Linux only).
+    What it saves is in docs/performance.md (`train.keep_freed_memory`).
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):  # not glibc (musl, ...)
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+    return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
+
+
+__all__ = ["Distributed", "setup_distributed", "pick_device", "use_bf16", "keep_freed_memory"]

@@ -6,7 +6,8 @@
     evaluate(model, sequences, b)   mean held-out cross-entropy, nats/token, float32
 
 Distributed: `train.batch_size` is the global batch; each rank runs micro-batches of
-`train.micro_batch_size` rows and accumulates gradients until the global batch is done. Rank r
+`train.micro_batch_size` rows (or `train.grad_accum` micro-batches per step) and accumulates
+gradients until the global batch is done. Rank r
 takes its own slice of every global batch (`TrainBatches`). Mixture of Tokens groups are formed
 inside each rank's micro-batch (g rows of that micro-batch at the same position), never across
 ranks, so the micro-batch must be a multiple of `group_size`. Rank 0 writes the checkpoints;
@@ -28,9 +29,9 @@ from ..checkpoint_io import first_nonfinite
 from ..config import GROUPING_FFN_TYPES, MoTConfig
 from ..convert import default_top_k
 from .checkpoint import latest_checkpoint, load_optimizer_state, load_training_state, save_checkpoint
-from .devices import Distributed, pick_device, use_bf16
+from .devices import Distributed, keep_freed_memory, pick_device, use_bf16
 from .flops import mfu, peak_flops, training_flops_per_token
-from .recipe import Recipe
+from .recipe import Recipe, micro_batch_size
 from .tracking import expert_load, load_record
 
 
@@ -50,15 +51,19 @@ def lr_at(step: int, lr: float, warmup_steps: int, total_steps: int, final_lr_fr
 
 
 def build_optimizer(model: torch.nn.Module, recipe: Recipe) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices (and expert tensors) only, not on biases and gains: the
-    fused CUDA kernel when every parameter is on a CUDA device, the multi-tensor (foreach) one
-    otherwise."""
+    """AdamW with weight decay on matrices (and expert tensors) only, not on biases and gains.
+
+    The fused kernel (one pass over every parameter) whenever the parameters allow it: all floating
+    point and on one kind of device, CUDA or CPU. On CPU it took 0.24 s per step for 136M float32
+    parameters against 1.11 s for the multi-tensor (foreach) one (1 thread), which is most of what
+    a MoT model's E-fold feed-forward parameters cost a training step. Otherwise foreach."""
     o = recipe.optim
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    fused = bool(params) and all(p.is_cuda for p in params)
+    kinds = {p.device.type for p in params}
+    fused = len(kinds) == 1 and kinds <= {"cuda", "cpu"} and all(p.is_floating_point() for p in params)
     return torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, foreach=not fused, fused=fused)
 
 
@@ -133,12 +138,7 @@ class Trainer:
         self.run_dir = Path(run_dir) if run_dir is not None else None
         t = recipe.train
         world = self.dist.world_size
-        self.micro_batch_size = t.micro_batch_size or t.batch_size // world
-        if self.micro_batch_size < 1 or t.batch_size % (self.micro_batch_size * world):
-            raise ValueError(
-                f"recipe key 'train.batch_size' ({t.batch_size}) must be a multiple of micro_batch_size x processes "
-                f"({self.micro_batch_size} x {world}); change train.batch_size or train.micro_batch_size"
-            )
+        self.micro_batch_size = micro_batch_size(t, world)
         self.accumulation = t.batch_size // (self.micro_batch_size * world)
         self.seq_len = train_sequences.shape[1]
         self._check_grouping(model)
@@ -164,7 +164,10 @@ class Trainer:
             )
 
     def _install(self, model: torch.nn.Module) -> None:
-        """Put `model` on the device, wrap it for DDP and build a fresh optimizer over it."""
+        """Put `model` on the device, wrap it for DDP (and torch.compile) and build a fresh optimizer over it."""
+        t = self.recipe.train
+        if self.device.type == "cpu" and t.keep_freed_memory:
+            keep_freed_memory()
         self.model = model.to(self.device)
         self.model.train()
         if self.dist.world_size > 1:
@@ -172,6 +175,8 @@ class Trainer:
             self.forward_model = DistributedDataParallel(self.model, device_ids=device_ids)
         else:
             self.forward_model = self.model
+        if t.compile:  # training steps only: evaluation and checkpoints use self.model as it is
+            self.forward_model = torch.compile(self.forward_model)
         self.optimizer = build_optimizer(self.model, self.recipe)
         config = getattr(model, "config", None)
         self.flops_per_token = training_flops_per_token(config, self.seq_len) if isinstance(config, MoTConfig) else None

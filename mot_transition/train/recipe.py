@@ -101,7 +101,8 @@ class TrainRecipe:
 
     steps: int = 1000
     batch_size: int = 256  # sequences per optimizer step, summed over all ranks
-    micro_batch_size: int = 0  # sequences per forward pass on one rank; 0 = batch_size / world_size
+    micro_batch_size: int = 0  # sequences per forward pass on one rank; 0 = batch_size / (grad_accum x world_size)
+    grad_accum: int = 0  # micro-batches accumulated per optimizer step on each rank; 0 = batch_size / (micro_batch_size x world_size)
     eval_every: int = 100
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
@@ -111,6 +112,8 @@ class TrainRecipe:
     # where per-step metrics go: "jsonl" (metrics.jsonl, always), "tensorboard", "trackio", "wandb" (offline)
     report_to: list[str] = field(default_factory=lambda: ["jsonl"])
     threads: int = 0  # torch CPU threads of this process (torch.set_num_threads); 0 = torch's default
+    compile: bool = False  # torch.compile the model's forward (and so its backward); the first steps compile
+    keep_freed_memory: bool = True  # CPU, glibc: keep freed memory for reuse (devices.keep_freed_memory)
     # Step after which the MoT model is switched to Token Choice inside this run. The switch
     # itself is the converter stage's: `train(..., switch=hook)` calls `hook(trainer)` there.
     switch_at_step: int | None = None
@@ -167,7 +170,8 @@ RECIPE_RULES: dict[str, Rule] = {
     "optim.grad_clip": AT_LEAST_ZERO,  # 0 turns clipping off
     "train.steps": POSITIVE_INT,
     "train.batch_size": POSITIVE_INT,
-    "train.micro_batch_size": Rule(int, low=0),  # 0 = batch_size / world size
+    "train.micro_batch_size": Rule(int, low=0),  # 0 = from batch_size, grad_accum and the world size
+    "train.grad_accum": Rule(int, low=0),  # 0 = from batch_size, micro_batch_size and the world size
     "train.eval_every": POSITIVE_INT,
     "train.checkpoint_every": POSITIVE_INT,
     "train.keep_checkpoints": POSITIVE_INT,
@@ -176,6 +180,8 @@ RECIPE_RULES: dict[str, Rule] = {
     "train.log_every": POSITIVE_INT,
     "train.report_to": Rule(list, item=str),
     "train.threads": Rule(int, low=0),  # 0 = torch's default
+    "train.compile": Rule(bool),
+    "train.keep_freed_memory": Rule(bool),
     "train.switch_at_step": Rule(int, low=1, optional=True),
 }
 
@@ -293,6 +299,13 @@ def check_recipe(recipe: Recipe) -> None:
         "train.micro_batch_size",
         f"must divide train.batch_size={t.batch_size}",
     )
+    need(t.grad_accum == 0 or t.batch_size % t.grad_accum == 0, "train.grad_accum", f"must divide train.batch_size={t.batch_size}")
+    need(
+        t.grad_accum == 0 or t.micro_batch_size == 0 or t.grad_accum * t.micro_batch_size <= t.batch_size,
+        "train.grad_accum",
+        f"times train.micro_batch_size={t.micro_batch_size} must be at most train.batch_size={t.batch_size} "
+        f"(set one of the two and leave the other 0)",
+    )
     check_report_to(t.report_to)
     need(_device_kind(t.device) in ("auto", "cpu", "cuda", "mps"), "train.device", "must be auto, cpu, cuda, cuda:N or mps")
     need(
@@ -310,6 +323,29 @@ def check_recipe(recipe: Recipe) -> None:
     except (ValueError, TypeError) as error:
         message = str(error).strip().splitlines()[0]
         raise ValueError(f"recipe [model]: {message}") from None
+
+
+def micro_batch_size(train: TrainRecipe, world_size: int = 1) -> int:
+    """Rows per forward pass on one rank: `train.micro_batch_size`, or what `train.grad_accum` gives,
+    or the whole per-rank batch. A one-line ValueError when the keys and the world size do not fit."""
+    b, m, k = train.batch_size, train.micro_batch_size, train.grad_accum
+    processes = f" x {world_size} processes" if world_size > 1 else ""
+    if k:
+        if b % (k * world_size):
+            raise ValueError(f"recipe key 'train.batch_size' ({b}) must be a multiple of train.grad_accum{processes} ({k * world_size})")
+        if m and m * k * world_size != b:
+            raise ValueError(
+                f"recipe keys 'train.micro_batch_size' ({m}) x 'train.grad_accum' ({k}){processes} must equal train.batch_size "
+                f"({b}); set one of the two and leave the other 0"
+            )
+        return b // (k * world_size)
+    m = m or b // world_size
+    if m < 1 or b % (m * world_size):
+        raise ValueError(
+            f"recipe key 'train.batch_size' ({b}) must be a multiple of train.micro_batch_size{processes} "
+            f"({train.micro_batch_size or 1} x {world_size}); change train.batch_size or train.micro_batch_size"
+        )
+    return m
 
 
 def _device_kind(name: str) -> str | None:
@@ -356,4 +392,5 @@ __all__ = [
     "parse_override",
     "check_recipe",
     "recipe_to_toml",
+    "micro_batch_size",
 ]

@@ -24,7 +24,7 @@ from .checkpoint import latest_checkpoint, load_model, resumable_checkpoint, set
 from .devices import Distributed, pick_device, setup_distributed
 from .loop import Trainer, TrainingDiverged, build_optimizer, evaluate, lr_at
 from .memory import check_fits
-from .recipe import Recipe, recipe_to_toml
+from .recipe import Recipe, micro_batch_size, recipe_to_toml
 from .tracking import METRICS_FILE, Reporters, plot_training
 
 RECIPE_FILE = "recipe.toml"
@@ -148,7 +148,7 @@ def train(
         tokenizer, train_seq, heldout_seq, corpus = prepare_run_data(recipe, tokenizer, world)
         eos = tokenizer.eos_token_id
         config = model.config if model is not None else recipe.model_config(len(tokenizer), bos_token_id=eos, eos_token_id=eos, pad_token_id=eos)
-        check_fits(config, t.micro_batch_size or t.batch_size // world.world_size, train_seq.shape[1], pick_device(t.device, world.local_rank))
+        check_fits(config, micro_batch_size(t, world.world_size), train_seq.shape[1], pick_device(t.device, world.local_rank))
         if checkpoint is not None:
             model = load_model(checkpoint, type(model) if model is not None else MoTLMHeadModel)
         elif model is None:
@@ -187,7 +187,7 @@ def _check_resumable(recipe: Recipe, checkpoint: Path) -> None:
             if fields.get(name) is None:
                 fields[name] = value
     keys = [("seed",)] + [("model", k) for k in now["model"]] + [("data", k) for k in now["data"] if k != "cache_dir"]
-    keys += [("train", "batch_size"), ("train", "micro_batch_size")]
+    keys += [("train", "batch_size"), ("train", "micro_batch_size"), ("train", "grad_accum")]
     for key in keys:
         a, b, c = saved, now, default
         for part in key:
