@@ -21,6 +21,7 @@ OPTION_RULES: dict[str, Rule] = {
     "--group-size": POSITIVE_INT,
     "--vocab-size": Rule(int, low=257),  # every byte and the eos token
     "--sample-bytes": POSITIVE_INT,
+    "--max-bytes": POSITIVE_INT,
     "--heldout-fraction": Rule(float, low=0, high=1, low_open=True, high_open=True),
     "--shard-tokens": POSITIVE_INT,
     "--workers": POSITIVE_INT,

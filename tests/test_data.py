@@ -10,15 +10,14 @@ import pytest
 import torch
 import transformers
 
-import mot_transition.data.batches as batches_module
 import mot_transition.data.tokenizer as tokenizer_module
 from mot_transition.data import (
     EOS_TOKEN,
+    ShuffledOrder,
     TrainBatches,
     heldout_batches,
     load_corpus,
     pack,
-    prepare_data,
     tokenize_documents,
     train_tokenizer,
     unigram_entropy,
@@ -244,23 +243,6 @@ def test_pack_cuts_rows_in_order_and_drops_the_remainder():
         pack(torch.arange(2), seq_len=3)
 
 
-def test_prepare_data_second_call_reads_the_safetensors_cache(
-    small_corpus, small_tokenizer, tmp_path, monkeypatch
-):
-    train, heldout = prepare_data(small_corpus, small_tokenizer, seq_len=32)
-    assert train.shape[1] == heldout.shape[1] == 32 and train.dtype == torch.int64
-    assert len(list((tmp_path / "cache" / "packed").glob("*.safetensors"))) == 1
-    stream = tokenize_documents(small_tokenizer, small_corpus.train)
-    assert torch.equal(train, pack(stream, 32))
-
-    def no_tokenizing(*args, **kwargs):
-        raise AssertionError("the cached sequences should have been used")
-
-    monkeypatch.setattr(batches_module, "tokenize_documents", no_tokenizing)
-    train_again, heldout_again = prepare_data(small_corpus, small_tokenizer, seq_len=32)
-    assert torch.equal(train_again, train) and torch.equal(heldout_again, heldout)
-
-
 # ---------------------------------------------------------------------------------------------
 # batches
 
@@ -300,6 +282,52 @@ def test_two_ranks_together_see_the_rows_of_one_process_with_the_doubled_batch()
     ranks = [TrainBatches(sequences, batch_size=2, seed=3, rank=r, world_size=2) for r in range(2)]
     for _ in range(12):
         assert torch.equal(torch.cat([rank.next_batch() for rank in ranks]), single.next_batch())
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 16, 17, 1000, 4099])
+def test_shuffled_order_is_a_permutation_and_any_slice_of_it_is_the_same_numbers(n):
+    whole = ShuffledOrder(n, seed=5, epoch=2)[0:n]
+    assert sorted(whole.tolist()) == list(range(n))
+    for a, b in [(0, 1), (n // 3, n // 2 + 1), (n - 1, n)]:
+        assert torch.equal(ShuffledOrder(n, seed=5, epoch=2)[a:b], whole[a:b])
+
+
+def test_shuffled_order_differs_by_seed_and_epoch_and_looks_uniform():
+    n, epochs = 1000, 200
+    orders = torch.stack([ShuffledOrder(n, seed=0, epoch=e)[0:n] for e in range(epochs)]).double()
+    assert ShuffledOrder(n, seed=1, epoch=0)[0:n].tolist() != orders[0].long().tolist()
+    assert len({tuple(o.long().tolist()[:8]) for o in orders}) == epochs
+    # where each row lands, over 200 epochs: uniform over [0, n) has mean 499.5, sd 288.7 / sqrt(200) = 20.4
+    position_means = orders.argsort(dim=1).double().mean(dim=0)
+    assert (position_means - (n - 1) / 2).abs().max() < 5 * 20.4
+    # consecutive positions are unrelated: the correlation of order[i] with order[i + 1]
+    pairs = torch.stack([orders[:, :-1].reshape(-1), orders[:, 1:].reshape(-1)])
+    assert torch.corrcoef(pairs)[0, 1].abs() < 0.02
+
+
+class _HugeRows:
+    """A billion rows of 16 tokens that exist only when read: a sampler that stored a permutation
+    of them (8 GB) could not start."""
+
+    shape = torch.Size((10**9, 16))
+
+    def dim(self):
+        return 2
+
+    def __getitem__(self, rows):
+        return torch.as_tensor(rows).reshape(-1, 1).repeat(1, 16)
+
+
+def test_train_batches_hold_no_state_that_grows_with_the_number_of_rows():
+    batches = TrainBatches(_HugeRows(), batch_size=4, seed=0, rank=1, world_size=2)
+    first = batches.next_batch()
+    assert first.shape == (4, 16) and len(set(first[:, 0].tolist())) == 4
+    assert batches.state_dict() == {"epoch": 0, "position": 1, "order": ShuffledOrder.NAME}
+
+
+def test_a_data_position_in_another_order_is_refused():
+    with pytest.raises(ValueError, match="older mot-transition"):
+        TrainBatches(numbered_sequences(10), batch_size=3, seed=7).load_state_dict({"epoch": 0, "position": 1})
 
 
 def test_train_batches_need_one_global_batch_of_sequences():

@@ -113,3 +113,39 @@ def test_a_folder_a_killed_prepare_left_is_refused_not_read_as_text(prepared, tm
     (unfinished / INCOMPLETE).unlink()  # tokenizer/ and train/ without a manifest: still not a folder of text
     with pytest.raises(ValueError, match=r"is not a prepared dataset"):
         train(recipe(unfinished), tmp_path / "run", progress=False)
+
+
+def test_any_other_source_is_prepared_into_the_cache_once_and_read_like_a_prepared_corpus(prepared, tmp_path, monkeypatch):
+    """One data path: a folder of JSONL shards as `data.source` is prepared behind the scenes (its
+    records are documents, not two JSON texts), read from the cache after that, and its rows are
+    those `prepare` writes for the same source and keys."""
+    import mot_transition.data.cached as cached_module
+    from mot_transition.train import prepare_run_data
+
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    text = Path(argparse.__file__).read_text()
+    for part in range(2):
+        lines = [json.dumps({"text": text[i * 700 : (i + 1) * 700]}) for i in range(part * 30, part * 30 + 30)]
+        (folder / f"part{part}.jsonl").write_text("\n".join(lines) + "\n")
+    keys = {"source": str(folder), "vocab_size": 300, "heldout_fraction": 0.1, "cache_dir": str(tmp_path / "cache")}
+    tokenizer, train_rows, heldout_rows, corpus = prepare_run_data(recipe(prepared, **keys))
+    assert corpus.directory.parent == tmp_path / "cache" / "prepared" and corpus.directory.name.startswith("shards-")
+    assert corpus.manifest["splits"]["train"]["documents"] + corpus.manifest["splits"]["heldout"]["documents"] == 60
+
+    reference = prepare([str(folder)], tmp_path / "by-hand", vocab_size=300, heldout_fraction=0.1)
+    by_hand = PackedSequences(PreparedData(reference).train, 32)
+    assert torch.equal(train_rows[0 : len(train_rows)], by_hand[0 : len(by_hand)])
+    assert len(tokenizer) == PreparedData(reference).vocab_size
+
+    def no_preparing(*args, **kwargs):
+        raise AssertionError("the cached corpus should have been read")
+
+    monkeypatch.setattr(cached_module, "prepare", no_preparing)
+    again = prepare_run_data(recipe(prepared, **keys))[3]
+    assert again.directory == corpus.directory
+    same_tokenizer = prepare_run_data(recipe(prepared, **keys), tokenizer)[3]  # a resumed run brings its own
+    assert same_tokenizer.directory == corpus.directory
+    (folder / "part1.jsonl").write_text((folder / "part1.jsonl").read_text() + json.dumps({"text": "one more"}) + "\n")
+    with pytest.raises(AssertionError, match="cached corpus should have been read"):  # a changed source is prepared again
+        prepare_run_data(recipe(prepared, **keys))

@@ -17,6 +17,7 @@ def prepare(
     sample_bytes: int = typer.Option(100_000_000, "--sample-bytes", help="Train the BPE on the train split's first this many bytes."),
     text_field: str = typer.Option("text", "--text-field", help="The field or column that holds the text of a record."),
     heldout_fraction: float = typer.Option(0.05, "--heldout-fraction", help="Share of documents held out, by a stable hash of each document's key."),
+    max_bytes: int = typer.Option(None, "--max-bytes", help="Read only the leading documents up to this many bytes (the one that crosses it is cut)."),
     shard_tokens: int = typer.Option(100_000_000, "--shard-tokens", help="Close a shard after the document that brings it to this many tokens."),
     workers: int = typer.Option(1, "--workers", help="Tokenizer processes; 1 tokenises here with the tokenizer's own threads."),
     force: bool = typer.Option(False, "--force", help="Replace --out if it already holds a prepared corpus."),
@@ -30,7 +31,7 @@ def prepare(
     bar = _Bar(console)
     try:
         out = prepare_corpus(sources, out, tokenizer=tokenizer, vocab_size=vocab_size, sample_bytes=sample_bytes,
-                       text_field=text_field, heldout_fraction=heldout_fraction, shard_tokens=shard_tokens,
+                       text_field=text_field, heldout_fraction=heldout_fraction, max_bytes=max_bytes, shard_tokens=shard_tokens,
                        workers=workers, force=force, progress=bar.update)
     finally:
         bar.stop()

@@ -6,16 +6,9 @@ into rows of `seq_len` tokens. A row is both input and label: the model shifts l
 
 import hashlib
 import math
-import os
-import tempfile
-from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
-
-from mot_transition.data.corpus import Corpus
-from mot_transition.data.tokenizer import cache_root
 
 
 def tokenize_documents(tokenizer, documents: list[str]) -> torch.Tensor:
@@ -45,10 +38,13 @@ def pack(stream: torch.Tensor, seq_len: int) -> torch.Tensor:
 class TrainBatches:
     """A deterministic, resumable, endless stream of training batches over packed sequences.
 
-    Each epoch visits the sequences in a fresh permutation drawn from (seed, epoch). A step takes
+    Each epoch visits the sequences in a fresh permutation keyed by (seed, epoch). A step takes
     the next `batch_size * world_size` rows of it (the global batch), of which rank r gets rows
     [r * batch_size, (r + 1) * batch_size). The rows left over at the end of an epoch are skipped,
     so every rank steps through the same number of batches.
+
+    The permutation is computed, not stored (`ShuffledOrder`): a rank holds its own batch of row
+    numbers at a time, whatever the number of sequences, and its state is (epoch, position).
     """
 
     def __init__(
@@ -75,12 +71,11 @@ class TrainBatches:
         self.batches_per_epoch = sequences.shape[0] // global_batch
         self.epoch = 0
         self.position = 0  # index of the next global batch within the epoch
-        self._order_epoch, self._order = None, None
 
     def next_batch(self) -> torch.Tensor:
         """The next (batch_size, seq_len) int64 batch of this rank."""
         start = (self.position * self.world_size + self.rank) * self.batch_size
-        rows = self._permutation()[start : start + self.batch_size]
+        rows = ShuffledOrder(self.sequences.shape[0], self.seed, self.epoch)[start : start + self.batch_size]
         self.position += 1
         if self.position == self.batches_per_epoch:
             self.epoch, self.position = self.epoch + 1, 0
@@ -92,10 +87,15 @@ class TrainBatches:
     def __next__(self) -> torch.Tensor:
         return self.next_batch()
 
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "position": self.position}
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position, "order": ShuffledOrder.NAME}
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("order") != ShuffledOrder.NAME:
+            raise ValueError(
+                f"the checkpoint's data position counts in another order of the training rows ({state.get('order', 'an in-memory random permutation')}) "
+                f"than this version's ({ShuffledOrder.NAME}): it was written by an older mot-transition; finish it with that version"
+            )
         epoch, position = state.get("epoch"), state.get("position")
         if not isinstance(epoch, int) or not isinstance(position, int) or epoch < 0:
             raise ValueError(f"a TrainBatches state needs integers 'epoch' >= 0 and 'position', got {state}")
@@ -106,14 +106,56 @@ class TrainBatches:
             )
         self.epoch, self.position = epoch, position
 
-    def _permutation(self) -> torch.Tensor:
-        if self._order_epoch != self.epoch:
-            # one generator per (seed, epoch): epoch e's order does not depend on how we got there
-            key = hashlib.sha256(f"{self.seed}:{self.epoch}".encode()).digest()
-            generator = torch.Generator().manual_seed(int.from_bytes(key[:8], "big") >> 1)
-            self._order = torch.randperm(self.sequences.shape[0], generator=generator)
-            self._order_epoch = self.epoch
-        return self._order
+
+class ShuffledOrder:
+    """A pseudo-random permutation of range(n), keyed by (seed, epoch), computed for the positions
+    asked for: `ShuffledOrder(n, seed, epoch)[a:b]` is an int64 tensor of b - a distinct row numbers,
+    and the whole of it, [0:n], is every row exactly once. Memory is that of the slice, whatever n.
+
+    A balanced Feistel network of 6 rounds over the 2h-bit numbers (4^h >= n, the smallest such h)
+    is a bijection of [0, 4^h); the numbers it maps to n or beyond are mapped again until they fall
+    below n (cycle walking: fewer than 4 turns on average, as 4^h < 4n), which keeps it a bijection
+    of [0, n). The round function mixes the right half with a round key (SplitMix64's finaliser),
+    the keys come from SHA-256 of (seed, epoch): the same on every machine.
+    """
+
+    NAME = "feistel-6-splitmix64"  # what a checkpoint's data position counts in
+    ROUNDS = 6
+
+    def __init__(self, n: int, seed: int, epoch: int):
+        if n < 1:
+            raise ValueError(f"a permutation needs at least one element, got n={n}")
+        self.n = n
+        self.half_bits = max(1, (max(n - 1, 1).bit_length() + 1) // 2)
+        digest = hashlib.sha256(f"mot-transition order:{seed}:{epoch}".encode()).digest()
+        self.keys = np.frombuffer(digest[: 8 * 4], dtype=">u8").astype(np.uint64).tolist()
+        self.keys += [k ^ 0x9E3779B97F4A7C15 for k in self.keys[: self.ROUNDS - len(self.keys)]]
+
+    def __getitem__(self, index: slice) -> torch.Tensor:
+        start, stop, step = index.indices(self.n)
+        if step != 1:
+            raise ValueError("ShuffledOrder takes slices of step 1")
+        x = np.arange(start, max(start, stop), dtype=np.uint64)
+        todo = np.ones(x.shape, dtype=bool)
+        while todo.any():
+            x[todo] = self._feistel(x[todo])
+            todo = x >= self.n
+        return torch.from_numpy(x.astype(np.int64))
+
+    def _feistel(self, x: np.ndarray) -> np.ndarray:
+        h = np.uint64(self.half_bits)
+        mask = np.uint64((1 << self.half_bits) - 1)
+        left, right = x >> h, x & mask
+        for key in self.keys[: self.ROUNDS]:
+            left, right = right, left ^ (_mix(right ^ np.uint64(key)) & mask)
+        return (left << h) | right
+
+
+def _mix(z: np.ndarray) -> np.ndarray:
+    """SplitMix64's finaliser: every output bit depends on every input bit (uint64, wrapping)."""
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
 
 
 def heldout_batches(sequences: torch.Tensor, batch_size: int, num_batches: int) -> list[torch.Tensor]:
@@ -151,44 +193,6 @@ def unigram_entropy(stream_train: torch.Tensor, stream_heldout: torch.Tensor, vo
     counts = counts.double() + 1.0
     log_probs = counts.log() - math.log(counts.sum().item())
     return -log_probs[heldout].mean().item()
-
-
-def prepare_data(
-    corpus: Corpus, tokenizer, seq_len: int, *, cache_dir: Path | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(train sequences, held-out sequences), each (N, seq_len) int64, cached as .safetensors.
-
-    The cache key is the corpus fingerprint, a hash of the tokenizer and `seq_len`; the default
-    `cache_dir` is the cache root's `packed` folder.
-    """
-    cache_dir = Path(cache_dir) if cache_dir is not None else cache_root() / "packed"
-    path = cache_dir / f"{corpus.fingerprint}-{tokenizer_hash(tokenizer)}-{seq_len}.safetensors"
-    if path.exists():
-        tensors = load_file(path)
-        return tensors["train"], tensors["heldout"]
-
-    splits = {}
-    for name, documents in (("train", corpus.train), ("heldout", corpus.heldout)):
-        stream = tokenize_documents(tokenizer, documents)
-        if stream.numel() < seq_len:
-            raise ValueError(
-                f"the {name} split of {corpus.name!r} has {stream.numel()} tokens, fewer than one "
-                f"sequence of seq_len={seq_len}; use more data or a shorter seq_len"
-            )
-        splits[name] = pack(stream, seq_len)
-
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=".packed-", suffix=".safetensors")
-    os.close(fd)
-    try:
-        metadata = {"corpus": corpus.name, "fingerprint": corpus.fingerprint, "seq_len": str(seq_len)}
-        save_file(splits, tmp, metadata=metadata)
-        os.chmod(tmp, 0o644)  # mkstemp makes files private; a cache is for every process of the user
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return splits["train"], splits["heldout"]
 
 
 def tokenizer_hash(tokenizer) -> str:

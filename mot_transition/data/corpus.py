@@ -8,6 +8,7 @@ same on every run and every machine, and it does not move when other documents a
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable, Iterator
 
 from mot_transition.data.sources import (
     STDLIB,
@@ -19,6 +20,8 @@ from mot_transition.data.sources import (
     stdlib_files,
     stdlib_name,
 )
+
+SPLITS = ("train", "heldout")
 
 # The cap for the "tiny" recipe (recipes/tiny.toml uses the same): about 4 MB of code, enough for
 # a 4096-token vocabulary and 8,000 sequences of 128 tokens, quick to tokenise on 2 cores.
@@ -80,14 +83,13 @@ def load_corpus(
         else:
             keyed = [(path.name, read_text_file(path))]
 
-    keyed = _drop_empty_and_duplicates(keyed)
-    if max_bytes is not None:
-        keyed = _cap(keyed, max_bytes)
-    if not keyed:
+    stream = SplitStream(keyed, heldout_fraction, max_bytes)
+    splits = {"train": [], "heldout": []}
+    for split, text in stream:
+        splits[split].append(text)
+    if not any(splits.values()):
         raise ValueError(f"corpus {name!r} has no text: no non-empty UTF-8 documents in {str(source or STDLIB)!r}")
-
-    train, heldout = _split(keyed, heldout_fraction)
-    return Corpus(name=name, train=train, heldout=heldout, fingerprint=_fingerprint(train, heldout))
+    return Corpus(name=name, train=splits["train"], heldout=splits["heldout"], fingerprint=stream.fingerprint())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -110,32 +112,7 @@ def _read_records(path: Path, text_field: str) -> list[tuple[str, str]]:
 
 
 # ---------------------------------------------------------------------------------------------
-# cap, split, fingerprint
-
-
-def _drop_empty_and_duplicates(keyed: list[tuple[str, str]]) -> list[tuple[str, str]]:
-    """Keep the first of every identical document: a copy in the other split would leak held-out text."""
-    seen, kept = set(), []
-    for key, text in keyed:
-        if text and text not in seen:
-            seen.add(text)
-            kept.append((key, text))
-    return kept
-
-
-def _cap(keyed: list[tuple[str, str]], max_bytes: int) -> list[tuple[str, str]]:
-    """The leading documents up to `max_bytes` UTF-8 bytes; the one that crosses it is cut."""
-    kept, total = [], 0
-    for key, text in keyed:
-        size = len(text.encode("utf-8"))
-        if total + size > max_bytes:
-            cut = text.encode("utf-8")[: max_bytes - total].decode("utf-8", errors="ignore")
-            if cut:
-                kept.append((key, cut))
-            break
-        kept.append((key, text))
-        total += size
-    return kept
+# the split: one rule for the in-memory corpus and the prepared one
 
 
 def _hash_fraction(key: str) -> float:
@@ -144,42 +121,100 @@ def _hash_fraction(key: str) -> float:
     return int.from_bytes(digest[:8], "big") / 2**64
 
 
-def _split(keyed: list[tuple[str, str]], heldout_fraction: float) -> tuple[list[str], list[str]]:
-    """Held-out documents are those whose key hashes below `heldout_fraction`.
+class SplitStream:
+    """(split, text) for every document of `keyed`, empty documents and exact copies dropped.
 
-    A single document is split by characters instead: its last `heldout_fraction` is held out.
-    If the hash holds out no document (few documents), the one with the smallest hash is held out.
+    A document is held out when the hash of its key falls below `heldout_fraction`. As in
+    `load_corpus`, when the hash holds out nothing, the document with the smallest hash is held
+    out, and a source of one document is split by characters: to do that while streaming, the
+    smallest-hash document is held back (one document in memory) until a document is held out by
+    the hash, and released then, later in the train stream than its place in the source.
+
+    `max_bytes` keeps the leading documents (after dropping) up to that many UTF-8 bytes; the one
+    that crosses it is cut there and the stream ends.
     """
-    if len(keyed) == 1:
-        text = keyed[0][1]
-        cut = int(len(text) * (1.0 - heldout_fraction))
+
+    def __init__(self, keyed: Iterable[tuple[str, str]], heldout_fraction: float, max_bytes: int | None = None):
+        self.keyed, self.heldout_fraction, self.max_bytes = keyed, heldout_fraction, max_bytes
+        self.empty = self.duplicates = 0
+        self.documents = {split: 0 for split in SPLITS}
+        self._digests = {split: hashlib.sha256() for split in SPLITS}
+
+    def __iter__(self) -> Iterator[tuple[str, str]]:
+        seen: set[int] = set()  # 8 bytes of SHA-256 per kept document: the only state that grows
+        pending = None  # (fraction, text) of the smallest-hash document while none is held out
+        first = None  # the first document when its hash holds it out: alone, it is split by characters
+        kept = total = 0
+        for key, text in self.keyed:
+            if self.max_bytes is not None and total >= self.max_bytes:
+                break
+            if not text:
+                self.empty += 1
+                continue
+            digest = hashlib.sha256(text.encode("utf-8")).digest()
+            text_hash = int.from_bytes(digest[:8], "big")
+            if text_hash in seen:
+                self.duplicates += 1
+                continue
+            seen.add(text_hash)
+            fraction = text_hash / 2**64 if key is text else _hash_fraction(key)
+            if self.max_bytes is not None:
+                size = len(text.encode("utf-8"))
+                if total + size > self.max_bytes:
+                    text = text.encode("utf-8")[: self.max_bytes - total].decode("utf-8", errors="ignore")
+                    if not text:
+                        break
+                total += size  # past max_bytes after a cut: the next turn stops
+            kept += 1
+            if first is not None:  # a second document: the first one is held out after all
+                yield self._emit("heldout", first)
+                first = None
+            if fraction < self.heldout_fraction:
+                if kept == 1:
+                    first = text
+                    continue
+                if pending is not None:
+                    yield self._emit("train", pending[1])
+                    pending = None
+                yield self._emit("heldout", text)
+            elif self.documents["heldout"] or (pending is not None and fraction >= pending[0]):
+                yield self._emit("train", text)
+            else:
+                if pending is not None:
+                    yield self._emit("train", pending[1])
+                pending = (fraction, text)
+        if pending is not None:
+            yield from self._fallback(pending[1])
+        if first is not None:  # the corpus was this one document
+            yield from self._fallback(first)
+        if not self.documents["train"] and self.documents["heldout"]:
+            raise ValueError(
+                f"all {self.documents['heldout']} documents fell in the held-out split; "
+                f"lower --heldout-fraction ({self.heldout_fraction})"
+            )
+
+    def _fallback(self, text: str) -> Iterator[tuple[str, str]]:
+        if self.documents["train"]:
+            yield self._emit("heldout", text)
+            return
+        cut = int(len(text) * (1.0 - self.heldout_fraction))
         if cut == 0 or cut == len(text):
             raise ValueError(
                 f"the corpus is one document of {len(text)} characters, "
-                f"too short to hold out {heldout_fraction:.0%} of it"
+                f"too short to hold out {self.heldout_fraction:.0%} of it"
             )
-        return [text[:cut]], [text[cut:]]
+        yield self._emit("train", text[:cut])
+        yield self._emit("heldout", text[cut:])
 
-    fractions = [_hash_fraction(key) for key, _ in keyed]
-    heldout_mask = [f < heldout_fraction for f in fractions]
-    if not any(heldout_mask):
-        heldout_mask[fractions.index(min(fractions))] = True
-    if all(heldout_mask):
-        raise ValueError(
-            f"all {len(keyed)} documents fell in the held-out split; lower heldout_fraction ({heldout_fraction})"
-        )
-    train = [text for (_, text), held in zip(keyed, heldout_mask) if not held]
-    heldout = [text for (_, text), held in zip(keyed, heldout_mask) if held]
-    return train, heldout
+    def _emit(self, split: str, text: str) -> tuple[str, str]:
+        data = text.encode("utf-8")
+        self._digests[split].update(len(data).to_bytes(8, "big") + data)
+        self.documents[split] += 1
+        return split, text
 
-
-def _fingerprint(train: list[str], heldout: list[str]) -> str:
-    """16 hex digits naming the documents and which split each one is in."""
-    h = hashlib.sha256(b"mot-transition corpus v1")
-    for split_name, documents in (("train", train), ("heldout", heldout)):
-        h.update(f"\n[{split_name} {len(documents)}]".encode())
-        for doc in documents:
-            data = doc.encode("utf-8")
-            h.update(len(data).to_bytes(8, "big"))
-            h.update(data)
-    return h.hexdigest()[:16]
+    def fingerprint(self) -> str:
+        """16 hex digits naming the documents and which split each one is in, in stream order."""
+        h = hashlib.sha256(b"mot-transition prepared v1")
+        for split in SPLITS:
+            h.update(f"\n[{split} {self.documents[split]}]".encode() + self._digests[split].digest())
+        return h.hexdigest()[:16]

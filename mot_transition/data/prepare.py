@@ -7,7 +7,6 @@ split. Memory holds the duplicate set, one document and a few batches in flight;
 or its token stream.
 """
 
-import hashlib
 import multiprocessing
 import os
 import shutil
@@ -19,7 +18,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 
 from mot_transition.data.batches import tokenizer_hash
-from mot_transition.data.corpus import _hash_fraction
+from mot_transition.data.corpus import SplitStream
 from mot_transition.data.shards import FORMAT, FORMAT_VERSION, MANIFEST, SPLITS, ShardWriter, dtype_for
 from mot_transition.data.sources import iter_documents, resolve_sources
 from mot_transition.data.tokenizer import train_bpe_tokenizer
@@ -30,102 +29,16 @@ INCOMPLETE = ".prepare-incomplete"  # present from the first file written until 
 _OURS = ("train", "heldout", "tokenizer", MANIFEST, INCOMPLETE)
 
 
-class SplitStream:
-    """(split, text) for every document of `keyed`, empty documents and exact copies dropped.
-
-    A document is held out when the hash of its key falls below `heldout_fraction`. As in
-    `load_corpus`, when the hash holds out nothing, the document with the smallest hash is held
-    out, and a source of one document is split by characters: to do that while streaming, the
-    smallest-hash document is held back (one document in memory) until a document is held out by
-    the hash, and released then, later in the train stream than its place in the source.
-    """
-
-    def __init__(self, keyed: Iterable[tuple[str, str]], heldout_fraction: float):
-        self.keyed, self.heldout_fraction = keyed, heldout_fraction
-        self.empty = self.duplicates = 0
-        self.documents = {split: 0 for split in SPLITS}
-        self._digests = {split: hashlib.sha256() for split in SPLITS}
-
-    def __iter__(self) -> Iterator[tuple[str, str]]:
-        seen: set[int] = set()  # 8 bytes of SHA-256 per kept document: the only state that grows
-        pending = None  # (fraction, text) of the smallest-hash document while none is held out
-        first = None  # the first document when its hash holds it out: alone, it is split by characters
-        kept = 0
-        for key, text in self.keyed:
-            if not text:
-                self.empty += 1
-                continue
-            digest = hashlib.sha256(text.encode("utf-8")).digest()
-            text_hash = int.from_bytes(digest[:8], "big")
-            if text_hash in seen:
-                self.duplicates += 1
-                continue
-            seen.add(text_hash)
-            kept += 1
-            fraction = text_hash / 2**64 if key is text else _hash_fraction(key)
-            if first is not None:  # a second document: the first one is held out after all
-                yield self._emit("heldout", first)
-                first = None
-            if fraction < self.heldout_fraction:
-                if kept == 1:
-                    first = text
-                    continue
-                if pending is not None:
-                    yield self._emit("train", pending[1])
-                    pending = None
-                yield self._emit("heldout", text)
-            elif self.documents["heldout"] or (pending is not None and fraction >= pending[0]):
-                yield self._emit("train", text)
-            else:
-                if pending is not None:
-                    yield self._emit("train", pending[1])
-                pending = (fraction, text)
-        if pending is not None:
-            yield from self._fallback(pending[1])
-        if first is not None:  # the corpus was this one document
-            yield from self._fallback(first)
-        if not self.documents["train"] and self.documents["heldout"]:
-            raise ValueError(
-                f"all {self.documents['heldout']} documents fell in the held-out split; "
-                f"lower --heldout-fraction ({self.heldout_fraction})"
-            )
-
-    def _fallback(self, text: str) -> Iterator[tuple[str, str]]:
-        if self.documents["train"]:
-            yield self._emit("heldout", text)
-            return
-        cut = int(len(text) * (1.0 - self.heldout_fraction))
-        if cut == 0 or cut == len(text):
-            raise ValueError(
-                f"the corpus is one document of {len(text)} characters, "
-                f"too short to hold out {self.heldout_fraction:.0%} of it"
-            )
-        yield self._emit("train", text[:cut])
-        yield self._emit("heldout", text[cut:])
-
-    def _emit(self, split: str, text: str) -> tuple[str, str]:
-        data = text.encode("utf-8")
-        self._digests[split].update(len(data).to_bytes(8, "big") + data)
-        self.documents[split] += 1
-        return split, text
-
-    def fingerprint(self) -> str:
-        """16 hex digits naming the documents and which split each one is in, in stream order."""
-        h = hashlib.sha256(b"mot-transition prepared v1")
-        for split in SPLITS:
-            h.update(f"\n[{split} {self.documents[split]}]".encode() + self._digests[split].digest())
-        return h.hexdigest()[:16]
-
-
 def prepare(
     sources: list[str],
     out: str | Path,
     *,
-    tokenizer: str | Path | None = None,
+    tokenizer=None,
     vocab_size: int = 4096,
     sample_bytes: int = 100_000_000,
     text_field: str = "text",
     heldout_fraction: float = 0.05,
+    max_bytes: int | None = None,
     shard_tokens: int = 100_000_000,
     workers: int = 1,
     batch_bytes: int = 1_000_000,
@@ -134,12 +47,15 @@ def prepare(
 ) -> Path:
     """Tokenise `sources` into the prepared corpus `out` (SPEC.md section 6) and return `out`.
 
-    Without `tokenizer` (an AutoTokenizer directory), a byte-level BPE of `vocab_size` tokens is
-    trained on the first `sample_bytes` of the train split. `progress(documents, tokens, bytes)` is
-    called after every batch written.
+    `tokenizer` is an AutoTokenizer directory or a loaded fast tokenizer; without one, a byte-level
+    BPE of `vocab_size` tokens is trained on the first `sample_bytes` of the train split.
+    `max_bytes` reads only the leading documents up to that many UTF-8 bytes (after dropping empty
+    ones and copies; the one that crosses it is cut). `progress(documents, tokens, bytes)` is called
+    after every batch written.
     """
     check_options(heldout_fraction=float(heldout_fraction), shard_tokens=shard_tokens, workers=workers,
-                  sample_bytes=sample_bytes, vocab_size=None if tokenizer is not None else vocab_size)
+                  sample_bytes=sample_bytes, vocab_size=None if tokenizer is not None else vocab_size,
+                  max_bytes=max_bytes)
     if batch_bytes <= 0:
         raise ValueError(f"batch_bytes must be positive, got {batch_bytes}")
     out = Path(out).expanduser()
@@ -149,15 +65,17 @@ def prepare(
             raise ValueError(f"--out {out} lies inside the source folder {spec}; write the prepared corpus elsewhere")
     resolved = resolve_sources(sources, text_field)
     _check_output(out, force)
-    if tokenizer is not None:
+    if isinstance(tokenizer, (str, Path)):
         tok = _load_tokenizer(Path(tokenizer).expanduser())
+    elif tokenizer is not None:
+        tok = _checked_tokenizer(tokenizer, "the tokenizer given")
     else:
-        tok = train_bpe_tokenizer(_sample(sources, resolved, text_field, heldout_fraction, sample_bytes), vocab_size)
+        tok = train_bpe_tokenizer(_sample(sources, resolved, text_field, heldout_fraction, max_bytes, sample_bytes), vocab_size)
 
     created = not out.exists()
     _claim_output(out)
     try:
-        return _write(out, sources, resolved, tok, text_field, heldout_fraction, shard_tokens, workers,
+        return _write(out, sources, resolved, tok, text_field, heldout_fraction, max_bytes, shard_tokens, workers,
                       batch_bytes, progress)
     except BaseException:  # bad input found mid-way, or Ctrl-C: leave nothing behind
         _remove_ours(out)
@@ -166,12 +84,12 @@ def prepare(
         raise
 
 
-def _write(out, sources, resolved, tok, text_field, heldout_fraction, shard_tokens, workers, batch_bytes, progress):
+def _write(out, sources, resolved, tok, text_field, heldout_fraction, max_bytes, shard_tokens, workers, batch_bytes, progress):
     tok.save_pretrained(out / "tokenizer")
     vocab = len(tok)
     dtype, eos = dtype_for(vocab), tok.eos_token_id
     writers = {split: ShardWriter(out, split, dtype, shard_tokens) for split in SPLITS}
-    stream = SplitStream(iter_documents(sources, resolved, text_field), heldout_fraction)
+    stream = SplitStream(iter_documents(sources, resolved, text_field), heldout_fraction, max_bytes)
     total_bytes = 0
     with _Encoder(tok.backend_tokenizer.to_str(), eos, dtype, workers) as encoder:
         for split, ids, ends, n_bytes in encoder.run(_batches(stream, batch_bytes)):
@@ -189,7 +107,7 @@ def _write(out, sources, resolved, tok, text_field, heldout_fraction, shard_toke
         "format": FORMAT, "format_version": FORMAT_VERSION, "dtype": dtype, "byte_order": "little",
         "eos_id": eos, "vocab_size": vocab, "tokenizer_hash": tokenizer_hash(tok),
         "source_fingerprint": stream.fingerprint(), "sources": [str(s) for s in sources],
-        "text_field": text_field, "heldout_fraction": heldout_fraction, "shard_tokens": shard_tokens,
+        "text_field": text_field, "heldout_fraction": heldout_fraction, "max_bytes": max_bytes, "shard_tokens": shard_tokens,
         "bytes": total_bytes, "dropped": {"empty": stream.empty, "duplicates": stream.duplicates},
         "splits": splits,
     }
@@ -214,10 +132,10 @@ def _batches(stream: SplitStream, batch_bytes: int) -> Iterator[tuple[str, list[
             yield split, texts, size
 
 
-def _sample(sources, resolved, text_field, heldout_fraction, sample_bytes) -> list[str]:
+def _sample(sources, resolved, text_field, heldout_fraction, max_bytes, sample_bytes) -> list[str]:
     """The train split's first `sample_bytes` UTF-8 bytes; the document that crosses it is cut."""
     sample, total = [], 0
-    for split, text in SplitStream(iter_documents(sources, resolved, text_field), heldout_fraction):
+    for split, text in SplitStream(iter_documents(sources, resolved, text_field), heldout_fraction, max_bytes):
         if split != "train":
             continue
         data = text.encode("utf-8")
@@ -344,7 +262,10 @@ def _load_tokenizer(path: Path):
         raise FileNotFoundError(f"--tokenizer {path} is not a folder; give a folder that AutoTokenizer can load")
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(path)
+    return _checked_tokenizer(AutoTokenizer.from_pretrained(path), f"the tokenizer in {path}")
+
+
+def _checked_tokenizer(tok, what: str):
     if getattr(tok, "backend_tokenizer", None) is None or tok.eos_token_id is None:
-        raise ValueError(f"the tokenizer in {path} needs to be a fast tokenizer with an eos token")
+        raise ValueError(f"{what} needs to be a fast tokenizer with an eos token")
     return tok

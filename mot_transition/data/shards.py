@@ -16,11 +16,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mot_transition.data.corpus import SPLITS
 from mot_transition.jsonfiles import read_json_object
 
 FORMAT = "mot-transition prepared tokens"
 FORMAT_VERSION = 1
-SPLITS = ("train", "heldout")
 MANIFEST = "manifest.json"
 DTYPES = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}
 

@@ -46,12 +46,14 @@ class TrainResult:
 
 
 def prepare_run_data(recipe: Recipe, tokenizer=None, distributed: Distributed | None = None):
-    """(tokenizer, train sequences, held-out sequences, corpus) for `recipe.data`.
+    """(tokenizer, train rows, held-out rows, prepared corpus) of `recipe.data`.
 
-    Rank 0 trains the tokenizer and packs the data first (both are cached); the other ranks then
-    read the cache.
+    One data path: the rows are always those of a prepared corpus (`mot-transition prepare`),
+    memory-mapped. `data.source` may be one (its folder); anything else (the built-in corpus, a
+    file, a folder, a glob, ...) is prepared once into the cache (`data.cached.cached_corpus`) and
+    read from there. Rank 0 prepares first; the other ranks then read the cache.
     """
-    from ..data import load_corpus, prepare_data, train_tokenizer
+    from ..data.cached import cached_corpus
     from ..data.prepare import INCOMPLETE
     from ..data.shards import MANIFEST
 
@@ -60,22 +62,22 @@ def prepare_run_data(recipe: Recipe, tokenizer=None, distributed: Distributed | 
     source = Path(d.source).expanduser()
     looks_prepared = (source / MANIFEST).is_file() or (source / INCOMPLETE).exists() or (source / "train").is_dir() and (source / "tokenizer").is_dir()
     if d.source != "stdlib" and looks_prepared:
-        return _prepared_run_data(recipe, source, tokenizer, distributed)  # an unfinished one: PreparedData says so
-    cache = Path(d.cache_dir).expanduser() if d.cache_dir else None
+        return _prepared_run_data(recipe, source, tokenizer, distributed, given=True)  # an unfinished one: PreparedData says so
     for turn in ("main", "others"):
         if (turn == "main") == distributed.is_main:
-            corpus = load_corpus(d.source, text_field=d.text_field, heldout_fraction=d.heldout_fraction, max_bytes=d.max_bytes)
-            if tokenizer is None:
-                tokenizer = train_tokenizer(corpus, d.vocab_size, cache_dir=cache / "tokenizers" if cache else None)
-            train_seq, heldout_seq = prepare_data(corpus, tokenizer, d.seq_len, cache_dir=cache / "packed" if cache else None)
+            source = cached_corpus(
+                d.source, text_field=d.text_field, heldout_fraction=d.heldout_fraction, max_bytes=d.max_bytes,
+                vocab_size=d.vocab_size, tokenizer=tokenizer, cache_dir=d.cache_dir,
+            )
         if turn == "main" and distributed.world_size > 1:
             dist.barrier()
-    return tokenizer, train_seq, heldout_seq, corpus
+    return _prepared_run_data(recipe, source, tokenizer, distributed, given=False)
 
 
-def _prepared_run_data(recipe: Recipe, source: Path, tokenizer, distributed: Distributed):
-    """The run's data from a corpus `mot-transition prepare` wrote: its tokenizer and its splits,
-    read from the memory-mapped shards as the rows are needed (every rank maps the same files)."""
+def _prepared_run_data(recipe: Recipe, source: Path, tokenizer, distributed: Distributed, given: bool):
+    """The run's data from a prepared corpus: its tokenizer and its splits, read from the
+    memory-mapped shards as the rows are needed (every rank maps the same files). `given`: the
+    recipe named this corpus (not one the cache prepared from its keys)."""
     import warnings
 
     from ..data.batches import tokenizer_hash
@@ -90,7 +92,7 @@ def _prepared_run_data(recipe: Recipe, source: Path, tokenizer, distributed: Dis
         raise ValueError(f"{source} was tokenised with another tokenizer than the checkpoint's; use the corpus its run trained on")
     d, default = recipe.data, DataRecipe()
     ignored = [f"data.{key}" for key in ("vocab_size", "heldout_fraction", "max_bytes", "text_field") if getattr(d, key) != getattr(default, key)]
-    if ignored and distributed.is_main:
+    if given and ignored and distributed.is_main:
         warnings.warn(
             f"data.source is the prepared corpus {source}: its tokenizer (vocabulary {len(tokenizer)}) and its splits are "
             f"the run's, so {', '.join(ignored)} {'is' if len(ignored) == 1 else 'are'} ignored",
