@@ -17,7 +17,7 @@ from mot_transition.convert import convert_checkpoint, convert_model, default_to
 
 def trained_like_mot(**overrides):
     """A MoT model whose controller is far from its init, so that the softmax matters."""
-    model = MoTLMHeadModel(tiny_config("mot", n_layer=4, n_expert=8, group_size=4, mot_temperature=0.5, **overrides)).eval()
+    model = MoTLMHeadModel(tiny_config("mot", **{"n_layer": 4, "n_expert": 8, "group_size": 4, "mot_temperature": 0.5, **overrides})).eval()
     with torch.no_grad():
         for i in model.config.moe_layers:
             model.transformer.h[i].mlp.controller.normal_(0, 1.0)
@@ -56,6 +56,26 @@ def test_router_logits_of_converted_model_equal_mot_controller_logits_on_the_sam
         for i in mot.config.moe_layers:
             mot_layer, tc_layer = mot.transformer.h[i].mlp, tc.transformer.h[i].mlp
             assert torch.allclose(tc_layer(h)[1], mot_layer(h)[1], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("block", ["gpt2", "llama"])
+def test_mot_of_single_token_groups_emitting_over_experts_is_the_converted_dropless_token_choice_with_every_expert(block):
+    """Issue 14, item 5: the identity behind the comparison. With g=1 every expert's mixture is the
+    token itself, and emitting with the softmax over experts weighs expert e by softmax(x W / T)_e:
+    exactly Token Choice with top-k = E and the router W / T (what conversion writes)."""
+    mot = trained_like_mot(group_size=1, emit_softmax_over_experts=True, block=block)
+    tc, _ = convert_model(mot, num_experts_per_tok=mot.config.n_expert)
+    assert tc.config.capacity_factor is None and not tc.config.norm_topk_prob  # dropless, gates not renormalised
+    ids = torch.randint(0, 61, (5, 7))
+    h = torch.randn(5, 7, 32)
+    with torch.no_grad():
+        for i in mot.config.moe_layers:
+            torch.testing.assert_close(tc.transformer.h[i].mlp(h)[0], mot.transformer.h[i].mlp(h)[0], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(tc(ids).logits, mot(ids).logits, rtol=1e-5, atol=1e-5)
+    for i in mot.config.moe_layers:  # the default MoT emits with the merge weights instead: 1 for every expert at g=1
+        mot.transformer.h[i].mlp.emit_softmax_over_experts = False
+    with torch.no_grad():
+        assert not torch.allclose(tc(ids).logits, mot(ids).logits, rtol=1e-3, atol=1e-3)
 
 
 def test_calibration_lowers_the_gap_between_mot_and_token_choice_layer_outputs():
