@@ -40,7 +40,7 @@ def study(
     lengths, others = _numbers("--transitions", transitions), _numbers("--temperatures", temperatures)
     console = Console()
     summary = run_study(recipe, out, overrides or (), seeds, lengths, others, calibrate, progress=not quiet,
-                        log=lambda line: console.print(line, markup=False, highlight=False))
+                        log=lambda line: console.print(line, markup=False, highlight=False, soft_wrap=True))
     results = summary["results"]
     table = Table(title=f"the end of each run, {len(results)} seed(s): mean ± std")
     for column in ("model", "steps", "training FLOPs", "wall-clock s", "held-out loss"):

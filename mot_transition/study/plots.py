@@ -40,20 +40,21 @@ def plot_curves(path: Path, results: list[dict]) -> Path:
     import matplotlib.pyplot as plt
 
     fig, panels = plt.subplots(1, 3, figsize=(16, 4.8), sharey=True)
-    reds = iter(plt.cm.Reds([0.45 + 0.5 * i / 4 for i in range(5)]))
+    names = models(results)
+    transitions = [name for name in names if name.startswith("transition-")]
+    shades = plt.cm.Reds([0.45 + 0.5 * i / max(1, len(transitions) - 1) for i in range(len(transitions))])
+    colors = {**COLORS, **dict(zip(transitions, shades))}
     for ax, axis in zip(panels, AXES):
-        for name, label in models(results).items():
+        for name in [n for n in names if n not in transitions] + transitions[::-1]:  # the shorter transitions on top
             x, mean, low, high = _mean_curve(results, name, axis)
-            color = COLORS.get(name) or next(reds)
-            ax.plot(x, mean, label=label, color=color, marker=".", linestyle="--" if name == "token_choice" else "-")
+            ax.plot(x, mean, label=names[name], color=colors[name], marker=".", linestyle="--" if name == "token_choice" else "-")
             if len(results) > 1:
-                ax.fill_between(x, low, high, color=color, alpha=0.15)
+                ax.fill_between(x, low, high, color=colors[name], alpha=0.15)
         switch = statistics.fmean(seed["curves"]["mot"][-1][axis] for seed in results)
         ax.axvline(switch, color="black", linewidth=0.8)
         ax.annotate("switch", (switch, 1), xycoords=("data", "axes fraction"), textcoords="offset points", xytext=(4, -12))
         ax.set_xlabel(AXES[axis] + (" (this machine)" if axis == "seconds" else ""))
         ax.grid(alpha=0.3)
-        reds = iter(plt.cm.Reds([0.45 + 0.5 * i / 4 for i in range(5)]))
     panels[0].set_ylabel("held-out loss (nats/token)")
     panels[0].legend(fontsize=8)
     fig.tight_layout()
@@ -63,24 +64,25 @@ def plot_curves(path: Path, results: list[dict]) -> Path:
 
 
 def plot_spike(path: Path, results: list[dict]) -> Path:
+    """The loss right after the switch, percent above the pre-switch loss, per top-k (bars: the
+    mean over seeds; whiskers: min-max)."""
     import matplotlib.pyplot as plt
 
     ks = list(results[0]["spike"])
-    fig, ax = plt.subplots(figsize=(6, 4.2))
     kinds = [kind for kind in ("plain", "calibrated") if kind in results[0]["spike"][ks[0]]]
+    fig, ax = plt.subplots(figsize=(6, 4.2))
     width = 0.8 / len(kinds)
     for j, kind in enumerate(kinds):
-        values = [[seed["spike"][k][kind] for seed in results] for k in ks]
+        values = [[100 * (seed["spike"][k][kind] / seed["pre_switch_loss"] - 1) for seed in results] for k in ks]
         means = [statistics.fmean(v) for v in values]
         errors = [[m - min(v) for m, v in zip(means, values)], [max(v) - m for m, v in zip(means, values)]]
         ax.bar([i + j * width for i in range(len(ks))], means, width, yerr=errors, capsize=3,
                label="without calibration" if kind == "plain" else "with calibration")
-    ax.axhline(statistics.fmean(seed["pre_switch_loss"] for seed in results), color="tab:blue", label="pre-switch (MoT, grouped)")
+    ax.axhline(0, color="black", linewidth=0.8)
     ax.set_xticks([i + (len(kinds) - 1) * width / 2 for i in range(len(ks))], [f"top-{k}" for k in ks])
-    low = min(min(seed["spike"][k][kind] for k in ks for kind in kinds) for seed in results)
-    ax.set_ylim(bottom=low - 0.1 * abs(low))
-    ax.set_ylabel("held-out loss right after the switch")
+    ax.set_ylabel("loss right after the switch, % above pre-switch")
     ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
