@@ -11,7 +11,7 @@ import pytest
 from conftest import interrupted_after, tree_digest
 from mot_transition.study import accounting
 from mot_transition.study.accounting import first_reaching, loss_at, points
-from mot_transition.study.report import LARGER, ONE_SEED, WITHIN, verdict
+from mot_transition.study.report import LARGER, ONE_SEED, WITHIN, agreeing, judge, verdict
 
 MICRO = [
     "model.n_embd=32", "model.n_layer=2", "model.n_head=2", "model.n_expert=4", "model.group_size=4", "model.moe_layers=none",
@@ -162,6 +162,8 @@ def test_a_difference_is_larger_than_the_seed_spread_only_beyond_both_half_range
     assert verdict([1.0, 1.4], [1.3, 1.5]) == WITHIN  # 0.2 apart, half-range 0.2
     assert verdict([1.0, 1.4, 1.2], [1.0, 1.4, 1.2]) == WITHIN
     assert verdict([1.0], [2.0]) == ONE_SEED
+    assert agreeing([1.0, 1.2], [1.5, 1.1]) == "1 of 2 seeds agree"  # the means differ by -0.2: seed 0 -0.5, seed 1 +0.1
+    assert judge([1.0, 1.2], [1.5, 1.6]) == f"{LARGER} (2 of 2 seeds agree)" and judge([1.0], [2.0]) == ONE_SEED
 
 
 def test_a_stopped_study_goes_on_where_it_stopped_and_ends_with_the_numbers_of_one_never_stopped(study, corpus, tmp_path, monkeypatch):

@@ -7,7 +7,10 @@ A comparison of two means says whether their difference is larger than the seed 
 
 that is, whether the two means differ by more than either figure moves between seeds. This is a
 plain reading aid, not a significance test (with 2 or 3 seeds no test has power); with one seed
-no spread can be estimated and the report says so for every comparison.
+no spread can be estimated and the report says so for every comparison. Beside each verdict: in
+how many seeds the per-seed difference has the sign of the difference of the means. The runs of
+one seed share its initialisation seed and data order, so the seeds pair them; a difference that
+every seed agrees on but that stays within the spread is a lead for more seeds, not a result.
 """
 
 from __future__ import annotations
@@ -36,6 +39,20 @@ def verdict(a: list[float], b: list[float]) -> str:
         return ONE_SEED
     half = max((max(a) - min(a)) / 2, (max(b) - min(b)) / 2)
     return LARGER if abs(statistics.fmean(a) - statistics.fmean(b)) > half else WITHIN
+
+
+def agreeing(a: list[float], b: list[float]) -> str:
+    """In how many seeds a_s - b_s has the sign of mean(a) - mean(b): "k of n seeds agree". The
+    seeds pair the runs (one seed: one initialisation seed and one data order for every model)."""
+    mean = statistics.fmean(a) - statistics.fmean(b)
+    k = sum(1 for x, y in zip(a, b) if (x - y) * mean > 0)
+    return f"{k} of {len(a)} seeds agree"
+
+
+def judge(a: list[float], b: list[float]) -> str:
+    """The verdict and, with several seeds, how many of them agree on the direction."""
+    said = verdict(a, b)
+    return said if said == ONE_SEED or not a else f"{said} ({agreeing(a, b)})"
 
 
 def show(values: list[float], kind: str = "loss", compact: bool = False) -> str:
@@ -79,7 +96,8 @@ def equal_budget_rows(results: list[dict], axis: str) -> list[dict]:
                     mine.append(end["loss"])
                     theirs.append(loss)
             rows.append({"model": names[target], "baseline": names[baseline], "x": [s["curves"][target][-1][axis] for s in results],
-                         "loss": mine, "baseline_loss": theirs, "beyond": beyond, "verdict": verdict(mine, theirs)})
+                         "loss": mine, "baseline_loss": theirs, "beyond": beyond, "verdict": verdict(mine, theirs),
+                         "judged": judge(mine, theirs)})
     return rows
 
 
@@ -131,7 +149,8 @@ def _header(started: dict, results: list[dict]) -> list[str]:
         "Every figure is the mean over seeds ± the sample standard deviation (min–max). Held-out loss is nats/token on "
         "the recipe's fixed held-out batches. A verdict compares two means: *larger than the seed spread* when "
         "|mean A − mean B| > max(half-range A, half-range B), half-range = (max − min) / 2; *within the seed spread* "
-        "otherwise. It is a reading aid, not a significance test.", "",
+        "otherwise. It is a reading aid, not a significance test. Beside it, in how many seeds the difference has the "
+        "sign of the difference of the means (a seed pairs the runs: one initialisation seed and one data order).", "",
     ]
     if len(seeds) == 1:
         lines += ["**One seed: no spread can be estimated**, so no difference below can be told apart from seed noise.", ""]
@@ -167,7 +186,7 @@ def _equal_budget(results: list[dict], axis: str) -> list[str]:
         mark = f" {BEYOND}" if row["beyond"] else ""
         notes |= bool(row["beyond"])
         lines.append(f"| {row['model']} | {show(row['x'], axis)} | {show(row['loss'])} | {row['baseline']} | "
-                     f"{show(row['baseline_loss'])}{mark} | {'—' if diff is None else f'{diff:+.4f}'} | {row['verdict']} |")
+                     f"{show(row['baseline_loss'])}{mark} | {'—' if diff is None else f'{diff:+.4f}'} | {row['judged']} |")
     lines.append("")
     if notes:
         lines += [f"{BEYOND} The baseline's run ended before this budget in some seeds: its final loss there, reached with "
@@ -213,7 +232,7 @@ def _spike(results: list[dict], calibrate: int) -> list[str]:
         row = f"| {k}{' (default)' if int(k) == results[0]['top_k'] else ''} | {show(plain)} | {_relative(plain, pre)} |"
         if calibrate:
             calibrated = [seed["spike"][k]["calibrated"] for seed in results]
-            row += f" {show(calibrated)} | {_relative(calibrated, pre)} | {verdict(calibrated, plain)} |"
+            row += f" {show(calibrated)} | {_relative(calibrated, pre)} | {judge(calibrated, plain)} |"
         else:
             row += " not measured (--calibrate 0) | | |"
         lines.append(row)
@@ -258,7 +277,7 @@ def _temperatures(results: list[dict]) -> list[str]:
         grouped = [r["grouped"] for r in rows]
         mine = [seed["temperatures"][own]["grouped"] for seed in results]
         lines.append(f"| {t}{' (recipe)' if t == own else ''} | {show(grouped)} | {show([r['unbatched'] for r in rows])} | "
-                     f"{show([r['converted'] for r in rows])} | {'' if t == own else verdict(grouped, mine)} |")
+                     f"{show([r['converted'] for r in rows])} | {'' if t == own else judge(grouped, mine)} |")
     return lines + [""]
 
 
@@ -275,25 +294,27 @@ def _summary(results: list[dict]) -> list[str]:
         for row in equal_budget_rows(results, axis):
             if row["loss"]:
                 better = "lower" if statistics.fmean(row["loss"]) < statistics.fmean(row["baseline_loss"]) else "higher"
-                said[row["verdict"]].append(f"{AT_EQUAL[axis][0].lower()}{AT_EQUAL[axis][1:]}, {row['model']} has a {better} loss than {row['baseline']}")
+                said[row["verdict"]].append(f"{AT_EQUAL[axis][0].lower()}{AT_EQUAL[axis][1:]}, {row['model']} has a {better} loss than "
+                                            f"{row['baseline']} ({agreeing(row['loss'], row['baseline_loss'])})")
     pre = [seed["pre_switch_loss"] for seed in results]
     for k in results[0]["spike"]:
         rows = [seed["spike"][k] for seed in results]
         if "calibrated" in rows[0]:
             calibrated, plain = [r["calibrated"] for r in rows], [r["plain"] for r in rows]
             better = "lowers" if statistics.fmean(calibrated) < statistics.fmean(plain) else "raises"
-            said[verdict(calibrated, plain)].append(f"at top-{k}, calibration {better} the loss right after the switch")
+            said[verdict(calibrated, plain)].append(f"at top-{k}, calibration {better} the loss right after the switch ({agreeing(calibrated, plain)})")
     for label in results[0]["transitions"]:
         final = [seed["transitions"][label]["final_loss"] for seed in results]
         better = "below" if statistics.fmean(final) < statistics.fmean(pre) else "above"
-        said[verdict(final, pre)].append(f"after the {label.replace('pct', '%')} transition the loss is {better} the pre-switch loss")
+        said[verdict(final, pre)].append(f"after the {label.replace('pct', '%')} transition the loss is {better} the pre-switch loss "
+                                         f"({agreeing(final, pre)})")
     own = f"{results[0]['mot_temperature']:g}"
     for t in results[0]["temperatures"]:
         if t != own:
             grouped = [seed["temperatures"][t]["grouped"] for seed in results]
             mine = [seed["temperatures"][own]["grouped"] for seed in results]
             better = "lower" if statistics.fmean(grouped) < statistics.fmean(mine) else "higher"
-            said[verdict(grouped, mine)].append(f"MoT at T={t} has a {better} grouped loss than at T={own}")
+            said[verdict(grouped, mine)].append(f"MoT at T={t} has a {better} grouped loss than at T={own} ({agreeing(grouped, mine)})")
     lines = ["## What the seeds can tell apart", ""]
     if said[ONE_SEED]:
         return lines + ["With one seed no spread can be estimated: none of these differences can be told apart from seed "
@@ -304,4 +325,4 @@ def _summary(results: list[dict]) -> list[str]:
     return lines + [""]
 
 
-__all__ = ["write_report", "spread", "verdict", "equal_budget_rows", "reaching_rows", "REPORT_FILE", "RESULTS_FILE"]
+__all__ = ["write_report", "spread", "verdict", "agreeing", "judge", "equal_budget_rows", "reaching_rows", "REPORT_FILE", "RESULTS_FILE"]
