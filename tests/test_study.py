@@ -23,7 +23,8 @@ RUNS = ["dense", "mot", "token_choice", "converted", "transition-5pct", "transit
 
 
 def study_cli(args) -> tuple[int, str, str]:
-    """`mot-transition study ARGS` in this process, as a user types it: (exit code, stdout, stderr)."""
+    """`mot-transition study ARGS` in this process, as a user types it: (exit code, stdout, stderr).
+    (conftest's run_cli needs capsys, which a module-scoped fixture cannot have.)"""
     from mot_transition.cli import main
 
     out, err, argv = io.StringIO(), io.StringIO(), sys.argv
@@ -88,6 +89,18 @@ def test_the_report_names_its_axis_in_every_table_with_means_spreads_and_verdict
     pytest.importorskip("matplotlib")
     for png in ("curves.png", "spike.png", "temperature.png"):
         assert (out / png).stat().st_size > 5000 and f"]({png})" in report
+
+
+def test_without_matplotlib_the_report_has_every_table_and_says_the_plots_were_skipped(study, tmp_path, monkeypatch):
+    from mot_transition.study.plots import write_plots
+    from mot_transition.study.report import write_report
+
+    out, _, results = study
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
+    assert write_plots(tmp_path, results["seeds"]) is None and not list(tmp_path.glob("*.png"))
+    report = write_report(tmp_path, results["study"], results["seeds"], None).read_text()
+    assert report.count("skipped: matplotlib is not installed") == 3 and "](curves.png)" not in report
+    assert report.replace("\n", "").count("## ") == (out / "report.md").read_text().count("## ")
 
 
 def test_flops_on_the_curves_are_the_hand_counted_matmuls_of_the_micro_models(study):
