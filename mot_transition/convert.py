@@ -287,12 +287,14 @@ def copy_bytes(source, out, count: int, chunk: int = 64 << 20) -> None:
 
 
 @torch.no_grad()
-def convert_model(model, num_experts_per_tok: int | None = None, capacity_factor: float | None = None):
+def convert_model(model, num_experts_per_tok: int | None = None, capacity_factor: float | None = None,
+                  calibration: list[torch.Tensor] | None = None):
     """In-memory conversion of a MoTLMHeadModel: a new Token Choice model sharing no storage with
-    the old one, plus the report. Used by the in-run switch (`switch_at_step`)."""
+    the old one, plus the report. Used by the in-run switch (`switch_at_step`) and by `study`,
+    which measures the switch's spike (with `calibration` batches: the fitted scales too)."""
     from .modeling import MoTLMHeadModel
 
-    state, tc_config, report = mot_to_token_choice(model.state_dict(), model.config, num_experts_per_tok, capacity_factor)
+    state, tc_config, report = mot_to_token_choice(model.state_dict(), model.config, num_experts_per_tok, capacity_factor, calibration)
     converted = MoTLMHeadModel(tc_config).to(next(model.parameters()).device)
     converted.load_state_dict(state, strict=False)
     converted.train(model.training)

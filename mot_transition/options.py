@@ -26,6 +26,9 @@ OPTION_RULES: dict[str, Rule] = {
     "--shard-tokens": POSITIVE_INT,
     "--workers": POSITIVE_INT,
     "--seed": Rule(int, low=0),  # generate's sampling seed (below 2**63, as every integer rule)
+    "--seeds": POSITIVE_INT,  # study: how many seeds
+    "--transitions": Rule(list, item=float, low=0, low_open=True),  # study: transition lengths, % of the MoT steps
+    "--temperatures": Rule(list, item=float, low=0, low_open=True),  # study: further MoT controller temperatures
 }
 
 

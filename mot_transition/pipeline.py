@@ -78,7 +78,7 @@ def run_pipeline(
     log(f"      held-out loss {mot.eval_loss:.4f} nats/token (unigram baseline {mot.unigram_entropy:.4f}), {mot.train_seconds:.0f} s")
 
     calibrated = f", calibrated on {calibrate} batches" if calibrate else ""
-    if resume and _converted(out / "token_choice", mot.checkpoint, k, calibrate):
+    if resume and converted_already(out / "token_choice", mot.checkpoint, k, calibrate):
         log(f"[2/5] converted to Token Choice (top-{k}{calibrated}) already: {out / 'token_choice'} kept")
     else:
         log(f"[2/5] converting to Token Choice (top-{k}{calibrated}) -> {out / 'token_choice'}")
@@ -112,21 +112,31 @@ def _check_same_pipeline(out: Path, now: dict) -> None:
     """--resume continues the run in `out` only with the recipe and options it was started with."""
     if not (out / PIPELINE_FILE).is_file():
         raise FileExistsError(f"{out} holds no {PIPELINE_FILE}, so it is not a `mot-transition run` that --resume can continue; choose another --out")
+    check_started_with(out / PIPELINE_FILE, now, OPTIONS)
+
+
+def check_started_with(path: Path, now: dict, options: dict[str, str], what: str = "run", lead: str = "--resume: ",
+                       again: str = "resume with") -> None:
+    """`now` ({"recipe", "options"}) must be what the `what` in path's folder was started with, as
+    the JSON file `path` recorded it; else a one-line ValueError naming the first option (by its
+    command-line name in `options`) or recipe key that differs (`data.cache_dir` may). `run --resume`
+    and `study` (which goes on where it stopped) share it."""
+    out = path.parent
     try:
-        saved = read_json_object(out / PIPELINE_FILE)
+        saved = read_json_object(path)
     except ValueError:
         saved = None
     if not (isinstance(saved, dict) and isinstance(saved.get("options"), dict) and isinstance(saved.get("recipe"), dict)):
-        raise ValueError(f"{out / PIPELINE_FILE} is truncated or corrupted; it is what --resume compares against, so start a new --out")
-    for name, option in OPTIONS.items():
+        raise ValueError(f"{path} is truncated or corrupted; it is what {lead.rstrip(': ') or 'a rerun'} compares against, so start a new --out")
+    for name, option in options.items():
         if saved["options"].get(name) != now["options"][name]:
-            raise ValueError(f"--resume: {option} is {now['options'][name]} but the run in {out} was started with "
-                             f"{saved['options'].get(name)}; resume with the options it was started with")
+            raise ValueError(f"{lead}{option} is {now['options'][name]} but the {what} in {out} was started with "
+                             f"{saved['options'].get(name)}; {again} the options it was started with")
     was, is_ = _flat(saved["recipe"]), _flat(now["recipe"])
     for key in [*is_, *(k for k in was if k not in is_)]:
         if key != "data.cache_dir" and was.get(key) != is_.get(key):
-            raise ValueError(f"--resume: recipe key {key!r} is {is_.get(key)!r} but the run in {out} was started with "
-                             f"{was.get(key)!r}; resume with the recipe it was started with")
+            raise ValueError(f"{lead}recipe key {key!r} is {is_.get(key)!r} but the {what} in {out} was started with "
+                             f"{was.get(key)!r}; {again} the recipe it was started with")
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:
@@ -139,7 +149,7 @@ def _flat(tree: dict, prefix: str = "") -> dict:
     return flat
 
 
-def _converted(folder: Path, source: Path, top_k: int, calibrate: int) -> bool:
+def converted_already(folder: Path, source: Path, top_k: int, calibrate: int) -> bool:
     """`folder` is a complete conversion of the MoT checkpoint `source` with these options."""
     try:
         config, report = read_json_object(folder / "config.json"), read_json_object(folder / "conversion_report.json")
@@ -155,4 +165,4 @@ def _converted(folder: Path, source: Path, top_k: int, calibrate: int) -> bool:
     )
 
 
-__all__ = ["run_pipeline", "baseline_recipe"]
+__all__ = ["run_pipeline", "baseline_recipe", "check_started_with", "converted_already"]

@@ -248,6 +248,7 @@ class Trainer:
             "z_loss": z if has_z else None,
             "grad_norm": grad_norm,
             "tokens_per_s": self.recipe.train.batch_size * self.seq_len / seconds,
+            "step_seconds": seconds,  # wall time of this optimizer step (evaluation and saves not included)
         }
         if self.flops_per_token is not None and self.peak_flops:  # per device: this rank's share of the tokens
             record["mfu"] = mfu(record["tokens_per_s"] / self.dist.world_size, self.flops_per_token, self.peak_flops)

@@ -1,0 +1,58 @@
+"""`mot-transition study RECIPE --seeds N --out DIR [KEY=VALUE ...]`: MoT then Token Choice against
+Token Choice or dense from scratch, over seeds, on steps, FLOPs and time (a thin layer over
+`mot_transition.study.run_study`)."""
+
+from pathlib import Path
+
+import typer
+
+from .app import app
+
+
+def _numbers(option: str, text: str) -> list[float]:
+    """"5,10,20" -> [5.0, 10.0, 20.0]; "" or "none" -> []; anything else is a usage error."""
+    if text.strip().lower() in ("", "none"):
+        return []
+    try:
+        return [float(part) for part in text.split(",")]
+    except ValueError:
+        raise typer.BadParameter(f"{option} takes numbers separated by commas (e.g. 5,10,20), got {text!r}") from None
+
+
+@app.command()
+def study(
+    recipe: str = typer.Argument(..., help="A MoT recipe: a .toml path or a built-in name (e.g. tiny)."),
+    overrides: list[str] = typer.Argument(None, help="Recipe overrides KEY=VALUE, applied to every run (e.g. train.steps=120)."),
+    seeds: int = typer.Option(3, "--seeds", help="Seeds: the recipe's seed, +1, ... (set the first with seed=S)."),
+    out: Path = typer.Option(None, "--out", help="Study directory (default runs/NAME-study); run the same command again to go on where it stopped."),
+    transitions: str = typer.Option("5,10,20", "--transitions", help="Transition lengths, percent of the MoT steps."),
+    temperatures: str = typer.Option("0.5,2", "--temperatures", help="Further MoT runs at these controller temperatures (none: skip)."),
+    calibrate: int = typer.Option(4, "--calibrate", help="Batches for the calibrated conversions of the spike measurement (0: skip them)."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
+) -> None:
+    """Train dense, MoT and Token Choice from scratch, switch MoT to Token Choice, and report (report.md)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from ..study import run_study
+    from ..study.report import models, reaching_rows, show
+
+    lengths, others = _numbers("--transitions", transitions), _numbers("--temperatures", temperatures)
+    console = Console()
+    summary = run_study(recipe, out, overrides or (), seeds, lengths, others, calibrate, progress=not quiet,
+                        log=lambda line: console.print(line, markup=False, highlight=False, soft_wrap=True))
+    results = summary["results"]
+    table = Table(title=f"the end of each run, {len(results)} seed(s): mean ± std")
+    for column in ("model", "steps", "training FLOPs", "wall-clock s", "held-out loss"):
+        table.add_column(column, justify="left" if column == "model" else "right")
+    for name, label in models(results).items():
+        ends = [seed["curves"][name][-1] for seed in results]
+        table.add_row(label, *(show([e[axis] for e in ends], axis, compact=True) for axis in ("step", "flops", "seconds")),
+                      show([e["loss"] for e in ends], compact=True))
+    console.print(table)
+    for row in reaching_rows(results):
+        where = f" at step {show([p['step'] for p in row['points']], 'step', compact=True)}" if row["points"] else ""
+        console.print(f"{row['model']} reached dense's final loss in {row['reached']} of {row['seeds']} seeds{where}", highlight=False)
+    console.print(f"report: {summary['report']}")
+    if summary["plots"] is None:
+        console.print("no plots: matplotlib is not installed (pip install 'mot-transition[plot]')")
