@@ -339,11 +339,14 @@ def micro_batch_size(train: TrainRecipe, world_size: int = 1) -> int:
                 f"({b}); set one of the two and leave the other 0"
             )
         return b // (k * world_size)
-    m = m or b // world_size
-    if m < 1 or b % (m * world_size):
+    if not m:
+        if b % world_size:
+            raise ValueError(f"recipe key 'train.batch_size' ({b}) must be a multiple of the number of processes ({world_size})")
+        return b // world_size
+    if b % (m * world_size):
         raise ValueError(
             f"recipe key 'train.batch_size' ({b}) must be a multiple of train.micro_batch_size{processes} "
-            f"({train.micro_batch_size or 1} x {world_size}); change train.batch_size or train.micro_batch_size"
+            f"({m * world_size}); change train.batch_size or train.micro_batch_size"
         )
     return m
 
