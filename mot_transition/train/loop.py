@@ -7,8 +7,8 @@
 
 Distributed: `train.batch_size` is the global batch; each rank runs micro-batches of
 `train.micro_batch_size` rows (or `train.grad_accum` micro-batches per step) and accumulates
-gradients until the global batch is done. Rank r
-takes its own slice of every global batch (`TrainBatches`). Mixture of Tokens groups are formed
+gradients until the global batch is done. Rank r takes its own slice of every global batch
+(`TrainBatches`). Mixture of Tokens groups are formed
 inside each rank's micro-batch (g rows of that micro-batch at the same position), never across
 ranks, so the micro-batch must be a multiple of `group_size`. Rank 0 writes the checkpoints;
 evaluation spreads the fixed held-out batches over the ranks and sums.
