@@ -20,6 +20,7 @@ from mot_transition.train.recipe import DataRecipe, ModelRecipe, OptimRecipe, Re
 from mot_transition.train import Trainer
 
 VOCAB = 4096
+KEEP_FREED_MEMORY = True  # the trainers' train.keep_freed_memory; run.py --malloc default sets it False
 
 
 def _trainer(ffn_type: str, quick: bool, sequences: torch.Tensor, d: int | None = None, compile: bool = False) -> Trainer:
@@ -30,7 +31,7 @@ def _trainer(ffn_type: str, quick: bool, sequences: torch.Tensor, d: int | None 
         data=DataRecipe(seq_len=sequences.shape[1], eval_batches=1, eval_batch_size=batch),
         optim=OptimRecipe(warmup_steps=10),
         train=TrainRecipe(steps=1000, batch_size=batch, micro_batch_size=batch, device="cpu", precision="fp32",
-                          compile=compile, log_every=10**6),
+                          compile=compile, log_every=10**6, keep_freed_memory=KEEP_FREED_MEMORY),
     )
     torch.manual_seed(0)
     model = MoTLMHeadModel(recipe.model_config(VOCAB))

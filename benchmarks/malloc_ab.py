@@ -18,14 +18,13 @@ HERE = Path(__file__).resolve().parent
 
 def one(mode: str) -> None:
     sys.path.insert(0, str(HERE))
+    import bench_training
     import torch
     from bench_training import _trainer
 
-    import mot_transition.train.loop as loop
-
     torch.set_num_threads(1)
     if mode == "default":
-        loop.keep_freed_memory = lambda: False  # what the Trainer calls: leave malloc as it is
+        bench_training.KEEP_FREED_MEMORY = False  # the trainers get train.keep_freed_memory=false
     sequences = torch.randint(0, 4096, (256, 128), generator=torch.Generator().manual_seed(0))
     trainers = {kind: _trainer(kind, False, sequences) for kind in ("mot", "token_choice", "dense")}
     for trainer in trainers.values():

@@ -51,6 +51,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.malloc == "keep" and not keep_freed_memory():
         sys.exit("error: --malloc keep needs glibc's mallopt (Linux); pass --malloc default")
+    bench_training.KEEP_FREED_MEMORY = args.malloc == "keep"  # else its trainers would set it (train.keep_freed_memory)
     thread_counts = args.threads or ([1] if args.quick else [torch.get_num_threads()])
     console = Console(width=180)
     load_before = os.getloadavg()

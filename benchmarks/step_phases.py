@@ -12,9 +12,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch
+import bench_training
 from bench_training import _trainer
 
-import mot_transition.train.loop as loop
 
 
 def main() -> None:
@@ -22,7 +22,7 @@ def main() -> None:
     parser.add_argument("--malloc", choices=["keep", "default"], default="keep")
     args = parser.parse_args()
     if args.malloc == "default":
-        loop.keep_freed_memory = lambda: False  # what the Trainer calls: leave malloc as it is
+        bench_training.KEEP_FREED_MEMORY = False  # the trainers get train.keep_freed_memory=false
     torch.set_num_threads(1)
     sequences = torch.randint(0, 4096, (256, 128), generator=torch.Generator().manual_seed(0))
     for kind in ("mot", "token_choice", "dense"):
