@@ -236,6 +236,7 @@ class Trainer:
         if not math.isfinite(grad_norm):
             self._diverged(f"the gradient norm became {grad_norm}")
         self.optimizer.step()
+        self.optimizer.__dict__.pop("grad_scale", None)  # a clip folded into this step only (_clip_gradients)
         self.optimizer.zero_grad(set_to_none=True)
         self.step_count += 1
         seconds = time.perf_counter() - start
@@ -260,14 +261,19 @@ class Trainer:
 
     def _clip_gradients(self, max_norm: float) -> float:
         """The global gradient norm; the gradients scaled by max_norm / (norm + 1e-6) when that is
-        below 1, as `clip_grad_norm_` does, but with no pass over them when it is not (`clip_grad_norm_`
-        multiplies every gradient by the clamped factor, 1.0 included: a MoT model's E-fold expert
-        gradients make that pass cost)."""
+        below 1, as `clip_grad_norm_` does, and with no pass of its own over them: the fused AdamW
+        divides each gradient by its `grad_scale` as it reads it (the attribute `GradScaler` sets,
+        which multiplies into one set before it), so the clip rides on the update. `clip_grad_norm_`
+        instead multiplies every gradient by the clamped factor, 1.0 included: one more read and
+        write of a MoT model's E-fold expert gradients. A foreach AdamW gets the gradients scaled."""
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         total = torch.nn.utils.get_total_norm(grads)
         norm = total.item()
         if math.isfinite(norm) and max_norm / (norm + 1e-6) < 1.0:
-            torch.nn.utils.clip_grads_with_norm_(self.model.parameters(), max_norm, total)
+            if getattr(self.optimizer, "_step_supports_amp_scaling", False):
+                self.optimizer.grad_scale = ((total.float() + 1e-6) / max_norm).to(self.device)
+            else:
+                torch.nn.utils.clip_grads_with_norm_(self.model.parameters(), max_norm, total)
         return norm
 
     def _expert_layers(self) -> tuple[list[int], int]:
