@@ -5,7 +5,8 @@
    sequences; MoT with the flop-matched expert width, and Token Choice top-1 with the same experts,
    have the FLOPs per token of the dense model but E times its feed-forward parameters in the MoE
    blocks, which the optimizer step pays for. The forward + backward alone is timed too, to tell
-   the layers' cost from the optimizer's.
+   the layers' cost from the optimizer's, and a step of 4 micro-batches (train.grad_accum=4), over
+   which the optimizer's cost is spread.
 8. `train.compile` on against off, for every feed-forward type.
 """
 
@@ -20,22 +21,25 @@ from mot_transition.train.recipe import DataRecipe, ModelRecipe, OptimRecipe, Re
 from mot_transition.train import Trainer
 
 VOCAB = 4096
+ACCUM = 4  # micro-batches a step in benchmark 6's larger-batch rows
 KEEP_FREED_MEMORY = True  # the trainers' train.keep_freed_memory; run.py --malloc default sets it False
 
 
-def _trainer(ffn_type: str, quick: bool, sequences: torch.Tensor, d: int | None = None, compile: bool = False) -> Trainer:
-    d, batch = d or (128 if quick else 512), 32
+def _trainer(ffn_type: str, quick: bool, sequences: torch.Tensor, d: int | None = None, compile: bool = False,
+             grad_accum: int = 1) -> Trainer:
+    d, micro = d or (128 if quick else 512), 32
+    batch = micro * grad_accum
     recipe = Recipe(
         name=f"bench-{ffn_type}",
         model=ModelRecipe(ffn_type=ffn_type, n_embd=d, n_layer=4, n_head=8, n_expert=32, group_size=32),
-        data=DataRecipe(seq_len=sequences.shape[1], eval_batches=1, eval_batch_size=batch),
+        data=DataRecipe(seq_len=sequences.shape[1], eval_batches=1, eval_batch_size=micro),
         optim=OptimRecipe(warmup_steps=10),
-        train=TrainRecipe(steps=1000, batch_size=batch, micro_batch_size=batch, device="cpu", precision="fp32",
+        train=TrainRecipe(steps=1000, batch_size=batch, micro_batch_size=micro, device="cpu", precision="fp32",
                           compile=compile, log_every=10**6, keep_freed_memory=KEEP_FREED_MEMORY),
     )
     torch.manual_seed(0)
     model = MoTLMHeadModel(recipe.model_config(VOCAB))
-    return Trainer(model, recipe, sequences, sequences[:batch])
+    return Trainer(model, recipe, sequences, sequences[:micro])
 
 
 def _forward_backward(trainer: Trainer, batch: torch.Tensor):
@@ -50,9 +54,13 @@ def training_speed(quick: bool = False) -> Benchmark:
     sequences = torch.randint(0, VOCAB, (256, seq_len), generator=torch.Generator().manual_seed(0))
     kinds = {"MoT": "mot", "Token Choice": "token_choice", "dense": "dense"}
     trainers = {name: _trainer(kind, quick, sequences) for name, kind in kinds.items()}
+    # the same models at 4 micro-batches per optimizer step (train.grad_accum=4): the optimizer's
+    # per-parameter work, E-fold in the MoE blocks, spread over 4x the tokens
+    accumulating = {name: _trainer(kind, quick, sequences, grad_accum=ACCUM) for name, kind in kinds.items()}
     batch_size = trainers["MoT"].micro_batch_size
     batch = sequences[:batch_size]
     candidates = {f"{name} step": trainer.step for name, trainer in trainers.items()}
+    candidates |= {f"{name} step x{ACCUM}": trainer.step for name, trainer in accumulating.items()}
     candidates |= {f"{name} fwd+bwd": _forward_backward(trainer, batch) for name, trainer in trainers.items()}
     t = side_by_side(candidates, **({"rounds": 1, "warmup": 1} if quick else {"rounds": 5, "warmup": 1}))
     tokens = batch_size * seq_len
@@ -62,19 +70,24 @@ def training_speed(quick: bool = False) -> Benchmark:
     for name in ("MoT", "Token Choice"):
         figures += [
             Figure(f"{name} / dense, trainer tokens/s", t.ratio("dense step", f"{name} step"), "x", target=0.85, at_least=True,
-                   spread=t.spread("dense step", f"{name} step"), note="optimizer step included"),
+                   spread=t.spread("dense step", f"{name} step"), note=f"optimizer step included, {tokens:,} tokens a step"),
+            Figure(f"{name} / dense, trainer tokens/s, grad_accum={ACCUM}", t.ratio(f"dense step x{ACCUM}", f"{name} step x{ACCUM}"),
+                   "x", spread=t.spread(f"dense step x{ACCUM}", f"{name} step x{ACCUM}"),
+                   note=f"optimizer step included, {ACCUM * tokens:,} tokens a step"),
             Figure(f"{name} / dense, forward + backward tokens/s", t.ratio("dense fwd+bwd", f"{name} fwd+bwd"), "x",
                    spread=t.spread("dense fwd+bwd", f"{name} fwd+bwd"), note="model only"),
         ]
     return Benchmark(
         6, "Training throughput of the trainer: MoT and Token Choice against dense at equal active FLOPs",
         f"`Trainer.step()` (one fused AdamW step on a batch of {batch_size}x{seq_len} = {tokens:,} tokens, float32, gradient "
-        f"clipping) for a MoT model (d={c.n_embd}, {c.n_layer} blocks, MoE blocks {c.moe_layers}, E={c.n_expert}, "
+        f"clipping; and with train.grad_accum={ACCUM}, {ACCUM} such micro-batches a step) for a MoT model (d={c.n_embd}, "
+        f"{c.n_layer} blocks, MoE blocks {c.moe_layers}, E={c.n_expert}, "
         f"g={c.group_size}, flop-matched expert width {c.expert_size}; {params['MoT']:.1f}M parameters), the Token Choice "
         f"model of the same experts (top-1, dropless, load-balancing loss; {params['Token Choice']:.1f}M parameters) and the "
         f"dense model of equal active FLOPs (FFN width {4 * c.n_embd}; {params['dense']:.1f}M parameters). "
         f"Ratios are of tokens/s (above 1: faster).",
         "Median step: " + ", ".join(f"{name} {t.median(f'{name} step'):.2f} s" for name in trainers)
+        + f"; with grad_accum={ACCUM}: " + ", ".join(f"{name} {t.median(f'{name} step x{ACCUM}'):.2f} s" for name in trainers)
         + "; forward + backward alone: " + ", ".join(f"{name} {t.median(f'{name} fwd+bwd'):.2f} s" for name in trainers) + ".",
         figures,
     )
