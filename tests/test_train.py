@@ -313,6 +313,21 @@ def test_cli_bad_recipe_exits_non_zero_with_one_line_error_naming_the_key(overri
     assert len(err.splitlines()) == 1 and err.startswith("error: ") and key in err
 
 
+def test_cli_ctrl_c_exits_130_and_says_so(monkeypatch, capsys):
+    import mot_transition.train
+    from mot_transition.cli import main
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(mot_transition.train, "train", interrupted)
+    monkeypatch.setattr(sys, "argv", ["mot-transition", "train", "tiny", "--quiet"])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    assert exit_info.value.code == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "interrupted"
+
+
 def test_grad_accum_is_another_way_to_give_the_micro_batch_and_trains_the_same(data_dir, tmp_path):
     by_rows = tiny_recipe(data_dir, model={"ffn_type": "mot", "group_size": 2}, train={"steps": 2, "micro_batch_size": 2})
     by_count = tiny_recipe(data_dir, model={"ffn_type": "mot", "group_size": 2}, train={"steps": 2, "grad_accum": 4})

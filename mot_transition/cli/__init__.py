@@ -48,6 +48,8 @@ def main() -> None:
         print(f"error: {message}", file=sys.stderr)
         sys.exit(1)
     if isinstance(code, int) and code:  # click's exit code (e.g. of ctx.exit(N)) outside standalone mode
+        if code == 130:  # typer turns Ctrl-C inside a command into this code itself, silently
+            print("interrupted", file=sys.stderr)
         sys.exit(code)
 
 
