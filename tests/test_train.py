@@ -313,14 +313,19 @@ def test_cli_bad_recipe_exits_non_zero_with_one_line_error_naming_the_key(overri
     assert len(err.splitlines()) == 1 and err.startswith("error: ") and key in err
 
 
-def test_cli_ctrl_c_exits_130_and_says_so(monkeypatch, capsys):
-    import mot_transition.train
+@pytest.mark.parametrize("module, name", [
+    ("mot_transition.train", "train"),  # inside the command: typer returns 130 itself
+    ("mot_transition.cli", "app"),  # outside any command: main catches the KeyboardInterrupt
+])
+def test_cli_ctrl_c_exits_130_and_says_so(module, name, monkeypatch, capsys):
+    import importlib
+
     from mot_transition.cli import main
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(mot_transition.train, "train", interrupted)
+    monkeypatch.setattr(importlib.import_module(module), name, interrupted)
     monkeypatch.setattr(sys, "argv", ["mot-transition", "train", "tiny", "--quiet"])
     with pytest.raises(SystemExit) as exit_info:
         main()

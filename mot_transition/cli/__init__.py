@@ -38,9 +38,8 @@ def main() -> None:
         message = error.format_message().strip().splitlines()[0]
         print(f"error: {message} (see {where} --help)", file=sys.stderr)
         sys.exit(2)
-    except (KeyboardInterrupt, typer.Abort):
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
+    except (KeyboardInterrupt, typer.Abort):  # Ctrl-C that typer did not turn into 130 itself
+        code = 130
     except (ValueError, OSError, KeyError, SafetensorError) as error:
         if os.environ.get("MOT_TRANSITION_DEBUG"):
             raise
@@ -48,7 +47,7 @@ def main() -> None:
         print(f"error: {message}", file=sys.stderr)
         sys.exit(1)
     if isinstance(code, int) and code:  # click's exit code (e.g. of ctx.exit(N)) outside standalone mode
-        if code == 130:  # typer turns Ctrl-C inside a command into this code itself, silently
+        if code == 130:  # Ctrl-C: typer returns this code for it inside a command, silently
             print("interrupted", file=sys.stderr)
         sys.exit(code)
 
