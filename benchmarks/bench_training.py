@@ -5,8 +5,9 @@
    sequences; MoT with the flop-matched expert width, and Token Choice top-1 with the same experts,
    have the FLOPs per token of the dense model but E times its feed-forward parameters in the MoE
    blocks, which the optimizer step pays for. The forward + backward alone is timed too, to tell
-   the layers' cost from the optimizer's, and a step of 4 micro-batches (train.grad_accum=4), over
-   which the optimizer's cost is spread.
+   the layers' cost from the optimizer's; a step of 4 micro-batches (train.grad_accum=4), over
+   which the optimizer's cost is spread; and a step of one 4x larger micro-batch, in which every
+   expert matmul also sees 4x the rows (512 instead of 128: the shape of benchmark 3).
 8. `train.compile` on against off, for every feed-forward type.
 """
 
@@ -22,12 +23,13 @@ from mot_transition.train import Trainer
 
 VOCAB = 4096
 ACCUM = 4  # micro-batches a step in benchmark 6's larger-batch rows
+MICRO = 32  # sequences a micro-batch; WIDE = 4 * MICRO in the rows of larger micro-batches
 KEEP_FREED_MEMORY = True  # the trainers' train.keep_freed_memory; run.py --malloc default sets it False
 
 
 def _trainer(ffn_type: str, quick: bool, sequences: torch.Tensor, d: int | None = None, compile: bool = False,
-             grad_accum: int = 1) -> Trainer:
-    d, micro = d or (128 if quick else 512), 32
+             grad_accum: int = 1, micro: int = MICRO) -> Trainer:
+    d = d or (128 if quick else 512)
     batch = micro * grad_accum
     recipe = Recipe(
         name=f"bench-{ffn_type}",
@@ -57,10 +59,14 @@ def training_speed(quick: bool = False) -> Benchmark:
     # the same models at 4 micro-batches per optimizer step (train.grad_accum=4): the optimizer's
     # per-parameter work, E-fold in the MoE blocks, spread over 4x the tokens
     accumulating = {name: _trainer(kind, quick, sequences, grad_accum=ACCUM) for name, kind in kinds.items()}
+    # ... and at one micro-batch of 4x the sequences: the same tokens a step, but every expert matmul
+    # sees 4x the rows (tokens / g for MoT, tokens / E on average for Token Choice)
+    wide = {name: _trainer(kind, quick, sequences, micro=ACCUM * MICRO) for name, kind in kinds.items()}
     batch_size = trainers["MoT"].micro_batch_size
     batch = sequences[:batch_size]
     candidates = {f"{name} step": trainer.step for name, trainer in trainers.items()}
     candidates |= {f"{name} step x{ACCUM}": trainer.step for name, trainer in accumulating.items()}
+    candidates |= {f"{name} wide step": trainer.step for name, trainer in wide.items()}
     candidates |= {f"{name} fwd+bwd": _forward_backward(trainer, batch) for name, trainer in trainers.items()}
     t = side_by_side(candidates, **({"rounds": 1, "warmup": 1} if quick else {"rounds": 5, "warmup": 1}))
     tokens = batch_size * seq_len
@@ -74,13 +80,17 @@ def training_speed(quick: bool = False) -> Benchmark:
             Figure(f"{name} / dense, trainer tokens/s, grad_accum={ACCUM}", t.ratio(f"dense step x{ACCUM}", f"{name} step x{ACCUM}"),
                    "x", spread=t.spread(f"dense step x{ACCUM}", f"{name} step x{ACCUM}"),
                    note=f"optimizer step included, {ACCUM * tokens:,} tokens a step"),
+            Figure(f"{name} / dense, trainer tokens/s, {ACCUM * batch_size}x{seq_len} micro-batch",
+                   t.ratio("dense wide step", f"{name} wide step"), "x", target=0.85, at_least=True,
+                   spread=t.spread("dense wide step", f"{name} wide step"),
+                   note=f"optimizer step included, {ACCUM * tokens:,} tokens a step, {ACCUM}x the rows per expert matmul"),
             Figure(f"{name} / dense, forward + backward tokens/s", t.ratio("dense fwd+bwd", f"{name} fwd+bwd"), "x",
                    spread=t.spread("dense fwd+bwd", f"{name} fwd+bwd"), note="model only"),
         ]
     return Benchmark(
         6, "Training throughput of the trainer: MoT and Token Choice against dense at equal active FLOPs",
         f"`Trainer.step()` (one fused AdamW step on a batch of {batch_size}x{seq_len} = {tokens:,} tokens, float32, gradient "
-        f"clipping; and with train.grad_accum={ACCUM}, {ACCUM} such micro-batches a step) for a MoT model (d={c.n_embd}, "
+        f"clipping; with train.grad_accum={ACCUM}, {ACCUM} such micro-batches a step; and one micro-batch of {ACCUM * batch_size}x{seq_len} a step) for a MoT model (d={c.n_embd}, "
         f"{c.n_layer} blocks, MoE blocks {c.moe_layers}, E={c.n_expert}, "
         f"g={c.group_size}, flop-matched expert width {c.expert_size}; {params['MoT']:.1f}M parameters), the Token Choice "
         f"model of the same experts (top-1, dropless, load-balancing loss; {params['Token Choice']:.1f}M parameters) and the "
@@ -88,6 +98,7 @@ def training_speed(quick: bool = False) -> Benchmark:
         f"Ratios are of tokens/s (above 1: faster).",
         "Median step: " + ", ".join(f"{name} {t.median(f'{name} step'):.2f} s" for name in trainers)
         + f"; with grad_accum={ACCUM}: " + ", ".join(f"{name} {t.median(f'{name} step x{ACCUM}'):.2f} s" for name in trainers)
+        + f"; one {ACCUM * batch_size}x{seq_len} micro-batch: " + ", ".join(f"{name} {t.median(f'{name} wide step'):.2f} s" for name in trainers)
         + "; forward + backward alone: " + ", ".join(f"{name} {t.median(f'{name} fwd+bwd'):.2f} s" for name in trainers) + ".",
         figures,
     )
@@ -108,10 +119,10 @@ def compiled_training(quick: bool = False) -> Benchmark:
                 compile_seconds[kind] = time.perf_counter() - start
             candidates[f"{kind} {'compiled' if compiled else 'eager'}"] = trainer.step
     t = side_by_side(candidates, **({"rounds": 1, "warmup": 1} if quick else {"rounds": 5, "warmup": 1}))
-    tokens = 32 * seq_len
+    tokens = MICRO * seq_len
     return Benchmark(
         8, "torch.compile in the trainer (train.compile) against eager, every feed-forward type",
-        f"`Trainer.step()` on {32}x{seq_len} = {tokens:,} tokens, float32, d={d}, 4 blocks (MoE blocks [2, 3]), E=32, g=32 "
+        f"`Trainer.step()` on {MICRO}x{seq_len} = {tokens:,} tokens, float32, d={d}, 4 blocks (MoE blocks [2, 3]), E=32, g=32 "
         f"(Token Choice top-1), eager and with `train.compile=true` after its first (compiling) step.",
         "Median step, eager / compiled: "
         + ", ".join(f"{kind} {t.median(f'{kind} eager') * 1e3:.0f} / {t.median(f'{kind} compiled') * 1e3:.0f} ms" for kind in kinds)
