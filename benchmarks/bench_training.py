@@ -23,7 +23,7 @@ from mot_transition.train import Trainer
 
 VOCAB = 4096
 ACCUM = 4  # micro-batches a step in benchmark 6's larger-batch rows
-MICRO = 32  # sequences a micro-batch; WIDE = 4 * MICRO in the rows of larger micro-batches
+MICRO = 32  # sequences a micro-batch (ACCUM * MICRO in the rows of one larger micro-batch)
 KEEP_FREED_MEMORY = True  # the trainers' train.keep_freed_memory; run.py --malloc default sets it False
 
 
