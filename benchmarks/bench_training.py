@@ -62,7 +62,7 @@ def training_speed(quick: bool = False) -> Benchmark:
     # ... and at one micro-batch of 4x the sequences: the same tokens a step, but every expert matmul
     # sees 4x the rows (tokens / g for MoT, tokens / E on average for Token Choice)
     wide = {name: _trainer(kind, quick, sequences, micro=ACCUM * MICRO) for name, kind in kinds.items()}
-    batch_size = trainers["MoT"].micro_batch_size
+    batch_size, wide_batch = trainers["MoT"].micro_batch_size, wide["MoT"].micro_batch_size
     batch = sequences[:batch_size]
     candidates = {f"{name} step": trainer.step for name, trainer in trainers.items()}
     candidates |= {f"{name} step x{ACCUM}": trainer.step for name, trainer in accumulating.items()}
@@ -80,17 +80,18 @@ def training_speed(quick: bool = False) -> Benchmark:
             Figure(f"{name} / dense, trainer tokens/s, grad_accum={ACCUM}", t.ratio(f"dense step x{ACCUM}", f"{name} step x{ACCUM}"),
                    "x", spread=t.spread(f"dense step x{ACCUM}", f"{name} step x{ACCUM}"),
                    note=f"optimizer step included, {ACCUM * tokens:,} tokens a step"),
-            Figure(f"{name} / dense, trainer tokens/s, {ACCUM * batch_size}x{seq_len} micro-batch",
+            Figure(f"{name} / dense, trainer tokens/s, {wide_batch}x{seq_len} micro-batch",
                    t.ratio("dense wide step", f"{name} wide step"), "x", target=0.85, at_least=True,
                    spread=t.spread("dense wide step", f"{name} wide step"),
-                   note=f"optimizer step included, {ACCUM * tokens:,} tokens a step, {ACCUM}x the rows per expert matmul"),
+                   note=f"optimizer step included, {wide_batch * seq_len:,} tokens a step, "
+                        f"{wide_batch // batch_size}x the rows per expert matmul"),
             Figure(f"{name} / dense, forward + backward tokens/s", t.ratio("dense fwd+bwd", f"{name} fwd+bwd"), "x",
                    spread=t.spread("dense fwd+bwd", f"{name} fwd+bwd"), note="model only"),
         ]
     return Benchmark(
         6, "Training throughput of the trainer: MoT and Token Choice against dense at equal active FLOPs",
         f"`Trainer.step()` (one fused AdamW step on a batch of {batch_size}x{seq_len} = {tokens:,} tokens, float32, gradient "
-        f"clipping; with train.grad_accum={ACCUM}, {ACCUM} such micro-batches a step; and one micro-batch of {ACCUM * batch_size}x{seq_len} a step) for a MoT model (d={c.n_embd}, "
+        f"clipping; with train.grad_accum={ACCUM}, {ACCUM} such micro-batches a step; and one micro-batch of {wide_batch}x{seq_len} a step) for a MoT model (d={c.n_embd}, "
         f"{c.n_layer} blocks, MoE blocks {c.moe_layers}, E={c.n_expert}, "
         f"g={c.group_size}, flop-matched expert width {c.expert_size}; {params['MoT']:.1f}M parameters), the Token Choice "
         f"model of the same experts (top-1, dropless, load-balancing loss; {params['Token Choice']:.1f}M parameters) and the "
@@ -98,7 +99,7 @@ def training_speed(quick: bool = False) -> Benchmark:
         f"Ratios are of tokens/s (above 1: faster).",
         "Median step: " + ", ".join(f"{name} {t.median(f'{name} step'):.2f} s" for name in trainers)
         + f"; with grad_accum={ACCUM}: " + ", ".join(f"{name} {t.median(f'{name} step x{ACCUM}'):.2f} s" for name in trainers)
-        + f"; one {ACCUM * batch_size}x{seq_len} micro-batch: " + ", ".join(f"{name} {t.median(f'{name} wide step'):.2f} s" for name in trainers)
+        + f"; one {wide_batch}x{seq_len} micro-batch: " + ", ".join(f"{name} {t.median(f'{name} wide step'):.2f} s" for name in trainers)
         + "; forward + backward alone: " + ", ".join(f"{name} {t.median(f'{name} fwd+bwd'):.2f} s" for name in trainers) + ".",
         figures,
     )
