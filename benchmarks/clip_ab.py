@@ -17,7 +17,7 @@ from bench_training import VOCAB, _trainer
 from mot_transition.train.loop import Trainer
 
 
-def clip_then_step(self: Trainer, max_norm: float) -> float:
+def clip_in_a_pass_of_its_own(self: Trainer, max_norm: float) -> float:
     """The clipping as it was: the norm, then a multiply over every gradient."""
     grads = [p.grad for p in self.model.parameters() if p.grad is not None]
     total = torch.nn.utils.get_total_norm(grads)
@@ -36,7 +36,7 @@ def main() -> None:
     sequences = torch.randint(0, VOCAB, (256, 128), generator=torch.Generator().manual_seed(0))
     trainer = _trainer("mot", False, sequences)
     trainer.recipe = dataclasses.replace(trainer.recipe, optim=dataclasses.replace(trainer.recipe.optim, grad_clip=0.01))
-    variants = {"folded into AdamW": Trainer._clip_gradients, "a pass of its own": clip_then_step}
+    variants = {"folded into AdamW": Trainer._clip_gradients, "a pass of its own": clip_in_a_pass_of_its_own}
     seconds = {name: [] for name in variants}
     for r in range(args.rounds):
         for name in list(variants)[:: 1 if r % 2 else -1]:
