@@ -21,7 +21,7 @@ def _numbers(option: str, text: str) -> list[float]:
 
 @app.command()
 def study(
-    recipe: str = typer.Argument(..., help="A MoT recipe: a .toml path or a built-in name (e.g. tiny)."),
+    recipe: str = typer.Argument(..., help="A MoT recipe (a .toml path or a built-in name, e.g. tiny), or a study grid: a .toml file with [[size]] tables (recipes/study-data-rich.toml)."),
     overrides: list[str] = typer.Argument(None, help="Recipe overrides KEY=VALUE, applied to every run (e.g. train.steps=120)."),
     seeds: int = typer.Option(3, "--seeds", help="Seeds: the recipe's seed, +1, ... (set the first with seed=S)."),
     out: Path = typer.Option(None, "--out", help="Study directory (default runs/NAME-study); run the same command again to go on where it stopped."),
@@ -29,6 +29,7 @@ def study(
     temperatures: str = typer.Option("0.5,2", "--temperatures", help="Further MoT runs at these controller temperatures (none: skip)."),
     calibrate: int = typer.Option(4, "--calibrate", help="Batches for the calibrated conversions of the spike measurement (0: skip them)."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
+    commit: bool = typer.Option(False, "--commit", help="Grid only: git-commit each finished run's results file as it is written."),
 ) -> None:
     """Train dense, MoT and Token Choice from scratch, switch MoT to Token Choice, and report (report.md)."""
     from rich.console import Console
@@ -37,10 +38,16 @@ def study(
     from ..study import run_study
     from ..study.report import models, reaching_rows, show
 
-    lengths, others = _numbers("--transitions", transitions), _numbers("--temperatures", temperatures)
     console = Console()
-    summary = run_study(recipe, out, overrides or (), seeds, lengths, others, calibrate, progress=not quiet,
-                        log=lambda line: console.print(line, markup=False, highlight=False, soft_wrap=True))
+    log = lambda line: console.print(line, markup=False, highlight=False, soft_wrap=True)  # noqa: E731
+    if _is_grid(recipe):
+        return _grid(recipe, out, overrides or [], quiet, commit, log, console,
+                     given={"--seeds": seeds != 3, "--transitions": transitions != "5,10,20", "--temperatures": temperatures != "0.5,2",
+                            "--calibrate": calibrate != 4})
+    if commit:
+        raise typer.BadParameter("--commit is for a study grid (a .toml file with [[size]] tables)")
+    lengths, others = _numbers("--transitions", transitions), _numbers("--temperatures", temperatures)
+    summary = run_study(recipe, out, overrides or (), seeds, lengths, others, calibrate, progress=not quiet, log=log)
     results = summary["results"]
     table = Table(title=f"the end of each run, {len(results)} seed(s): mean ± std")
     for column in ("model", "steps", "training FLOPs", "wall-clock s", "held-out loss"):
@@ -56,3 +63,31 @@ def study(
     console.print(f"report: {summary['report']}")
     if summary["plots"] is None:
         console.print("no plots: matplotlib is not installed (pip install 'mot-transition[plot]')")
+
+
+def _is_grid(recipe: str) -> bool:
+    from ..study.grid import is_grid_file
+
+    return is_grid_file(recipe)
+
+
+def _grid(path: str, out: Path | None, overrides: list[str], quiet: bool, commit: bool, log, console, given: dict) -> None:
+    """`study GRID.toml`: the sweep, then every size and seed; results in the grid's `results`."""
+    from rich.table import Table
+
+    from ..study.grid import GridRun, git_committer, load_grid
+
+    for option, was_given in given.items():
+        if was_given:
+            raise typer.BadParameter(f"{option} is the grid file's to set (its seeds, transitions), not an option, for a grid")
+    grid = load_grid(path)
+    out = out if out is not None else Path("runs") / f"{Path(path).stem}"
+    on_result = git_committer(grid.results) if commit else None
+    lrs = GridRun(grid, out, overrides, progress=not quiet, log=log, on_result=on_result).run()
+    table = Table(title="learning rate per kind (the sweep's pick)")
+    table.add_column("model")
+    table.add_column("learning rate", justify="right")
+    for kind, lr in lrs.items():
+        table.add_row(kind, f"{lr:g}")
+    console.print(table)
+    console.print(f"results: {grid.results}")

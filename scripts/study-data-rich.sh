@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# The study in the data-rich regime (recipes/study-data-rich.toml), from a fresh machine or going on
+# where it stopped: prepares the corpus once (runs/corpora/linux-6.1-c, about 10 min), then runs the
+# grid, committing each finished run's results (docs/study-data-rich/) as it is written.
+#
+#   bash scripts/study-data-rich.sh               # 2 threads: a machine to itself
+#   THREADS=1 nice -n 19 bash scripts/study-data-rich.sh   # beside other work
+#
+# The corpus: every .c file of at most 200,000 bytes in the Linux kernel source of Debian's
+# linux-source-6.1 package, version $VERSION (31,695 files, 567 MB; the larger ones are mostly
+# generated tables), prepared with a 2048-token byte-level BPE. Its fingerprint is the grid's
+# corpus_fingerprint: another version of the package gives another one, which the study refuses.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VERSION=${VERSION:-6.1.192-3}
+CORPUS=runs/corpora/linux-6.1-c
+THREADS=${THREADS:-2}
+if [ ! -f "$CORPUS/manifest.json" ]; then
+    if [ ! -f /usr/src/linux-source-6.1.tar.xz ]; then
+        apt-get update -qq
+        apt-get install -y -q "linux-source-6.1=$VERSION"
+    fi
+    installed=$(dpkg-query -W -f='${Version}' linux-source-6.1)
+    [ "$installed" = "$VERSION" ] || { echo "error: linux-source-6.1 $installed is installed, the study's corpus is $VERSION" >&2; exit 1; }
+    src=$(mktemp -d)
+    trap 'rm -rf "$src"' EXIT
+    tar -xJf /usr/src/linux-source-6.1.tar.xz -C "$src" --wildcards '*.c'
+    find "$src" -name '*.c' -size +200000c -delete
+    .venv/bin/mot-transition prepare "$src/linux-source-6.1" --out "$CORPUS" --vocab-size 2048 --workers 1
+fi
+exec .venv/bin/mot-transition study recipes/study-data-rich.toml --out runs/study-data-rich --commit --quiet "train.threads=$THREADS"

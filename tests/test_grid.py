@@ -1,0 +1,170 @@
+"""`mot-transition study GRID.toml` (issue 27): the learning-rate sweep (its pick is the lowest
+held-out loss, extended past an edge), the runs of every size and seed, one results file a run,
+going on from the results alone (another machine: no checkpoints), and the grid's checks."""
+
+import json
+import shutil
+import subprocess
+
+import pytest
+
+from mot_transition.study.grid import GRID_FILE, LR_FILE, GridRun, load_grid, non_embedding_parameters, plan_size
+from test_study import MICRO, study_cli
+
+SHAPE = [o for o in MICRO if not o.startswith(("train.steps", "train.eval_every", "train.checkpoint_every", "optim.warmup", "model.n_embd"))]
+SHAPE[SHAPE.index("model.moe_layers=none")] = "model.moe_layers=[1]"
+
+
+def grid_text(source: str, results: str, sweep="[3e-3, 1e-2]", extend=1, seeds=1, more="") -> str:
+    overrides = json.dumps([*SHAPE, f"data.source={json.dumps(source)}"])
+    return (f"recipe = 'tiny'\noverrides = {overrides}\nresults = {json.dumps(results)}\ntransitions = [10, 20]\n"
+            f"evaluations = 4\nsweep = {sweep}\nsweep_extend = {extend}\n{more}"
+            f"[[size]]\nn_embd = 16\ntokens_per_parameter = 1.5\nseeds = {seeds}\n")
+
+
+@pytest.fixture(scope="module")
+def grid(data_dir, tmp_path_factory):
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MOT_TRANSITION_CACHE", str(tmp_path_factory.mktemp("cache")))
+    where = tmp_path_factory.mktemp("grid")
+    path = where / "grid.toml"
+    path.write_text(grid_text(str(data_dir / "corpus.txt"), str(where / "results")))
+    code, stdout, stderr = study_cli([path, "--out", where / "runs", "--quiet"])
+    assert code == 0, stderr
+    yield path, where, stdout
+    mp.undo()
+
+
+def test_the_sweep_picks_each_kinds_lowest_loss_and_extends_past_an_edge(grid):
+    path, where, stdout = grid
+    table = json.loads((where / "results" / LR_FILE).read_text())
+    for kind, row in table.items():
+        losses = {float(lr): loss for lr, loss in row["losses"].items()}
+        assert row["lr"] == min(losses, key=losses.get)
+        values = sorted(losses)
+        # the two given values, and a third past the edge where the best of them lay
+        assert len(values) == 3 and {3e-3, 1e-2} <= set(values), values
+        best_of_two = min((3e-3, 1e-2), key=losses.get)
+        assert values[0 if best_of_two == 3e-3 else -1] not in (3e-3, 1e-2)
+        for lr in values:  # every sweep value is a finished run of its own, with its results file
+            record = json.loads((where / "results" / "d16" / "seed-0" / f"{kind}-lr{lr:g}.json").read_text())
+            assert record["lr"] == lr and record["final_loss"] == losses[lr] == record["curve"][-1]["loss"]
+    assert "learning rate per kind" in stdout
+
+
+def test_each_size_runs_every_kind_at_its_pick_and_the_transitions(grid):
+    path, where, _ = grid
+    table = json.loads((where / "results" / LR_FILE).read_text())
+    plan = plan_size(load_grid(path), load_grid(path).sizes[0], [])
+    seed = where / "results" / "d16" / "seed-0"
+    tc = json.loads((seed / f"token_choice-lr{table['token_choice']['lr']:g}.json").read_text())
+    mot = json.loads((seed / f"mot-lr{table['mot']['lr']:g}.json").read_text())
+    assert mot["steps"] == plan.recipe.train.steps and tc["steps"] == plan.recipe.train.steps + plan.transitions["20pct"]
+    assert mot["tokens"] >= 1.5 * plan.parameters and mot["curve"][-1]["step"] == mot["steps"]
+    for label, steps in plan.transitions.items():
+        record = json.loads((seed / f"transition-{label}.json").read_text())
+        assert record["steps"] == steps and record["lr"] == pytest.approx(table["mot"]["lr"] * plan.recipe.optim.final_lr_fraction)
+        assert record["curve"][0]["step"] == mot["steps"] and record["curve"][-1]["step"] == mot["steps"] + steps
+        assert record["pre_switch_loss"] == pytest.approx(mot["final_loss"], abs=1e-5)
+
+
+def test_the_grid_goes_on_from_its_results_alone(grid, tmp_path):
+    """On another machine the results are there (committed) and no run directory: nothing trains again."""
+    path, where, _ = grid
+    results = tmp_path / "results"
+    shutil.copytree(where / "results", results)
+    before = {p: p.read_bytes() for p in results.rglob("*.json")}
+    trained = []
+    run = GridRun(load_grid(path), tmp_path / "runs", log=trained.append, progress=False)
+    run.grid.results = results
+    run.run()
+    assert trained == [] and not (tmp_path / "runs").exists()
+    assert {p: p.read_bytes() for p in results.rglob("*.json")} == before
+
+
+def test_a_lost_mot_checkpoint_is_trained_again_for_a_pending_transition(grid, tmp_path):
+    path, where, _ = grid
+    results = tmp_path / "results"
+    shutil.copytree(where / "results", results)
+    (results / "d16" / "seed-0" / "transition-10pct.json").unlink()
+    said = []
+    run = GridRun(load_grid(path), tmp_path / "runs", log=said.append, progress=False)
+    run.grid.results = results
+    run.run()
+    assert any("training" in line and "mot at lr" in line for line in said), said
+    again = json.loads((results / "d16" / "seed-0" / "transition-10pct.json").read_text())
+    first = json.loads((where / "results" / "d16" / "seed-0" / "transition-10pct.json").read_text())
+    assert again["final_loss"] == pytest.approx(first["final_loss"], abs=1e-6)
+
+
+def test_another_grid_in_the_same_results_is_refused(grid, tmp_path):
+    path, where, _ = grid
+    other = tmp_path / "other.toml"
+    other.write_text(path.read_text().replace("transitions = [10, 20]", "transitions = [10, 30]"))
+    code, _, stderr = study_cli([other, "--out", tmp_path / "runs", "--quiet"])
+    assert code == 1 and "grid key 'transitions' is [10.0, 30.0]" in stderr and "was started with [10.0, 20.0]" in stderr
+    assert json.loads((where / "results" / GRID_FILE).read_text())["transitions"] == [10.0, 20.0]
+
+
+def test_a_diverged_sweep_run_is_recorded_and_passed_over(data_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("MOT_TRANSITION_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "grid.toml"
+    path.write_text(grid_text(str(data_dir / "corpus.txt"), str(tmp_path / "results"), sweep="[3e-3, 1e6]", extend=0)
+                    .replace("transitions = [10, 20]", "transitions = [20]"))
+    grid = load_grid(path)
+    grid.sizes[0].tokens_per_parameter = 0.5
+    picked = GridRun(grid, tmp_path / "runs", progress=False, log=lambda line: None).sweep()
+    assert picked == {"dense": 3e-3, "mot": 3e-3, "token_choice": 3e-3}
+    record = json.loads((tmp_path / "results" / "d16" / "seed-0" / "dense-lr1e+06.json").read_text())
+    assert record["final_loss"] is None and record["diverged"]
+
+
+def test_commit_commits_each_results_file(data_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("MOT_TRANSITION_CACHE", str(tmp_path / "cache"))
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    for key, value in (("user.email", "t@example.invalid"), ("user.name", "t")):
+        subprocess.run(["git", "-C", str(tmp_path), "config", key, value], check=True)
+    path = tmp_path / "grid.toml"
+    path.write_text(grid_text(str(data_dir / "corpus.txt"), str(tmp_path / "results"), extend=0).replace("[10, 20]", "[20]"))
+    grid = load_grid(path)
+    grid.sizes[0].tokens_per_parameter = 0.5
+    from mot_transition.study.grid import git_committer
+
+    GridRun(grid, tmp_path / "runs", progress=False, log=lambda line: None, on_result=git_committer(grid.results)).run()
+    log = subprocess.run(["git", "-C", str(tmp_path), "log", "--format=%s"], capture_output=True, text=True, check=True).stdout
+    files = subprocess.run(["git", "-C", str(tmp_path), "ls-files"], capture_output=True, text=True, check=True).stdout.split()
+    assert sorted(files) == sorted(str(p.relative_to(tmp_path)) for p in grid.results.rglob("*.json"))
+    assert len(log.splitlines()) == len(files) and "study grid: learning-rate sweep" in log
+
+
+@pytest.mark.parametrize("text, message", [
+    ("recipe = 'tiny'\nresults = 'r'\nsweep = [1e-3, 3e-3]\n", "has no 'size'"),
+    ("recipe = 'tiny'\nresults = 'r'\nsweep = [1e-3]\n[[size]]\nn_embd = 16\ntokens_per_parameter = 1\nseeds = 1\n", "two or more"),
+    ("recipe = 'tiny'\nresults = 'r'\nsweep = [1e-3, 2e-3]\nlr = 1\n[[size]]\nn_embd = 16\ntokens_per_parameter = 1\nseeds = 1\n", "unknown key 'lr'"),
+    ("recipe = 'tiny'\nresults = 'r'\nsweep = [1e-3, 2e-3]\n[[size]]\nn_embd = 16\ntokens_per_parameter = -1\nseeds = 1\n", "'tokens_per_parameter' must be"),
+    ("recipe = 'tiny'\nresults = 'r'\nsweep = [1e-3, 2e-3]\n[[size]]\nn_embd = 16\nseeds = 1\n", "has no 'tokens_per_parameter'"),
+])
+def test_a_bad_grid_file_is_one_line(tmp_path, text, message):
+    path = tmp_path / "grid.toml"
+    path.write_text(text)
+    code, _, stderr = study_cli([path, "--quiet"])
+    assert code != 0 and message in stderr and len(stderr.strip().splitlines()) == 1, stderr
+
+
+def test_a_grid_sets_what_it_trains_itself(grid, tmp_path):
+    path, _, _ = grid
+    code, _, stderr = study_cli([path, "--seeds", "2", "--quiet"])
+    assert code == 2 and "--seeds is the grid file's to set" in stderr
+    code, _, stderr = study_cli([path, "optim.lr=1", "--quiet"])
+    assert code == 1 and "only overrides of how runs go" in stderr
+
+
+def test_non_embedding_parameters_leave_out_the_embeddings_and_the_tied_head():
+    from conftest import tiny_config
+
+    config = tiny_config("dense")
+    from mot_transition.modeling import MoTLMHeadModel
+
+    model = MoTLMHeadModel(config)
+    embedding = config.vocab_size * config.n_embd + (config.n_positions * config.n_embd if hasattr(model.transformer, "wpe") else 0)
+    assert non_embedding_parameters(config) == sum(p.numel() for p in model.parameters()) - embedding
