@@ -6,7 +6,8 @@ A grid file (TOML) names a MoT recipe and what varies around it (recipes/study-d
 
     recipe = "tiny"                    # the MoT recipe every size starts from
     overrides = ["data.source='runs/corpora/linux-6.1-c'"]  # applied to every run of the grid
-    corpus_fingerprint = "..."         # optional: the prepared corpus must be this one
+    corpus_fingerprint = "..."         # optional: the prepared corpus must be this one (its manifest's
+    tokenizer_hash = "..."             # source_fingerprint and tokenizer_hash)
     results = "docs/study-data-rich"   # where each finished run's results go (relative to the cwd)
     transitions = [5, 10]              # MoT -> Token Choice transition lengths, % of a size's MoT steps
     evaluations = 40                   # held-out evaluations per run
@@ -61,7 +62,7 @@ KINDS = ("dense", "mot", "token_choice")
 GRID_FILE, LR_FILE = "grid.json", "lr.json"
 # the keys of a grid file, each with its rule (None: a list of strings; checked below)
 KEYS: dict[str, Rule | None] = {
-    "recipe": Rule(str), "overrides": None, "corpus_fingerprint": Rule(str), "results": Rule(str),
+    "recipe": Rule(str), "overrides": None, "corpus_fingerprint": Rule(str), "tokenizer_hash": Rule(str), "results": Rule(str),
     "transitions": Rule(list, item=float, low=0, low_open=True), "evaluations": Rule(int, low=1),
     "warmup_fraction": Rule(float, low=0, high=1), "sweep": Rule(list, item=float, low=0, low_open=True),
     "sweep_extend": Rule(int, low=0), "size": None,
@@ -94,6 +95,7 @@ class Grid:
     warmup_fraction: float = 0.02
     sweep_extend: int = 2
     corpus_fingerprint: str | None = None
+    tokenizer_hash: str | None = None
 
     def started(self) -> dict:
         """What grid.json records: the grid as its file gave it, less where its results go."""
@@ -153,7 +155,7 @@ def load_grid(path: str | Path) -> Grid:
     return Grid(recipe=raw["recipe"], results=Path(raw["results"]), sizes=sizes, sweep=sorted(float(v) for v in raw["sweep"]),
                 overrides=overrides, transitions=transitions, evaluations=raw.get("evaluations", 40),
                 warmup_fraction=float(raw.get("warmup_fraction", 0.02)), sweep_extend=raw.get("sweep_extend", 2),
-                corpus_fingerprint=raw.get("corpus_fingerprint"))
+                corpus_fingerprint=raw.get("corpus_fingerprint"), tokenizer_hash=raw.get("tokenizer_hash"))
 
 
 def non_embedding_parameters(config) -> int:
@@ -230,11 +232,13 @@ class GridRun:
             key = next(k for k in [*now, *was] if was.get(k) != now.get(k))
             raise ValueError(f"grid key {key!r} is {now.get(key)!r} but the grid in {self.grid.results} was started with "
                              f"{was.get(key)!r}; go on with the grid file it was started with, or choose other results")
-        if self.grid.corpus_fingerprint is not None:
-            fingerprint = prepare_run_data(self.plans[0].recipe)[3].manifest.get("source_fingerprint")
-            if fingerprint != self.grid.corpus_fingerprint:
-                raise ValueError(f"the corpus {self.plans[0].recipe.data.source} has fingerprint {fingerprint}, not the grid's "
-                                 f"{self.grid.corpus_fingerprint}: prepare it with the grid's documented command")
+        wanted = {"source_fingerprint": self.grid.corpus_fingerprint, "tokenizer_hash": self.grid.tokenizer_hash}
+        if any(wanted.values()):
+            manifest = prepare_run_data(self.plans[0].recipe)[3].manifest
+            for key, value in wanted.items():
+                if value is not None and manifest.get(key) != value:
+                    raise ValueError(f"the corpus {self.plans[0].recipe.data.source} has {key} {manifest.get(key)}, not the grid's "
+                                     f"{value}: prepare it with the grid's documented command")
 
     def run(self) -> dict:
         """Sweep, then every size and seed (seed 0 of every size first, then the further seeds)."""
