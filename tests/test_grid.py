@@ -133,8 +133,10 @@ def test_commit_commits_each_results_file(data_dir, tmp_path, monkeypatch):
     GridRun(grid, tmp_path / "runs", progress=False, log=lambda line: None, on_result=git_committer(grid.results)).run()
     log = subprocess.run(["git", "-C", str(tmp_path), "log", "--format=%s"], capture_output=True, text=True, check=True).stdout
     files = subprocess.run(["git", "-C", str(tmp_path), "ls-files"], capture_output=True, text=True, check=True).stdout.split()
-    assert sorted(files) == sorted(str(p.relative_to(tmp_path)) for p in grid.results.rglob("*.json"))
-    assert len(log.splitlines()) == len(files) and "study grid: learning-rate sweep" in log
+    assert sorted(files) == sorted(str(p.relative_to(tmp_path)) for p in grid.results.rglob("*") if p.is_file())
+    runs = [p for p in grid.results.rglob("*.json") if p.parent != grid.results]  # one commit a run
+    assert len(log.splitlines()) == len(runs) + 3  # and grid.json, lr.json, the report
+    assert "study grid: learning-rate sweep" in log and log.splitlines()[0] == "study grid: the report of the whole grid"
 
 
 @pytest.mark.parametrize("text, message", [
@@ -168,3 +170,48 @@ def test_non_embedding_parameters_leave_out_the_embeddings_and_the_tied_head():
     model = MoTLMHeadModel(config)
     embedding = config.vocab_size * config.n_embd + (config.n_positions * config.n_embd if hasattr(model.transformer, "wpe") else 0)
     assert non_embedding_parameters(config) == sum(p.numel() for p in model.parameters()) - embedding
+
+
+def test_the_power_law_fit_and_its_inverse():
+    from mot_transition.study.grid_report import flops_for, power_law
+
+    a, b = 12.5, 0.07
+    law = power_law([(c, a * c ** -b) for c in (1e12, 3e12, 1e13)])
+    assert law == pytest.approx((a, b), rel=1e-9)
+    assert flops_for(law, a * 5e12 ** -b) == pytest.approx(5e12, rel=1e-9)
+    assert power_law([(1e12, 3.0), (1e12, 2.9)]) is None  # one size: no fit
+
+
+def test_the_grid_writes_its_report_and_report_only_rewrites_it(grid, tmp_path):
+    path, where, stdout = grid
+    report = where / "results" / "report.md"
+    text = report.read_text()
+    for heading in ("## Learning rates", "## Final held-out loss", "## The paper's measure", "## The transition", "## Verdict"):
+        assert heading in text
+    summary = json.loads((where / "results" / "summary.json").read_text())
+    mot = summary["table"]["d16"]["mot"]
+    assert mot["seeds"] == 1 and mot["loss"] == [json.loads(next((where / "results" / "d16" / "seed-0").glob(
+        f"mot-lr{summary['lr']['mot']['lr']:g}.json")).read_text())["final_loss"]]
+    report.unlink()
+    code, stdout, stderr = study_cli([path, "--report-only"])
+    assert code == 0 and report.read_text() == text, stderr
+    fresh = tmp_path / "fresh.toml"
+    fresh.write_text(path.read_text().replace(str(where / "results"), str(tmp_path / "none")))
+    code, _, stderr = study_cli([fresh, "--report-only"])
+    assert code == 1 and "holds no grid.json" in stderr
+
+
+def test_a_transition_is_compared_with_token_choice_at_its_own_training_flops(grid):
+    from mot_transition.study.accounting import loss_at
+
+    path, where, _ = grid
+    summary = json.loads((where / "results" / "summary.json").read_text())
+    lr = summary["lr"]["token_choice"]["lr"]
+    seed = where / "results" / "d16" / "seed-0"
+    tc = json.loads((seed / f"token_choice-lr{lr:g}.json").read_text())
+    for label in ("10pct", "20pct"):
+        transition = json.loads((seed / f"transition-{label}.json").read_text())
+        end = transition["curve"][-1]["flops"]
+        expected = loss_at(tc["curve"], "flops", end)
+        expected = tc["curve"][-1]["loss"] if expected is None else expected
+        assert summary["table"]["d16"][f"transition-{label}"]["baseline_at_equal_flops"] == [pytest.approx(expected)]

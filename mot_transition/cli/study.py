@@ -30,6 +30,7 @@ def study(
     calibrate: int = typer.Option(4, "--calibrate", help="Batches for the calibrated conversions of the spike measurement (0: skip them)."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
     commit: bool = typer.Option(False, "--commit", help="Grid only: git-commit each finished run's results file as it is written."),
+    report_only: bool = typer.Option(False, "--report-only", help="Grid only: write the report from the results there now; train nothing."),
 ) -> None:
     """Train dense, MoT and Token Choice from scratch, switch MoT to Token Choice, and report (report.md)."""
     from rich.console import Console
@@ -41,11 +42,11 @@ def study(
     console = Console()
     log = lambda line: console.print(line, markup=False, highlight=False, soft_wrap=True)  # noqa: E731
     if _is_grid(recipe):
-        return _grid(recipe, out, overrides or [], quiet, commit, log, console,
+        return _grid(recipe, out, overrides or [], quiet, commit, report_only, log, console,
                      given={"--seeds": seeds != 3, "--transitions": transitions != "5,10,20", "--temperatures": temperatures != "0.5,2",
                             "--calibrate": calibrate != 4})
-    if commit:
-        raise typer.BadParameter("--commit is for a study grid (a .toml file with [[size]] tables)")
+    if commit or report_only:
+        raise typer.BadParameter(f"{'--commit' if commit else '--report-only'} is for a study grid (a .toml file with [[size]] tables)")
     lengths, others = _numbers("--transitions", transitions), _numbers("--temperatures", temperatures)
     summary = run_study(recipe, out, overrides or (), seeds, lengths, others, calibrate, progress=not quiet, log=log)
     results = summary["results"]
@@ -71,7 +72,8 @@ def _is_grid(recipe: str) -> bool:
     return is_grid_file(recipe)
 
 
-def _grid(path: str, out: Path | None, overrides: list[str], quiet: bool, commit: bool, log, console, given: dict) -> None:
+def _grid(path: str, out: Path | None, overrides: list[str], quiet: bool, commit: bool, report_only: bool, log, console,
+          given: dict) -> None:
     """`study GRID.toml`: the sweep, then every size and seed; results in the grid's `results`."""
     from rich.table import Table
 
@@ -81,6 +83,13 @@ def _grid(path: str, out: Path | None, overrides: list[str], quiet: bool, commit
         if was_given:
             raise typer.BadParameter(f"{option} is the grid file's to set (its seeds, transitions), not an option, for a grid")
     grid = load_grid(path)
+    if report_only:
+        from ..study.grid_report import write_grid_report
+
+        if not (grid.results / "grid.json").is_file():
+            raise FileNotFoundError(f"{grid.results} holds no grid.json: the grid has not started, so there is nothing to report")
+        console.print(f"report: {write_grid_report(grid.results)}")
+        return
     out = out if out is not None else Path("runs") / f"{Path(path).stem}"
     on_result = git_committer(grid.results) if commit else None
     lrs = GridRun(grid, out, overrides, progress=not quiet, log=log, on_result=on_result).run()

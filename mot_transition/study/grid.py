@@ -56,6 +56,7 @@ from ..train.checkpoint import checkpoint_dir
 from ..train.loop import TrainingDiverged
 from ..transition import load_transition, transition
 from .accounting import flops_per_step, training_curve, transition_curve
+from .grid_report import write_grid_report
 from .runs import dense_recipe, train_once
 
 KINDS = ("dense", "mot", "token_choice")
@@ -251,6 +252,8 @@ class GridRun:
             for plan in self.plans:
                 if index < plan.size.seeds:
                     self.seed(plan, index, lrs)
+        report = write_grid_report(self.grid.results)
+        self.on_result(report.parent, "the report of the whole grid")
         return lrs
 
     def sweep(self) -> dict[str, float]:

@@ -1,0 +1,262 @@
+"""The report of a study grid, from its results files alone (RESULTS/report.md, RESULTS/summary.json
+and, with matplotlib, RESULTS/loss-flops.png and RESULTS/lr-sweep.png). It can be written at any
+point: what has not run yet is left out, and says so.
+
+What it reads off the runs, per size (a mean over the seeds that finished, with the seed spread):
+    final loss       held-out loss at the end of each run, and the run's training FLOPs
+    power law        per kind, L = a * C^-b fitted (least squares in log-log) to the sizes' mean
+                     final losses against their training FLOPs (two or more sizes)
+    multiplier       the compute multiplier of a kind against dense: the dense FLOPs that reach the
+                     kind's final loss on dense's fitted power law, divided by the kind's FLOPs
+                     (> 1: the kind gets there with less compute); per seed, so it has a spread
+    reaching         the paper's measure: the fraction of dense's steps at which a kind's curve first
+                     reaches dense's final loss (same size, same seed); "not reached" counted
+    transition       MoT -> Token Choice: the loss right after the switch, the steps until the loss
+                     is back at the pre-switch loss, and its final loss against Token Choice from
+                     scratch at the same training FLOPs (the MoT run's included), read off the
+                     baseline's curve (it runs N + the longest transition's steps)
+Wall-clock time is not compared: the grid's runs shared the machine with other work.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from pathlib import Path
+
+from ..jsonfiles import read_json_object, write_json
+from .accounting import first_reaching, loss_at
+from .report import judge, show
+
+KINDS = {"dense": "dense", "mot": "MoT", "token_choice": "Token Choice from scratch"}
+REPORT, SUMMARY = "report.md", "summary.json"
+
+
+def load_results(results: Path) -> dict:
+    """{"grid", "lr" (None before the sweep ends), "sizes": {label: {seed: {name: record}}}} where a
+    training run's name is its kind (at the picked learning rate) and a transition's `transition-Ppct`."""
+    grid = read_json_object(results / "grid.json")
+    lr = read_json_object(results / "lr.json") if (results / "lr.json").is_file() else None
+    sizes: dict[str, dict[int, dict]] = {}
+    for size in grid["sizes"]:
+        label = f"d{size['n_embd']}"
+        sizes[label] = {}
+        for folder in sorted((results / label).glob("seed-*")):
+            runs = {}
+            for kind in KINDS:
+                if lr is not None and (folder / f"{kind}-lr{lr[kind]['lr']:g}.json").is_file():
+                    runs[kind] = read_json_object(folder / f"{kind}-lr{lr[kind]['lr']:g}.json")
+            for path in sorted(folder.glob("transition-*.json")):
+                runs[path.stem] = read_json_object(path)
+            sizes[label][int(folder.name.removeprefix("seed-"))] = runs
+    return {"grid": grid, "lr": lr, "sizes": sizes}
+
+
+def power_law(points: list[tuple[float, float]]) -> tuple[float, float] | None:
+    """(a, b) of L = a * C^-b through (C, L) points by least squares in log-log; None for fewer than two."""
+    if len({c for c, _ in points}) < 2:
+        return None
+    xs, ys = [math.log(c) for c, _ in points], [math.log(loss) for _, loss in points]
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+    return math.exp(my - slope * mx), -slope
+
+
+def flops_for(law: tuple[float, float], loss: float) -> float:
+    """The compute at which L = a * C^-b reaches `loss`."""
+    a, b = law
+    return (loss / a) ** (-1 / b)
+
+
+def final(record: dict) -> tuple[float, float]:
+    """(training FLOPs, held-out loss) at a run's end (a transition's FLOPs include its MoT run's)."""
+    return record["curve"][-1]["flops"], record["curve"][-1]["loss"]
+
+
+def summarise(data: dict) -> dict:
+    """Every number the report shows, by size and model."""
+    names = sorted({name for seeds in data["sizes"].values() for runs in seeds.values() for name in runs},
+                   key=lambda n: (n not in KINDS, list(KINDS).index(n) if n in KINDS else 0, n))
+    table: dict[str, dict] = {}
+    for label, seeds in data["sizes"].items():
+        row = {}
+        for name in names:
+            done = [runs[name] for runs in seeds.values() if name in runs]
+            if done:
+                row[name] = {"seeds": len(done), "loss": [final(r)[1] for r in done], "flops": [final(r)[0] for r in done]}
+        table[label] = row
+    laws = {}
+    for name in names:
+        points = [(statistics.fmean(row[name]["flops"]), statistics.fmean(row[name]["loss"])) for row in table.values() if name in row]
+        laws[name] = power_law(points)
+    dense = laws.get("dense")
+    for label, row in table.items():
+        for name, cell in row.items():
+            if dense is not None and dense[1] > 0:
+                cell["multiplier"] = [flops_for(dense, loss) / flops for loss, flops in zip(cell["loss"], cell["flops"])]
+        seeds = data["sizes"][label]
+        for name in ("mot", "token_choice"):
+            if name in row:
+                hits = [first_reaching(runs[name]["curve"], runs["dense"]["curve"][-1]["loss"]) for runs in seeds.values()
+                        if name in runs and "dense" in runs]
+                steps = [runs["dense"]["steps"] for runs in seeds.values() if name in runs and "dense" in runs]
+                row[name]["reaching"] = {"reached": sum(h is not None for h in hits), "of": len(hits),
+                                         "fraction": [h["step"] / s for h, s in zip(hits, steps) if h is not None]}
+        for name in [n for n in row if n.startswith("transition-")]:
+            pairs = [(runs[name], runs["token_choice"]) for runs in seeds.values() if name in runs and "token_choice" in runs]
+            row[name]["baseline_at_equal_flops"] = [_baseline_at(tc["curve"], final(tr)[0]) for tr, tc in pairs]
+            row[name]["own_loss_paired"] = [final(tr)[1] for tr, _ in pairs]
+            row[name]["recovery_step"] = [r["recovery_step"] for runs in seeds.values() if (r := runs.get(name)) and r["recovery_step"] is not None]
+            row[name]["spike"] = [r["post_switch_loss"] - r["pre_switch_loss"] for runs in seeds.values() if (r := runs.get(name))]
+    return {"names": names, "table": table, "laws": {n: law for n, law in laws.items()}, "lr": data["lr"]}
+
+
+def _baseline_at(curve: list[dict], flops: float) -> float:
+    """The baseline's loss at `flops`; past its last evaluation (a transition whose MoT steps cost
+    more than Token Choice's), its final loss, reached with less compute: in the baseline's favour."""
+    loss = loss_at(curve, "flops", flops)
+    return curve[-1]["loss"] if loss is None and flops > curve[-1]["flops"] else loss
+
+
+def label_of(name: str) -> str:
+    return KINDS.get(name) or f"MoT → Token Choice, {name.removeprefix('transition-').replace('pct', '%')}"
+
+
+def write_grid_report(results: Path) -> Path:
+    """RESULTS/report.md and summary.json (and the plots, with matplotlib); returns the report's path."""
+    results = Path(results)
+    data = load_results(results)
+    summary = summarise(data)
+    write_json(results / SUMMARY, summary)
+    plots = _plots(results, data, summary)
+    grid, table = data["grid"], summary["table"]
+    lines = ["# Study grid: the data-rich regime", "",
+             f"Recipe `{grid['recipe']}` with {', '.join(f'`{o}`' for o in grid['overrides'])}; corpus fingerprint "
+             f"`{grid.get('corpus_fingerprint')}`, tokenizer `{grid.get('tokenizer_hash')}`. Written from the results files "
+             "alone (`mot-transition study GRID --report-only`); wall-clock time is not compared (the runs shared the machine).", ""]
+    lines += ["## Sizes", "", "| size | tokens per non-embedding parameter (dense) | seeds asked | seeds done (all runs) |", "| --- | ---: | ---: | ---: |"]
+    for size in grid["sizes"]:
+        label = f"d{size['n_embd']}"
+        done = sum(1 for runs in data["sizes"].get(label, {}).values() if set(KINDS) <= set(runs))
+        lines.append(f"| {label} | {size['tokens_per_parameter']:g} | {size['seeds']} | {done} |")
+    lines += ["", "## Learning rates (the sweep at the first size, first seed)", ""]
+    if data["lr"] is None:
+        lines.append("The sweep has not finished: no learning rate is picked yet, so no run below is at its pick.")
+    else:
+        values = sorted({float(v) for row in data["lr"].values() for v in row["losses"]})
+        lines += ["| model | " + " | ".join(f"lr {v:g}" for v in values) + " | picked |", "| --- |" + " ---: |" * (len(values) + 1)]
+        for kind, row in data["lr"].items():
+            cells = [row["losses"].get(f"{v:g}") for v in values]
+            shown = ["—" if c is None and f"{v:g}" not in row["losses"] else ("diverged" if c is None else f"{c:.4f}") for c, v in zip(cells, values)]
+            lines.append(f"| {KINDS[kind]} | " + " | ".join(shown) + f" | {row['lr']:g} |")
+    lines += _figure(plots, "lr-sweep.png", "Held-out loss at the end of each sweep run against its learning rate.")
+    lines += ["", "## Final held-out loss and training FLOPs (mean ± std over seeds)", ""]
+    lines += ["| size | model | seeds | held-out loss | training FLOPs | compute multiplier vs dense |", "| --- | --- | ---: | ---: | ---: | ---: |"]
+    for label, row in table.items():
+        for name, cell in row.items():
+            multiplier = show(cell["multiplier"], "loss", compact=True).replace(".0000", "") if cell.get("multiplier") else "—"
+            lines.append(f"| {label} | {label_of(name)} | {cell['seeds']} | {show(cell['loss'], compact=True)} | "
+                         f"{show(cell['flops'], 'flops', compact=True)} | {multiplier} |")
+    lines += ["", "Power laws L = a · C^-b (C: training FLOPs), fitted to the sizes' mean final losses:", ""]
+    for name, law in summary["laws"].items():
+        lines.append(f"- {label_of(name)}: " + ("fewer than two sizes so far" if law is None else f"a = {law[0]:.4g}, b = {law[1]:.4f}"))
+    lines += _figure(plots, "loss-flops.png", "Final held-out loss against training FLOPs, per kind and size (mean and seed range), with each kind's power law.")
+    lines += ["", "## The paper's measure: the fraction of dense's steps to reach dense's final loss", "",
+              "| size | model | reached in | fraction of dense's steps |", "| --- | --- | ---: | ---: |"]
+    for label, row in table.items():
+        for name in ("mot", "token_choice"):
+            if "reaching" in row.get(name, {}):
+                r = row[name]["reaching"]
+                lines.append(f"| {label} | {KINDS[name]} | {r['reached']} of {r['of']} seeds | {show([100 * f for f in r['fraction']], 'fraction', compact=True)} |")
+    lines += ["", "## The transition: MoT → Token Choice against Token Choice from scratch at equal training FLOPs", "",
+              "| size | transition | spike at the switch (nats) | steps back to the pre-switch loss | its final loss | Token Choice from scratch at the same FLOPs | difference |",
+              "| --- | --- | ---: | ---: | ---: | ---: | --- |"]
+    verdicts = []
+    for label, row in table.items():
+        for name in [n for n in row if n.startswith("transition-")]:
+            cell = row[name]
+            own, base = cell["own_loss_paired"], cell["baseline_at_equal_flops"]
+            difference = [o - b for o, b in zip(own, base)]
+            compared = f"{show(difference, compact=True)} nats, {judge(own, base)}" if own else "no baseline yet"
+            lines.append(f"| {label} | {name.removeprefix('transition-').replace('pct', '%')} | {show(cell['spike'], compact=True)} | "
+                         f"{show(cell['recovery_step'], 'step', compact=True)} | {show(own, compact=True)} | {show(base, compact=True)} | "
+                         f"{compared} |")
+            if difference:
+                verdicts.append((label, name, statistics.fmean(difference), judge(own, base)))
+    lines += ["", "## Verdict", ""] + _verdict(verdicts)
+    path = results / REPORT
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _verdict(verdicts: list[tuple[str, str, float, str]]) -> list[str]:
+    if not verdicts:
+        return ["No transition has finished beside its Token Choice baseline yet: no verdict."]
+    lines = []
+    for label, name, difference, said in verdicts:
+        better = "beats" if difference < 0 else "trails"
+        lines.append(f"- {label}: MoT → Token Choice ({name.removeprefix('transition-').replace('pct', '%')}) {better} Token Choice "
+                     f"from scratch at equal training FLOPs by {abs(difference):.4f} nats ({said}).")
+    for name in sorted({v[1] for v in verdicts}):
+        trend = [(label, difference) for label, other, difference, _ in verdicts if other == name]
+        if len(trend) > 1:
+            lines.append(f"- Over size, {label_of(name)} minus Token Choice from scratch: "
+                         + " → ".join(f"{d:+.4f} ({label})" for label, d in trend) + " nats (negative: the transition is ahead).")
+    return lines
+
+
+def _figure(plots: dict | None, name: str, caption: str) -> list[str]:
+    if plots is None:
+        return ["", f"(no {name}: matplotlib is not installed: pip install 'mot-transition[plot]')"]
+    return ["", f"![{caption}]({name})", "", caption] if name in plots else []
+
+
+def _plots(results: Path, data: dict, summary: dict) -> dict | None:
+    try:
+        import matplotlib
+    except ImportError:
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colors = {"dense": "tab:gray", "mot": "tab:blue", "token_choice": "tab:green"}
+    written = {}
+    if data["lr"] is not None:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for kind, row in data["lr"].items():
+            pairs = sorted((float(v), loss) for v, loss in row["losses"].items() if loss is not None)
+            ax.plot([p[0] for p in pairs], [p[1] for p in pairs], marker="o", label=KINDS[kind], color=colors[kind])
+        ax.set_xscale("log")
+        ax.set(xlabel="learning rate", ylabel="held-out loss (nats/token)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(results / "lr-sweep.png", dpi=120)
+        plt.close(fig)
+        written["lr-sweep.png"] = results / "lr-sweep.png"
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    shades = iter(plt.cm.Reds([0.5, 0.7, 0.9, 1.0]))
+    for name in summary["names"]:
+        cells = [row[name] for row in summary["table"].values() if name in row]
+        x = [statistics.fmean(c["flops"]) for c in cells]
+        y = [statistics.fmean(c["loss"]) for c in cells]
+        errors = [[m - min(c["loss"]) for m, c in zip(y, cells)], [max(c["loss"]) - m for m, c in zip(y, cells)]]
+        color = colors.get(name) or next(shades)
+        ax.errorbar(x, y, yerr=errors, marker="o", linestyle="none", color=color, label=label_of(name))
+        law = summary["laws"].get(name)
+        if law is not None:
+            span = [min(x) * 0.8, max(x) * 1.25]
+            ax.plot(span, [law[0] * c ** -law[1] for c in span], color=color, linewidth=0.8)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set(xlabel="training FLOPs", ylabel="final held-out loss (nats/token)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(results / "loss-flops.png", dpi=120)
+    plt.close(fig)
+    written["loss-flops.png"] = results / "loss-flops.png"
+    return written
+
+
+__all__ = ["load_results", "power_law", "flops_for", "summarise", "write_grid_report"]
