@@ -60,7 +60,7 @@ def check_exportable(config: MoTConfig, target: str, dropless: bool = False) -> 
     """ValueError of one line, saying why and what to do, for a model that the target cannot
     represent exactly. `dropless`: accept a capacity factor (used in training only)."""
     if target not in TARGETS:
-        raise ValueError(f"unknown export target {target!r}; choose one of {', '.join(TARGETS)}")
+        raise ValueError(f"unknown export target {target!r}; choose one of {', '.join(TARGETS)} or gguf")
     if config.block != "llama":
         raise ValueError(
             f"only the llama block style exports to {target}: this checkpoint is {config.block}-style (LayerNorm "

@@ -1,5 +1,6 @@
 """`mot-transition export SRC DST --to qwen3_moe`: a llama-style checkpoint becomes a native
-transformers model (Qwen3-MoE or Qwen3) that loads without this package."""
+transformers model (Qwen3-MoE or Qwen3) that loads without this package; `--to gguf` writes the
+GGUF file that stock llama.cpp runs (mot_transition.gguf_export)."""
 
 from pathlib import Path
 
@@ -13,8 +14,9 @@ from .app import app
 @app.command()
 def export(
     src: Path = typer.Argument(..., help="Checkpoint directory (or a run directory: its latest checkpoint), llama block style."),
-    dst: Path = typer.Argument(..., help="Directory to write the native transformers model to."),
-    to: str = typer.Option("qwen3_moe", "--to", help="qwen3_moe (Token Choice models) or qwen3 (dense models)."),
+    dst: Path = typer.Argument(..., help="Directory to write the native transformers model to (a .gguf file with --to gguf)."),
+    to: str = typer.Option("qwen3_moe", "--to", help="qwen3_moe (Token Choice models), qwen3 (dense models) or gguf (llama.cpp; Token Choice)."),
+    outtype: str = typer.Option("f16", "--outtype", help="--to gguf: f32, f16, bf16 or q8_0 (norms and routers stay f32)."),
     dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16: the dtype of the written tensors."),
     dropless: bool = typer.Option(False, "--dropless", help="Export a model trained with a capacity factor (Qwen3-MoE never drops)."),
     verify: bool = typer.Option(True, "--verify/--no-verify", help="Load the export back with transformers and compare logits and greedy tokens."),
@@ -24,6 +26,8 @@ def export(
     from ..export import export_checkpoint
 
     console = Console()
+    if to == "gguf":
+        return _gguf(src, dst, outtype, force, dropless, console)
     with console.status(f"exporting to {to}"):
         report = export_checkpoint(src, dst, to, force=force, dropless=dropless, verify=verify, dtype=dtype)
     table = Table(title=f"{report.architecture} (transformers {report.transformers_version})", show_header=False)
@@ -37,3 +41,19 @@ def export(
         table.add_row("same greedy tokens", "yes" if report.same_greedy_tokens else "no")
     console.print(table)
     console.print(f"wrote {dst}: load it with transformers.AutoModelForCausalLM.from_pretrained({str(dst)!r})")
+
+
+def _gguf(src: Path, dst: Path, outtype: str, force: bool, dropless: bool, console) -> None:
+    from ..gguf_export import export_gguf
+
+    with console.status(f"exporting to GGUF ({outtype})"):
+        report = export_gguf(src, dst, outtype, force=force, dropless=dropless)
+    table = Table(title=f"GGUF, llama.cpp architecture {report.architecture} (gguf {report.gguf_version})", show_header=False)
+    table.add_column("")
+    table.add_column("", justify="right")
+    table.add_row("matrices", outtype + (f" ({len(report.f16_instead_of_q8_0)} in f16: rows not a multiple of 32)" if report.f16_instead_of_q8_0 else ""))
+    table.add_row("sparse blocks", ", ".join(map(str, report.sparse_layers)) or "none")
+    table.add_row("dense blocks", ", ".join(map(str, report.dense_layers)) or "none")
+    table.add_row("size", f"{report.bytes / 2**20:.1f} MiB")
+    console.print(table)
+    console.print(f"wrote {dst}: run it with llama-cli -m {dst} (docs/serving.md)")
