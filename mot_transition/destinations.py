@@ -2,6 +2,8 @@
 destination, which is renamed into place only when complete; an existing destination is replaced
 only with --force and only when this toolkit wrote it; what a killed run left behind is tidied."""
 
+import ctypes
+import errno
 import json
 import os
 import shutil
@@ -73,9 +75,15 @@ def _running(pid: int) -> bool:
 
 
 def replace_directory(staging: Path, dst: Path) -> None:
-    """Move the finished `staging` directory to `dst`, replacing an old `dst` only once it is complete."""
+    """Move the finished `staging` directory to `dst`, replacing an old `dst` only once it is complete:
+    in one atomic exchange where the system has one (Linux), so that `dst` is at every instant the
+    old directory or the new one; elsewhere the old one is moved aside first (put back by the next
+    run if a kill lands between the two renames)."""
     if not dst.exists():
         os.replace(staging, dst)
+        return
+    if _exchange(staging, dst):
+        shutil.rmtree(staging, ignore_errors=True)  # now the old one; a kill here leaves it for the next run to remove
         return
     old = beside(dst, "old")
     os.replace(dst, old)
@@ -85,6 +93,23 @@ def replace_directory(staging: Path, dst: Path) -> None:
         os.replace(old, dst)  # put the old destination back: never leave neither
         raise
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap the directories `a` and `b` atomically (renameat2 with RENAME_EXCHANGE, Linux 3.15+, on
+    the file systems that support it); False where it is not available."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # not glibc 2.28+ (musl, macOS, ...)
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    AT_FDCWD, RENAME_EXCHANGE = -100, 2
+    if renameat2(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+        return False
+    raise OSError(code, os.strerror(code), str(b))
 
 
 @contextmanager
