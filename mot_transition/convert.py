@@ -24,6 +24,7 @@ from .config import MoTConfig
 from .counts import parameter_counts
 from .data.tokenizer import ready_for_generation
 from .destinations import check_destination, clean_after_killed_runs, staged
+from .locks import writes
 from .jsonfiles import dumps, read_json_object
 from .options import check_options
 
@@ -184,6 +185,7 @@ def fit_calibration_scales(state_dict, config: MoTConfig, tc_config: MoTConfig, 
     return {"batches": len(batches), "scales": scales, "mse_before": mse_before, "mse_after": mse_after}
 
 
+@writes("dst")  # one writer per destination, for the whole conversion
 def convert_checkpoint(
     src: str | Path,
     dst: str | Path,

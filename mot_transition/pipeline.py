@@ -14,6 +14,7 @@ from pathlib import Path
 from .compare import compare_runs, plot_curves
 from .convert import convert_checkpoint, default_top_k, token_choice_config
 from .jsonfiles import read_json_object, write_json
+from .locks import writes
 from .options import check_options
 from .train import Recipe, load_recipe, prepare_run_data, train
 from .transition import calibration_batches, check_calibration, check_heldout_groups, transition
@@ -29,6 +30,14 @@ def baseline_recipe(recipe: Recipe, top_k: int, steps: int) -> Recipe:
     )
 
 
+def _pipeline_dir(args: dict) -> Path:
+    """The OUT that a `run_pipeline` call writes (as it computes it), to be locked before anything."""
+    if args["out_dir"] is not None:
+        return Path(args["out_dir"])
+    return Path("runs") / f"{load_recipe(args['recipe'], args['overrides']).name}-pipeline"
+
+
+@writes(_pipeline_dir)  # one pipeline per OUT, for its whole life (its stages lock their own folders inside it)
 def run_pipeline(
     recipe: str | Path = "tiny",
     out_dir: str | Path | None = None,
