@@ -290,14 +290,14 @@ def test_a_sigkilled_prepare_leaves_no_dataset_and_the_same_command_completes_it
     child = subprocess.Popen([sys.executable, "-m", "mot_transition.cli", "prepare", *args], env=env,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
-    while not (tmp_path / "out" / "train" / "000002.bin").exists() and child.poll() is None and time.monotonic() < deadline:
+    staging = tmp_path / f".out.converting-{child.pid}"  # where it writes, beside --out
+    while not (staging / "train" / "000002.bin").exists() and child.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
     child.send_signal(signal.SIGKILL)
     assert child.wait() == -signal.SIGKILL, "the kill came after prepare had finished: make the corpus bigger"
-    assert (tmp_path / "out" / INCOMPLETE).exists()
-    with pytest.raises(ValueError, match="not a prepared dataset"):
-        PreparedData(tmp_path / "out")
+    assert staging.is_dir() and not (tmp_path / "out").exists(), sorted(p.name for p in tmp_path.iterdir())
     prepare([source], tmp_path / "out", tokenizer=tokenizer_dir, shard_tokens=20_000)  # the same command, again
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == [], "the killed staging is removed"
     prepare([source], tmp_path / "fresh", tokenizer=tokenizer_dir, shard_tokens=20_000)
     files = lambda d: {p.relative_to(d): p.read_bytes() for p in d.rglob("*") if p.is_file()}  # noqa: E731
     assert files(tmp_path / "out") == files(tmp_path / "fresh")
