@@ -313,3 +313,36 @@ def test_a_lock_is_taken_again_by_its_own_process_and_leaves_nothing_when_releas
     assert lock_file(output).exists()
     release(output)
     assert not (tmp_path / "a").exists(), "the lock file and the folders made for it are removed"
+
+
+def test_train_under_torchrun_the_ranks_share_one_lock_and_a_second_process_is_refused(spawner, recipe_file, tmp_path):
+    """Rank 0 takes the job's lock and tells the others (were every rank to lock, rank 1 would be
+    refused by rank 0); a second process is refused naming the job. Rank 0 is frozen (SIGSTOP) while
+    it holds the lock, so that the second process meets the job mid-run."""
+    import signal
+    import time
+
+    from test_train import CLI_SCRIPT
+
+    out = tmp_path / "ddp"
+    (tmp_path / "cli.py").write_text(CLI_SCRIPT)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(tmp_path / "cli.py"),
+               "train", str(recipe_file), "--out", str(out), "--quiet"]
+    job = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    holder, deadline = None, time.monotonic() + 240
+    while holder is None and job.poll() is None and time.monotonic() < deadline:
+        try:
+            holder = json.loads(lock_file(out).read_text())
+        except (OSError, ValueError):
+            time.sleep(0.001)
+    assert holder is not None and holder["job"], f"the job was not seen holding the lock: {holder}"
+    os.kill(holder["pid"], signal.SIGSTOP)
+    try:
+        refusal = assert_refused(spawner, ["train", recipe_file, "--out", out, "--quiet", "--resume"], holder)
+        assert f"torchrun job {holder['job']}" in refusal, refusal
+    finally:
+        os.kill(holder["pid"], signal.SIGCONT)
+    printed = job.communicate(timeout=300)[0]
+    assert job.returncode == 0, printed[-3000:]
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4, 5, 6]
+    assert not lock_file(out).exists()
