@@ -140,6 +140,20 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(code, os.strerror(code), str(b))
 
 
+def save_figure(fig, path: str | Path, dpi: int) -> Path:
+    """`fig.savefig(path)` through a temporary file beside it and `os.replace`: a kill while drawing
+    leaves the old image or none, never half of one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
+    try:
+        fig.savefig(tmp, dpi=dpi)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
 @contextmanager
 def staged(dst: Path):
     """A fresh staging directory beside `dst` to write into: renamed into place as `dst` when the
