@@ -47,16 +47,17 @@ def lock_file(output: str | Path) -> Path:
     return output.parent / f".{output.name}.lock"
 
 
-def acquire(output: str | Path, wait: bool = False) -> None:
+def acquire(output: str | Path, wait: bool = False) -> Path:
     """Lock `output` for this process, or raise OutputInUse naming the process that holds it (or
     holds an output around it); with `wait`, wait for the holder to end instead (the data cache:
     a second run of the same corpus waits for the first to prepare it). Creates the missing folders
-    above `output` (removed again on release when still empty)."""
+    above `output` (removed again on release when still empty). Returns the absolute path that
+    `release` takes (a relative `output` means another folder once the working directory changes)."""
     key = _resolved(output)
     held = _held.get(key)
     if held is not None and held.pid == os.getpid():
         held.count += 1
-        return
+        return key
     if key.parent == key:
         raise ValueError(f"{output} is the root of the file system; choose a folder inside it")
     _check_around(key, output)
@@ -82,6 +83,7 @@ def acquire(output: str | Path, wait: bool = False) -> None:
     os.ftruncate(fd, 0)
     os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
     _held[key] = _Held(fd, lock, created)
+    return key
 
 
 def release(output: str | Path) -> None:
@@ -104,11 +106,11 @@ def release(output: str | Path) -> None:
 @contextmanager
 def hold(output: str | Path, wait: bool = False):
     """`acquire(output)` for the block."""
-    acquire(output, wait)
+    key = acquire(output, wait)
     try:
         yield
     finally:
-        release(output)
+        release(key)
 
 
 def writes(where):
@@ -141,10 +143,10 @@ def hold_for_job(output: str | Path, distributed=None):
         return
     import torch.distributed as dist
 
-    refusal = None
+    refusal, key = None, None
     if distributed.is_main:
         try:
-            acquire(output)
+            key = acquire(output)
         except (OSError, ValueError) as error:
             refusal = [type(error).__name__, str(error)]
     message = [refusal]
@@ -155,8 +157,8 @@ def hold_for_job(output: str | Path, distributed=None):
     try:
         yield
     finally:
-        if distributed.is_main:
-            release(output)
+        if key is not None:
+            release(key)
 
 
 def holds(output: str | Path) -> bool:

@@ -346,3 +346,13 @@ def test_train_under_torchrun_the_ranks_share_one_lock_and_a_second_process_is_r
     assert job.returncode == 0, printed[-3000:]
     assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4, 5, 6]
     assert not lock_file(out).exists()
+
+
+def test_a_relative_output_is_released_even_after_the_working_directory_changed(tmp_path, monkeypatch):
+    from mot_transition.locks import hold, holds
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "elsewhere").mkdir()
+    with hold("out"):
+        os.chdir(tmp_path / "elsewhere")
+    assert not (tmp_path / ".out.lock").exists() and not holds(tmp_path / "out")
