@@ -65,7 +65,11 @@ def acquire(output: str | Path, wait: bool = False) -> Path:
     key.parent.mkdir(parents=True, exist_ok=True)
     lock = lock_file(key)
     while True:
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError:  # a folder we may not write in
+            _remove_empty(created)
+            raise
         if not _try_lock(fd, fcntl.LOCK_EX, wait):
             holder = _holder(fd)
             os.close(fd)
