@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass
@@ -215,7 +216,9 @@ def _run(trainer: Trainer, corpus, resumed_from: Path | None, show: bool, switch
     reporters = None
     if trainer.dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / RECIPE_FILE).write_text(recipe_to_toml(recipe))
+        tmp = run_dir / f".{RECIPE_FILE}.tmp-{os.getpid()}"  # whole or not at all, as every file we write
+        tmp.write_text(recipe_to_toml(recipe))
+        os.replace(tmp, run_dir / RECIPE_FILE)
         reporters = Reporters(t.report_to, run_dir, f"{recipe.name}-{run_dir.name}", asdict(recipe), trainer.step_count)
     console = _Progress(trainer, corpus, unigram, resumed_from) if show else None
     eval_loss = None
