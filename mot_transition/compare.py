@@ -9,6 +9,7 @@
 import math
 from pathlib import Path
 
+from .destinations import save_figure
 from .train.tracking import read_metrics_file
 from .transition import TRANSITION_FILE, TransitionResult, load_transition
 
@@ -124,7 +125,7 @@ def plot_curves(comparison: dict, path: Path) -> Path:
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)
     return path
 

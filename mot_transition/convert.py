@@ -24,6 +24,7 @@ from .config import MoTConfig
 from .counts import parameter_counts
 from .data.tokenizer import ready_for_generation
 from .destinations import check_destination, clean_after_killed_runs, staged
+from .locks import writes
 from .jsonfiles import dumps, read_json_object
 from .options import check_options
 
@@ -42,6 +43,7 @@ class ConversionReport:
     parameters_after: dict[str, int] = field(default_factory=dict)
     calibration: dict | None = None  # {"batches", "scales", "mse_before", "mse_after"} per MoE layer
     recipe: dict | None = None  # the MoT run's recipe, when the source is a training checkpoint
+    files: list[str] = field(default_factory=list)  # what the conversion wrote: what --force may replace
 
     def to_json(self) -> str:
         return dumps(asdict(self), indent=2)
@@ -184,6 +186,7 @@ def fit_calibration_scales(state_dict, config: MoTConfig, tc_config: MoTConfig, 
     return {"batches": len(batches), "scales": scales, "mse_before": mse_before, "mse_after": mse_after}
 
 
+@writes("dst")  # one writer per destination, for the whole conversion
 def convert_checkpoint(
     src: str | Path,
     dst: str | Path,
@@ -232,6 +235,7 @@ def convert_checkpoint(
             if (src / name).is_file():
                 shutil.copy2(src / name, staging / name)
         ready_for_generation(staging, tc_config.n_positions)  # also for checkpoints saved before tokenizers were
+        report.files = sorted([path.name for path in staging.iterdir()] + ["conversion_report.json"])
         (staging / "conversion_report.json").write_text(report.to_json())
     return report
 

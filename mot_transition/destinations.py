@@ -2,6 +2,8 @@
 destination, which is renamed into place only when complete; an existing destination is replaced
 only with --force and only when this toolkit wrote it; what a killed run left behind is tidied."""
 
+import ctypes
+import errno
 import json
 import os
 import shutil
@@ -23,21 +25,49 @@ def check_destination(src: Path, dst: Path, force: bool) -> None:
         raise FileExistsError(f"{dst} exists and is not a directory")
     if not force:
         raise FileExistsError(f"{dst} already exists; pass --force to replace it")
-    if any(dst.iterdir()) and not written_by_this_toolkit(dst):
-        raise FileExistsError(
-            f"{dst} is not a checkpoint of this toolkit (no config.json of model_type \"mot\", nor an export with "
-            "its export_report.json), and --force replaces only those; choose another destination"
-        )
+    if any(dst.iterdir()):
+        problem = not_ours(dst)
+        if problem:
+            raise FileExistsError(f"{dst} is not a conversion or export this toolkit wrote ({problem}), and --force "
+                                  "replaces only those; choose another destination")
 
 
-def written_by_this_toolkit(folder: Path) -> bool:
-    """A checkpoint, conversion or export this toolkit wrote: its config.json says model_type "mot",
-    or an export report lies beside it."""
+REPORTS = ("conversion_report.json", "export_report.json")
+# what a conversion wrote before its report listed its files: the checkpoint's own files
+_CHECKPOINT_FILES = {"config.json", "generation_config.json", "model.safetensors.index.json", "configuration_mot.py",
+                     "modeling_mot.py", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                     "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "conversion_report.json"}
+
+
+def not_ours(folder: Path) -> str | None:
+    """None when `folder` is a conversion or export this toolkit wrote and holds nothing else: its
+    report (conversion_report.json, export_report.json) is a JSON object whose `files` are exactly
+    the folder's entries, and its config.json a JSON object (of model_type "mot" for a conversion).
+    A conversion written before reports listed their files may hold only a checkpoint's files.
+    Else what is wrong, in a few words: what --force would otherwise delete."""
+    report_name = next((name for name in REPORTS if (folder / name).is_file()), None)
+    if report_name is None:
+        return f"it has neither {' nor '.join(REPORTS)}"
     try:
-        config = json.loads((folder / "config.json").read_text())
+        report, config = json.loads((folder / report_name).read_text()), json.loads((folder / "config.json").read_text())
     except (OSError, ValueError):
-        return False
-    return isinstance(config, dict) and (config.get("model_type") == "mot" or (folder / "export_report.json").is_file())
+        return f"its {report_name} or config.json is missing or not JSON"
+    if not isinstance(report, dict) or not isinstance(config, dict):
+        return f"its {report_name} or config.json is not a JSON object"
+    if report_name == REPORTS[0] and config.get("model_type") != "mot":
+        return "its config.json is not of model_type \"mot\""
+    entries = {path.name for path in folder.iterdir()}
+    files = report.get("files")
+    if files is None and report_name == REPORTS[0]:  # before conversions listed their files
+        extra = sorted(n for n in entries - _CHECKPOINT_FILES if not n.endswith(".safetensors") or (folder / n).is_dir())
+        return f"it also holds {extra[0]}, which a conversion does not write" if extra else None
+    if not isinstance(files, list) or not all(isinstance(name, str) for name in files):
+        return f"its {report_name} lists no files"
+    if entries - set(files):
+        return f"it also holds {sorted(entries - set(files))[0]}, which its {report_name} does not list"
+    if set(files) - entries:
+        return f"{sorted(set(files) - entries)[0]}, listed in its {report_name}, is missing"
+    return None
 
 
 def beside(dst: Path, kind: str, pid: int | None = None) -> Path:
@@ -73,9 +103,15 @@ def _running(pid: int) -> bool:
 
 
 def replace_directory(staging: Path, dst: Path) -> None:
-    """Move the finished `staging` directory to `dst`, replacing an old `dst` only once it is complete."""
+    """Move the finished `staging` directory to `dst`, replacing an old `dst` only once it is complete:
+    in one atomic exchange where the system has one (Linux), so that `dst` is at every instant the
+    old directory or the new one; elsewhere the old one is moved aside first (put back by the next
+    run if a kill lands between the two renames)."""
     if not dst.exists():
         os.replace(staging, dst)
+        return
+    if _exchange(staging, dst):
+        shutil.rmtree(staging, ignore_errors=True)  # now the old one; a kill here leaves it for the next run to remove
         return
     old = beside(dst, "old")
     os.replace(dst, old)
@@ -85,6 +121,37 @@ def replace_directory(staging: Path, dst: Path) -> None:
         os.replace(old, dst)  # put the old destination back: never leave neither
         raise
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap the directories `a` and `b` atomically (renameat2 with RENAME_EXCHANGE, Linux 3.15+, on
+    the file systems that support it); False where it is not available."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # not glibc 2.28+ (musl, macOS, ...)
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    AT_FDCWD, RENAME_EXCHANGE = -100, 2
+    if renameat2(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+        return False
+    raise OSError(code, os.strerror(code), str(b))
+
+
+def save_figure(fig, path: str | Path, dpi: int) -> Path:
+    """`fig.savefig(path)` through a temporary file beside it and `os.replace`: a kill while drawing
+    leaves the old image or none, never half of one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
+    try:
+        fig.savefig(tmp, dpi=dpi)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
 
 
 @contextmanager

@@ -31,6 +31,7 @@ from .checkpoint_io import load_checked, load_config
 from .config import MoTConfig
 from .convert import COPIED_FILES
 from .destinations import check_destination, clean_after_killed_runs, staged
+from .locks import writes
 from .jsonfiles import dumps, write_json
 
 TARGETS = ("qwen3_moe", "qwen3")
@@ -116,6 +117,7 @@ def target_config(config: MoTConfig, target: str):
     )
 
 
+@writes("dst")  # one writer per destination, for the whole export
 def export_checkpoint(
     src: str | Path, dst: str | Path, target: str = "qwen3_moe", force: bool = False, dropless: bool = False,
     verify: bool = True, dtype: str = "float32",

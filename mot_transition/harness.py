@@ -13,6 +13,7 @@ from pathlib import Path
 
 from .checkpoint_io import load_checked, load_config, resolve_checkpoint
 from .jsonfiles import write_json
+from .locks import writes
 from .options import check_options
 
 
@@ -82,6 +83,7 @@ def evaluate_tasks(
     return scores
 
 
+@writes("path")
 def write_scores(scores: dict, path: str | Path) -> Path:
     """The scores as JSON, written whole or not at all."""
     path = Path(path)

@@ -9,11 +9,15 @@ baseline for the same total steps, and compare (SPEC sections 3 and 4).
 
 import dataclasses
 import json
+import os
+import time
 from pathlib import Path
 
 from .compare import compare_runs, plot_curves
 from .convert import convert_checkpoint, default_top_k, token_choice_config
+from .destinations import not_ours
 from .jsonfiles import read_json_object, write_json
+from .locks import writes
 from .options import check_options
 from .train import Recipe, load_recipe, prepare_run_data, train
 from .transition import calibration_batches, check_calibration, check_heldout_groups, transition
@@ -29,6 +33,14 @@ def baseline_recipe(recipe: Recipe, top_k: int, steps: int) -> Recipe:
     )
 
 
+def _pipeline_dir(args: dict) -> Path:
+    """The OUT that a `run_pipeline` call writes (as it computes it), to be locked before anything."""
+    if args["out_dir"] is not None:
+        return Path(args["out_dir"])
+    return Path("runs") / f"{load_recipe(args['recipe'], args['overrides']).name}-pipeline"
+
+
+@writes(_pipeline_dir)  # one pipeline per OUT, for its whole life (its stages lock their own folders inside it)
 def run_pipeline(
     recipe: str | Path = "tiny",
     out_dir: str | Path | None = None,
@@ -82,6 +94,11 @@ def run_pipeline(
         log(f"[2/5] converted to Token Choice (top-{k}{calibrated}) already: {out / 'token_choice'} kept")
     else:
         log(f"[2/5] converting to Token Choice (top-{k}{calibrated}) -> {out / 'token_choice'}")
+        problem = not_ours(out / "token_choice") if resume and (out / "token_choice").is_dir() else None
+        if problem:  # not a conversion --force may replace: kept aside, never deleted
+            aside = out / f".token_choice.incomplete-{time.strftime('%Y%m%d-%H%M%S')}"
+            os.replace(out / "token_choice", aside)
+            log(f"      {out / 'token_choice'} was not a complete conversion ({problem}): moved aside to {aside}")
         batches = calibration_batches(mot.checkpoint, calibrate) if calibrate else None
         convert_checkpoint(mot.checkpoint, out / "token_choice", num_experts_per_tok=k, calibration=batches, force=resume)
 

@@ -23,6 +23,7 @@ import torch
 from .checkpoint_io import load_checked, load_config, resolve_checkpoint
 from .config import Rule
 from .jsonfiles import read_json_object, write_json
+from .locks import writes
 from .options import check_options
 from .train import Recipe, Trainer, evaluate, latest_checkpoint, load_training_state, prepare_run_data, recipe_from_dict
 from .train.checkpoint import check_training_checkpoint, resumable_checkpoint, set_aside
@@ -115,6 +116,7 @@ def mot_losses(source: Path, recipe: Recipe, heldout: torch.Tensor) -> tuple[flo
     return grouped, evaluate(model, heldout, 1)
 
 
+@writes("out_dir")  # one writer per run directory, for the whole run
 def transition(
     checkpoint: str | Path,
     steps: int,

@@ -3,6 +3,7 @@
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -195,10 +196,29 @@ def test_convert_refuses_an_existing_destination_unless_forced(mot_checkpoint, t
     (tmp_path / "out" / "keep.txt").write_text("mine")
     code, _, err = run_cli(["convert", mot_checkpoint, tmp_path / "out"], capsys)
     assert code == 1 and "--force" in err and (tmp_path / "out" / "keep.txt").read_text() == "mine"
+    code, _, err = run_cli(["convert", mot_checkpoint, tmp_path / "out", "--force"], capsys)  # issue 24: never a file
+    assert code == 1 and "keep.txt" in err and (tmp_path / "out" / "keep.txt").read_text() == "mine"  # it did not write
+    (tmp_path / "out" / "keep.txt").unlink()
     code, out, _ = run_cli(["convert", mot_checkpoint, tmp_path / "out", "--force", "--top-k", "3"], capsys)
     assert code == 0 and "transformed" in out  # a conversion of ours is replaced whole
     assert json.loads((tmp_path / "out" / "config.json").read_text())["num_experts_per_tok"] == 3
-    assert not (tmp_path / "out" / "keep.txt").exists()
+
+
+def test_force_replaces_a_conversion_whose_report_lists_no_files_but_never_a_training_checkpoint(mot_checkpoint, tmp_path, capsys):
+    """A conversion written before reports listed their files is still replaced; a checkpoint of a
+    training run (config.json of model_type "mot" too, but no conversion report) never is."""
+    assert run_cli(["convert", mot_checkpoint, tmp_path / "old"], capsys)[0] == 0
+    report = json.loads((tmp_path / "old" / "conversion_report.json").read_text())
+    del report["files"]
+    (tmp_path / "old" / "conversion_report.json").write_text(json.dumps(report))
+    assert run_cli(["convert", mot_checkpoint, tmp_path / "old", "--force"], capsys)[0] == 0
+    step = tmp_path / "run" / "checkpoints" / "step-000008"
+    shutil.copytree(mot_checkpoint, step)
+    (step / "training_state.json").write_text(json.dumps({"step": 8}))
+    before = digest(step)
+    code, _, err = run_cli(["convert", mot_checkpoint, step, "--force"], capsys)
+    assert code == 1 and len(err.strip().splitlines()) == 1 and "conversion_report.json" in err, err
+    assert digest(step) == before
 
 
 def test_force_never_replaces_a_directory_this_toolkit_did_not_write(mot_checkpoint, tmp_path, capsys):
@@ -208,7 +228,7 @@ def test_force_never_replaces_a_directory_this_toolkit_did_not_write(mot_checkpo
     (notes / "sub" / "data.csv").write_text("a,b\n1,2\n")
     before = digest(notes)
     code, out, err = run_cli(["convert", mot_checkpoint, notes, "--force"], capsys)
-    assert code == 1 and "not a checkpoint of this toolkit" in err
+    assert code == 1 and "not a conversion or export this toolkit wrote" in err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err + out
     assert digest(notes) == before and (notes / "sub" / "data.csv").read_text() == "a,b\n1,2\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mot", "notes"]  # no staging left either

@@ -142,6 +142,9 @@ def test_cli_export_as_a_user_types_it_and_force_replaces_only_an_export(tmp_pat
     assert code == 1 and "--force" in err
     code, _, _ = run_cli(["export", tmp_path / "ours", tmp_path / "native", "--force", "--no-verify"], capsys)
     assert code == 0
+    (tmp_path / "native" / "notes.txt").write_text("keep me")  # an export of ours, with a file it did not write
+    code, _, err = run_cli(["export", tmp_path / "ours", tmp_path / "native", "--force", "--no-verify"], capsys)
+    assert code == 1 and "notes.txt" in err and (tmp_path / "native" / "notes.txt").read_text() == "keep me"
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
     code, _, err = run_cli(["export", tmp_path / "ours", tmp_path / "mine", "--force"], capsys)

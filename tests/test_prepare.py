@@ -290,14 +290,14 @@ def test_a_sigkilled_prepare_leaves_no_dataset_and_the_same_command_completes_it
     child = subprocess.Popen([sys.executable, "-m", "mot_transition.cli", "prepare", *args], env=env,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
-    while not (tmp_path / "out" / "train" / "000002.bin").exists() and child.poll() is None and time.monotonic() < deadline:
+    staging = tmp_path / f".out.converting-{child.pid}"  # where it writes, beside --out
+    while not (staging / "train" / "000002.bin").exists() and child.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
     child.send_signal(signal.SIGKILL)
     assert child.wait() == -signal.SIGKILL, "the kill came after prepare had finished: make the corpus bigger"
-    assert (tmp_path / "out" / INCOMPLETE).exists()
-    with pytest.raises(ValueError, match="not a prepared dataset"):
-        PreparedData(tmp_path / "out")
+    assert staging.is_dir() and not (tmp_path / "out").exists(), sorted(p.name for p in tmp_path.iterdir())
     prepare([source], tmp_path / "out", tokenizer=tokenizer_dir, shard_tokens=20_000)  # the same command, again
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == [], "the killed staging is removed"
     prepare([source], tmp_path / "fresh", tokenizer=tokenizer_dir, shard_tokens=20_000)
     files = lambda d: {p.relative_to(d): p.read_bytes() for p in d.rglob("*") if p.is_file()}  # noqa: E731
     assert files(tmp_path / "out") == files(tmp_path / "fresh")
@@ -342,3 +342,47 @@ def test_a_corpus_of_one_document_is_split_by_characters_whatever_its_key_hashes
         assert list(SplitStream([(key, text)], 0.05)) == [("train", text[:570]), ("heldout", text[570:])]
     two = list(SplitStream([(held_by_hash[0], "first " * 20), ("other.txt", "second " * 20)], 0.05))
     assert sorted(split for split, _ in two) == ["heldout", "train"]
+
+
+# ---------------------------------------------------------------------------------------------
+# --force replaces only what prepare wrote, and only once the new dataset is complete (issue 24)
+
+
+def _tree(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_force_refuses_a_folder_whose_manifest_json_is_not_a_datasets_and_touches_nothing(tmp_path, capsys, tokenizer_dir):
+    mine = tmp_path / "project"
+    for name in ("train", "heldout", "tokenizer"):
+        (mine / name).mkdir(parents=True)
+        (mine / name / "notes.txt").write_text(f"my {name} notes")
+    (mine / "manifest.json").write_text(json.dumps({"name": "my project", "files": ["train/notes.txt"]}))
+    before = _tree(mine)
+    source = write_jsonl(tmp_path / "docs.jsonl", DOCS)
+    code, _, err = run_cli(["prepare", source, "--out", mine, "--tokenizer", tokenizer_dir, "--force"], capsys)
+    assert code == 1 and len(err.strip().splitlines()) == 1 and "not a prepared dataset this toolkit wrote" in err, err
+    assert _tree(mine) == before
+
+
+@pytest.mark.parametrize("extra", ["notes.txt", "train/999999.bin"])
+def test_force_refuses_a_dataset_that_also_holds_a_file_prepare_did_not_write(tmp_path, capsys, tokenizer_dir, extra):
+    source = write_jsonl(tmp_path / "docs.jsonl", DOCS)
+    out = prepare([source], tmp_path / "out", tokenizer=tokenizer_dir)
+    (out / extra).write_text("mine")
+    before = _tree(out)
+    code, _, err = run_cli(["prepare", source, "--out", out, "--tokenizer", tokenizer_dir, "--force"], capsys)
+    assert code == 1 and len(err.strip().splitlines()) == 1 and extra in err, err
+    assert _tree(out) == before
+
+
+def test_a_bad_line_found_late_under_force_leaves_the_old_dataset_whole(tmp_path, capsys, tokenizer_dir):
+    out = prepare([write_jsonl(tmp_path / "old.jsonl", DOCS[:30])], tmp_path / "out", tokenizer=tokenizer_dir)
+    before = _tree(out)
+    bad = _big_corpus(tmp_path / "new.jsonl", 0.5)
+    with bad.open("a") as f:
+        f.write("{not json\n")
+    code, _, err = run_cli(["prepare", bad, "--out", out, "--tokenizer", tokenizer_dir, "--force", "--shard-tokens", "5000"], capsys)
+    assert code == 1 and len(err.strip().splitlines()) == 1, err
+    assert _tree(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["new.jsonl", "old.jsonl", "out"], "no staging is left"

@@ -175,11 +175,12 @@ def test_run_resumed_after_its_transition_stage_was_killed_keeps_the_finished_st
     assert all(torch.equal(a[name], b[name]) for name in a)
     assert [row["measure"] for row in comparison["rows"]][3:5] == ["post-switch loss at step 4", "Token Choice from scratch, step 12"]
 
-    # a conversion that is not complete (its report lost) is done again, replacing what the toolkit wrote
+    # a conversion that is not complete (its report lost) is done again; what was there is kept aside
     (out / "token_choice" / "conversion_report.json").unlink()
     lines.clear()
     run_pipeline("tiny", out, MICRO, transition_steps=4, progress=False, log=lines.append, resume=True)
     assert any(line.startswith("[2/5] converting") for line in lines)
+    assert [p.name.split("-")[0] for p in out.iterdir() if p.name.startswith(".token_choice.")] == [".token_choice.incomplete"]
     assert json.loads((out / "token_choice" / "conversion_report.json").read_text())["source"] == str(latest_checkpoint(out / "mot").resolve())
     assert json.loads((out / "transition" / "transition.json").read_text())["curve"] == reference.curve
 

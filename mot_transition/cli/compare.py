@@ -8,6 +8,7 @@ from rich.table import Table
 
 from ..compare import add_task_scores, compare_runs, plot_curves
 from ..jsonfiles import write_json
+from ..locks import hold
 from .app import app
 
 
@@ -27,12 +28,13 @@ def compare(
         add_task_scores(comparison, task_names(tasks), include_path, limit)
     show_comparison(comparison, Console())
     transition_dir = Path(comparison["runs"]["transition"])
-    write_json(transition_dir / "comparison.json", comparison)
-    try:
-        path = plot_curves(comparison, plot or transition_dir / "loss_curves.png")
-        Console().print(f"loss curves: {path}")
-    except ImportError:
-        Console().print("no plot: matplotlib is not installed (pip install 'mot-transition[plot]')")
+    with hold(transition_dir):  # not while a transition or a run writes that folder
+        write_json(transition_dir / "comparison.json", comparison)
+        try:
+            path = plot_curves(comparison, plot or transition_dir / "loss_curves.png")
+            Console().print(f"loss curves: {path}")
+        except ImportError:
+            Console().print("no plot: matplotlib is not installed (pip install 'mot-transition[plot]')")
 
 
 def show_comparison(comparison: dict, console: Console) -> None:

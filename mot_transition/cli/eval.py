@@ -19,12 +19,18 @@ def eval_command(
     out: Path = typer.Option(None, "--out", help="Also write the scores to this JSON file."),
 ) -> None:
     """Score a dense or Token Choice checkpoint on lm-eval tasks (MoT: convert first, or --group-size 1)."""
+    from contextlib import nullcontext
+
     from rich.console import Console
     from rich.table import Table
 
     from ..harness import evaluate_tasks, task_names, write_scores
+    from ..locks import hold
 
-    scores = evaluate_tasks(checkpoint, task_names(tasks), include_path, limit, batch_size, group_size, device)
+    with hold(out) if out is not None else nullcontext():  # one writer of --out, from the start
+        scores = evaluate_tasks(checkpoint, task_names(tasks), include_path, limit, batch_size, group_size, device)
+        if out is not None:
+            out = write_scores(scores, out)
     table = Table(title=f"{checkpoint}: lm-eval")
     for column in ("task", "metric", "value"):
         table.add_column(column, justify="right" if column == "value" else "left")
@@ -33,4 +39,4 @@ def eval_command(
             table.add_row(task, metric, f"{value:.4f}")
     Console().print(table)
     if out is not None:
-        Console().print(f"scores written to {write_scores(scores, out)}")
+        Console().print(f"scores written to {out}")

@@ -9,8 +9,6 @@ tokenizer (the vocabulary size of the BPE trained on the train split, or the has
 """
 
 import hashlib
-import os
-import shutil
 from pathlib import Path
 
 from mot_transition.data.batches import tokenizer_hash
@@ -18,8 +16,8 @@ from mot_transition.data.prepare import prepare
 from mot_transition.data.shards import MANIFEST
 from mot_transition.data.sources import STDLIB, folder_files, resolve_sources, stdlib_files, stdlib_name
 from mot_transition.data.tokenizer import cache_root
-from mot_transition.destinations import beside, clean_after_killed_runs
 from mot_transition.jsonfiles import read_json_object
+from mot_transition.locks import hold
 
 CACHE_FORMAT = 1  # bump when what `prepare` writes for the same inputs changes
 TOKENIZER_SAMPLE_BYTES = 100_000_000  # the BPE of a cached corpus trains on this much of its train split
@@ -77,19 +75,10 @@ def cached_corpus(
     if (target / MANIFEST).is_file():
         return target
     root.mkdir(parents=True, exist_ok=True)
-    clean_after_killed_runs(target)
-    staging = beside(target, "converting")
-    shutil.rmtree(staging, ignore_errors=True)
-    try:
-        prepare([source], staging, tokenizer=tokenizer, vocab_size=vocab_size, sample_bytes=TOKENIZER_SAMPLE_BYTES,
-                text_field=text_field, heldout_fraction=heldout_fraction, max_bytes=max_bytes)
-        try:
-            os.rename(staging, target)
-        except OSError:
-            if not (target / MANIFEST).is_file():  # not another process that finished first
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    with hold(target, wait=True):  # a second process preparing the same entry waits, then reads it
+        if not (target / MANIFEST).is_file():  # prepared in a staging folder beside it, renamed in when done
+            prepare([source], target, tokenizer=tokenizer, vocab_size=vocab_size, sample_bytes=TOKENIZER_SAMPLE_BYTES,
+                    text_field=text_field, heldout_fraction=heldout_fraction, max_bytes=max_bytes)
     return target
 
 

@@ -9,7 +9,6 @@ or its token stream.
 
 import multiprocessing
 import os
-import shutil
 from collections import deque
 from itertools import chain
 from pathlib import Path
@@ -19,16 +18,19 @@ import numpy as np
 
 from mot_transition.data.batches import tokenizer_hash
 from mot_transition.data.corpus import SplitStream
-from mot_transition.data.shards import FORMAT, FORMAT_VERSION, MANIFEST, SPLITS, ShardWriter, dtype_for
+from mot_transition.data.shards import FORMAT, FORMAT_VERSION, MANIFEST, SPLITS, PreparedData, ShardWriter, dtype_for
 from mot_transition.data.sources import iter_documents, resolve_sources
 from mot_transition.data.tokenizer import train_bpe_tokenizer
+from mot_transition.destinations import clean_after_killed_runs, staged
 from mot_transition.jsonfiles import write_json
+from mot_transition.locks import writes
 from mot_transition.options import check_options
 
-INCOMPLETE = ".prepare-incomplete"  # present from the first file written until the manifest is
-_OURS = ("train", "heldout", "tokenizer", MANIFEST, INCOMPLETE)
+INCOMPLETE = ".prepare-incomplete"  # what a killed prepare of versions before the staging left in --out
+_OURS = ("train", "heldout", "tokenizer", MANIFEST)
 
 
+@writes("out")  # one writer per --out, for the whole preparation
 def prepare(
     sources: list[str],
     out: str | Path,
@@ -52,6 +54,10 @@ def prepare(
     `max_bytes` reads only the leading documents up to that many UTF-8 bytes (after dropping empty
     ones and copies; the one that crosses it is cut). `progress(documents, tokens, bytes)` is called
     after every batch written.
+
+    The corpus is written in a staging folder beside `out` (`.NAME.converting-PID`) and swapped in
+    when complete: an existing dataset (replaced only with `force`, and only when its manifest
+    validates) stays whole until then, whatever stops the preparation.
     """
     check_options(heldout_fraction=float(heldout_fraction), shard_tokens=shard_tokens, workers=workers,
                   sample_bytes=sample_bytes, vocab_size=None if tokenizer is not None else vocab_size,
@@ -64,6 +70,7 @@ def prepare(
         if folder.is_dir() and (out.resolve() == folder.resolve() or folder.resolve() in out.resolve().parents):
             raise ValueError(f"--out {out} lies inside the source folder {spec}; write the prepared corpus elsewhere")
     resolved = resolve_sources(sources, text_field)
+    clean_after_killed_runs(out)  # a killed prepare's staging; a dataset it had moved aside is put back
     _check_output(out, force)
     if isinstance(tokenizer, (str, Path)):
         tok = _load_tokenizer(Path(tokenizer).expanduser())
@@ -72,16 +79,10 @@ def prepare(
     else:
         tok = train_bpe_tokenizer(_sample(sources, resolved, text_field, heldout_fraction, max_bytes, sample_bytes), vocab_size)
 
-    created = not out.exists()
-    _claim_output(out)
-    try:
-        return _write(out, sources, resolved, tok, text_field, heldout_fraction, max_bytes, shard_tokens, workers,
-                      batch_bytes, progress)
-    except BaseException:  # bad input found mid-way, or Ctrl-C: leave nothing behind
-        _remove_ours(out)
-        if created and out.is_dir() and not any(out.iterdir()):
-            out.rmdir()
-        raise
+    with staged(out) as staging:  # removed if anything stops it (bad input found mid-way, Ctrl-C)
+        _write(staging, sources, resolved, tok, text_field, heldout_fraction, max_bytes, shard_tokens, workers,
+               batch_bytes, progress)
+    return out
 
 
 def _write(out, sources, resolved, tok, text_field, heldout_fraction, max_bytes, shard_tokens, workers, batch_bytes, progress):
@@ -112,7 +113,6 @@ def _write(out, sources, resolved, tok, text_field, heldout_fraction, max_bytes,
         "splits": splits,
     }
     write_json(out / MANIFEST, manifest, indent=1)  # last, atomically: from now on it is a dataset
-    (out / INCOMPLETE).unlink()
     return out
 
 
@@ -227,34 +227,34 @@ class _Encoder:
 
 
 def _check_output(out: Path, force: bool) -> None:
-    """Refuse, before any work, an --out that is a file, a foreign non-empty folder, or a finished
-    dataset without `force`. A folder left by a killed prepare (it holds INCOMPLETE) is taken over."""
+    """Refuse, before any work, an --out that is a file, a non-empty folder this toolkit did not
+    write, or a finished dataset without `force`. What `force` replaces is a dataset whose manifest
+    validates (format, version, every shard it lists whole) and that holds nothing else; or what a
+    killed prepare of an earlier version left (INCOMPLETE and our folders only)."""
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file; give a folder")
-    if not out.is_dir() or not any(out.iterdir()) or (out / INCOMPLETE).exists():
+    names = {path.name for path in out.iterdir()} if out.is_dir() else set()
+    if not names or (INCOMPLETE in names and names <= {*_OURS, INCOMPLETE}):
         return
-    if (out / MANIFEST).exists():
-        if not force:
-            raise ValueError(f"{out} is already a prepared dataset; pass --force to prepare it again")
-        return
-    raise ValueError(f"--out {out} is a non-empty folder that is not a prepared dataset; give a new or empty folder")
-
-
-def _claim_output(out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / INCOMPLETE).write_text("a prepare is writing this folder; without manifest.json it is not a dataset\n")
-    (out / MANIFEST).unlink(missing_ok=True)  # first: a half-rewritten dataset is no dataset
-    for name in ("train", "heldout", "tokenizer"):
-        shutil.rmtree(out / name, ignore_errors=True)
-
-
-def _remove_ours(out: Path) -> None:
-    for name in _OURS:
-        path = out / name
-        if path.is_dir():
-            shutil.rmtree(path, ignore_errors=True)
-        elif path.exists():
-            path.unlink()
+    if MANIFEST not in names:
+        raise ValueError(f"--out {out} is a non-empty folder that is not a prepared dataset; give a new or empty folder")
+    try:
+        data = PreparedData(out)
+        if not (out / "tokenizer").is_dir():
+            raise ValueError("it has no tokenizer/ folder")
+    except ValueError as error:
+        raise ValueError(f"--out {out} holds a {MANIFEST} but is not a prepared dataset this toolkit wrote "
+                         f"({str(error).splitlines()[0]}); --force replaces only those: give a new or empty folder") from None
+    if not force:
+        raise ValueError(f"{out} is already a prepared dataset; pass --force to prepare it again")
+    listed = {shard["file"] for split in data.manifest["splits"].values() for shard in split["shards"]}
+    others = sorted(names - set(_OURS)) + sorted(
+        str(path.relative_to(out)) for split in SPLITS if (out / split).is_dir()
+        for path in (out / split).rglob("*") if str(path.relative_to(out)) not in listed
+    )
+    if others:
+        raise ValueError(f"--out {out} is a prepared dataset but also holds {others[0]}, which this toolkit did not "
+                         "write and --force would delete: move it out first, or give a new or empty folder")
 
 
 def _load_tokenizer(path: Path):

@@ -29,6 +29,7 @@ from ..checkpoint_io import load_checked
 from ..convert import convert_checkpoint, convert_model, default_top_k
 from ..data import heldout_batches
 from ..jsonfiles import read_json_object, write_json
+from ..locks import writes
 from ..options import check_options
 from ..pipeline import baseline_recipe, check_started_with, converted_already
 from ..train import Recipe, evaluate, latest_checkpoint, load_recipe, prepare_run_data, train
@@ -125,6 +126,7 @@ def plan_study(recipe: str | Path, overrides=(), seeds: int = 3, transitions=(5,
     return plan
 
 
+@writes(lambda a: Path(a["out_dir"]) if a["out_dir"] is not None else Path("runs") / f"{load_recipe(a['recipe'], a['overrides']).name}-study")
 def run_study(
     recipe: str | Path = "tiny",
     out_dir: str | Path | None = None,

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from ..destinations import save_figure
 from ..jsonfiles import dumps
 METRICS_FILE = "metrics.jsonl"
 REPORTERS = ("jsonl", "tensorboard", "trackio", "wandb")  # each tracker is its own package and extra
@@ -214,6 +215,6 @@ def plot_training(run_dir: Path, switch_at_step: int | None = None) -> Path | No
     ax.grid(alpha=0.3)
     fig.tight_layout()
     path = Path(run_dir) / "loss_curves.png"
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)
     return path

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -20,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from ..config import style_defaults
+from ..locks import hold_for_job
 from .checkpoint import latest_checkpoint, load_model, resumable_checkpoint, set_aside
 from .devices import Distributed, pick_device, setup_distributed
 from .loop import Trainer, TrainingDiverged, build_optimizer, evaluate, lr_at
@@ -133,7 +136,9 @@ def train(
         )
     device_kind = "cuda" if t.device.startswith("cuda") or (t.device == "auto" and torch.cuda.is_available()) else "cpu"
     world = setup_distributed(device_kind)
+    lock = ExitStack()
     try:
+        lock.enter_context(hold_for_job(run_dir, world))  # one writer per run directory; torchrun's ranks share it
         checkpoint = latest_checkpoint(run_dir)
         if checkpoint is not None and not resume:
             raise ValueError(
@@ -165,6 +170,7 @@ def train(
             trainer.load_checkpoint(checkpoint)
         return _run(trainer, corpus, checkpoint, progress and world.is_main, switch)
     finally:
+        lock.close()
         if world.started_here:
             dist.destroy_process_group()
 
@@ -210,7 +216,9 @@ def _run(trainer: Trainer, corpus, resumed_from: Path | None, show: bool, switch
     reporters = None
     if trainer.dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / RECIPE_FILE).write_text(recipe_to_toml(recipe))
+        tmp = run_dir / f".{RECIPE_FILE}.tmp-{os.getpid()}"  # whole or not at all, as every file we write
+        tmp.write_text(recipe_to_toml(recipe))
+        os.replace(tmp, run_dir / RECIPE_FILE)
         reporters = Reporters(t.report_to, run_dir, f"{recipe.name}-{run_dir.name}", asdict(recipe), trainer.step_count)
     console = _Progress(trainer, corpus, unigram, resumed_from) if show else None
     eval_loss = None

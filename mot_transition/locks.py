@@ -1,0 +1,249 @@
+"""One writer per output: every command that writes a directory (or a file) holds an exclusive lock
+on it for its whole life, and a second process that would write the same place is refused at once,
+in one line that names the holder.
+
+The lock is an advisory `flock` on the hidden file `.NAME.lock` beside the output `NAME`: beside it,
+so that it exists before the output does and survives the staging directory being renamed into
+place. The operating system releases a `flock` when its process dies, however it dies, so a killed
+run never leaves a lock that blocks its resume; the file itself is removed when the lock is released
+(a killed run's file is taken over, and removed, by the next one). It holds the holder's pid, host,
+command and start time, which the refusal quotes.
+
+An output inside one that another process holds (`train --out RUN/mot` while `run --out RUN` runs)
+is refused as well; one process may lock an output inside its own (the stages of `run` and
+`study`), and may take the same lock again (the count is kept). Under torchrun the ranks of one job
+share one lock: rank 0 takes it and tells the others whether it could (`hold_for_job`).
+"""
+
+import fcntl
+import functools
+import inspect
+import json
+import os
+import socket
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+RETRIES, RETRY_DELAY = 5, 0.02  # a lock can be busy for an instant while another process probes it
+
+
+class OutputInUse(FileExistsError):
+    """Another process writes this output (or one that holds it)."""
+
+
+class _Held:
+    def __init__(self, fd: int, lock: Path, created: list[Path]):
+        self.fd, self.lock, self.created, self.count, self.pid = fd, lock, created, 1, os.getpid()
+
+
+_held: dict[Path, _Held] = {}  # resolved output -> this process's lock on it
+
+
+def lock_file(output: str | Path) -> Path:
+    """The lock file of `output`: `.NAME.lock` beside it."""
+    output = _resolved(output)
+    return output.parent / f".{output.name}.lock"
+
+
+def acquire(output: str | Path, wait: bool = False) -> Path:
+    """Lock `output` for this process, or raise OutputInUse naming the process that holds it (or
+    holds an output around it); with `wait`, wait for the holder to end instead (the data cache:
+    a second run of the same corpus waits for the first to prepare it). Creates the missing folders
+    above `output` (removed again on release when still empty). Returns the absolute path that
+    `release` takes (a relative `output` means another folder once the working directory changes)."""
+    key = _resolved(output)
+    held = _held.get(key)
+    if held is not None and held.pid == os.getpid():
+        held.count += 1
+        return key
+    if key.parent == key:
+        raise ValueError(f"{output} is the root of the file system; choose a folder inside it")
+    _check_around(key, output)
+    created = [p for p in reversed(key.parents) if not p.exists()]
+    key.parent.mkdir(parents=True, exist_ok=True)
+    lock = lock_file(key)
+    while True:
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError:  # a folder we may not write in
+            _remove_empty(created)
+            raise
+        if not _try_lock(fd, fcntl.LOCK_EX, wait):
+            holder = _holder(fd)
+            os.close(fd)
+            _remove_empty(created)
+            raise OutputInUse(f"{output} is in use by another process ({holder}); wait for it to end or choose another destination")
+        try:  # the file we locked may have been removed by the holder that released it just before
+            same = os.path.samestat(os.fstat(fd), os.stat(lock))
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    record = {"pid": os.getpid(), "host": socket.gethostname(), "command": _command(),
+              "since": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "job": os.environ.get("TORCHELASTIC_RUN_ID")}
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
+    _held[key] = _Held(fd, lock, created)
+    return key
+
+
+def release(output: str | Path) -> None:
+    """Undo one `acquire(output)`; the last one removes the lock file and unlocks."""
+    key = _resolved(output)
+    held = _held.get(key)
+    if held is None or held.pid != os.getpid():
+        return
+    held.count -= 1
+    if held.count:
+        return
+    del _held[key]
+    try:
+        held.lock.unlink(missing_ok=True)  # while still locked: a process waiting on it retries on a new file
+    finally:
+        os.close(held.fd)
+    _remove_empty(held.created)
+
+
+@contextmanager
+def hold(output: str | Path, wait: bool = False):
+    """`acquire(output)` for the block."""
+    key = acquire(output, wait)
+    try:
+        yield
+    finally:
+        release(key)
+
+
+def writes(where):
+    """Decorator: the call holds the lock on the output it writes for its whole life. `where` is the
+    name of the argument that is the output, or a function of the call's arguments (by name, defaults
+    applied) that returns it."""
+
+    def decorate(function):
+        signature = inspect.signature(function)
+
+        @functools.wraps(function)
+        def locked(*args, **kwargs):
+            bound = signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            with hold(bound.arguments[where] if isinstance(where, str) else where(bound.arguments)):
+                return function(*args, **kwargs)
+
+        return locked
+
+    return decorate
+
+
+@contextmanager
+def hold_for_job(output: str | Path, distributed=None):
+    """`hold(output)` for a process, or for a torchrun job: rank 0 takes the lock and sends the
+    outcome to every rank, so that all go on or all stop with the same error."""
+    if distributed is None or distributed.world_size == 1:
+        with hold(output):
+            yield
+        return
+    import torch.distributed as dist
+
+    refusal, key = None, None
+    if distributed.is_main:
+        try:
+            key = acquire(output)
+        except (OSError, ValueError) as error:
+            refusal = [type(error).__name__, str(error)]
+    message = [refusal]
+    dist.broadcast_object_list(message, src=0)
+    if message[0] is not None:
+        kind, text = message[0]
+        raise (OutputInUse if kind == "OutputInUse" else ValueError)(text)
+    try:
+        yield
+    finally:
+        if key is not None:
+            release(key)
+
+
+def holds(output: str | Path) -> bool:
+    """Whether this process holds the lock on `output`."""
+    held = _held.get(_resolved(output))
+    return held is not None and held.pid == os.getpid()
+
+
+def _check_around(key: Path, output) -> None:
+    """Refuse an output inside one that another process holds."""
+    for folder in key.parents:
+        if folder.parent == folder:
+            break
+        if holds(folder):
+            return  # this process writes around it: its own stage
+        lock = lock_file(folder)
+        try:
+            fd = os.open(lock, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:  # no lock file (the common case), or none we may read
+            continue
+        try:
+            if not _try_lock(fd, fcntl.LOCK_SH):
+                raise OutputInUse(f"{output} lies inside {folder}, which another process writes ({_holder(fd)}); "
+                                  "wait for it to end or choose another destination")
+        finally:
+            os.close(fd)  # closing drops the probe's shared lock
+
+
+def _try_lock(fd: int, kind: int, wait: bool = False) -> bool:
+    if wait:
+        fcntl.flock(fd, kind)
+        return True
+    for attempt in range(RETRIES):
+        try:
+            fcntl.flock(fd, kind | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if attempt + 1 < RETRIES:
+                time.sleep(RETRY_DELAY)
+    return False
+
+
+def _holder(fd: int) -> str:
+    try:
+        record = json.loads(os.pread(fd, 4096, 0).decode())
+        where = f"pid {record['pid']} on {record['host']}"
+        job = f", torchrun job {record['job']}" if record.get("job") else ""
+        return f"{where}{job}: `{record['command']}` since {record['since']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "a process that has only just started, or not a mot-transition one"
+
+
+def _command() -> str:
+    argv = [Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "python", *sys.argv[1:]]
+    text = " ".join(argv)
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def _resolved(output: str | Path) -> Path:
+    return Path(os.path.abspath(Path(output).expanduser())).resolve()
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    for folder in reversed(folders):
+        try:
+            folder.rmdir()
+        except OSError:
+            break
+
+
+def _forget_in_child() -> None:
+    """A forked child (a tokenizer worker) does not hold its parent's locks: it closes its copies of
+    the descriptors (the lock stays with the parent) and never releases them."""
+    for held in _held.values():
+        try:
+            os.close(held.fd)
+        except OSError:
+            pass
+    _held.clear()
+
+
+os.register_at_fork(after_in_child=_forget_in_child)
+
+__all__ = ["OutputInUse", "acquire", "hold", "hold_for_job", "holds", "lock_file", "release", "writes"]
