@@ -19,6 +19,7 @@ import numpy as np
 
 from mot_transition.data.batches import tokenizer_hash
 from mot_transition.data.corpus import SplitStream
+from mot_transition.data.pieces import pieces
 from mot_transition.data.shards import FORMAT, FORMAT_VERSION, MANIFEST, SPLITS, ShardWriter, dtype_for
 from mot_transition.data.sources import iter_documents, resolve_sources
 from mot_transition.data.tokenizer import train_bpe_tokenizer
@@ -70,7 +71,8 @@ def prepare(
     elif tokenizer is not None:
         tok = _checked_tokenizer(tokenizer, "the tokenizer given")
     else:
-        tok = train_bpe_tokenizer(_sample(sources, resolved, text_field, heldout_fraction, max_bytes, sample_bytes), vocab_size)
+        tok = train_bpe_tokenizer(_sample(sources, resolved, text_field, heldout_fraction, max_bytes, sample_bytes, batch_bytes),
+                                  vocab_size)
 
     created = not out.exists()
     _claim_output(out)
@@ -116,37 +118,53 @@ def _write(out, sources, resolved, tok, text_field, heldout_fraction, max_bytes,
     return out
 
 
-def _batches(stream: SplitStream, batch_bytes: int) -> Iterator[tuple[str, list[str], int]]:
-    """(split, texts, UTF-8 bytes) batches of about `batch_bytes`, per split, in stream order."""
-    pending = {split: ([], 0) for split in SPLITS}
+def _batches(stream: SplitStream, batch_bytes: int) -> Iterator[tuple[str, list[str], list[bool], int]]:
+    """(split, texts, whether each text ends its document, UTF-8 bytes) batches of about
+    `batch_bytes`, per split, in stream order. A document longer than `batch_bytes` characters comes
+    in pieces (pieces.py), so that no batch holds more than about that much text."""
+    pending = {split: ([], [], 0) for split in SPLITS}
     for split, text in stream:
-        texts, size = pending[split]
-        texts.append(text)
-        size += len(text.encode("utf-8"))
-        pending[split] = (texts, size)
-        if size >= batch_bytes:
-            yield split, texts, size
-            pending[split] = ([], 0)
-    for split, (texts, size) in pending.items():
+        parts = pieces(text, batch_bytes) if len(text) > batch_bytes else (text,)
+        for part, last in _with_last(parts):
+            texts, lasts, size = pending[split]
+            texts.append(part)
+            lasts.append(last)
+            size += len(part.encode("utf-8"))
+            pending[split] = (texts, lasts, size)
+            if size >= batch_bytes:
+                yield split, texts, lasts, size
+                pending[split] = ([], [], 0)
+    for split, (texts, lasts, size) in pending.items():
         if texts:
-            yield split, texts, size
+            yield split, texts, lasts, size
 
 
-def _sample(sources, resolved, text_field, heldout_fraction, max_bytes, sample_bytes) -> list[str]:
-    """The train split's first `sample_bytes` UTF-8 bytes; the document that crosses it is cut."""
-    sample, total = [], 0
+def _with_last(items: Iterable) -> Iterator[tuple[object, bool]]:
+    """(item, whether it is the last one) for every item."""
+    items = iter(items)
+    previous = next(items)
+    for item in items:
+        yield previous, False
+        previous = item
+    yield previous, True
+
+
+def _sample(sources, resolved, text_field, heldout_fraction, max_bytes, sample_bytes, piece_chars) -> Iterator[str]:
+    """The train split's first `sample_bytes` UTF-8 bytes, a long document in pieces (pieces.py: the
+    BPE trainer counts the same pre-tokenized words either way); the document that crosses it is cut."""
+    total = 0
     for split, text in SplitStream(iter_documents(sources, resolved, text_field), heldout_fraction, max_bytes):
         if split != "train":
             continue
-        data = text.encode("utf-8")
-        if total + len(data) >= sample_bytes:
-            sample.append(data[: sample_bytes - total].decode("utf-8", errors="ignore"))
-            break
-        sample.append(text)
-        total += len(data)
-    if not sample:
+        for part in pieces(text, piece_chars):
+            data = part.encode("utf-8")
+            if total + len(data) >= sample_bytes:
+                yield data[: sample_bytes - total].decode("utf-8", errors="ignore")
+                return
+            yield part
+            total += len(data)
+    if not total:
         raise ValueError(f"no text in {', '.join(map(str, sources))}: no non-empty UTF-8 document to train a tokenizer on")
-    return sample
 
 
 # ---------------------------------------------------------------------------------------------
@@ -163,13 +181,15 @@ def _init_worker(tokenizer_json: str, eos: int, dtype: str) -> None:
     _worker = (Tokenizer.from_str(tokenizer_json), eos, dtype)
 
 
-def _encode(split: str, texts: list[str], n_bytes: int) -> tuple[str, np.ndarray, np.ndarray, int]:
-    """(split, ids of every document each followed by eos, where each document ends, bytes)."""
+def _encode(split: str, texts: list[str], lasts: list[bool], n_bytes: int) -> tuple[str, np.ndarray, np.ndarray, int]:
+    """(split, ids of every text, each followed by eos when it ends its document, where each
+    document ends, bytes)."""
     tokenizer, eos, dtype = _worker
     encodings = tokenizer.encode_batch_fast(texts, add_special_tokens=False)
-    ends = np.cumsum([len(e.ids) + 1 for e in encodings], dtype=np.int64)
-    ids = np.fromiter(chain.from_iterable(chain(e.ids, (eos,)) for e in encodings), dtype=dtype, count=int(ends[-1]))
-    return split, ids, ends, n_bytes
+    lengths = np.array([len(e.ids) + last for e, last in zip(encodings, lasts)], dtype=np.int64)
+    ids = np.fromiter(chain.from_iterable(chain(e.ids, (eos,) if last else ()) for e, last in zip(encodings, lasts)),
+                      dtype=dtype, count=int(lengths.sum()))
+    return split, ids, np.cumsum(lengths)[np.array(lasts, dtype=bool)], n_bytes
 
 
 class _Encoder:
@@ -201,7 +221,7 @@ class _Encoder:
                 os.environ["TOKENIZERS_PARALLELISM"] = saved
         return self
 
-    def run(self, batches: Iterable[tuple[str, list[str], int]]):
+    def run(self, batches: Iterable[tuple[str, list[str], list[bool], int]]):
         if self.pool is None:
             for batch in batches:
                 yield _encode(*batch)

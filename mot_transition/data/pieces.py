@@ -1,0 +1,48 @@
+"""Long documents cut into pieces for the tokenizer, so that the memory of tokenising a document does
+not grow with its length, and the tokens are the same as if it had been tokenised whole.
+
+The tokenizer's memory is its encodings (per token: the id, its string, offsets, masks: about a
+hundred times the text's bytes), not the ids we keep. So `prepare` gives it a long document in
+pieces of at most about `size` characters and writes their ids one after another.
+
+Where a cut goes: just before a space (U+0020) that follows a character which is not whitespace.
+A byte-level BPE tokenises each piece of its pre-tokenizer's regex on its own; the regexes of
+GPT-2 (the BPE that `prepare` trains), Llama 3 and GPT-4o never let such a piece run on from a
+non-whitespace character into a following space (letter, number and punctuation runs stop at
+whitespace; a run of whitespace starts at the space), the regex has no look-behind, and its only
+look-ahead (`\\s+(?!\\S)`) ends a run of whitespace, which lies wholly before the cut or wholly
+after it. So the pieces of the regex, and the tokens, on each side of the cut are the same as in
+the whole text. (Tested with Hypothesis on varied text: tests/test_pieces.py.)
+
+Limits: a stretch of more than `MAX_PIECES * size` characters with no such space (a very long
+run of text without spaces, e.g. Chinese or a minified file) is cut there anyway, where a token
+may differ from the whole document's; and a tokenizer that is not byte-level with such a regex
+(e.g. SentencePiece's Metaspace, which marks the start of a text) may tokenise the word after a cut
+differently. A document of at most `size` characters is never cut: its tokens are exactly those
+of any tokenizer.
+"""
+
+import re
+from typing import Iterator
+
+PIECE_CHARS = 1_000_000  # default `size`: tokenising 1 M characters takes about 100-200 MB
+MAX_PIECES = 8  # look this many sizes ahead for a cut before cutting anywhere
+_CUT = re.compile(r"[^\s](?= )")  # a non-whitespace character followed by a space: cut after it
+
+
+def pieces(text: str, size: int = PIECE_CHARS) -> Iterator[str]:
+    """`text` in consecutive pieces of at most about `size` characters ("".join gives it back), each
+    cut just before a space that follows a non-whitespace character (above); one piece if it fits."""
+    if size < 2:
+        raise ValueError(f"a piece must hold at least 2 characters, got {size}")
+    start = 0
+    while len(text) - start > size:
+        # the first cut in the second half of the next `size` characters, else the next one at all
+        match = _CUT.search(text, start + size // 2, start + size) or _CUT.search(text, start + size, start + MAX_PIECES * size)
+        cut = match.end() if match is not None else start + size
+        yield text[start:cut]
+        start = cut
+    yield text[start:]
+
+
+__all__ = ["pieces", "PIECE_CHARS"]
