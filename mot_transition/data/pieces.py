@@ -45,4 +45,10 @@ def pieces(text: str, size: int = PIECE_CHARS) -> Iterator[str]:
     yield text[start:]
 
 
-__all__ = ["pieces", "PIECE_CHARS"]
+def pieces_of_long(text: str, limit: int) -> Iterator[str]:
+    """`text` whole if it has at most `limit` characters; else in pieces of about `limit / 16`, so
+    that a batch of about `limit` holds several, which the tokenizer encodes on several threads."""
+    return iter((text,)) if len(text) <= limit else pieces(text, max(2, limit // 16))
+
+
+__all__ = ["pieces", "pieces_of_long", "PIECE_CHARS"]

@@ -19,10 +19,11 @@ import numpy as np
 
 from mot_transition.data.batches import tokenizer_hash
 from mot_transition.data.corpus import SplitStream
-from mot_transition.data.pieces import pieces
+from mot_transition.data.pieces import pieces_of_long
 from mot_transition.data.shards import FORMAT, FORMAT_VERSION, MANIFEST, SPLITS, ShardWriter, dtype_for
 from mot_transition.data.sources import iter_documents, resolve_sources
 from mot_transition.data.tokenizer import train_bpe_tokenizer
+from mot_transition.checks import check_writable_folder, load_tokenizer_folder
 from mot_transition.jsonfiles import write_json
 from mot_transition.options import check_options
 
@@ -66,8 +67,9 @@ def prepare(
             raise ValueError(f"--out {out} lies inside the source folder {spec}; write the prepared corpus elsewhere")
     resolved = resolve_sources(sources, text_field)
     _check_output(out, force)
+    check_writable_folder(out, "--out")  # before a tokenizer is trained or loaded
     if isinstance(tokenizer, (str, Path)):
-        tok = _load_tokenizer(Path(tokenizer).expanduser())
+        tok = _load_tokenizer(tokenizer)
     elif tokenizer is not None:
         tok = _checked_tokenizer(tokenizer, "the tokenizer given")
     else:
@@ -124,8 +126,7 @@ def _batches(stream: SplitStream, batch_bytes: int) -> Iterator[tuple[str, list[
     in pieces (pieces.py), so that no batch holds more than about that much text."""
     pending = {split: ([], [], 0) for split in SPLITS}
     for split, text in stream:
-        parts = pieces(text, batch_bytes) if len(text) > batch_bytes else (text,)
-        for part, last in _with_last(parts):
+        for part, last in _with_last(pieces_of_long(text, batch_bytes)):
             texts, lasts, size = pending[split]
             texts.append(part)
             lasts.append(last)
@@ -156,7 +157,7 @@ def _sample(sources, resolved, text_field, heldout_fraction, max_bytes, sample_b
     for split, text in SplitStream(iter_documents(sources, resolved, text_field), heldout_fraction, max_bytes):
         if split != "train":
             continue
-        for part in pieces(text, piece_chars):
+        for part in pieces_of_long(text, piece_chars):
             data = part.encode("utf-8")
             if total + len(data) >= sample_bytes:
                 yield data[: sample_bytes - total].decode("utf-8", errors="ignore")
@@ -277,15 +278,11 @@ def _remove_ours(out: Path) -> None:
             path.unlink()
 
 
-def _load_tokenizer(path: Path):
-    if not path.is_dir():
-        raise FileNotFoundError(f"--tokenizer {path} is not a folder; give a folder that AutoTokenizer can load")
-    from transformers import AutoTokenizer
-
-    return _checked_tokenizer(AutoTokenizer.from_pretrained(path), f"the tokenizer in {path}")
+def _load_tokenizer(path: str | Path):
+    return _checked_tokenizer(load_tokenizer_folder(path, f"--tokenizer {path}"), f"--tokenizer {path}")
 
 
 def _checked_tokenizer(tok, what: str):
     if getattr(tok, "backend_tokenizer", None) is None or tok.eos_token_id is None:
-        raise ValueError(f"{what} needs to be a fast tokenizer with an eos token")
+        raise ValueError(f"{what}: a fast tokenizer with an eos token is needed; this one has {'no eos token' if getattr(tok, 'backend_tokenizer', None) is not None else 'no fast (Rust) backend'}")
     return tok

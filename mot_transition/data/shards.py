@@ -169,6 +169,8 @@ class PreparedData:
             )
         self.manifest = read_json_object(manifest_path)
         self._check_header(manifest_path)
+        if not (self.directory / "tokenizer").is_dir():
+            raise ValueError(f"{self.directory} is damaged: it has a manifest but no tokenizer/ folder; prepare it again")
         self.dtype, self.eos_id = self.manifest["dtype"], self.manifest["eos_id"]
         self.vocab_size = self.manifest["vocab_size"]
         self.splits = {name: self._open_split(name, manifest_path) for name in SPLITS}
@@ -186,9 +188,9 @@ class PreparedData:
         return self.splits["heldout"]
 
     def tokenizer(self):
-        from transformers import AutoTokenizer
+        from mot_transition.checks import load_tokenizer_folder
 
-        return AutoTokenizer.from_pretrained(self.directory / "tokenizer")
+        return load_tokenizer_folder(self.directory / "tokenizer", f"the prepared corpus {self.directory}")
 
     def _check_header(self, path: Path) -> None:
         m = self.manifest
