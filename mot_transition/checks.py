@@ -17,20 +17,21 @@ def one_line(error: BaseException) -> str:
     return text or type(error).__name__
 
 
-def check_writable_folder(path: str | Path, option: str) -> None:
+def check_writable_folder(path: str | Path, option: str, shown: str | Path | None = None) -> None:
     """`path` (a folder to create or to write in) can be written: the nearest existing folder on the
     way to it is a folder and takes a new file (tried, not guessed from permission bits, which root
-    ignores and a read-only mount does not show)."""
+    ignores and a read-only mount does not show). The error names `option` and `shown` (default `path`)."""
     path = Path(path).expanduser()
+    shown = path if shown is None else shown
     existing = path
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
     if not existing.is_dir():
-        raise NotADirectoryError(f"{option} {path}: {existing} is a file, not a folder")
+        raise NotADirectoryError(f"{option} {shown}: {existing} is a file, not a folder")
     try:
         fd, probe = tempfile.mkstemp(dir=existing, prefix=".mot-transition-write-test-")
     except OSError as error:
-        raise PermissionError(f"{option} {path}: cannot write in {existing} ({error.strerror or one_line(error)})") from None
+        raise PermissionError(f"{option} {shown}: cannot write in {existing} ({error.strerror or one_line(error)})") from None
     os.close(fd)
     os.unlink(probe)
 
@@ -40,14 +41,14 @@ def check_writable_file(path: str | Path, option: str) -> None:
     path = Path(path).expanduser()
     if path.is_dir():
         raise IsADirectoryError(f"{option} {path} is a folder; give a file name, e.g. {path / 'scores.json'}")
-    check_writable_folder(path.parent, option)
+    check_writable_folder(path.parent, option, shown=path)
 
 
 def read_json(path: str | Path, what: str = ""):
     """The JSON value in `path`, or a one-line ValueError naming the file (and the line and column
     where it stops being JSON; JSON nested past Python's recursion limit too)."""
     path = Path(path)
-    label = f"{what} {path}".strip()
+    label = f"{what}: {path}" if what else str(path)
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
@@ -73,7 +74,7 @@ def load_tokenizer_folder(path: str | Path, what: str):
         raise FileNotFoundError(f"{what}: {path} holds no tokenizer (none of {', '.join(TOKENIZER_FILES)})")
     for name in JSON_TOKENIZER_FILES:
         if (path / name).is_file():
-            read_json(path / name)
+            read_json(path / name, what)
     from transformers import AutoTokenizer
 
     try:

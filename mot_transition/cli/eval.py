@@ -22,8 +22,11 @@ def eval_command(
     from rich.console import Console
     from rich.table import Table
 
+    from ..checks import check_writable_file
     from ..harness import evaluate_tasks, task_names, write_scores
 
+    if out is not None:  # before the evaluation, not after it
+        check_writable_file(out, "--out")
     scores = evaluate_tasks(checkpoint, task_names(tasks), include_path, limit, batch_size, group_size, device)
     table = Table(title=f"{checkpoint}: lm-eval")
     for column in ("task", "metric", "value"):
