@@ -272,6 +272,8 @@ def load_transition(run_dir: str | Path) -> TransitionResult:
         raw = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ValueError(f"{path} is not valid JSON ({error}); rerun the transition") from None
+    except RecursionError:
+        raise ValueError(f"{path} is not valid JSON (nested deeper than Python's recursion limit); rerun the transition") from None
     names = [f.name for f in fields(TransitionResult)]
     problem = None
     if not isinstance(raw, dict):

@@ -348,3 +348,15 @@ def test_resume_with_nothing_to_resume_says_so_in_one_warning_line(tmp_path, cap
     with pytest.raises(Started), pytest.warns(UserWarning) as warned:
         run_cli(args, capsys)
     assert [str(w.message) for w in warned] == [expected]
+
+
+@pytest.mark.parametrize("command", ["info", "generate"])
+def test_a_checkpoint_config_nested_100000_deep_is_one_line_naming_it(tmp_path, capsys, checkpoint, command):
+    import shutil
+
+    deep = tmp_path / "deep"
+    shutil.copytree(checkpoint, deep)
+    (deep / "config.json").write_text("[" * 100_000 + "]" * 100_000)
+    args = ["info", deep] if command == "info" else ["generate", deep, "--prompt", "x"]
+    code, _, err = run_cli(args, capsys)
+    assert one_error_line(code, err, f"{deep / 'config.json'} is not valid JSON", "recursion limit"), err
