@@ -360,3 +360,18 @@ def test_a_checkpoint_config_nested_100000_deep_is_one_line_naming_it(tmp_path, 
     args = ["info", deep] if command == "info" else ["generate", deep, "--prompt", "x"]
     code, _, err = run_cli(args, capsys)
     assert one_error_line(code, err, f"{deep / 'config.json'} is not valid JSON", "recursion limit"), err
+
+
+def test_compare_checks_its_plot_destination_and_task_files_before_evaluating_any_model(tmp_path, capsys, tasks, monkeypatch):
+    import mot_transition.cli.compare as compare_cli
+
+    def evaluated(*args, **kwargs):
+        raise AssertionError("the runs were evaluated before the checks")
+
+    monkeypatch.setattr(compare_cli, "compare_runs", evaluated)
+    (tmp_path / "plots").mkdir()
+    code, _, err = run_cli(["compare", tmp_path / "run", "--plot", tmp_path / "plots"], capsys)
+    assert one_error_line(code, err, f"--plot {tmp_path / 'plots'} is a folder"), err
+    (tasks / "broken.yaml").write_text("task: [broken\n")
+    code, _, err = run_cli(["compare", tmp_path / "run", "--tasks", "tiny_choice", "--include-path", tasks], capsys)
+    assert one_error_line(code, err, f"{tasks / 'broken.yaml'} is not a task file lm-eval reads"), err
