@@ -2,8 +2,9 @@
 not grow with its length, and the tokens are the same as if it had been tokenised whole.
 
 The tokenizer's memory is its encodings (per token: the id, its string, offsets, masks: about a
-hundred times the text's bytes), not the ids we keep. So `prepare` gives it a long document in
-pieces of at most about `size` characters and writes their ids one after another.
+hundred times the text's bytes), not the ids we keep. So `prepare` gives it a document longer than
+its batch (1 M characters) in pieces of about 1/16 of that (`pieces_of_long`) and writes their ids
+one after another.
 
 Where a cut goes: just before a space (U+0020) that follows a character which is not whitespace.
 A byte-level BPE tokenises each piece of its pre-tokenizer's regex on its own; the regexes of
@@ -25,7 +26,7 @@ of any tokenizer.
 import re
 from typing import Iterator
 
-PIECE_CHARS = 1_000_000  # default `size`: tokenising 1 M characters takes about 100-200 MB
+PIECE_CHARS = 1_000_000  # default `size` of `pieces`
 MAX_PIECES = 8  # look this many sizes ahead for a cut before cutting anywhere
 _CUT = re.compile(r"[^\s](?= )")  # a non-whitespace character followed by a space: cut after it
 
