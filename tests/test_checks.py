@@ -375,3 +375,36 @@ def test_compare_checks_its_plot_destination_and_task_files_before_evaluating_an
     (tasks / "broken.yaml").write_text("task: [broken\n")
     code, _, err = run_cli(["compare", tmp_path / "run", "--tasks", "tiny_choice", "--include-path", tasks], capsys)
     assert one_error_line(code, err, f"{tasks / 'broken.yaml'} is not a task file lm-eval reads"), err
+
+
+@pytest.fixture(scope="module")
+def mot_checkpoint(tmp_path_factory, checkpoint):
+    from transformers import AutoTokenizer
+
+    from mot_transition.modeling import MoTLMHeadModel
+
+    folder = tmp_path_factory.mktemp("mot") / "mot"
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    MoTLMHeadModel(tiny_config("mot", vocab_size=len(tokenizer))).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("command", ["train", "run", "transition", "convert"])
+def test_every_command_tries_its_destination_before_the_data_or_the_model(tmp_path, capsys, monkeypatch, checkpoint, mot_checkpoint, command):
+    import mot_transition.train.trainer as trainer_module
+
+    def never(*args, **kwargs):
+        raise AssertionError("the data was prepared before the destination was checked")
+
+    monkeypatch.setattr(trainer_module, "prepare_run_data", never)
+    for out in unwritable_places(tmp_path):
+        args = {
+            "train": ["train", "tiny", "--out", out],
+            "run": ["run", "tiny", "--out", out],
+            "transition": ["transition", checkpoint, "--steps", "2", "--out", out],
+            "convert": ["convert", mot_checkpoint, out],
+        }[command]
+        code, _, err = run_cli(args, capsys)
+        named = f"the destination {out}" if command == "convert" else f"--out {out}"
+        assert one_error_line(code, err, named, "cannot write in"), err
