@@ -96,9 +96,9 @@ def test_the_bpe_trained_on_pieces_is_the_bpe_trained_on_the_whole_documents():
 
 
 def test_prepare_writes_the_same_files_for_long_documents_in_pieces_or_whole(tmp_path):
-    """Four documents of 7-30 KB, which prepare cuts into pieces of about 300 characters with
-    batch_bytes=300 (for the trained BPE's sample and for tokenising), against batch_bytes larger
-    than any document (never cut): the same bytes. Shards of 500 tokens: a document's pieces never
+    """Four documents of 7-30 KB, which prepare cuts into pieces of about 200 characters with
+    batch_bytes=3200 (pieces of 1/16 of it; for the trained BPE's sample and for tokenising), against
+    batch_bytes larger than any document (never cut): the same bytes. Shards of 500 tokens: a document's pieces never
     close a shard before the document ends, so each shard holds whole documents either way."""
     from mot_transition.data.prepare import prepare
     from mot_transition.data.shards import PreparedData
@@ -106,7 +106,7 @@ def test_prepare_writes_the_same_files_for_long_documents_in_pieces_or_whole(tmp
     (tmp_path / "src").mkdir()
     for i, text in enumerate([CORPUS[0], CORPUS[0][7_000:14_000] + CORPUS[1], CORPUS[0][::-1], CORPUS[1] * 300]):
         (tmp_path / "src" / f"doc{i}.txt").write_text(text)
-    for name, batch in (("pieces", 300), ("whole", 1_000_000)):
+    for name, batch in (("pieces", 3200), ("whole", 1_000_000)):
         prepare([tmp_path / "src"], tmp_path / name, vocab_size=300, batch_bytes=batch, shard_tokens=500, heldout_fraction=0.3)
     files = lambda d: {p.relative_to(d): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}  # noqa: E731
     assert files(tmp_path / "pieces") == files(tmp_path / "whole")
