@@ -221,3 +221,13 @@ def test_every_command_tries_its_destination_before_the_data_or_the_model(tmp_pa
         code, _, err = run_cli(args, capsys)
         named = f"the destination {out}" if command == "convert" else f"--out {out}"
         assert one_error_line(code, err, named, "cannot write in"), err
+
+
+def test_a_recipe_or_override_nested_100000_deep_is_one_line(tmp_path, capsys):
+    deep = "[" * 100_000 + "]" * 100_000
+    (tmp_path / "deep.toml").write_text(f'name = "deep"\n[model]\nn_embd = {deep}\n')
+    code, _, err = run_cli(["train", tmp_path / "deep.toml", "--out", tmp_path / "run"], capsys)
+    assert one_error_line(code, err, f"recipe {tmp_path / 'deep.toml'}", "recursion limit"), err
+    code, _, err = run_cli(["train", "tiny", f"model.n_embd={deep}", "--out", tmp_path / "run"], capsys)
+    assert one_error_line(code, err, "recipe key 'model.n_embd' must be an integer"), err
+    assert not (tmp_path / "run").exists()

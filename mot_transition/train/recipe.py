@@ -212,6 +212,8 @@ def load_recipe(recipe: str | Path | None = None, overrides: typing.Sequence[str
             raw = tomllib.loads(path.read_text())
         except tomllib.TOMLDecodeError as error:
             raise ValueError(f"recipe {path} is not valid TOML: {error}") from None
+        except RecursionError:  # tomllib recurses per level of nesting: [[[[...]]]] 100,000 deep
+            raise ValueError(f"recipe {path} is not a recipe: its values nest deeper than Python's recursion limit") from None
     raw.setdefault("name", name)
     for override in overrides:
         key, value = parse_override(override)
@@ -245,7 +247,7 @@ def parse_override(text: str) -> tuple[str, typing.Any]:
         return key, None
     try:
         return key, tomllib.loads(f"v = {value}")["v"]
-    except tomllib.TOMLDecodeError:
+    except (tomllib.TOMLDecodeError, RecursionError):  # a plain string (its key's rule then says what it must be)
         return key, value
 
 
