@@ -208,3 +208,20 @@ def test_prepare_writes_a_dataset_or_says_one_line_and_leaves_nothing(tmp_path_f
     else:
         assert code in (1, 2) and len(err.strip().splitlines()) == 1 and err.startswith("error: "), err
         assert not (folder / "out").exists()
+
+
+@FUZZ
+@given(data=st.one_of(st.binary(max_size=300), st.text(max_size=300).map(lambda t: t.encode("utf-8", "surrogatepass")),
+                      st.text(min_size=40, max_size=300).map(str.encode)),
+       name=st.sampled_from(["doc.txt", "doc.jsonl", "doc.jsonl.gz", "doc.parquet", "doc"]))
+def test_prepare_takes_any_bytes_in_a_file_of_any_suffix_as_a_dataset_or_one_line(tmp_path_factory, capsys, data, name):
+    folder = tmp_path_factory.mktemp("bytes")
+    (folder / name).write_bytes(data)
+    code, _, err = run_cli(["prepare", folder / name, "--out", folder / "out", "--vocab-size", "280"], capsys)
+    event(f"exit {code}")
+    assert "Traceback" not in err
+    if code == 0:
+        assert PreparedData(folder / "out").train.tokens > 0
+    else:
+        assert code == 1 and len(err.strip().splitlines()) == 1 and err.startswith("error: ") and str(folder / name) in err, err
+        assert not (folder / "out").exists()

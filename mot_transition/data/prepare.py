@@ -93,7 +93,7 @@ def _write(out, sources, resolved, tok, text_field, heldout_fraction, max_bytes,
     vocab = len(tok)
     dtype, eos = dtype_for(vocab), tok.eos_token_id
     writers = {split: ShardWriter(out, split, dtype, shard_tokens) for split in SPLITS}
-    stream = SplitStream(iter_documents(sources, resolved, text_field), heldout_fraction, max_bytes)
+    stream = SplitStream(iter_documents(sources, resolved, text_field), heldout_fraction, max_bytes, _named(sources))
     total_bytes = 0
     with _Encoder(tok.backend_tokenizer.to_str(), eos, dtype, workers) as encoder:
         for split, ids, ends, n_bytes in encoder.run(_batches(stream, batch_bytes)):
@@ -140,10 +140,16 @@ def _batches(stream: SplitStream, batch_bytes: int) -> Iterator[tuple[str, list[
             yield split, texts, lasts, size
 
 
+def _named(sources) -> str:
+    return ", ".join(map(str, sources))
+
+
 def _with_last(items: Iterable) -> Iterator[tuple[object, bool]]:
     """(item, whether it is the last one) for every item."""
     items = iter(items)
-    previous = next(items)
+    previous = next(items, _with_last)  # the function itself stands for "none"
+    if previous is _with_last:
+        return
     for item in items:
         yield previous, False
         previous = item
@@ -154,7 +160,7 @@ def _sample(sources, resolved, text_field, heldout_fraction, max_bytes, sample_b
     """The train split's first `sample_bytes` UTF-8 bytes, a long document in pieces (pieces.py: the
     BPE trainer counts the same pre-tokenized words either way); the document that crosses it is cut."""
     total = 0
-    for split, text in SplitStream(iter_documents(sources, resolved, text_field), heldout_fraction, max_bytes):
+    for split, text in SplitStream(iter_documents(sources, resolved, text_field), heldout_fraction, max_bytes, _named(sources)):
         if split != "train":
             continue
         for part in pieces_of_long(text, piece_chars):
