@@ -8,10 +8,10 @@ one after another.
 
 Where a cut goes: just before a space (U+0020) that follows a character which is not whitespace.
 A byte-level BPE tokenises each piece of its pre-tokenizer's regex on its own; the regexes of
-GPT-2 (the BPE that `prepare` trains), Llama 3 and GPT-4o never let such a piece run on from a
-non-whitespace character into a following space (letter, number and punctuation runs stop at
-whitespace; a run of whitespace starts at the space), the regex has no look-behind, and its only
-look-ahead (`\\s+(?!\\S)`) ends a run of whitespace, which lies wholly before the cut or wholly
+GPT-2 (the BPE that `prepare` trains) and Llama 3 (tested), and GPT-4o's (read the same way, not
+tested), never let such a piece run on from a non-whitespace character into a following space
+(letter, number and punctuation runs stop at whitespace; a run of whitespace starts at the space),
+the regex has no look-behind, and its only look-ahead (`\\s+(?!\\S)`) ends a run of whitespace, which lies wholly before the cut or wholly
 after it. So the pieces of the regex, and the tokens, on each side of the cut are the same as in
 the whole text. (Tested with Hypothesis on varied text: tests/test_pieces.py.)
 
@@ -19,8 +19,8 @@ Limits: a stretch of more than `MAX_PIECES * size` characters with no such space
 run of text without spaces, e.g. Chinese or a minified file) is cut there anyway, where a token
 may differ from the whole document's; and a tokenizer that is not byte-level with such a regex
 (e.g. SentencePiece's Metaspace, which marks the start of a text) may tokenise the word after a cut
-differently. A document of at most `size` characters is never cut: its tokens are exactly those
-of any tokenizer.
+differently. A document of at most `size` characters (`limit` for `pieces_of_long`: `prepare`'s
+batch) is never cut: its tokens are exactly those of any tokenizer.
 """
 
 import re
