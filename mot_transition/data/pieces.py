@@ -13,7 +13,8 @@ tested), never let such a piece run on from a non-whitespace character into a fo
 (letter, number and punctuation runs stop at whitespace; a run of whitespace starts at the space),
 the regex has no look-behind, and its only look-ahead (`\\s+(?!\\S)`) ends a run of whitespace,
 which lies wholly before the cut or wholly after it. So the pieces of the regex, and the tokens,
-on each side of the cut are the same as in the whole text. (Tested with Hypothesis on varied text: tests/test_pieces.py.)
+on each side of the cut are the same as in the whole text (tested with Hypothesis on varied text:
+tests/test_pieces.py).
 
 Limits: a stretch of more than `MAX_PIECES * size` characters with no such space (a very long
 run of text without spaces, e.g. Chinese or a minified file) is cut there anyway, where a token
