@@ -31,6 +31,8 @@ def load_config(checkpoint: str | Path) -> MoTConfig:
         fields = json.loads((path / "config.json").read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ValueError(f"{path / 'config.json'} is not valid JSON ({error})") from None
+    except RecursionError:  # [[[[...]]]] deeper than Python's recursion limit
+        raise ValueError(f"{path / 'config.json'} is not valid JSON: nested deeper than Python's recursion limit") from None
     if not isinstance(fields, dict) or fields.get("model_type") != "mot":
         kind = fields.get("model_type") if isinstance(fields, dict) else None
         raise ValueError(f"{path} is not a mot-transition checkpoint (model_type is {kind!r}, expected 'mot')")
@@ -52,7 +54,7 @@ def weight_files(checkpoint: str | Path) -> list[Path]:
         try:
             index = json.loads((path / WEIGHTS_INDEX_NAME).read_text())
             shards = sorted(set(index["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError, RecursionError):
             raise ValueError(f"{path / WEIGHTS_INDEX_NAME} is corrupted: no readable weight_map") from None
         missing = [s for s in shards if not (path / s).is_file()]
         if missing:
@@ -80,7 +82,7 @@ def read_header(file: Path) -> dict[str, dict]:
         raw = handle.read(length)
     try:
         header = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
         raise corrupted("its header is not valid JSON") from None
     if not isinstance(header, dict):
         raise corrupted("its header is not a table of tensors")

@@ -220,12 +220,13 @@ class Rule:
             text = text.replace("integer", "integers", 1).replace("number", "numbers", 1)
         else:
             text = {int: "an integer", float: "a finite number", bool: "true or false", str: "a string"}[self.kind]
+            low, high = _number(self.low), _number(self.high)
             if self.low is not None and self.high is not None:
-                text += f" in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+                text += f" in {'(' if self.low_open else '['}{low}, {high}{')' if self.high_open else ']'}"
             elif self.low is not None:
-                text += f" {'>' if self.low_open else '>='} {self.low:g}"
+                text += f" {'>' if self.low_open else '>='} {low}"
             elif self.high is not None:
-                text += f" {'<' if self.high_open else '<='} {self.high:g}"
+                text += f" {'<' if self.high_open else '<='} {high}"
         return text + (" or none" if self.optional else "")
 
 
@@ -267,6 +268,13 @@ def package_module(name: str):
     import importlib
 
     return importlib.import_module(f"mot_transition.{name}")
+
+
+def _number(value) -> str:
+    """A bound as a user reads it: 1048576 rather than 1.04858e+06, 0.5 as 0.5."""
+    if value is None:
+        return ""
+    return str(int(value)) if float(value).is_integer() and abs(value) < 1e16 else f"{value:g}"
 
 
 def _need(condition: bool, message: str) -> None:

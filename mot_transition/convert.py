@@ -23,6 +23,7 @@ from .checkpoint_io import check_finite, check_tensors, expected_shapes, load_co
 from .config import MoTConfig
 from .counts import parameter_counts
 from .data.tokenizer import ready_for_generation
+from .checks import check_writable_folder
 from .destinations import check_destination, clean_after_killed_runs, staged
 from .locks import writes
 from .jsonfiles import dumps, read_json_object
@@ -209,6 +210,7 @@ def convert_checkpoint(
     check_finite(src)
     clean_after_killed_runs(dst)
     check_destination(src, dst, force)
+    check_writable_folder(dst.parent, "the destination", shown=dst)
 
     report = new_report(config, tc_config, source=str(src.resolve()))
     if (src / "training_state.json").is_file():  # transition tuning continues on the MoT run's data

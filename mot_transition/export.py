@@ -30,6 +30,7 @@ import torch
 from .checkpoint_io import load_checked, load_config
 from .config import MoTConfig
 from .convert import COPIED_FILES
+from .checks import check_writable_folder
 from .destinations import check_destination, clean_after_killed_runs, staged
 from .locks import writes
 from .jsonfiles import dumps, write_json
@@ -141,6 +142,7 @@ def export_checkpoint(
     check_exportable(config, target, dropless)
     clean_after_killed_runs(dst)
     check_destination(src, dst, force)
+    check_writable_folder(dst.parent, "the destination", shown=dst)
     model = load_checked(src).eval()
     if dtype != "float32":  # the reference of the check: our model with the export's rounded weights
         model = model.to(DTYPES[dtype]).float()

@@ -9,9 +9,10 @@ a regime the model was not trained in. Convert and transition-tune it to serve i
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer, BatchEncoding, PreTrainedTokenizerBase
+from transformers import BatchEncoding, PreTrainedTokenizerBase
 
 from .checkpoint_io import load_checked, load_config, resolve_checkpoint
+from .checks import load_tokenizer_folder
 from .options import check_options
 from .modeling import MoTLMHeadModel
 
@@ -22,7 +23,7 @@ def load_for_inference(checkpoint: str | Path, device: str = "cpu") -> tuple[MoT
     config = load_config(checkpoint)
     if not (checkpoint / "tokenizer.json").is_file() and not (checkpoint / "tokenizer_config.json").is_file():
         raise FileNotFoundError(f"{checkpoint} has no tokenizer files; generation needs the tokenizer the model was trained with")
-    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    tokenizer = load_tokenizer_folder(checkpoint, f"the checkpoint {checkpoint}")
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

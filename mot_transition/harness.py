@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .checks import check_writable_file, load_tokenizer_folder, one_line
 from .checkpoint_io import load_checked, load_config, resolve_checkpoint
 from .jsonfiles import write_json
 from .locks import writes
@@ -41,8 +42,6 @@ def evaluate_tasks(
     except ImportError as error:  # not installed, or installed and broken: say which
         why = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ImportError(f"eval needs lm-evaluation-harness, which does not import here ({why}): pip install 'mot-transition[eval]'") from None
-    from transformers import AutoTokenizer
-
     checkpoint = resolve_checkpoint(checkpoint)
     config = load_config(checkpoint)
     if not tasks:
@@ -57,7 +56,10 @@ def evaluate_tasks(
             f"or evaluate it one sequence at a time with --group-size 1"
         )
     if include_path is not None and not Path(include_path).is_dir():
-        raise FileNotFoundError(f"no task folder at {include_path}")
+        raise FileNotFoundError(f"--include-path {include_path}: no task folder there")
+    if include_path is not None:
+        check_task_files(include_path)
+    tokenizer = load_tokenizer_folder(checkpoint, f"the checkpoint {checkpoint}")  # before lm-eval indexes its tasks
     manager = None
     if include_path is not None:  # indexing lm-eval's own tasks takes ~20 s: only when the folder lacks one
         manager = TaskManager(include_path=str(include_path), include_defaults=False)
@@ -71,7 +73,6 @@ def evaluate_tasks(
     model = load_checked(checkpoint).eval().to(device)
     if group_size == 1:
         model.set_group_size(1)
-    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=config.n_positions, device=device)
     results = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, limit=limit)["results"]
     scores = {}
@@ -83,9 +84,29 @@ def evaluate_tasks(
     return scores
 
 
+def check_task_files(include_path: str | Path) -> None:
+    """Every task YAML file under `include_path` reads as lm-eval reads it (its own loader: `include:`
+    followed, `!function` tags kept), else one line naming the file and where it breaks; lm-eval
+    itself skips such a file quietly, and the task in it is then reported as unknown."""
+    try:
+        from lm_eval.tasks._index import TaskIndex
+        from lm_eval.tasks._yaml_loader import load_yaml
+    except ImportError:  # another lm-eval layout: its own errors will have to do
+        return
+    for path in TaskIndex._iter_yaml_files(Path(include_path)):
+        try:
+            load_yaml(path, resolve_func=False, recursive=True)
+        except Exception as error:
+            mark = getattr(error, "problem_mark", None)
+            where = f" at line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
+            why = getattr(error, "problem", None) or one_line(error)
+            raise ValueError(f"--include-path {include_path}: {path} is not a task file lm-eval reads ({why}{where})") from None
+
+
 @writes("path")
 def write_scores(scores: dict, path: str | Path) -> Path:
     """The scores as JSON, written whole or not at all."""
     path = Path(path)
+    check_writable_file(path, "--out")
     path.parent.mkdir(parents=True, exist_ok=True)
     return write_json(path, scores)

@@ -19,6 +19,8 @@ def write_json(path: str | Path, obj, indent: int | None = 1, **kwargs) -> Path:
     """Write `obj` to `path` through a temporary file beside it and `os.replace`: the file is either
     the old one or the complete new one, never half of either."""
     path = Path(path)
+    if path.is_dir():  # os.replace would fail naming the temporary file, not this one
+        raise IsADirectoryError(f"{path} is a folder; cannot write a JSON file there")
     text = dumps(obj, indent=indent, **kwargs) + "\n"
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
@@ -39,6 +41,8 @@ def read_json_object(path: str | Path) -> dict:
         value = json.loads(Path(path).read_text())
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise ValueError(f"{path} is truncated or corrupted: not valid JSON") from None
+    except RecursionError:
+        raise ValueError(f"{path} is corrupted: JSON nested deeper than Python's recursion limit") from None
     if not isinstance(value, dict):
         raise ValueError(f"{path} is corrupted: not a JSON object")
     return value

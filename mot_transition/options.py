@@ -2,7 +2,18 @@
 functions behind the commands, so that a Python caller gets the same one-line error as the CLI.
 (The rules of config and recipe keys are config.MODEL_RULES and train.recipe.RECIPE_RULES.)"""
 
+import os
+
 from .config import AT_LEAST_ZERO, POSITIVE, POSITIVE_INT, Rule
+
+# Upper bounds, each with its reason: a value past it would exhaust the machine or crash a library.
+# A vocabulary: every byte and the eos token, and at most 2^20 entries, four times the largest in use
+# (262,144): the tokenizers library's BPE trainer aborts the process (a Rust panic, exit 134) when
+# asked for 10^9, and the model's embedding grows with it.
+VOCAB_SIZE = Rule(int, low=257, high=2**20)
+# CPU cores this process may use: each worker is a process with its own tokenizer; more than the
+# cores only adds processes (--workers 1000 would fork 1000) and their memory.
+CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 OPTION_RULES: dict[str, Rule] = {
     "--steps": POSITIVE_INT,
@@ -17,14 +28,14 @@ OPTION_RULES: dict[str, Rule] = {
     "--temperature": AT_LEAST_ZERO,  # 0 = greedy
     "--top-p": Rule(float, low=0, high=1, low_open=True),
     "--limit": POSITIVE_INT,
-    "--batch-size": POSITIVE_INT,
+    "--batch-size": Rule(int, low=1, high=4096),  # eval: a batch holds batch x context x vocabulary logits
     "--group-size": POSITIVE_INT,
-    "--vocab-size": Rule(int, low=257),  # every byte and the eos token
+    "--vocab-size": VOCAB_SIZE,
     "--sample-bytes": POSITIVE_INT,
     "--max-bytes": POSITIVE_INT,
     "--heldout-fraction": Rule(float, low=0, high=1, low_open=True, high_open=True),
     "--shard-tokens": POSITIVE_INT,
-    "--workers": POSITIVE_INT,
+    "--workers": Rule(int, low=1, high=CORES),  # one process per core at most (above)
     "--seed": Rule(int, low=0),  # generate's sampling seed (below 2**63, as every integer rule)
     "--seeds": POSITIVE_INT,  # study: how many seeds
     "--transitions": Rule(list, item=float, low=0, low_open=True),  # study: transition lengths, % of the MoT steps
@@ -41,4 +52,4 @@ def check_options(**values) -> None:
             OPTION_RULES[option].check(option, value)
 
 
-__all__ = ["OPTION_RULES", "check_options"]
+__all__ = ["OPTION_RULES", "VOCAB_SIZE", "CORES", "check_options"]

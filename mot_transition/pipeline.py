@@ -13,6 +13,7 @@ import os
 import time
 from pathlib import Path
 
+from .checks import check_writable_folder
 from .compare import compare_runs, plot_curves
 from .convert import convert_checkpoint, default_top_k, token_choice_config
 from .destinations import not_ours
@@ -69,6 +70,7 @@ def run_pipeline(
         raise FileExistsError(f"{out} already exists and is not empty; pass --resume to continue the run in it, or choose another --out")
     # every option is checked before the first stage starts
     check_options(transition_steps=transition_steps, top_k=top_k, calibrate=calibrate)
+    check_writable_folder(out, "--out")
     mot_config = mot_recipe.model_config()
     k = default_top_k(mot_config) if top_k is None else top_k
     token_choice_config(mot_config, k)  # --top-k in range

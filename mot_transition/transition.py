@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint_io import load_checked, load_config, resolve_checkpoint
+from .checks import check_writable_folder, load_tokenizer_folder
 from .config import Rule
 from .jsonfiles import read_json_object, write_json
 from .locks import writes
@@ -72,11 +73,9 @@ def run_recipe(checkpoint: Path) -> Recipe:
 def calibration_batches(checkpoint: str | Path, num_batches: int) -> list[torch.Tensor]:
     """The first `num_batches` batches of the MoT run's training split, each of the run's
     micro-batch size (a multiple of group_size), for fitting the conversion scales."""
-    from transformers import AutoTokenizer
-
     checkpoint = resolve_checkpoint(checkpoint)
     recipe = run_recipe(checkpoint)
-    _, train_seq, _, _ = prepare_run_data(recipe, AutoTokenizer.from_pretrained(checkpoint))
+    _, train_seq, _, _ = prepare_run_data(recipe, load_tokenizer_folder(checkpoint, f"the checkpoint {checkpoint}"))
     rows = check_calibration(recipe, train_seq, num_batches)
     return list(train_seq[: rows * num_batches].split(rows))
 
@@ -137,8 +136,6 @@ def transition(
     checkpoint exactly as if it had never stopped (the same curve, the same final weights); lr,
     eval_every and warmup_steps left None are then the run's own, and given ones must match it.
     """
-    from transformers import AutoTokenizer
-
     checkpoint = resolve_checkpoint(checkpoint)
     config = load_config(checkpoint)
     if config.ffn_type != "token_choice":
@@ -148,6 +145,7 @@ def transition(
         )
     check_options(steps=steps, eval_every=eval_every, checkpoint_every=checkpoint_every, lr=lr)
     out_dir = Path(out_dir)
+    check_writable_folder(out_dir, "--out")  # before the pre-switch losses are measured
     last = None
     if resume:
         last, skipped = resumable_checkpoint(out_dir)
@@ -170,7 +168,7 @@ def transition(
     o.lr, o.warmup_steps = lr, warmup_steps
     t.steps, t.eval_every, t.checkpoint_every, t.switch_at_step = steps, eval_every, checkpoint_every, None
 
-    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    tokenizer = load_tokenizer_folder(checkpoint, f"the checkpoint {checkpoint}")
     _, train_seq, heldout_seq, _ = prepare_run_data(recipe, tokenizer)
     torch.manual_seed(recipe.seed)
     model = load_checked(last if saved is not None else checkpoint)
@@ -276,6 +274,8 @@ def load_transition(run_dir: str | Path) -> TransitionResult:
         raw = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ValueError(f"{path} is not valid JSON ({error}); rerun the transition") from None
+    except RecursionError:
+        raise ValueError(f"{path} is not valid JSON (nested deeper than Python's recursion limit); rerun the transition") from None
     names = [f.name for f in fields(TransitionResult)]
     problem = None
     if not isinstance(raw, dict):

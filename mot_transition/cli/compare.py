@@ -21,6 +21,16 @@ def compare(
     limit: int = typer.Option(None, "--limit", help="Score only the first N examples of each task."),
 ) -> None:
     """Compare pre-switch, unbatched, post-switch and baseline losses on the same held-out batches."""
+    from ..checks import check_writable_file
+
+    if plot is not None:  # before the models are evaluated
+        check_writable_file(plot, "--plot")
+    if tasks and include_path is not None:
+        from ..harness import check_task_files
+
+        if not include_path.is_dir():
+            raise FileNotFoundError(f"--include-path {include_path}: no task folder there")
+        check_task_files(include_path)
     comparison = compare_runs(runs)
     if tasks:
         from ..harness import task_names

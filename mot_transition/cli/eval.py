@@ -24,9 +24,12 @@ def eval_command(
     from rich.console import Console
     from rich.table import Table
 
+    from ..checks import check_writable_file
     from ..harness import evaluate_tasks, task_names, write_scores
     from ..locks import hold
 
+    if out is not None:  # before the evaluation, not after it
+        check_writable_file(out, "--out")
     with hold(out) if out is not None else nullcontext():  # one writer of --out, from the start
         scores = evaluate_tasks(checkpoint, task_names(tasks), include_path, limit, batch_size, group_size, device)
         if out is not None:

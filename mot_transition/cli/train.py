@@ -25,6 +25,8 @@ def train(
 
     start = time.perf_counter()
     config = load_recipe(recipe, overrides or [])
+    if resume:
+        say_when_nothing_to_resume(out if out is not None else Path("runs") / config.name)
     switch = None
     if config.train.switch_at_step is not None:  # the in-run MoT -> Token Choice switch
         from ..transition import in_run_switch as switch
@@ -44,6 +46,17 @@ def train(
     table.add_row("metrics", str(result.metrics))
     table.add_row("loss curves", str(result.plot) if result.plot else "(needs matplotlib: pip install 'mot-transition[plot]')")
     Console().print(table)
+
+
+def say_when_nothing_to_resume(out: Path) -> None:
+    """`--resume` with no checkpoint in `out` starts a new run (so that a job restarted after a crash
+    before its first checkpoint goes on), and says so: a mistyped --out is seen at once."""
+    from ..train import latest_checkpoint
+
+    if latest_checkpoint(out) is None:
+        import warnings
+
+        warnings.warn(f"--resume: {out} holds no checkpoint to resume; starting a new run there")
 
 
 def _exp(x: float) -> float:

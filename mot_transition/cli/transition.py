@@ -8,6 +8,7 @@ from rich.table import Table
 
 from ..transition import transition as run_transition
 from .app import app
+from .train import say_when_nothing_to_resume
 
 
 @app.command()
@@ -22,6 +23,8 @@ def transition(
 ) -> None:
     """Transition-tune with the load-balancing loss on; evaluate batched and one sequence at a time."""
     out = out or checkpoint.resolve().with_name(checkpoint.resolve().name + "-transition")
+    if resume:
+        say_when_nothing_to_resume(out)
     result = run_transition(checkpoint, steps, out, lr=lr, eval_every=eval_every, checkpoint_every=checkpoint_every, resume=resume)
     table = Table(title=f"post-switch held-out loss (nats/token), lr {result.lr:g}")
     for column in ("step", "one sequence at a time", "batched"):

@@ -134,8 +134,9 @@ class SplitStream:
     that crosses it is cut there and the stream ends.
     """
 
-    def __init__(self, keyed: Iterable[tuple[str, str]], heldout_fraction: float, max_bytes: int | None = None):
+    def __init__(self, keyed: Iterable[tuple[str, str]], heldout_fraction: float, max_bytes: int | None = None, name: str = ""):
         self.keyed, self.heldout_fraction, self.max_bytes = keyed, heldout_fraction, max_bytes
+        self.name = name  # the sources as the user gave them, for the errors: "SOURCE: ..."
         self.empty = self.duplicates = 0
         self.documents = {split: 0 for split in SPLITS}
         self._digests = {split: hashlib.sha256() for split in SPLITS}
@@ -189,7 +190,7 @@ class SplitStream:
             yield from self._fallback(first)
         if not self.documents["train"] and self.documents["heldout"]:
             raise ValueError(
-                f"all {self.documents['heldout']} documents fell in the held-out split; "
+                f"{self.name + ': ' if self.name else ''}all {self.documents['heldout']} documents fell in the held-out split; "
                 f"lower --heldout-fraction ({self.heldout_fraction})"
             )
 
@@ -200,8 +201,8 @@ class SplitStream:
         cut = int(len(text) * (1.0 - self.heldout_fraction))
         if cut == 0 or cut == len(text):
             raise ValueError(
-                f"the corpus is one document of {len(text)} characters, "
-                f"too short to hold out {self.heldout_fraction:.0%} of it"
+                f"{self.name + ': ' if self.name else ''}the corpus is one document of {len(text)} characters, "
+                f"too short to hold out {self.heldout_fraction:.0%} of it (--heldout-fraction)"
             )
         yield self._emit("train", text[:cut])
         yield self._emit("heldout", text[cut:])

@@ -18,6 +18,8 @@ import numpy as np
 
 from mot_transition.data.batches import tokenizer_hash
 from mot_transition.data.corpus import SplitStream
+from mot_transition.checks import check_writable_folder, load_tokenizer_folder
+from mot_transition.data.pieces import pieces_of_long
 from mot_transition.data.shards import FORMAT, FORMAT_VERSION, MANIFEST, SPLITS, PreparedData, ShardWriter, dtype_for
 from mot_transition.data.sources import iter_documents, resolve_sources
 from mot_transition.data.tokenizer import train_bpe_tokenizer
@@ -72,12 +74,14 @@ def prepare(
     resolved = resolve_sources(sources, text_field)
     clean_after_killed_runs(out)  # a killed prepare's staging; a dataset it had moved aside is put back
     _check_output(out, force)
+    check_writable_folder(out, "--out")  # before a tokenizer is trained or loaded
     if isinstance(tokenizer, (str, Path)):
-        tok = _load_tokenizer(Path(tokenizer).expanduser())
+        tok = _load_tokenizer(tokenizer)
     elif tokenizer is not None:
         tok = _checked_tokenizer(tokenizer, "the tokenizer given")
     else:
-        tok = train_bpe_tokenizer(_sample(sources, resolved, text_field, heldout_fraction, max_bytes, sample_bytes), vocab_size)
+        tok = train_bpe_tokenizer(_sample(sources, resolved, text_field, heldout_fraction, max_bytes, sample_bytes, batch_bytes),
+                                  vocab_size)
 
     with staged(out) as staging:  # removed if anything stops it (bad input found mid-way, Ctrl-C)
         _write(staging, sources, resolved, tok, text_field, heldout_fraction, max_bytes, shard_tokens, workers,
@@ -90,7 +94,7 @@ def _write(out, sources, resolved, tok, text_field, heldout_fraction, max_bytes,
     vocab = len(tok)
     dtype, eos = dtype_for(vocab), tok.eos_token_id
     writers = {split: ShardWriter(out, split, dtype, shard_tokens) for split in SPLITS}
-    stream = SplitStream(iter_documents(sources, resolved, text_field), heldout_fraction, max_bytes)
+    stream = SplitStream(iter_documents(sources, resolved, text_field), heldout_fraction, max_bytes, _named(sources))
     total_bytes = 0
     with _Encoder(tok.backend_tokenizer.to_str(), eos, dtype, workers) as encoder:
         for split, ids, ends, n_bytes in encoder.run(_batches(stream, batch_bytes)):
@@ -116,37 +120,58 @@ def _write(out, sources, resolved, tok, text_field, heldout_fraction, max_bytes,
     return out
 
 
-def _batches(stream: SplitStream, batch_bytes: int) -> Iterator[tuple[str, list[str], int]]:
-    """(split, texts, UTF-8 bytes) batches of about `batch_bytes`, per split, in stream order."""
-    pending = {split: ([], 0) for split in SPLITS}
+def _batches(stream: SplitStream, batch_bytes: int) -> Iterator[tuple[str, list[str], list[bool], int]]:
+    """(split, texts, whether each text ends its document, UTF-8 bytes) batches of about
+    `batch_bytes`, per split, in stream order. A document longer than `batch_bytes` characters comes
+    in pieces (pieces.py), so that no batch holds more than about that much text."""
+    pending = {split: ([], [], 0) for split in SPLITS}
     for split, text in stream:
-        texts, size = pending[split]
-        texts.append(text)
-        size += len(text.encode("utf-8"))
-        pending[split] = (texts, size)
-        if size >= batch_bytes:
-            yield split, texts, size
-            pending[split] = ([], 0)
-    for split, (texts, size) in pending.items():
+        for part, last in _with_last(pieces_of_long(text, batch_bytes)):
+            texts, lasts, size = pending[split]
+            texts.append(part)
+            lasts.append(last)
+            size += len(part.encode("utf-8"))
+            pending[split] = (texts, lasts, size)
+            if size >= batch_bytes:
+                yield split, texts, lasts, size
+                pending[split] = ([], [], 0)
+    for split, (texts, lasts, size) in pending.items():
         if texts:
-            yield split, texts, size
+            yield split, texts, lasts, size
 
 
-def _sample(sources, resolved, text_field, heldout_fraction, max_bytes, sample_bytes) -> list[str]:
-    """The train split's first `sample_bytes` UTF-8 bytes; the document that crosses it is cut."""
-    sample, total = [], 0
-    for split, text in SplitStream(iter_documents(sources, resolved, text_field), heldout_fraction, max_bytes):
+def _named(sources) -> str:
+    return ", ".join(map(str, sources))
+
+
+def _with_last(items: Iterable) -> Iterator[tuple[object, bool]]:
+    """(item, whether it is the last one) for every item."""
+    items = iter(items)
+    previous = next(items, _with_last)  # the function itself stands for "none"
+    if previous is _with_last:
+        return
+    for item in items:
+        yield previous, False
+        previous = item
+    yield previous, True
+
+
+def _sample(sources, resolved, text_field, heldout_fraction, max_bytes, sample_bytes, piece_chars) -> Iterator[str]:
+    """The train split's first `sample_bytes` UTF-8 bytes, a long document in pieces (pieces.py: the
+    BPE trainer counts the same pre-tokenized words either way); the document that crosses it is cut."""
+    total = 0
+    for split, text in SplitStream(iter_documents(sources, resolved, text_field), heldout_fraction, max_bytes, _named(sources)):
         if split != "train":
             continue
-        data = text.encode("utf-8")
-        if total + len(data) >= sample_bytes:
-            sample.append(data[: sample_bytes - total].decode("utf-8", errors="ignore"))
-            break
-        sample.append(text)
-        total += len(data)
-    if not sample:
+        for part in pieces_of_long(text, piece_chars):
+            data = part.encode("utf-8")
+            if total + len(data) >= sample_bytes:
+                yield data[: sample_bytes - total].decode("utf-8", errors="ignore")
+                return
+            yield part
+            total += len(data)
+    if not total:
         raise ValueError(f"no text in {', '.join(map(str, sources))}: no non-empty UTF-8 document to train a tokenizer on")
-    return sample
 
 
 # ---------------------------------------------------------------------------------------------
@@ -163,13 +188,15 @@ def _init_worker(tokenizer_json: str, eos: int, dtype: str) -> None:
     _worker = (Tokenizer.from_str(tokenizer_json), eos, dtype)
 
 
-def _encode(split: str, texts: list[str], n_bytes: int) -> tuple[str, np.ndarray, np.ndarray, int]:
-    """(split, ids of every document each followed by eos, where each document ends, bytes)."""
+def _encode(split: str, texts: list[str], lasts: list[bool], n_bytes: int) -> tuple[str, np.ndarray, np.ndarray, int]:
+    """(split, ids of every text, each followed by eos when it ends its document, where each
+    document ends, bytes)."""
     tokenizer, eos, dtype = _worker
     encodings = tokenizer.encode_batch_fast(texts, add_special_tokens=False)
-    ends = np.cumsum([len(e.ids) + 1 for e in encodings], dtype=np.int64)
-    ids = np.fromiter(chain.from_iterable(chain(e.ids, (eos,)) for e in encodings), dtype=dtype, count=int(ends[-1]))
-    return split, ids, ends, n_bytes
+    lengths = np.array([len(e.ids) + last for e, last in zip(encodings, lasts)], dtype=np.int64)
+    ids = np.fromiter(chain.from_iterable(chain(e.ids, (eos,) if last else ()) for e, last in zip(encodings, lasts)),
+                      dtype=dtype, count=int(lengths.sum()))
+    return split, ids, np.cumsum(lengths)[np.array(lasts, dtype=bool)], n_bytes
 
 
 class _Encoder:
@@ -201,7 +228,7 @@ class _Encoder:
                 os.environ["TOKENIZERS_PARALLELISM"] = saved
         return self
 
-    def run(self, batches: Iterable[tuple[str, list[str], int]]):
+    def run(self, batches: Iterable[tuple[str, list[str], list[bool], int]]):
         if self.pool is None:
             for batch in batches:
                 yield _encode(*batch)
@@ -257,15 +284,11 @@ def _check_output(out: Path, force: bool) -> None:
                          "write and --force would delete: move it out first, or give a new or empty folder")
 
 
-def _load_tokenizer(path: Path):
-    if not path.is_dir():
-        raise FileNotFoundError(f"--tokenizer {path} is not a folder; give a folder that AutoTokenizer can load")
-    from transformers import AutoTokenizer
-
-    return _checked_tokenizer(AutoTokenizer.from_pretrained(path), f"the tokenizer in {path}")
+def _load_tokenizer(path: str | Path):
+    return _checked_tokenizer(load_tokenizer_folder(path, f"--tokenizer {path}"), f"--tokenizer {path}")
 
 
 def _checked_tokenizer(tok, what: str):
     if getattr(tok, "backend_tokenizer", None) is None or tok.eos_token_id is None:
-        raise ValueError(f"{what} needs to be a fast tokenizer with an eos token")
+        raise ValueError(f"{what}: a fast tokenizer with an eos token is needed; this one has {'no eos token' if getattr(tok, 'backend_tokenizer', None) is not None else 'no fast (Rust) backend'}")
     return tok

@@ -41,8 +41,9 @@ class ShardWriter:
         self._file, self._tokens, self._documents = None, 0, 0
 
     def write(self, ids: np.ndarray, ends: np.ndarray) -> None:
-        """Append whole documents: `ids` holds them one after another, each followed by its eos id,
-        and document i ends (exclusive) at `ends[i]`."""
+        """Append documents: `ids` holds them one after another, each followed by its eos id, and
+        document i ends (exclusive) at `ends[i]`. Ids after the last end begin a document that the
+        next call goes on with (a long document comes in pieces): the shard stays open until it ends."""
         position, first = 0, 0
         while first < len(ends):
             # the first document whose end brings the open shard to shard_tokens
@@ -50,15 +51,17 @@ class ShardWriter:
             last = min(last, len(ends) - 1)
             self._append(ids[position : ends[last]], last - first + 1)
             position, first = int(ends[last]), last + 1
+        if position < len(ids):
+            self._append(ids[position:], 0, ends_a_document=False)
 
-    def _append(self, ids: np.ndarray, documents: int) -> None:
+    def _append(self, ids: np.ndarray, documents: int, ends_a_document: bool = True) -> None:
         if self._file is None:
             self._name = f"{self.split}/{len(self.shards):06d}.bin"
             self._file = open(self.root / self._name, "wb")
         self._file.write(np.ascontiguousarray(ids, dtype=self.dtype).tobytes())
         self._tokens += int(ids.size)
         self._documents += documents
-        if self._tokens >= self.shard_tokens:
+        if self._tokens >= self.shard_tokens and ends_a_document:
             self.close()
 
     def close(self) -> None:
@@ -166,6 +169,8 @@ class PreparedData:
             )
         self.manifest = read_json_object(manifest_path)
         self._check_header(manifest_path)
+        if not (self.directory / "tokenizer").is_dir():
+            raise ValueError(f"{self.directory} is damaged: it has a manifest but no tokenizer/ folder; prepare it again")
         self.dtype, self.eos_id = self.manifest["dtype"], self.manifest["eos_id"]
         self.vocab_size = self.manifest["vocab_size"]
         self.splits = {name: self._open_split(name, manifest_path) for name in SPLITS}
@@ -183,9 +188,9 @@ class PreparedData:
         return self.splits["heldout"]
 
     def tokenizer(self):
-        from transformers import AutoTokenizer
+        from mot_transition.checks import load_tokenizer_folder
 
-        return AutoTokenizer.from_pretrained(self.directory / "tokenizer")
+        return load_tokenizer_folder(self.directory / "tokenizer", f"the prepared corpus {self.directory}")
 
     def _check_header(self, path: Path) -> None:
         m = self.manifest

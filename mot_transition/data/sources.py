@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+from mot_transition.checks import one_line
+
 STDLIB = "stdlib"
 HUB_PREFIX = "hf:"
 RECORD_SUFFIXES = (".jsonl", ".jsonl.gz", ".parquet")
@@ -32,6 +34,16 @@ _STDLIB_SKIP_DIRS = {
 
 # ---------------------------------------------------------------------------------------------
 # readers of one file
+
+
+def json_kind(value) -> str:
+    """What a JSON value is, in JSON's words: "null", "a number", "an array", ..."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return f"the boolean {str(value).lower()}"
+    kinds = {dict: "an object", list: "an array", str: "a string", int: "a number", float: "a number"}
+    return next((name for kind, name in kinds.items() if isinstance(value, kind)), type(value).__name__)
 
 
 def decode_file(file: Path) -> str | None:
@@ -61,16 +73,19 @@ def iter_jsonl(path: Path, text_field: str) -> Iterator[str]:
                 try:
                     record = json.loads(line)
                 except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}, line {line_number}: not valid JSON ({e.msg})") from None
-                if not isinstance(record, dict) or text_field not in record:
+                    raise ValueError(f"{path}, line {line_number}: not valid JSON ({e.msg} at column {e.colno})") from None
+                except RecursionError:  # e.g. [[[[...]]]] 100,000 deep: Python's parser recurses per level
+                    raise ValueError(f"{path}, line {line_number}: JSON nested too deeply to read; a record is one object with a string field") from None
+                if not isinstance(record, dict):
+                    raise ValueError(f"{path}, line {line_number}: {json_kind(record)}, not a JSON object with a {text_field!r} field")
+                if text_field not in record:
                     raise ValueError(
                         f"{path}, line {line_number}: no {text_field!r} field; "
-                        f"pass text_field= to name the field that holds the text"
+                        f"pass --text-field (data.text_field in a recipe) to name the field that holds the text"
                     )
                 text = record[text_field]
                 if not isinstance(text, str):
-                    kind = type(text).__name__
-                    raise ValueError(f"{path}, line {line_number}: field {text_field!r} is a {kind}, not a string")
+                    raise ValueError(f"{path}, line {line_number}: field {text_field!r} is {json_kind(text)}, not a string")
                 try:
                     text.encode("utf-8")
                 except UnicodeEncodeError:  # JSON can spell a lone surrogate ("\ud800"), which no UTF-8 holds
@@ -95,7 +110,7 @@ def check_parquet(path: Path, text_field: str) -> None:
     if text_field not in schema.names:
         raise ValueError(
             f"{path} has no column {text_field!r} (columns: {', '.join(schema.names)}); "
-            f"pass text_field= to name the column that holds the text"
+            f"pass --text-field (data.text_field in a recipe) to name the column that holds the text"
         )
 
 
@@ -192,7 +207,7 @@ def resolve_sources(specs: list[str], text_field: str = "text") -> list[Source]:
         if spec == STDLIB:
             sources.append(Source("stdlib", STDLIB))
         elif spec.startswith(HUB_PREFIX):
-            _import_datasets(spec)
+            check_hub_dataset(spec, _import_datasets(spec))
             sources.append(Source("hub", spec[len(HUB_PREFIX) :]))
         elif Path(spec).expanduser().exists():
             path = Path(spec).expanduser()
@@ -261,6 +276,28 @@ def _import_datasets(spec: str):
     except ImportError:
         raise ValueError(f"reading {spec} needs the datasets library: pip install datasets") from None
     return datasets
+
+
+def check_hub_dataset(spec: str, datasets) -> None:
+    """One request, before any work, that the Hub answers and has the dataset: offline, unreachable
+    (no retries: `datasets` would retry for half a minute, warning each time) or not found is one line."""
+    name = spec[len(HUB_PREFIX) :]
+    if datasets.config.HF_HUB_OFFLINE:
+        raise ValueError(f"{spec}: the Hub dataset {name!r} cannot be streamed offline (HF_HUB_OFFLINE is set)")
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
+
+    try:
+        HfApi().dataset_info(name, timeout=15)
+    except GatedRepoError:
+        raise ValueError(f"{spec}: the Hub dataset {name!r} is gated; accept its terms on the Hub and log in (hf auth login)") from None
+    except RepositoryNotFoundError:
+        raise ValueError(f"{spec}: the Hub has no dataset {name!r} (or it is private and you are not logged in)") from None
+    except HfHubHTTPError as error:
+        raise ValueError(f"{spec}: the Hub refused the dataset {name!r} ({one_line(error)})") from None
+    except Exception as error:  # the HTTP client's connection errors: no network, no DNS, a proxy
+        raise ValueError(f"{spec}: the Hugging Face Hub cannot be reached ({one_line(error)}); check the network, "
+                         f"or prepare from local files") from None
 
 
 def _iter_dataset(source: Source, text_field: str) -> Iterator[str]:

@@ -18,7 +18,6 @@ from mot_transition.jsonfiles import write_json
 
 EOS_TOKEN = "<|endoftext|>"
 CACHE_ENV = "MOT_TRANSITION_CACHE"
-_MIN_VOCAB_SIZE = 256 + 1  # every byte, and the special token
 
 
 def cache_root() -> Path:
@@ -52,8 +51,10 @@ def train_bpe_tokenizer(documents: Iterable[str], vocab_size: int) -> PreTrained
 
 
 def check_vocab_size(vocab_size: int) -> None:
-    if vocab_size < _MIN_VOCAB_SIZE:
-        raise ValueError(f"vocab_size must be at least {_MIN_VOCAB_SIZE} (256 bytes and {EOS_TOKEN}), got {vocab_size}")
+    """256 bytes and the eos token at least; at most 2^20 (options.VOCAB_SIZE says why)."""
+    from mot_transition.options import VOCAB_SIZE
+
+    VOCAB_SIZE.check("vocab_size", vocab_size)
 
 
 def load_tokenizer(path: Path) -> PreTrainedTokenizerFast:

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..config import AT_LEAST_ZERO, MODEL_RULES, POSITIVE, POSITIVE_INT, PROBABILITY, Rule
+from ..options import VOCAB_SIZE
 from .tracking import check_report_to
 
 RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
@@ -155,7 +156,7 @@ RECIPE_RULES: dict[str, Rule] = {
     "data.text_field": Rule(str),
     "data.heldout_fraction": Rule(float, low=0, high=1, low_open=True, high_open=True),
     "data.max_bytes": Rule(int, low=1, optional=True),
-    "data.vocab_size": Rule(int, low=257),  # 256 bytes and <|endoftext|>
+    "data.vocab_size": VOCAB_SIZE,  # 256 bytes and <|endoftext|>, at most 2^20: options.VOCAB_SIZE says why
     "data.seq_len": Rule(int, low=2),
     "data.eval_batches": POSITIVE_INT,
     "data.eval_batch_size": POSITIVE_INT,
@@ -179,7 +180,9 @@ RECIPE_RULES: dict[str, Rule] = {
     "train.device": Rule(str),  # a name torch knows: checked in check_recipe
     "train.log_every": POSITIVE_INT,
     "train.report_to": Rule(list, item=str),
-    "train.threads": Rule(int, low=0),  # 0 = torch's default
+    # 0 = torch's default; at most 256: torch.set_num_threads(100_000) segfaults at the first matmul (exit 139)
+    # (measured, torch 2.13), and threads past the cores only slow a step
+    "train.threads": Rule(int, low=0, high=256),
     "train.compile": Rule(bool),
     "train.keep_freed_memory": Rule(bool),
     "train.switch_at_step": Rule(int, low=1, optional=True),
@@ -209,6 +212,8 @@ def load_recipe(recipe: str | Path | None = None, overrides: typing.Sequence[str
             raw = tomllib.loads(path.read_text())
         except tomllib.TOMLDecodeError as error:
             raise ValueError(f"recipe {path} is not valid TOML: {error}") from None
+        except RecursionError:  # tomllib recurses per level of nesting: [[[[...]]]] 100,000 deep
+            raise ValueError(f"recipe {path} is not a recipe: its values nest deeper than Python's recursion limit") from None
     raw.setdefault("name", name)
     for override in overrides:
         key, value = parse_override(override)
@@ -242,7 +247,7 @@ def parse_override(text: str) -> tuple[str, typing.Any]:
         return key, None
     try:
         return key, tomllib.loads(f"v = {value}")["v"]
-    except tomllib.TOMLDecodeError:
+    except (tomllib.TOMLDecodeError, RecursionError):  # a plain string (its key's rule then says what it must be)
         return key, value
 
 

@@ -119,7 +119,7 @@ def _metric_lines(path: Path) -> list[tuple[str, dict]]:
             record = json.loads(line)
             if not isinstance(record, dict) or not isinstance(record.get("step"), int):
                 raise ValueError
-        except ValueError:
+        except (ValueError, RecursionError):
             if number == len(lines):
                 break  # half-written by a killed run
             raise ValueError(f"{path} line {number} is not a metrics record; fix or delete that line") from None

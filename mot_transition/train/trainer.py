@@ -21,6 +21,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
+from ..checks import check_writable_folder
 from ..config import style_defaults
 from ..locks import hold_for_job
 from .checkpoint import latest_checkpoint, load_model, resumable_checkpoint, set_aside
@@ -128,6 +129,7 @@ def train(
     from ..modeling import MoTLMHeadModel
 
     run_dir = Path(out_dir) if out_dir is not None else Path("runs") / recipe.name
+    check_writable_folder(run_dir, "--out")  # before the data is prepared
     t = recipe.train
     if t.switch_at_step is not None and switch is None:
         raise ValueError(
