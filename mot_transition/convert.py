@@ -187,7 +187,7 @@ def fit_calibration_scales(state_dict, config: MoTConfig, tc_config: MoTConfig, 
     return {"batches": len(batches), "scales": scales, "mse_before": mse_before, "mse_after": mse_after}
 
 
-@writes("dst")  # one writer per destination, for the whole conversion
+@writes("dst", option="the destination")  # one writer per destination, for the whole conversion
 def convert_checkpoint(
     src: str | Path,
     dst: str | Path,

@@ -118,7 +118,7 @@ def target_config(config: MoTConfig, target: str):
     )
 
 
-@writes("dst")  # one writer per destination, for the whole export
+@writes("dst", option="the destination")  # one writer per destination, for the whole export
 def export_checkpoint(
     src: str | Path, dst: str | Path, target: str = "qwen3_moe", force: bool = False, dropless: bool = False,
     verify: bool = True, dtype: str = "float32",

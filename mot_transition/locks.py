@@ -47,7 +47,7 @@ def lock_file(output: str | Path) -> Path:
     return output.parent / f".{output.name}.lock"
 
 
-def acquire(output: str | Path, wait: bool = False) -> Path:
+def acquire(output: str | Path, wait: bool = False, option: str | None = None) -> Path:
     """Lock `output` for this process, or raise OutputInUse naming the process that holds it (or
     holds an output around it); with `wait`, wait for the holder to end instead (the data cache:
     a second run of the same corpus waits for the first to prepare it). Creates the missing folders
@@ -67,9 +67,10 @@ def acquire(output: str | Path, wait: bool = False) -> Path:
     while True:
         try:
             fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        except OSError:  # a folder we may not write in
+        except OSError as error:  # a folder we may not write in: one line, as the destination checks say it
             _remove_empty(created)
-            raise
+            shown = f"{option} {output}" if option else str(output)
+            raise PermissionError(f"{shown}: cannot write in {lock.parent} ({error.strerror or error})") from None
         if not _try_lock(fd, fcntl.LOCK_EX, wait):
             holder = _holder(fd)
             os.close(fd)
@@ -108,19 +109,21 @@ def release(output: str | Path) -> None:
 
 
 @contextmanager
-def hold(output: str | Path, wait: bool = False):
+def hold(output: str | Path, wait: bool = False, option: str | None = None):
     """`acquire(output)` for the block."""
-    key = acquire(output, wait)
+    key = acquire(output, wait, option)
     try:
         yield
     finally:
         release(key)
 
 
-def writes(where):
+def writes(where, option: str | None = None):
     """Decorator: the call holds the lock on the output it writes for its whole life. `where` is the
     name of the argument that is the output, or a function of the call's arguments (by name, defaults
-    applied) that returns it."""
+    applied) that returns it; `option`, what names it to the user ("--out", "the destination"): with it,
+    the output is first tried for writing (checks.check_writable_folder), so that a place nobody may
+    write in is that one line, not the lock file's error."""
 
     def decorate(function):
         signature = inspect.signature(function)
@@ -129,7 +132,12 @@ def writes(where):
         def locked(*args, **kwargs):
             bound = signature.bind(*args, **kwargs)
             bound.apply_defaults()
-            with hold(bound.arguments[where] if isinstance(where, str) else where(bound.arguments)):
+            output = bound.arguments[where] if isinstance(where, str) else where(bound.arguments)
+            if option is not None:  # a place no file can be created in is said as the destination checks say it
+                from .checks import check_writable_folder
+
+                check_writable_folder(output, option)
+            with hold(output, option=option):
                 return function(*args, **kwargs)
 
         return locked

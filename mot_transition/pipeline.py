@@ -41,7 +41,7 @@ def _pipeline_dir(args: dict) -> Path:
     return Path("runs") / f"{load_recipe(args['recipe'], args['overrides']).name}-pipeline"
 
 
-@writes(_pipeline_dir)  # one pipeline per OUT, for its whole life (its stages lock their own folders inside it)
+@writes(_pipeline_dir, option="--out")  # one pipeline per OUT, for its whole life (its stages lock their own folders inside it)
 def run_pipeline(
     recipe: str | Path = "tiny",
     out_dir: str | Path | None = None,

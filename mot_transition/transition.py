@@ -115,7 +115,7 @@ def mot_losses(source: Path, recipe: Recipe, heldout: torch.Tensor) -> tuple[flo
     return grouped, evaluate(model, heldout, 1)
 
 
-@writes("out_dir")  # one writer per run directory, for the whole run
+@writes("out_dir", option="--out")  # one writer per run directory, for the whole run
 def transition(
     checkpoint: str | Path,
     steps: int,

@@ -51,8 +51,14 @@ def train(
 def say_when_nothing_to_resume(out: Path) -> None:
     """`--resume` with no checkpoint in `out` starts a new run (so that a job restarted after a crash
     before its first checkpoint goes on), and says so: a mistyped --out is seen at once."""
+    from ..locks import OutputInUse, hold
     from ..train import latest_checkpoint
 
+    try:  # another process writing `out` is refused next, in one line: no warning before it
+        with hold(out):
+            pass
+    except (OutputInUse, OSError, ValueError):
+        return
     if latest_checkpoint(out) is None:
         import warnings
 

@@ -32,7 +32,7 @@ INCOMPLETE = ".prepare-incomplete"  # what a killed prepare of versions before t
 _OURS = ("train", "heldout", "tokenizer", MANIFEST)
 
 
-@writes("out")  # one writer per --out, for the whole preparation
+@writes("out", option="--out")  # one writer per --out, for the whole preparation
 def prepare(
     sources: list[str],
     out: str | Path,
