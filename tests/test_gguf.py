@@ -179,3 +179,17 @@ def test_what_llama_cpp_would_run_differently_is_refused_in_one_line(tmp_path, c
     code, _, err = run_cli(["export", folder, foreign, "--to", "gguf", "--force"], capsys)
     assert code == 1 and "not a GGUF file this toolkit wrote" in err and foreign.read_bytes() == b"GGUF not ours"
     assert not list(tmp_path.glob(".*writing*"))
+
+
+def test_llama_cpp_itself_runs_the_export_as_we_do(tc, tmp_path):
+    """Stock llama.cpp (llama-cpp-python from the package index; scripts/check-llama-cpp.sh installs it)
+    loads the file and gives our logits at every position, our greedy tokens and our tokenisation."""
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (scripts/check-llama-cpp.sh installs it: it builds llama.cpp)")
+    from mot_transition.llama_cpp_check import compare
+
+    folder, _, _ = tc
+    for outtype in ("f32", "f16"):
+        export_gguf(folder, tmp_path / f"{outtype}.gguf", outtype)
+    f32, f16 = compare(folder, [tmp_path / "f32.gguf", tmp_path / "f16.gguf"], new_tokens=8)
+    assert f32["max_abs_logit_difference"] < 1e-3 and f32["same_greedy"] and f32["same_tokens"], f32
+    assert f16["same_tokens"] and abs(f16["perplexity"] / f32["perplexity"] - 1) < 0.01, f16
