@@ -5,6 +5,7 @@ going on from the results alone (another machine: no checkpoints), and the grid'
 import json
 import shutil
 import subprocess
+import sys
 
 import pytest
 
@@ -215,3 +216,19 @@ def test_a_transition_is_compared_with_token_choice_at_its_own_training_flops(gr
         expected = loss_at(tc["curve"], "flops", end)
         expected = tc["curve"][-1]["loss"] if expected is None else expected
         assert summary["table"]["d16"][f"transition-{label}"]["baseline_at_equal_flops"] == [pytest.approx(expected)]
+
+
+def test_a_second_grid_on_the_same_results_is_refused_naming_the_first(grid, tmp_path):
+    from mot_transition.locks import OutputInUse
+
+    path, where, _ = grid
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from mot_transition.locks import acquire; "
+                               f"acquire({str(where / 'results')!r}); print('held', flush=True); time.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(OutputInUse, match=f"pid {holder.pid}"):
+            GridRun(load_grid(path), tmp_path / "runs", progress=False, log=lambda line: None).run()
+    finally:
+        holder.kill()
+        holder.wait()

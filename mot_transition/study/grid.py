@@ -242,7 +242,14 @@ class GridRun:
                                      f"{value}: prepare it with the grid's documented command")
 
     def run(self) -> dict:
-        """Sweep, then every size and seed (seed 0 of every size first, then the further seeds)."""
+        """Sweep, then every size and seed (seed 0 of every size first, then the further seeds); one
+        grid at a time in OUT and in RESULTS (a second is refused, naming the first)."""
+        from ..locks import hold
+
+        with hold(self.out, option="--out"), hold(self.grid.results, option="the grid's results"):
+            return self._run()
+
+    def _run(self) -> dict:
         self.check()
         self.grid.results.mkdir(parents=True, exist_ok=True)
         if not (self.grid.results / GRID_FILE).is_file():
