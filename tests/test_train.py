@@ -27,6 +27,7 @@ from mot_transition.train import (
     recipe_to_toml,
     train,
 )
+from mot_transition.study.grid import is_grid_file, load_grid, plan_size
 from mot_transition.train.recipe import RECIPES_DIR
 
 REPO = Path(__file__).resolve().parents[1]
@@ -379,13 +380,22 @@ def test_recipe_written_as_toml_reads_back_equal():
     assert recipe_from_dict(tomllib.loads(recipe_to_toml(recipe))) == recipe
 
 
-@pytest.mark.parametrize("path", sorted(RECIPES_DIR.glob("*.toml")), ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", sorted(p for p in RECIPES_DIR.glob("*.toml") if not is_grid_file(p)), ids=lambda p: p.stem)
 def test_every_shipped_recipe_is_valid_and_starts_with_the_command_that_runs_it(path):
     recipe = load_recipe(path)
     assert path.read_text().splitlines()[0] == f"# mot-transition train {path.stem}"
     assert recipe.name == path.stem
     if recipe.model.ffn_type == "mot":
         assert recipe.train.batch_size % recipe.model.group_size == 0
+
+
+@pytest.mark.parametrize("path", sorted(p for p in RECIPES_DIR.glob("*.toml") if is_grid_file(p)), ids=lambda p: p.stem)
+def test_every_shipped_study_grid_is_valid_and_starts_with_the_command_that_runs_it(path):
+    assert path.read_text().splitlines()[0].startswith(f"# mot-transition study recipes/{path.name} ")
+    grid = load_grid(path)
+    for size in grid.sizes:
+        plan = plan_size(grid, size, [])
+        assert plan.recipe.train.batch_size % plan.recipe.model.group_size == 0
 
 
 @pytest.mark.parametrize("size", ["tiny", "medium", "base", "tiny-llama", "medium-llama"])
