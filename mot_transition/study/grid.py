@@ -206,10 +206,10 @@ def plan_size(grid: Grid, size: Size, how: list[str]) -> SizePlan:
     transitions = {f"{p:g}pct": max(1, round(p / 100 * steps)) for p in grid.transitions}
     if len(set(transitions.values())) < len(transitions):
         raise ValueError(f"grid: two transition lengths are the same number of steps at {size.label} ({steps} steps)")
+    plan = SizePlan(size, recipe, parameters, transitions)
     for kind in KINDS:
-        plan = SizePlan(size, recipe, parameters, transitions)
         plan.kind_recipe(kind, 1e-3, 0).model_config()  # a shape that cannot be built is refused before any run
-    return SizePlan(size, recipe, parameters, transitions)
+    return plan
 
 
 class GridRun:
@@ -320,10 +320,11 @@ class GridRun:
                 "final_loss": curve[-1]["loss"], "curve": curve, "recipe": recipe.to_dict(),
             }
         if result.is_file():  # trained again for its checkpoint: the results must be the same run's
-            if read_json_object(result).get("final_loss") != record["final_loss"]:
+            recorded = read_json_object(result)
+            if recorded.get("final_loss") != record["final_loss"]:
                 self.log(f"note: {run_dir} trained again ended at {record['final_loss']}, not the recorded "
-                         f"{read_json_object(result).get('final_loss')} (another machine or library version)")
-            return read_json_object(result)
+                         f"{recorded.get('final_loss')} (another machine or library version)")
+            return recorded
         result.parent.mkdir(parents=True, exist_ok=True)
         write_json(result, record)
         loss = "diverged" if record["final_loss"] is None else f"held-out loss {record['final_loss']:.4f}"

@@ -108,7 +108,7 @@ def summarise(data: dict) -> dict:
             row[name]["own_loss_paired"] = [final(tr)[1] for tr, _ in pairs]
             row[name]["recovery_step"] = [r["recovery_step"] for runs in seeds.values() if (r := runs.get(name)) and r["recovery_step"] is not None]
             row[name]["spike"] = [r["post_switch_loss"] - r["pre_switch_loss"] for runs in seeds.values() if (r := runs.get(name))]
-    return {"names": names, "table": table, "laws": {n: law for n, law in laws.items()}, "lr": data["lr"]}
+    return {"names": names, "table": table, "laws": laws, "lr": data["lr"]}
 
 
 def _baseline_at(curve: list[dict], flops: float) -> float:
