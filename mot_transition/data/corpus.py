@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from mot_transition.data.filetext import FileText, feed, sha256_digest, split_chars, utf8_head, utf8_size
 from mot_transition.data.sources import (
     STDLIB,
     decode_file,
@@ -132,9 +133,12 @@ class SplitStream:
 
     `max_bytes` keeps the leading documents (after dropping) up to that many UTF-8 bytes; the one
     that crosses it is cut there and the stream ends.
+
+    A text is a `str` or, for a long text file, a `FileText` (filetext.py), which is read from
+    its file when needed: the same split, fingerprint and cuts either way.
     """
 
-    def __init__(self, keyed: Iterable[tuple[str, str]], heldout_fraction: float, max_bytes: int | None = None, name: str = ""):
+    def __init__(self, keyed: Iterable[tuple[str, "str | FileText"]], heldout_fraction: float, max_bytes: int | None = None, name: str = ""):
         self.keyed, self.heldout_fraction, self.max_bytes = keyed, heldout_fraction, max_bytes
         self.name = name  # the sources as the user gave them, for the errors: "SOURCE: ..."
         self.empty = self.duplicates = 0
@@ -152,17 +156,16 @@ class SplitStream:
             if not text:
                 self.empty += 1
                 continue
-            digest = hashlib.sha256(text.encode("utf-8")).digest()
-            text_hash = int.from_bytes(digest[:8], "big")
+            text_hash = int.from_bytes(sha256_digest(text)[:8], "big")
             if text_hash in seen:
                 self.duplicates += 1
                 continue
             seen.add(text_hash)
             fraction = text_hash / 2**64 if key is text else _hash_fraction(key)
             if self.max_bytes is not None:
-                size = len(text.encode("utf-8"))
+                size = utf8_size(text)
                 if total + size > self.max_bytes:
-                    text = text.encode("utf-8")[: self.max_bytes - total].decode("utf-8", errors="ignore")
+                    text = utf8_head(text, self.max_bytes - total)
                     if not text:
                         break
                 total += size  # past max_bytes after a cut: the next turn stops
@@ -204,12 +207,12 @@ class SplitStream:
                 f"{self.name + ': ' if self.name else ''}the corpus is one document of {len(text)} characters, "
                 f"too short to hold out {self.heldout_fraction:.0%} of it (--heldout-fraction)"
             )
-        yield self._emit("train", text[:cut])
-        yield self._emit("heldout", text[cut:])
+        train, heldout = split_chars(text, cut)
+        yield self._emit("train", train)
+        yield self._emit("heldout", heldout)
 
-    def _emit(self, split: str, text: str) -> tuple[str, str]:
-        data = text.encode("utf-8")
-        self._digests[split].update(len(data).to_bytes(8, "big") + data)
+    def _emit(self, split: str, text: "str | FileText") -> "tuple[str, str | FileText]":
+        feed(self._digests[split], text)
         self.documents[split] += 1
         return split, text
 

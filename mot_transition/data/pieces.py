@@ -25,7 +25,9 @@ batch) is never cut: its tokens are exactly those of any tokenizer.
 """
 
 import re
-from typing import Iterator
+from typing import Iterable, Iterator
+
+from mot_transition.data.filetext import FileText
 
 PIECE_CHARS = 1_000_000  # default `size` of `pieces`
 MAX_PIECES = 8  # look this many sizes ahead for a cut before cutting anywhere
@@ -39,18 +41,49 @@ def pieces(text: str, size: int = PIECE_CHARS) -> Iterator[str]:
         raise ValueError(f"a piece must hold at least 2 characters, got {size}")
     start = 0
     while len(text) - start > size:
-        # the first cut in the second half of the next `size` characters, else the next one at all
-        match = _CUT.search(text, start + size // 2, start + size) or _CUT.search(text, start + size, start + MAX_PIECES * size)
-        cut = match.end() if match is not None else start + size
+        cut = _next_cut(text, start, size)
         yield text[start:cut]
         start = cut
     yield text[start:]
 
 
-def pieces_of_long(text: str, limit: int) -> Iterator[str]:
+def pieces_of_stream(chunks: Iterable[str], size: int = PIECE_CHARS) -> Iterator[str]:
+    """The pieces of "".join(chunks), the same as `pieces` gives, holding at most about
+    `MAX_PIECES * size` characters and one chunk: a cut depends on the next `MAX_PIECES * size`
+    characters only (the search for it stops there, look-ahead included)."""
+    if size < 2:
+        raise ValueError(f"a piece must hold at least 2 characters, got {size}")
+    chunks, text, start, ended = iter(chunks), "", 0, False
+    while True:
+        while not ended and len(text) - start <= MAX_PIECES * size:
+            chunk = next(chunks, None)
+            if chunk is None:
+                ended = True
+            else:
+                text, start = text[start:] + chunk, 0
+        if len(text) - start <= size:  # only at the end: before it, more than MAX_PIECES * size are held
+            yield text[start:]
+            return
+        cut = _next_cut(text, start, size)
+        yield text[start:cut]
+        start = cut
+
+
+def _next_cut(text: str, start: int, size: int) -> int:
+    """Where the piece that starts at `start` ends: the first cut in the second half of the next
+    `size` characters, else the next one at all within `MAX_PIECES * size`, else `size` on."""
+    match = _CUT.search(text, start + size // 2, start + size) or _CUT.search(text, start + size, start + MAX_PIECES * size)
+    return match.end() if match is not None else start + size
+
+
+def pieces_of_long(text: "str | FileText", limit: int) -> Iterator[str]:
     """`text` whole if it has at most `limit` characters; else in pieces of about `limit / 16`, so
-    that a batch of about `limit` holds several, which the tokenizer encodes on several threads."""
-    return iter((text,)) if len(text) <= limit else pieces(text, max(2, limit // 16))
+    that a batch of about `limit` holds several, which the tokenizer encodes on several threads.
+    A `FileText` (a long text file, filetext.py) is read from its file as the pieces are taken."""
+    if len(text) <= limit:
+        return iter((text if isinstance(text, str) else text.read(),))
+    size = max(2, limit // 16)
+    return pieces(text, size) if isinstance(text, str) else pieces_of_stream(text.chunks(), size)
 
 
-__all__ = ["pieces", "pieces_of_long", "PIECE_CHARS"]
+__all__ = ["pieces", "pieces_of_stream", "pieces_of_long", "PIECE_CHARS"]

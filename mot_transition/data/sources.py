@@ -3,7 +3,8 @@ Parquet records, datasets saved with `save_to_disk`, Hub datasets, and the built
 
 The key decides a document's split (corpus.py): a file's path (relative to the folder or glob
 root it was found under), or the text itself for a record. Nothing here holds more than one
-document, one JSONL line or one Parquet record batch at a time.
+document, one JSONL line or one Parquet record batch at a time; a text file longer than
+STREAM_BYTES is not held at all: its document is a FileText, read from the file when needed.
 """
 
 import glob
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Iterator
 
 from mot_transition.checks import one_line
+from mot_transition.data.filetext import STREAM_BYTES, FileText
 
 STDLIB = "stdlib"
 HUB_PREFIX = "hf:"
@@ -58,7 +60,25 @@ def decode_file(file: Path) -> str | None:
 def read_text_file(path: Path) -> str:
     text = decode_file(path)
     if text is None:
-        raise ValueError(f"{path} is not UTF-8 text; convert it to UTF-8 or give a .jsonl or .parquet file")
+        raise _not_text(path)
+    return text
+
+
+def _not_text(path: Path) -> ValueError:
+    return ValueError(f"{path} is not UTF-8 text; convert it to UTF-8 or give a .jsonl or .parquet file")
+
+
+def stream_text_file(path: Path, strict: bool) -> "str | FileText | None":
+    """A text file's document for `prepare`: the text of a file of at most STREAM_BYTES, a
+    FileText (read from the file when needed) of a longer one; None, or with `strict` an error,
+    for a file that is not UTF-8 text."""
+    try:
+        long = path.stat().st_size > STREAM_BYTES
+    except OSError:
+        long = False
+    text = FileText.scan(path) if long else decode_file(path)
+    if text is None and strict:
+        raise _not_text(path)
     return text
 
 
@@ -238,7 +258,7 @@ def resolve_sources(specs: list[str], text_field: str = "text") -> list[Source]:
     return sources
 
 
-def iter_source(source: Source, text_field: str, strict: bool) -> Iterator[tuple[str, str]]:
+def iter_source(source: Source, text_field: str, strict: bool) -> "Iterator[tuple[str, str | FileText]]":
     """(key, text) of every document of one source. `strict`: a text file that is not UTF-8 is an
     error (a file named alone) rather than skipped (a file found in a folder)."""
     if source.kind == "stdlib":
@@ -247,7 +267,7 @@ def iter_source(source: Source, text_field: str, strict: bool) -> Iterator[tuple
             if text is not None:
                 yield key, text
     elif source.kind == "text":
-        text = read_text_file(Path(source.location)) if strict else decode_file(Path(source.location))
+        text = stream_text_file(Path(source.location), strict)
         if text is not None:
             yield source.key, text
     elif source.kind in ("jsonl", "parquet"):
