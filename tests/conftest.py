@@ -74,6 +74,17 @@ def data_dir(tmp_path_factory) -> Path:
     return folder
 
 
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    """A saved 300-token byte-level BPE (what `prepare --tokenizer` takes), trained on short lines."""
+    from mot_transition.data.tokenizer import train_bpe_tokenizer
+
+    path = tmp_path_factory.mktemp("tokenizer")
+    lines = [f"document {i}: the {'quick ' * (i % 7)}brown fox {i * 37} jumps\nover line {i}." for i in range(60)]
+    train_bpe_tokenizer(lines, 300).save_pretrained(path)
+    return path
+
+
 def tree_digest(path: Path) -> str:
     """One hash of every file under `path`, names and bytes: equal before and after means untouched."""
     digest = hashlib.sha256()

@@ -14,7 +14,6 @@ from hypothesis import strategies as st
 
 from conftest import run_cli
 from mot_transition.data.shards import PreparedData
-from mot_transition.data.tokenizer import train_bpe_tokenizer
 
 DOCS = [f"line {i}: the {'quick ' * (i % 5)}brown fox {i * 31} jumps over it." for i in range(40)]
 FUZZ = settings(max_examples=40, deadline=None, derandomize=True, database=None,
@@ -47,13 +46,6 @@ def unwritable_places(tmp_path: Path) -> list[Path]:
     places = [p for p in (locked / "out", Path("/sys/mot-transition-test-out")) if p.parent.is_dir() and unwritable(p.parent)]
     assert places, "no unwritable place to test with on this machine"
     return places
-
-
-@pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tokenizer")
-    train_bpe_tokenizer(DOCS, 300).save_pretrained(path)
-    return path
 
 
 @pytest.fixture

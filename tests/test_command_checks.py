@@ -11,16 +11,7 @@ from hypothesis import event, given
 from hypothesis import strategies as st
 
 from conftest import run_cli, tiny_config
-from test_checks import DOCS, FUZZ, one_error_line, unwritable_places
-
-
-@pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory):
-    from mot_transition.data.tokenizer import train_bpe_tokenizer
-
-    path = tmp_path_factory.mktemp("tokenizer")
-    train_bpe_tokenizer(DOCS, 300).save_pretrained(path)
-    return path
+from test_checks import FUZZ, one_error_line, unwritable_places
 
 
 # ---------------------------------------------------------------------------------------------
@@ -31,17 +22,21 @@ class Evaluated(Exception):
     """lm-eval's evaluation started."""
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory, tokenizer_dir):
+def _saved_model(folder: Path, ffn_type: str, tokenizer_dir: Path) -> Path:
+    """A tiny untrained model of `ffn_type` with the tokenizer of `tokenizer_dir`, saved in `folder`."""
     from transformers import AutoTokenizer
 
     from mot_transition.modeling import MoTLMHeadModel
 
-    folder = tmp_path_factory.mktemp("eval") / "tc"
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    MoTLMHeadModel(tiny_config("token_choice", vocab_size=len(tokenizer))).save_pretrained(folder)
+    MoTLMHeadModel(tiny_config(ffn_type, vocab_size=len(tokenizer))).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, tokenizer_dir):
+    return _saved_model(tmp_path_factory.mktemp("eval") / "tc", "token_choice", tokenizer_dir)
 
 
 @pytest.fixture
@@ -192,15 +187,7 @@ def test_compare_checks_its_plot_destination_and_task_files_before_evaluating_an
 
 @pytest.fixture(scope="module")
 def mot_checkpoint(tmp_path_factory, checkpoint):
-    from transformers import AutoTokenizer
-
-    from mot_transition.modeling import MoTLMHeadModel
-
-    folder = tmp_path_factory.mktemp("mot") / "mot"
-    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
-    MoTLMHeadModel(tiny_config("mot", vocab_size=len(tokenizer))).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    return _saved_model(tmp_path_factory.mktemp("mot") / "mot", "mot", checkpoint)
 
 
 @pytest.mark.parametrize("command", ["train", "run", "transition", "convert"])

@@ -46,18 +46,10 @@ STEP_DIR = re.compile(r"^step-(\d+)$")
 needs_fork = pytest.mark.skipif(sys.platform != "linux", reason="forks a process that imported torch: Linux only")
 TRAIN_KILLS, TRAIN_DOUBLE_KILLS = 6, 2  # train runs killed at a uniform moment; how many of them again while resuming
 
-LAUNCHER = r'''
-import json, os, signal, sys, time, traceback
-
-from mot_transition.cli import main  # the slow imports, once
-try:  # and the one a finished run makes for its loss plot
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot
-except ImportError:
-    pass
-
-def child(argv, log):
+# a forked child: runs `mot-transition ARGV` (and the environment `env` adds) with its output in `log`
+CHILD = r'''
+def child(argv, log, env=None):
+    os.environ.update(env or {})
     null = os.open(os.devnull, os.O_RDONLY)
     os.dup2(null, 0)
     out = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -70,12 +62,26 @@ def child(argv, log):
     except SystemExit as exit:
         code = exit.code if isinstance(exit.code, int) else (0 if exit.code is None else 1)
     except BaseException:
+        import traceback
         traceback.print_exc()
         code = 1
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+'''
 
+LAUNCHER = r'''
+import json, os, signal, sys, time
+
+from mot_transition.cli import main  # the slow imports, once
+try:  # and the one a finished run makes for its loss plot
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot
+except ImportError:
+    pass
+
+''' + CHILD + r'''
 def entries(folder):
     try:
         return set(os.listdir(folder))

@@ -19,7 +19,7 @@ import pytest
 from mot_transition.data.shards import PreparedData
 from mot_transition.locks import acquire, lock_file, release
 from mot_transition.train import load_recipe, recipe_from_dict, recipe_to_toml, train
-from test_faults import REPO, digest, needs_fork
+from test_faults import CHILD, REPO, digest, needs_fork
 from test_pipeline import MICRO
 from test_train import tiny_recipe
 
@@ -28,27 +28,7 @@ import json, os, signal, sys, time
 
 from mot_transition.cli import main
 
-def child(argv, log, env):
-    os.environ.update(env)
-    null = os.open(os.devnull, os.O_RDONLY)
-    os.dup2(null, 0)
-    out = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    os.dup2(out, 1)
-    os.dup2(out, 2)
-    sys.argv = ["mot-transition", *argv]
-    code = 0
-    try:
-        main()
-    except SystemExit as exit:
-        code = exit.code if isinstance(exit.code, int) else (0 if exit.code is None else 1)
-    except BaseException:
-        import traceback
-        traceback.print_exc()
-        code = 1
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
-
+''' + CHILD + r'''
 def holder(lock):
     try:
         with open(lock) as f:

@@ -16,17 +16,9 @@ from conftest import run_cli
 from mot_transition.data.corpus import _hash_fraction
 from mot_transition.data.prepare import INCOMPLETE, prepare
 from mot_transition.data.shards import PreparedData
-from mot_transition.data.tokenizer import train_bpe_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [f"document {i}: the {'quick ' * (i % 7)}brown fox {i * 37} jumps\nover line {i}." for i in range(60)]
-
-
-@pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tokenizer")
-    train_bpe_tokenizer(DOCS, 300).save_pretrained(path)
-    return path
 
 
 def documents_of(split, tokenizer, eos) -> list[str]:

@@ -80,7 +80,7 @@ def test_the_report_names_its_axis_in_every_table_with_means_spreads_and_verdict
     mot = [seed["curves"]["mot"][-1]["loss"] for seed in results["seeds"]]
     mean, low, high = sum(mot) / 2, min(mot), max(mot)
     std = abs(mot[0] - mot[1]) / 2 ** 0.5
-    assert f"| MoT | 20 | " in report and f"{mean:.4f} ± {std:.4f} ({low:.4f}–{high:.4f})" in report
+    assert "| MoT | 20 | " in report and f"{mean:.4f} ± {std:.4f} ({low:.4f}–{high:.4f})" in report
     assert f"{LARGER}" in report or f"{WITHIN}" in report
     assert "Differences larger than the seed spread:" in report and "Differences within the seed spread" in report
     assert "| 1 (default) |" in report and "| 2 |" in report and "| 4 |" in report  # top-k 1, 2, 4 <= E = 4
