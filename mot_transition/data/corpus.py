@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from mot_transition.data.filetext import FileText, feed, sha256_digest, split_chars, utf8_head, utf8_size
+from mot_transition.data.streamed import StreamedText, feed, sha256_digest, split_chars, utf8_head, utf8_size
 from mot_transition.data.sources import (
     STDLIB,
     decode_file,
@@ -134,11 +134,11 @@ class SplitStream:
     `max_bytes` keeps the leading documents (after dropping) up to that many UTF-8 bytes; the one
     that crosses it is cut there and the stream ends.
 
-    A text is a `str` or, for a long text file, a `FileText` (filetext.py), which is read from
-    its file when needed: the same split, fingerprint and cuts either way.
+    A text is a `str` or, for a long text file or JSONL line, a `StreamedText` (streamed.py),
+    read from its file when needed: the same split, fingerprint and cuts either way.
     """
 
-    def __init__(self, keyed: Iterable[tuple[str, "str | FileText"]], heldout_fraction: float, max_bytes: int | None = None, name: str = ""):
+    def __init__(self, keyed: Iterable[tuple[str, "str | StreamedText"]], heldout_fraction: float, max_bytes: int | None = None, name: str = ""):
         self.keyed, self.heldout_fraction, self.max_bytes = keyed, heldout_fraction, max_bytes
         self.name = name  # the sources as the user gave them, for the errors: "SOURCE: ..."
         self.empty = self.duplicates = 0
@@ -211,7 +211,7 @@ class SplitStream:
         yield self._emit("train", train)
         yield self._emit("heldout", heldout)
 
-    def _emit(self, split: str, text: "str | FileText") -> "tuple[str, str | FileText]":
+    def _emit(self, split: str, text: "str | StreamedText") -> "tuple[str, str | StreamedText]":
         feed(self._digests[split], text)
         self.documents[split] += 1
         return split, text

@@ -27,7 +27,7 @@ batch) is never cut: its tokens are exactly those of any tokenizer.
 import re
 from typing import Iterable, Iterator
 
-from mot_transition.data.filetext import FileText
+from mot_transition.data.streamed import StreamedText
 
 PIECE_CHARS = 1_000_000  # default `size` of `pieces`
 MAX_PIECES = 8  # look this many sizes ahead for a cut before cutting anywhere
@@ -76,10 +76,11 @@ def _next_cut(text: str, start: int, size: int) -> int:
     return match.end() if match is not None else start + size
 
 
-def pieces_of_long(text: "str | FileText", limit: int) -> Iterator[str]:
+def pieces_of_long(text: "str | StreamedText", limit: int) -> Iterator[str]:
     """`text` whole if it has at most `limit` characters; else in pieces of about `limit / 16`, so
     that a batch of about `limit` holds several, which the tokenizer encodes on several threads.
-    A `FileText` (a long text file, filetext.py) is read from its file as the pieces are taken."""
+    A `StreamedText` (a long text file or JSONL line, streamed.py) is read from its file as the
+    pieces are taken."""
     if len(text) <= limit:
         return iter((text if isinstance(text, str) else text.read(),))
     size = max(2, limit // 16)

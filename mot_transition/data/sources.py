@@ -8,18 +8,16 @@ STREAM_BYTES is not held at all: its document is a FileText, read from the file 
 """
 
 import glob
-import gzip
-import json
 import os
 import sys
 import sysconfig
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 from mot_transition.checks import one_line
-from mot_transition.data.filetext import STREAM_BYTES, FileText
+from mot_transition.data.jsonl import iter_jsonl
+from mot_transition.data.streamed import STREAM_BYTES, FileText, StreamedText
 
 STDLIB = "stdlib"
 HUB_PREFIX = "hf:"
@@ -36,16 +34,6 @@ _STDLIB_SKIP_DIRS = {
 
 # ---------------------------------------------------------------------------------------------
 # readers of one file
-
-
-def json_kind(value) -> str:
-    """What a JSON value is, in JSON's words: "null", "a number", "an array", ..."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return f"the boolean {str(value).lower()}"
-    kinds = {dict: "an object", list: "an array", str: "a string", int: "a number", float: "a number"}
-    return next((name for kind, name in kinds.items() if isinstance(value, kind)), type(value).__name__)
 
 
 def decode_file(file: Path) -> str | None:
@@ -80,41 +68,6 @@ def stream_text_file(path: Path, strict: bool) -> "str | FileText | None":
     if text is None and strict:
         raise _not_text(path)
     return text
-
-
-def iter_jsonl(path: Path, text_field: str) -> Iterator[str]:
-    """The `text_field` string of every line of a .jsonl (or .jsonl.gz) file, line by line."""
-    opener = gzip.open if path.name.endswith(".gz") else open
-    try:
-        with opener(path, "rt", encoding="utf-8") as f:
-            for line_number, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}, line {line_number}: not valid JSON ({e.msg} at column {e.colno})") from None
-                except RecursionError:  # e.g. [[[[...]]]] 100,000 deep: Python's parser recurses per level
-                    raise ValueError(f"{path}, line {line_number}: JSON nested too deeply to read; a record is one object with a string field") from None
-                if not isinstance(record, dict):
-                    raise ValueError(f"{path}, line {line_number}: {json_kind(record)}, not a JSON object with a {text_field!r} field")
-                if text_field not in record:
-                    raise ValueError(
-                        f"{path}, line {line_number}: no {text_field!r} field; "
-                        f"pass --text-field (data.text_field in a recipe) to name the field that holds the text"
-                    )
-                text = record[text_field]
-                if not isinstance(text, str):
-                    raise ValueError(f"{path}, line {line_number}: field {text_field!r} is {json_kind(text)}, not a string")
-                try:
-                    text.encode("utf-8")
-                except UnicodeEncodeError:  # JSON can spell a lone surrogate ("\ud800"), which no UTF-8 holds
-                    raise ValueError(f"{path}, line {line_number}: field {text_field!r} holds an unpaired surrogate, not text") from None
-                yield text
-    except UnicodeDecodeError:
-        raise ValueError(f"{path} is not UTF-8 text") from None
-    except (EOFError, gzip.BadGzipFile, zlib.error) as e:
-        raise ValueError(f"{path} is not a complete gzip file ({e})") from None
 
 
 def check_parquet(path: Path, text_field: str) -> None:
@@ -258,7 +211,7 @@ def resolve_sources(specs: list[str], text_field: str = "text") -> list[Source]:
     return sources
 
 
-def iter_source(source: Source, text_field: str, strict: bool) -> "Iterator[tuple[str, str | FileText]]":
+def iter_source(source: Source, text_field: str, strict: bool) -> "Iterator[tuple[str, str | StreamedText]]":
     """(key, text) of every document of one source. `strict`: a text file that is not UTF-8 is an
     error (a file named alone) rather than skipped (a file found in a folder)."""
     if source.kind == "stdlib":
