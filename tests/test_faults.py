@@ -117,7 +117,7 @@ for line in sys.stdin:
     start = time.monotonic()
     pid = os.fork()
     if pid == 0:
-        child(request["argv"], request["log"])
+        child(request["argv"], request["log"], request.get("env"))
     killed, appeared, status = False, {}, None
     while True:
         done, status = os.waitpid(pid, os.WNOHANG)
@@ -152,14 +152,14 @@ class Launcher:
         )
         assert self.process.stdout.readline().strip() == "ready", "the launcher did not start"
 
-    def run(self, argv, kill_at=None, watch=None, kill_after_new_entry=None, timeout=120) -> dict:
+    def run(self, argv, kill_at=None, watch=None, kill_after_new_entry=None, timeout=120, env=None) -> dict:
         """Run to the end, or SIGKILL it `kill_at` s after the fork, or `kill_after_new_entry` s after
         a new entry first appears in the folder `watch`. Returns returncode, killed, elapsed (s),
         appeared ({new entry of `watch`: s after the fork when first seen}) and the log's end."""
         self.count += 1
         log = self.logs / f"{self.count:03d}-{argv[0]}.log"
         request = {"argv": [str(a) for a in argv], "log": str(log), "kill_at": kill_at, "timeout": timeout,
-                   "watch": str(watch) if watch else None, "kill_after_new_entry": kill_after_new_entry}
+                   "watch": str(watch) if watch else None, "kill_after_new_entry": kill_after_new_entry, "env": env or {}}
         self.process.stdin.write(json.dumps(request) + "\n")
         self.process.stdin.flush()
         answer = self.process.stdout.readline()

@@ -1,6 +1,7 @@
 """Replace, never destroy (issue 24, item 1): `prepare --force` and `export` killed with SIGKILL at
 seeded random moments leave the destination as it was or complete, never half of either and never
 missing while an old one existed; the same command again completes it and leaves nothing beside it.
+And `study` and `eval` killed the same way: the same command again ends as if never killed.
 
 The kills are real SIGKILLs of the CLI's `main()` in children forked from test_faults.py's launcher
 (one process that imported the CLI once); moments are drawn from `random.Random(SEED)`, uniform over
@@ -8,13 +9,14 @@ an uninterrupted run's duration, plus some inside the write (after the staging f
 Every assertion message names the seed and the moments.
 """
 
+import json
 import random
 import shutil
 
 from mot_transition.data.prepare import prepare
 from mot_transition.data.shards import PreparedData
 from test_faults import SEED, digest, launcher, moments_note, needs_fork, show  # noqa: F401  (launcher: the fixture)
-from test_prepare import _big_corpus, tokenizer_dir  # noqa: F401  (tokenizer_dir: the fixture)
+from test_prepare import _big_corpus
 
 KILLS, WRITE_KILLS = 6, 2  # uniform over the run; uniform over its write (from the staging folder on)
 
@@ -111,3 +113,73 @@ def test_export_killed_at_random_moments_leaves_no_destination_the_old_one_or_th
         assert digest(dst) == new, f"the rerun's export differs from the uninterrupted one; {where}"
         assert beside(dst) == [], f"left beside {dst} after the rerun: {beside(dst)}; {where}"
     print("\n".join(["", note, *hits]))
+
+
+@needs_fork
+def test_study_killed_at_random_moments_goes_on_to_the_numbers_of_a_study_never_killed(launcher, tmp_path, data_dir):  # noqa: F811
+    """A micro study (dense, MoT, Token Choice, the conversion and one transition) killed with
+    SIGKILL at 3 seeded moments of an uninterrupted run, each kill followed by the same command:
+    the rerun ends with every number of the uninterrupted study (wall-clock seconds aside) and no
+    lock or staging left; a killed study never leaves a results.json of another study."""
+    from test_study import MICRO, without_seconds
+
+    corpus = [*MICRO, f"data.source={json.dumps(str(data_dir / 'corpus.txt'))}"]
+    argv = lambda out: ["study", "tiny", *corpus, "--seeds", "1", "--transitions", "25", "--temperatures", "none",  # noqa: E731
+                        "--calibrate", "0", "--out", out, "--quiet"]
+    env = {"MOT_TRANSITION_CACHE": str(tmp_path / "cache")}
+    full_out = tmp_path / "full"
+    full = launcher.run(argv(full_out), timeout=600, env=env)
+    assert full["returncode"] == 0, full["log"]
+    expected = without_seconds(json.loads((full_out / "results.json").read_text()))
+    rng = random.Random(SEED)
+    moments = sorted(rng.uniform(0, full["elapsed"]) for _ in range(3))
+    note = moments_note("study", moments, full["elapsed"])
+    hits = []
+    for i, kill in enumerate(moments):
+        out = tmp_path / f"killed-{i}"
+        done = launcher.run(argv(out), kill_at=kill, timeout=600, env=env)
+        hits.append(f"study {i}: " + (f"killed at {done['elapsed']:.3f} s" if done["killed"] else f"finished before {show(kill)}"))
+        where = "; ".join(hits) + f"; {note}"
+        assert done["killed"] or done["returncode"] == 0, f"{done['log']}; {where}"
+        if (out / "results.json").exists():  # written last, atomically: only by a study that finished
+            assert without_seconds(json.loads((out / "results.json").read_text())) == expected, where
+        again = launcher.run(argv(out), timeout=600, env=env)
+        assert again["returncode"] == 0, f"the study after the kill failed: {again['log']}; {where}"
+        assert without_seconds(json.loads((out / "results.json").read_text())) == expected, f"other numbers; {where}"
+        assert beside(out) == [], f"left beside {out}: {beside(out)}; {where}"
+    print("\n".join(["", note, *hits]))
+
+
+@needs_fork
+def test_eval_killed_at_random_moments_leaves_no_scores_or_whole_ones(launcher, tmp_path):  # noqa: F811
+    """`eval --out SCORES` killed at 4 seeded moments: the scores file is absent or the whole one
+    an uninterrupted evaluation writes (the same tasks), and the same command again writes it."""
+    from conftest import tiny_config
+    from mot_transition.data.tokenizer import train_bpe_tokenizer
+    from mot_transition.modeling import MoTLMHeadModel
+    from test_pipeline import _local_task
+
+    model = tmp_path / "model"
+    tokenizer = train_bpe_tokenizer(["The cat sat on the mat. One, two, three. Water is wet."] * 20, 300)
+    MoTLMHeadModel(tiny_config("token_choice", vocab_size=len(tokenizer))).save_pretrained(model)
+    tokenizer.save_pretrained(model)
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    _local_task(tasks)
+    argv = lambda out: ["eval", model, "--tasks", "tiny_choice", "--include-path", tasks, "--out", out]  # noqa: E731
+    env = {"HF_DATASETS_CACHE": str(tmp_path / "datasets")}
+    full = launcher.run(argv(tmp_path / "full.json"), timeout=300, env=env)
+    assert full["returncode"] == 0, full["log"]
+    expected = json.loads((tmp_path / "full.json").read_text())
+    rng = random.Random(SEED)
+    moments = sorted(rng.uniform(0, full["elapsed"]) for _ in range(4))
+    note = moments_note("eval", moments, full["elapsed"])
+    for i, kill in enumerate(moments):
+        scores = tmp_path / f"killed-{i}.json"
+        done = launcher.run(argv(scores), kill_at=kill, timeout=300, env=env)
+        assert done["killed"] or done["returncode"] == 0, f"{done['log']}; {note}"
+        if scores.exists():
+            assert set(json.loads(scores.read_text())) == set(expected), f"eval {i}: a partial scores file; {note}"
+        assert launcher.run(argv(scores), timeout=300, env=env)["returncode"] == 0, f"eval {i} again failed; {note}"
+        assert set(json.loads(scores.read_text())) == set(expected)
+        assert beside(scores) == [], f"left beside {scores}: {beside(scores)}; {note}"
