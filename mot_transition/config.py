@@ -56,7 +56,7 @@ class MoTConfig(PreTrainedConfig):
     moe_layers: list[int] | None = None  # None = the second half of the blocks
     n_expert: int = 32
     group_size: int = 32
-    expert_size: int | None = None  # None = flop-matched: 4 * n_embd * group_size / n_expert
+    expert_size: int | None = None  # None = flop-matched: 4 * n_embd * group_size / n_expert (2/3 of it for SwiGLU)
     mot_temperature: float = 1.0
     emit_softmax_over_experts: bool = False
     use_discrete_routing: bool = False
