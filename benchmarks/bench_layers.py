@@ -7,7 +7,7 @@
 3. Mixture of Tokens training step against a dense FFN of equal FLOPs.
 Benchmarks 1 and 2 also run the same Token Choice layer with its experts switched to transformers'
 grouped_mm function, to check that ours are the right default. Every benchmark also runs the layers
-of the "llama" block style (SwiGLU experts and dense FFN, SPEC 5) side by side with the same
+of the "llama" block style (SwiGLU experts and dense FFN, docs/design.md §8.3) side by side with the same
 targets: the fast paths must stay fast for both kinds of experts.
 """
 

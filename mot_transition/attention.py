@@ -1,4 +1,4 @@
-"""Self-attention of both block styles, rotary positions and the style's normalisation (SPEC 5)."""
+"""Self-attention of both block styles, rotary positions and the style's normalisation (docs/design.md §8)."""
 
 import torch
 import torch.nn.functional as F

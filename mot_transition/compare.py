@@ -1,4 +1,4 @@
-"""The comparison of SPEC section 4: what the switch cost and how fast transition tuning won it back.
+"""The comparison of docs/design.md §10.2: what the switch cost and how fast transition tuning won it back.
 
     compare_runs([...])   reads a pipeline directory, or a transition run and optionally a Token
                           Choice baseline run, and returns the table's rows

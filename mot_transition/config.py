@@ -1,9 +1,9 @@
 """MoTConfig: one config for dense, Mixture of Tokens, Token Choice and Expert Choice models.
 
 Field names follow the Mixture-of-Tokens port to transformers (GPT-2 style: `n_embd`, `n_layer`,
-...), with the usual aliases (`hidden_size`, `num_hidden_layers`, ...). See SPEC.md section 2.
+...), with the usual aliases (`hidden_size`, `num_hidden_layers`, ...). See docs/design.md §7.1.
 
-Two block styles (SPEC 5): `block="gpt2"` (LayerNorm with bias, learned positions, two-matrix
+Two block styles (docs/design.md §8.2): `block="gpt2"` (LayerNorm with bias, learned positions, two-matrix
 MLPs and experts) and `block="llama"` (RMSNorm, rotary positions, no biases, SwiGLU in the dense
 MLP and in every expert, per-head RMSNorm of queries and keys).
 """
@@ -14,7 +14,7 @@ from transformers import PreTrainedConfig
 
 FFN_TYPES = ("dense", "mot", "token_choice", "expert_choice")
 EXPERT_FFN_TYPES = ("mot", "token_choice", "expert_choice")
-GROUPING_FFN_TYPES = ("mot", "expert_choice")  # group g batch rows at the same position (SPEC 1.1, 1.3)
+GROUPING_FFN_TYPES = ("mot", "expert_choice")  # group g batch rows at the same position (design.md §2.5)
 BLOCK_STYLES = ("gpt2", "llama")
 
 
@@ -56,7 +56,7 @@ class MoTConfig(PreTrainedConfig):
     moe_layers: list[int] | None = None  # None = the second half of the blocks
     n_expert: int = 32
     group_size: int = 32
-    expert_size: int | None = None  # None = flop-matched: 4 * n_embd * group_size / n_expert
+    expert_size: int | None = None  # None = flop-matched: 4 * n_embd * group_size / n_expert (2/3 of it for SwiGLU)
     mot_temperature: float = 1.0
     emit_softmax_over_experts: bool = False
     use_discrete_routing: bool = False
@@ -91,9 +91,9 @@ class MoTConfig(PreTrainedConfig):
         return self.block == "llama"
 
     def flop_matched_expert_size(self) -> int:
-        """Expert width whose MoT FLOPs per token equal a dense FFN of width 4d (SPEC 1.1); with
+        """Expert width whose MoT FLOPs per token equal a dense FFN of width 4d (design.md §3.6); with
         SwiGLU experts, of a SwiGLU FFN of width 8d/3 (the same FLOPs: three matrices instead of two),
-        rounded to a multiple of 8 (SPEC 5)."""
+        rounded to a multiple of 8 (design.md §8.3)."""
         formula, width = "4*n_embd*group_size/n_expert", 4 * self.n_embd * self.group_size / self.n_expert
         if self.gated:
             formula, width = "8*n_embd*group_size/(3*n_expert)", width * 2 / 3

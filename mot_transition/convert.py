@@ -1,4 +1,4 @@
-"""Conversion of a trained Mixture of Tokens checkpoint into a Token Choice checkpoint (SPEC 3).
+"""Conversion of a trained Mixture of Tokens checkpoint into a Token Choice checkpoint (docs/design.md §9).
 
     MoT                         Token Choice
     lin1, lin2              ->  lin1, lin2 (lin2 times a fitted scale with calibration)

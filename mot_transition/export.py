@@ -1,4 +1,4 @@
-"""Export to a native transformers architecture (SPEC 5): a "llama"-style checkpoint becomes a
+"""Export to a native transformers architecture (docs/design.md §8.4): a "llama"-style checkpoint becomes a
 directory that plain transformers loads, with no import of this package, and that serving engines
 which know the architecture can serve.
 
@@ -11,7 +11,7 @@ which know the architecture can serve.
                                              `mlp_only_layers` of Qwen3-MoE)
     h.i.mlp.controller (d, E)            ->  mlp.gate.weight (E, d): the router. A Token Choice
                                              checkpoint's controller already holds controller_MoT / T
-                                             (convert divides by the MoT temperature, SPEC 3)
+                                             (convert divides by the MoT temperature, design.md §9.1)
     h.i.mlp.lin1 (E, d, 2f), lin2        ->  mlp.experts: the installed transformers' own layout
 
 The target model is built by the installed transformers, filled with the mapped tensors, and saved

@@ -3,8 +3,9 @@
 A model is scored one task request at a time in batches that lm-eval forms by its own rules, so a
 model whose output depends on the other rows of a batch (MoT, Expert Choice with g > 1) would get
 scores that depend on which requests happen to share a batch, and on the right padding lm-eval
-uses. Those checkpoints are refused unless `group_size=1` is asked for (exact per-sequence MoT, at
-E times the FFN cost); converting them to Token Choice first is the usual path.
+uses. Those checkpoints are refused unless `group_size=1` is asked for: exact per-sequence MoT,
+where every token goes through all E experts instead of E / g of them, g times the expert FLOPs of
+grouped inference (docs/design.md §3.5). Converting them to Token Choice first is the usual path.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""The MoT model family: a pre-norm transformer, GPT-2 or Llama style (SPEC 5), whose feed-forward
-layers are dense, Mixture of Tokens, Token Choice or Expert Choice (SPEC sections 1 and 2).
+"""The MoT model family: a pre-norm transformer, GPT-2 or Llama style (docs/design.md §8), whose feed-forward
+layers are dense, Mixture of Tokens, Token Choice or Expert Choice (design.md §2 to §7).
 
     MoTModel                        trunk: embeddings, blocks, final norm
     MoTLMHeadModel                  causal LM, generate() with a KV cache

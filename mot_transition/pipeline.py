@@ -1,5 +1,5 @@
 """The main job, end to end: train MoT, convert it, transition-tune it, train the Token Choice
-baseline for the same total steps, and compare (SPEC sections 3 and 4).
+baseline for the same total steps, and compare (docs/design.md §9 and §10).
 
     OUT/mot/            the MoT training run (checkpoints, metrics.jsonl)
     OUT/token_choice/   the converted checkpoint and its conversion_report.json

@@ -1,6 +1,6 @@
-"""Transition tuning (SPEC 3 and 4): fine-tune a converted Token Choice checkpoint on the data of
-its MoT run, with the load-balancing loss on, and measure what the switch cost and how fast the
-fine-tuning won it back.
+"""Transition tuning (docs/design.md §9.6): fine-tune a converted Token Choice checkpoint on the
+data of its MoT run, with the load-balancing loss on, and measure what the switch cost and how
+fast the fine-tuning won it back (the measures of design.md §10.2).
 
     transition(ckpt, steps, out)   the fine-tuning run; writes OUT/transition.json and checkpoints
                                    (every checkpoint_every steps; resume=True continues a killed run)
@@ -44,7 +44,7 @@ class TransitionResult:
     pre_switch_loss: float | None  # MoT, grouped inference with its training group_size
     mot_unbatched_loss: float | None  # MoT with group_size=1
     curve: list[dict] = field(default_factory=list)  # {"step", "loss", "loss_batched"}; loss is one sequence at a time
-    recovery_step: int | None = None  # first step with loss <= pre_switch_loss * 1.02 (SPEC 4)
+    recovery_step: int | None = None  # first step with loss <= pre_switch_loss * 1.02 (design.md §10.2)
     full_recovery_step: int | None = None  # first step with loss <= pre_switch_loss
 
     @property

@@ -1,4 +1,4 @@
-"""Export to native transformers architectures (SPEC 5): a llama-style Token Choice checkpoint
+"""Export to native transformers architectures (docs/design.md §8.4): a llama-style Token Choice checkpoint
 becomes Qwen3-MoE, a dense one Qwen3; loaded by plain transformers in a process that cannot import
 this package, the export gives our logits (float32, <= 1e-4) and our greedy tokens."""
 

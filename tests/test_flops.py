@@ -26,7 +26,7 @@ def test_flop_matched_experts_cost_what_the_dense_ffn_costs_plus_the_routing():
     d, E, g = 32, 8, 4
     dense = tiny_config("dense", n_embd=d, moe_layers=[0, 1])
     mot = tiny_config("mot", n_embd=d, n_expert=E, group_size=g, expert_size=None, moe_layers=[0, 1])
-    assert mot.expert_size * E // g == dense.n_inner  # flop-matched (SPEC 1.1)
+    assert mot.expert_size * E // g == dense.n_inner  # flop-matched (design.md §3.6)
     routing = 3 * 2 * d * E  # controller, mixing into E, emitting back
     assert forward_flops_per_token(mot, 16) == forward_flops_per_token(dense, 16) + 2 * routing
     tc = tiny_config("token_choice", n_embd=d, n_expert=E, group_size=g, expert_size=mot.expert_size, num_experts_per_tok=E // g, moe_layers=[0, 1])

@@ -1,4 +1,4 @@
-"""The "llama" block style (SPEC 5) against a plain transcription: RMSNorm, rotary positions
+"""The "llama" block style (docs/design.md §8.2) against a plain transcription: RMSNorm, rotary positions
 (pairs (i, i + hd/2) rotated by pos * theta^(-2i/hd)), per-head RMSNorm of queries and keys, no
 biases, SwiGLU in the dense MLP and in every expert. Float64, one sequence at a time."""
 

@@ -1,4 +1,4 @@
-"""The Mixture of Tokens layer against a plain transcription of SPEC 1.1, in float64."""
+"""The Mixture of Tokens layer against a plain transcription of docs/design.md §3, in float64."""
 
 import pytest
 import torch
@@ -8,7 +8,7 @@ from mot_transition.layers import DenseFFN, MixtureOfTokens
 
 
 def reference_mot(x, token_mask, controller, lin1, lin2, group_size, temperature=1.0, emit_softmax=False, discrete=False, gated=False):
-    """SPEC 1.1 written with loops: groups are g batch rows at the same position."""
+    """design.md §3 written with loops: groups are g batch rows at the same position."""
     B, S, d = x.shape
     E = controller.shape[1]
     valid = torch.ones(B, S, dtype=torch.bool) if token_mask is None else token_mask.bool()

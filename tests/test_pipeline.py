@@ -30,7 +30,7 @@ def pipeline(tmp_path_factory):
     mp.undo()
 
 
-def test_run_writes_every_stage_and_the_comparison_of_spec_section_4(pipeline):
+def test_run_writes_every_stage_and_the_comparison_of_design_10_2(pipeline):
     out, comparison = pipeline
     measures = [row["measure"] for row in comparison["rows"]]
     assert measures[:3] == ["pre-switch loss (MoT, grouped)", "MoT unbatched loss (group_size=1)", "post-switch loss at step 0"]
@@ -42,7 +42,7 @@ def test_run_writes_every_stage_and_the_comparison_of_spec_section_4(pipeline):
     assert (out / "transition" / "loss_curves.png").stat().st_size > 1000
 
 
-def test_pre_switch_loss_is_the_mot_runs_own_held_out_loss_and_recovery_follows_spec(pipeline):
+def test_pre_switch_loss_is_the_mot_runs_own_held_out_loss_and_recovery_follows_design_10_2(pipeline):
     out, comparison = pipeline
     result = json.loads((out / "transition" / "transition.json").read_text())
     mot_final = [json.loads(line) for line in (out / "mot" / "metrics.jsonl").read_text().splitlines()][-1]["eval_loss"]

@@ -183,7 +183,7 @@ def test_transformers_experts_functions_give_our_outputs_and_gradients_with_mask
 
 
 def reference_expert_choice(x, mask, controller, lin1, lin2, group_size, capacity, gated=False):
-    """SPEC 1.3 with loops: padding rows and masked tokens are simply not candidates."""
+    """design.md §5 with loops: padding rows and masked tokens are simply not candidates."""
     B, S, d = x.shape
     E = controller.shape[1]
     valid = torch.ones(B, S, dtype=torch.bool) if mask is None else mask

@@ -1,4 +1,4 @@
-"""The prepared token format (SPEC.md section 6): its shard writer and its reader.
+"""The prepared token format (docs/design.md §11): its shard writer and its reader.
 
     DIR/manifest.json        written last, atomically: no manifest, no dataset
     DIR/tokenizer/           loadable with AutoTokenizer.from_pretrained

@@ -1,5 +1,5 @@
-"""Dense feed-forward layer (SPEC 1.4): act(x @ w1) @ w2, width n_inner, no bias; the baseline.
-With the "llama" block style it is SwiGLU (SPEC 5): w1 (d, 2f) holds [gate | up] and the layer
+"""Dense feed-forward layer (docs/design.md §6): act(x @ w1) @ w2, width n_inner, no bias; the baseline.
+With the "llama" block style it is SwiGLU (design.md §8.3): w1 (d, 2f) holds [gate | up] and the layer
 computes (silu(x @ gate) * (x @ up)) @ w2."""
 
 import math

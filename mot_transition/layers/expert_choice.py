@@ -1,4 +1,4 @@
-"""Expert Choice (SPEC 1.3), for comparison runs: within each group of g tokens (g batch rows at
+"""Expert Choice (docs/design.md §5), for comparison runs: within each group of g tokens (g batch rows at
 the same position, as in MoT) every expert picks its top-`capacity` tokens by router score and
 returns its output to them, weighted by that score.
 

@@ -1,6 +1,6 @@
 """What the three expert layers share: one parameterisation and the cross-batch grouping.
 
-Mixture of Tokens, Token Choice and Expert Choice all own the same tensors (SPEC 1), so a
+Mixture of Tokens, Token Choice and Expert Choice all own the same tensors (docs/design.md §2.2), so a
 checkpoint of one kind loads into the others:
 
     controller (d, E)     MoT controller / router
@@ -129,7 +129,7 @@ class _ReLUInPlace(torch.autograd.Function):
 
 
 def group_across_batch(x: torch.Tensor, token_mask: torch.Tensor | None, group_size: int):
-    """Group g different batch rows at the same position (SPEC 1.1).
+    """Group g different batch rows at the same position (docs/design.md §2.5).
 
     x (B, S, d), token_mask (B, S) bool or None  ->  xg (G, g, S, d), valid (G, g, S), with
     G = ceil(B / g). Rows added to fill the last group, and masked positions, are invalid and

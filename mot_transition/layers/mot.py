@@ -1,4 +1,4 @@
-"""Mixture of Tokens (SPEC 1.1): every expert processes a softmax-weighted mixture of the tokens
+"""Mixture of Tokens (docs/design.md §3): every expert processes a softmax-weighted mixture of the tokens
 of a group, and a group is g different batch rows at the same sequence position.
 
     logits = x @ controller / T                       (n, g, E), n = G*S groups of g tokens

@@ -1,4 +1,4 @@
-"""Token Choice sparse MoE (SPEC 1.2): every token picks its top-k experts by router probability.
+"""Token Choice sparse MoE (docs/design.md §4): every token picks its top-k experts by router probability.
 
     p      = softmax(x @ controller over the E experts)     (N, E), float32
     chosen = top-k of p; gate = p (or renormalised over the k)

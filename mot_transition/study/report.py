@@ -191,7 +191,7 @@ def _equal_budget(results: list[dict], axis: str) -> list[str]:
     if notes:
         lines += [f"{BEYOND} The baseline's run ended before this budget in some seeds: its final loss there, reached with "
                   "less, is compared.", ""]
-    return lines + ["Token Choice from scratch trains for the MoT steps plus the longest transition's (SPEC 4's baseline for "
+    return lines + ["Token Choice from scratch trains for the MoT steps plus the longest transition's (design.md §10.2's baseline for "
                     "that transition): at a smaller budget its loss is read mid-run, before its learning rate has decayed, "
                     "which favours the model it is compared with.", ""]
 
@@ -246,7 +246,7 @@ def _relative(values: list[float], reference: list[float]) -> str:
 def _recovery(results: list[dict]) -> list[str]:
     lines = ["## Transition tuning: recovery", "",
              "The recovery step is the first transition step whose held-out loss (one sequence at a time) is back at or "
-             "below the pre-switch MoT loss; SPEC 4's looser one, within 2% of it, beside it. Evaluations come every "
+             "below the pre-switch MoT loss; the looser one of design.md §10.2, within 2% of it, beside it. Evaluations come every "
              "tenth of the transition.", "",
              "| transition | steps | loss at step 0 | final loss | final vs pre-switch | back at or below pre-switch | within 2% |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]

@@ -5,7 +5,7 @@ kept, a stopped one continues from its newest checkpoint (`train`'s and `transit
     OUT/seed-I/dense/              dense, the MoT model's shape and active FLOPs, N steps
     OUT/seed-I/mot/                MoT (the recipe), N steps
     OUT/seed-I/token_choice/       Token Choice from scratch, the MoT model's shape, N + the longest
-                                   transition's steps (SPEC 4's baseline for it)
+                                   transition's steps (design.md §10.2's baseline for it)
     OUT/seed-I/converted/          the MoT model converted, default top-k, no calibration
     OUT/seed-I/transition-Ppct/    the converted model transition-tuned for P% of N
     OUT/seed-I/spike.json          the loss right after the switch, no training: top-k 1, 2, 4
@@ -257,7 +257,7 @@ def seed_results(plan: Plan, recipe: Recipe, folder: Path) -> dict:
         transitions[label] = {
             "steps": steps, "post_switch_loss": result.post_switch_loss, "final_loss": result.final_loss,
             "recovery_step": result.full_recovery_step,  # back at or below the pre-switch loss
-            "spec_recovery_step": result.recovery_step,  # within 2% of it (SPEC 4)
+            "spec_recovery_step": result.recovery_step,  # within 2% of it (design.md §10.2)
         }
     own = f"{recipe.model.mot_temperature:g}"
     temperatures = {own: {"grouped": spike["pre_switch_loss"], "unbatched": spike["mot_unbatched_loss"],

@@ -31,7 +31,7 @@ PRECISIONS = ("auto", "bf16", "fp32")
 
 @dataclass
 class ModelRecipe:
-    """The `MoTConfig` fields a recipe may set (SPEC.md section 2). Defaults are MoTConfig's.
+    """The `MoTConfig` fields a recipe may set (docs/design.md §7.1). Defaults are MoTConfig's.
 
     `vocab_size` is not here: it is the size of the tokenizer trained for `[data]`.
     `n_positions=None` means the data's `seq_len`.
