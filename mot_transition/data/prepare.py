@@ -49,7 +49,7 @@ def prepare(
     force: bool = False,
     progress: Callable[[int, int, int], None] | None = None,
 ) -> Path:
-    """Tokenise `sources` into the prepared corpus `out` (SPEC.md section 6) and return `out`.
+    """Tokenise `sources` into the prepared corpus `out` (docs/design.md §11) and return `out`.
 
     `tokenizer` is an AutoTokenizer directory or a loaded fast tokenizer; without one, a byte-level
     BPE of `vocab_size` tokens is trained on the first `sample_bytes` of the train split.
