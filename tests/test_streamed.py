@@ -110,19 +110,48 @@ def test_long_jsonl_lines_give_the_records_json_loads_gives(tmp_path, long_lines
 @pytest.mark.parametrize("line, error", [
     ('{"text": "' + "a" * 60 + '\\q"}', r"line 2: not valid JSON \(Invalid \\escape"),
     ('{"text": "' + "a" * 60 + '\x01"}', r"line 2: not valid JSON \(Invalid control character"),
-    ('{"text": "' + "a" * 60 + '\\ud800 alone"}', r"line 2: a string holds an unpaired surrogate, not text"),
+    ('{"text": "' + "a" * 60 + '\\ud800 alone"}', r"line 2: field 'text' holds an unpaired surrogate, not text"),
+    ('{"text": "' + "a" * 60 + '\x00"}', r"line 2: not valid JSON \(Invalid control character"),
     ('{"text": "' + "a" * 60, r"line 2: not valid JSON \(a string that does not end\)"),
     ('{"text": "' + "a" * 60 + '" "more": 1}', r"line 2: not valid JSON \(Expecting ',' delimiter\)"),
     ('["' + "a" * 60 + '"]', r"line 2: an array, not a JSON object with a 'text' field"),
     ('{"body": "' + "a" * 60 + '"}', r"line 2: no 'text' field; pass --text-field"),
     ('{"text": 1, "body": "' + "a" * 60 + '"}', r"line 2: field 'text' is a number, not a string"),
     (" " * 60 + "\n" + '{"text": "caf\xe9"}', r"docs.jsonl is not UTF-8 text"),
-], ids=["escape", "control", "surrogate", "unended", "structure", "array", "no-field", "number", "latin-1"])
+], ids=["escape", "control", "surrogate", "nul", "unended", "structure", "array", "no-field", "number", "latin-1"])
 def test_a_bad_long_line_is_the_one_line_error_of_a_short_one(tmp_path, long_lines, line, error):
     path = tmp_path / "docs.jsonl"
     path.write_bytes(b'{"text": "fine"}\n' + line.encode("latin-1" if "\xe9" in line else "utf-8") + b"\n")
     with pytest.raises(ValueError, match=error):
         list(jsonl.iter_jsonl(path, "text"))
+
+
+def test_long_lines_keep_what_short_lines_accept(tmp_path, long_lines):
+    """What the whole read accepts, the scan accepts: an unpaired surrogate in another field than
+    the text (only the text must be text), lines of Unicode whitespace only (skipped), CRLF line
+    ends, and short records apart by a lone carriage return (a line end in text mode; inside a line
+    over LONG_LINE_BYTES it is whitespace, as JSON has it)."""
+    path = tmp_path / "docs.jsonl"
+    other = '{"text": "' + "b" * 60 + '", "meta": "' + "m" * 60 + '\\ud800"}'
+    path.write_bytes(("\u3000\u00a0 \n" + other + "\r\n" + '{"text": "' + "c" * 60 + '"}\r\n \x1c\n{"text": "d"}\r{"text": "e"}').encode("utf-8"))
+    texts = [t if isinstance(t, str) else t.read() for t in jsonl.iter_jsonl(path, "text")]
+    assert texts == ["b" * 60, "c" * 60, "d", "e"]
+
+
+def test_a_long_string_of_a_gzipped_file_is_read_from_a_temporary_copy_removed_after_use(tmp_path, long_lines):
+    import gc
+    import glob
+    import tempfile
+
+    path = tmp_path / "docs.jsonl.gz"
+    path.write_bytes(gzip.compress(('{"text": "' + "é" * 100 + '"}\n').encode("utf-8")))
+    before = set(glob.glob(f"{tempfile.gettempdir()}/mot-transition-*.json-string"))
+    (text,) = list(jsonl.iter_jsonl(path, "text"))
+    assert text.read() == "é" * 100 and text.path.suffix == ".json-string" and text.path.exists()
+    copy = text.path
+    del text
+    gc.collect()
+    assert not copy.exists() and set(glob.glob(f"{tempfile.gettempdir()}/mot-transition-*.json-string")) == before
 
 
 def _corpus(folder):

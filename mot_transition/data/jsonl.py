@@ -13,6 +13,7 @@ import gzip
 import json
 import re
 import secrets
+import tempfile
 import zlib
 from pathlib import Path
 from typing import Iterator
@@ -21,6 +22,7 @@ from mot_transition.data.streamed import CHUNK_BYTES, JSONStringText, StreamedTe
 
 LONG_LINE_BYTES = 8 * 2**20  # a longer JSONL line is scanned in chunks
 SPILL_BYTES = 2**16  # a string longer than this in a long line stays in the file
+_NEWLINE = re.compile(r"\r\n|\r|\n")
 _BODY = re.compile(rb'[^"\\]*(?:\\.[^"\\]*)*+', re.DOTALL)  # a JSON string's content, up to its quote or a cut escape (possessive: no backtracking stack, which would take 12 bytes a byte)
 
 
@@ -35,37 +37,43 @@ def json_kind(value) -> str:
 
 
 def iter_jsonl(path: Path, text_field: str) -> "Iterator[str | StreamedText]":
-    """The `text_field` string of every line of a .jsonl (or .jsonl.gz) file, line by line."""
+    """The `text_field` string of every line of a .jsonl (or .jsonl.gz) file, line by line. Lines
+    end as in Python's text mode ("\\n", "\\r\\n" or a lone "\\r"); a line of whitespace only is skipped."""
+    gz = path.name.endswith(".gz")
     try:
         with open(path, "rb") as raw:
             stat = file_stamp(raw.fileno())
-            f = gzip.GzipFile(fileobj=raw, mode="rb") if path.name.endswith(".gz") else raw
+            f = gzip.GzipFile(fileobj=raw, mode="rb") if gz else raw
             line_number = 0
             while True:
                 start = f.tell()
                 line = f.readline(LONG_LINE_BYTES)
                 if not line:
                     return
-                line_number += 1
-                where = f"{path}, line {line_number}"
                 if len(line) == LONG_LINE_BYTES and not line.endswith(b"\n"):
-                    record, long_strings = _long_line(f, line, start, where, path, stat)
-                    if record is None:
-                        continue
-                elif line.strip():
-                    record, long_strings = _loads(line.decode("utf-8"), where), {}
-                else:
+                    line_number += 1
+                    where = f"{path}, line {line_number}"
+                    record, long_strings = _long_line(f, line, start, where, path, stat, gz, text_field)
+                    if record is not None:
+                        yield _text_of(record, text_field, where, long_strings)
                     continue
-                text = _text_of(record, text_field, where)
-                if text in long_strings:
-                    text = long_strings[text]
-                else:
-                    _check_text(text, text_field, where)
-                yield text
+                for part in _lines(line.decode("utf-8")):
+                    line_number += 1
+                    if part.strip():
+                        where = f"{path}, line {line_number}"
+                        yield _text_of(_loads(part, where), text_field, where)
     except UnicodeDecodeError:
         raise ValueError(f"{path} is not UTF-8 text") from None
     except (EOFError, gzip.BadGzipFile, zlib.error) as e:
         raise ValueError(f"{path} is not a complete gzip file ({e})") from None
+
+
+def _lines(text: str) -> list[str]:
+    """The lines of `text` (one read up to "\\n"), split at a lone "\\r" too, as text mode does."""
+    if "\r" not in text:
+        return [text]
+    parts = _NEWLINE.split(text)
+    return parts[:-1] if parts[-1] == "" else parts
 
 
 def _loads(line: str, where: str, column: bool = True):
@@ -77,7 +85,9 @@ def _loads(line: str, where: str, column: bool = True):
         raise ValueError(f"{where}: JSON nested too deeply to read; a record is one object with a string field") from None
 
 
-def _text_of(record, text_field: str, where: str):
+def _text_of(record, text_field: str, where: str, long_strings: dict | None = None) -> "str | StreamedText":
+    """The record's text: a string, or the long string its marker stands for (read once here:
+    checked as JSON and as text, and measured, which is what the split asks first)."""
     if not isinstance(record, dict):
         raise ValueError(f"{where}: {json_kind(record)}, not a JSON object with a {text_field!r} field")
     if text_field not in record:
@@ -86,33 +96,32 @@ def _text_of(record, text_field: str, where: str):
     text = record[text_field]
     if not isinstance(text, str):
         raise ValueError(f"{where}: field {text_field!r} is {json_kind(text)}, not a string")
+    if long_strings and text in long_strings:
+        text = long_strings[text]
+    try:
+        text.encode("utf-8") if isinstance(text, str) else _read(text.digest, where)
+    except UnicodeEncodeError:  # JSON can spell a lone surrogate ("\ud800"), which no UTF-8 holds
+        raise ValueError(f"{where}: field {text_field!r} holds an unpaired surrogate, not text") from None
     return text
 
 
-def _check_text(text: str, text_field: str, where: str) -> None:
+def _read(read, where: str):
+    """`read()`, a JSON error in a long string reported as json.loads reports one in a short line."""
     try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:  # JSON can spell a lone surrogate ("\ud800"), which no UTF-8 holds
-        raise ValueError(f"{where}: field {text_field!r} holds an unpaired surrogate, not text") from None
-
-
-def _check_string(text: JSONStringText, where: str) -> None:
-    """Read a long string once: checked as JSON (escapes, control characters) and as text, and
-    measured (its characters, bytes and SHA-256: what the split asks first)."""
-    try:
-        text.digest()
+        return read()
     except json.JSONDecodeError as e:
         raise ValueError(f"{where}: not valid JSON ({e.msg} in a string)") from None
-    except UnicodeEncodeError:
-        raise ValueError(f"{where}: a string holds an unpaired surrogate, not text") from None
 
 
-def _long_line(f, first: bytes, start: int, where: str, path: Path, stat) -> tuple[object, dict[str, JSONStringText]]:
+def _long_line(f, first: bytes, start: int, where: str, path: Path, stat, gz: bool,
+               text_field: str) -> tuple[object, dict[str, JSONStringText]]:
     """(record, {marker: the long string it stands for}) of the line whose first LONG_LINE_BYTES
-    bytes are `first`, which began at `start` in `f` (the file `path`); the rest of it is read here."""
+    bytes are `first`, which began at `start` in `f` (the file `path`); the rest of it is read here.
+    A long string of a gzipped file is copied as it is into a temporary file (removed with the last
+    reference to it): read again from the gzip, it would be decompressed from the file's start."""
     nonce = secrets.token_hex(8)
     skeleton, long_strings = bytearray(), {}
-    in_string, spilled, content, opened_at = False, False, bytearray(), 0
+    in_string, content, opened_at, copy = False, bytearray(), 0, None  # content: None once spilled
     carry, position, chunk = b"", start, first  # position: where `chunk` begins in the file
     while chunk:
         data, base, carry = carry + chunk, position - len(carry), b""
@@ -123,19 +132,25 @@ def _long_line(f, first: bytes, start: int, where: str, path: Path, stat) -> tup
                 end = len(data) if j < 0 else j + 1
                 skeleton += data[i:end]
                 if j >= 0:
-                    in_string, spilled, content, opened_at = True, False, bytearray(), base + j + 1
+                    in_string, content, opened_at = True, bytearray(), base + j + 1
                 i = end
                 continue
             e = _BODY.match(data, i).end()
-            if not spilled:
+            if content is not None:
                 content += data[i:e]
-                if len(content) > SPILL_BYTES:
-                    spilled, content = True, bytearray()
+                if len(content) > SPILL_BYTES:  # a long string: left in the file (or copied)
+                    if gz:
+                        copy = tempfile.NamedTemporaryFile(prefix="mot-transition-", suffix=".json-string")
+                        copy.write(content)
+                    content = None
+            elif copy is not None:
+                copy.write(data[i:e])
             if e < len(data) and data[e] == ord('"'):  # the string ends
-                if spilled:
+                if content is None:
                     marker = f"\\u0000mot-transition-{nonce}-{len(long_strings)}"
-                    long_strings[json.loads(f'"{marker}"')] = (opened_at, base + e)
+                    long_strings[json.loads(f'"{marker}"')] = _long_string(path, stat, opened_at, base + e, copy)
                     skeleton += marker.encode() + b'"'
+                    copy = None
                 else:
                     skeleton += content + b'"'
                 in_string, i = False, e + 1
@@ -147,10 +162,18 @@ def _long_line(f, first: bytes, start: int, where: str, path: Path, stat) -> tup
         chunk = f.readline(CHUNK_BYTES)
     if in_string:
         raise ValueError(f"{where}: not valid JSON (a string that does not end)")
-    if not skeleton.strip():
+    if not skeleton.decode("utf-8").strip():
         return None, {}  # a line of whitespace only: skipped, as a short one
     record = _loads(skeleton.decode("utf-8"), where, column=False)
-    texts = {marker: JSONStringText(path, stat, *span) for marker, span in long_strings.items()}
-    for text in texts.values():  # every long string read once: checked, as json.loads checks every string, and measured
-        _check_string(text, where)
-    return record, texts
+    text = record.get(text_field) if isinstance(record, dict) else None
+    for marker, string in long_strings.items():  # checked as JSON, as json.loads checks every string
+        if marker != text:  # (the text's own string is checked, as text too, and measured by _text_of)
+            _read(lambda: [None for _ in string.chunks()], where)
+    return record, long_strings
+
+
+def _long_string(path: Path, stat, start: int, end: int, copy) -> JSONStringText:
+    if copy is None:
+        return JSONStringText(path, stat, start, end)
+    copy.flush()
+    return JSONStringText(copy.name, file_stamp(copy.fileno()), 0, end - start, keep=copy)

@@ -15,7 +15,6 @@ bytes) and `split_at` (at a character) give windows, read by skipping to them. W
 """
 
 import codecs
-import gzip
 import hashlib
 import json
 import os
@@ -112,7 +111,7 @@ class StreamedText:
 class FileText(StreamedText):
     """The text of a UTF-8 text file."""
 
-    def __init__(self, path: str | Path, stat: tuple[int, int], lo: int = 0, hi: int | None = None):
+    def __init__(self, path: str | Path, stat: tuple[int, ...], lo: int = 0, hi: int | None = None):
         super().__init__(lo, hi)
         self.path, self._stat = Path(path), stat
 
@@ -136,29 +135,31 @@ class FileText(StreamedText):
 
     def _whole(self) -> Iterator[str]:
         decoder = codecs.getincrementaldecoder("utf-8")()
-        with _opened(self.path, self._stat, gz=False) as f:
+        with _opened(self.path, self._stat) as f:
             while data := f.read(CHUNK_BYTES):
                 yield decoder.decode(data)
         decoder.decode(b"", final=True)
 
 
 class JSONStringText(StreamedText):
-    """The value of a JSON string whose escaped content lies at bytes [start, end) of a (gzipped)
-    file: unescaped as it is read, in segments cut where no escape, surrogate pair or UTF-8
+    """The value of a JSON string whose escaped content lies at bytes [start, end) of a file (for a
+    gzipped source, a temporary copy of the string, `keep`): unescaped as it is read, in segments cut where no escape, surrogate pair or UTF-8
     character is cut in two, each decoded by the json module."""
 
-    def __init__(self, path: str | Path, stat: tuple[int, int], start: int, end: int, lo: int = 0, hi: int | None = None):
+    def __init__(self, path: str | Path, stat: tuple[int, ...], start: int, end: int, lo: int = 0, hi: int | None = None,
+                 keep=None):
         super().__init__(lo, hi)
         self.path, self._stat, self.start, self.end = Path(path), stat, start, end
+        self._keep = keep  # a temporary file that holds the string, kept while a window of it lives
 
     def __repr__(self) -> str:
         return f"JSONStringText({str(self.path)!r}, bytes {self.start}-{self.end})"
 
     def _window(self, lo: int, hi: int | None) -> "JSONStringText":
-        return JSONStringText(self.path, self._stat, self.start, self.end, lo, hi)
+        return JSONStringText(self.path, self._stat, self.start, self.end, lo, hi, self._keep)
 
     def _whole(self) -> Iterator[str]:
-        with _opened(self.path, self._stat, gz=self.path.name.endswith(".gz")) as f:
+        with _opened(self.path, self._stat) as f:
             f.seek(self.start)
             position, held = self.start, b""
             while position < self.end:
@@ -197,33 +198,31 @@ def _safe_cut(raw: bytes) -> int:
 
 
 def _unescape(raw: bytes) -> str:
-    return json.loads(b'"' + raw + b'"')
+    return json.loads('"' + raw.decode("utf-8") + '"')  # decoded first: json.loads would guess bytes' encoding
 
 
-def file_stamp(fd: int) -> tuple[int, int]:
-    """(size, modification time in ns) of an open file: another stamp, another file."""
+def file_stamp(fd: int) -> tuple[int, ...]:
+    """(inode, size, modification and change times in ns) of an open file: another stamp, another file."""
     st = os.fstat(fd)
-    return st.st_size, st.st_mtime_ns
+    return st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
 
 class _opened:
     """The file, opened for reading bytes, refused with a one-line error if it is not the one that
-    was measured (another size or modification time)."""
+    was measured (another inode, size or time)."""
 
-    def __init__(self, path: Path, stat: tuple[int, int], gz: bool):
-        self.path, self.stat, self.gz = path, stat, gz
+    def __init__(self, path: Path, stat: tuple[int, ...]):
+        self.path, self.stat = path, stat
 
     def __enter__(self):
-        self.raw = open(self.path, "rb")
-        if file_stamp(self.raw.fileno()) != self.stat:
-            self.raw.close()
+        self.f = open(self.path, "rb")
+        if file_stamp(self.f.fileno()) != self.stat:
+            self.f.close()
             raise Changed(f"{self.path} changed while it was being read; prepare it again once it is written")
-        self.f = gzip.GzipFile(fileobj=self.raw, mode="rb") if self.gz else self.raw
         return self.f
 
     def __exit__(self, *exc):
         self.f.close()
-        self.raw.close()
 
 
 # ---------------------------------------------------------------------------------------------
