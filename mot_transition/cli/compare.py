@@ -12,7 +12,7 @@ from ..locks import hold
 from .app import app
 
 
-@app.command()
+@app.command(epilog="Example: mot-transition compare runs/tc-transition")
 def compare(
     runs: list[Path] = typer.Argument(..., help="A `run` output directory, or a transition run and a Token Choice baseline run."),
     plot: Path = typer.Option(None, "--plot", help="Where to write the PNG of the loss curves (default: beside the transition run)."),

@@ -11,7 +11,7 @@ from rich.table import Table
 from .app import app
 
 
-@app.command()
+@app.command(epilog="Example: mot-transition export runs/tc-transition runs/export --to qwen3_moe")
 def export(
     src: Path = typer.Argument(..., help="Checkpoint directory (or a run directory: its latest checkpoint), llama block style."),
     dst: Path = typer.Argument(..., help="Directory to write the native transformers model to (a .gguf file with --to gguf)."),
