@@ -51,3 +51,17 @@ def test_every_command_help_ends_with_an_example_the_cli_parses(name, capsys, mo
     command = commands()[name]
     context = command.make_context(name, words[2:])  # parsed as the CLI parses it: a usage error fails here
     assert not context.args  # every word was taken by an argument or an option
+
+
+@pytest.mark.parametrize("name", sorted(commands()))
+def test_help_cites_sections_of_docs_design_md_that_exist_never_the_old_spec(name, capsys, monkeypatch):
+    import re
+    from pathlib import Path
+
+    monkeypatch.setenv("COLUMNS", "200")
+    code, out, _ = run_cli([name, "--help"], capsys)
+    assert code == 0 and "SPEC" not in out
+    design = (Path(__file__).resolve().parents[1] / "docs" / "design.md").read_text()
+    headings = set(re.findall(r"^#{2,3} (\d+(?:\.\d+)?)\.? ", design, flags=re.MULTILINE))
+    for section in re.findall(r"design\.md §(\d+(?:\.\d+)?)", out):
+        assert section in headings, f"{name} --help cites design.md §{section}, which has no such section"

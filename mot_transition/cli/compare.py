@@ -1,4 +1,4 @@
-"""`mot-transition compare RUN...`: the pre/post-switch table of SPEC section 4 and a plot."""
+"""`mot-transition compare RUN...`: the pre/post-switch table of docs/design.md §10.2 and a plot."""
 
 from pathlib import Path
 

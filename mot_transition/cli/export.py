@@ -22,7 +22,7 @@ def export(
     verify: bool = typer.Option(True, "--verify/--no-verify", help="Load the export back with transformers and compare logits and greedy tokens."),
     force: bool = typer.Option(False, "--force", help="Replace DST if this toolkit wrote it."),
 ) -> None:
-    """Export a llama-style checkpoint to a native transformers architecture (SPEC section 5)."""
+    """Export a llama-style checkpoint to a native transformers architecture (docs/design.md §8.4)."""
     from ..export import export_checkpoint
 
     console = Console()

@@ -1,4 +1,4 @@
-"""`mot-transition prepare SOURCE... --out DIR`: a corpus into sharded token files (SPEC section 6)."""
+"""`mot-transition prepare SOURCE... --out DIR`: a corpus into sharded token files (docs/design.md §11)."""
 
 from pathlib import Path
 
