@@ -192,6 +192,14 @@ class Rule:
             raise ValueError(f"{key} must be {self.describe()}, got {shown}")
         return result
 
+    def read(self, key: str, value):
+        """`check` for a value as a person wrote it (a recipe file, a KEY=VALUE override, a grid
+        file): where a list is expected, one item alone is the list of that item (`report_to =
+        "tensorboard"` is `["tensorboard"]`). A Python caller's value goes through `check`, as given."""
+        if self.kind is list and value is not None and not isinstance(value, (list, tuple)) and self._accepts([value])[0]:
+            value = [value]
+        return self.check(key, value)  # refused: said with the value as it was written
+
     def accepts(self, value) -> bool:
         """Whether `check` would take `value`."""
         return (value is None and self.optional) or self._accepts(value)[0]
@@ -217,7 +225,7 @@ class Rule:
             text = "one of " + ", ".join(str(c) for c in self.choices)
         elif self.kind is list:
             text = f"a list of {Rule(self.item, self.low, self.high, self.low_open, self.high_open).describe().removeprefix('an ').removeprefix('a ')}"
-            text = text.replace("integer", "integers", 1).replace("number", "numbers", 1)
+            text = text.replace("integer", "integers", 1).replace("number", "numbers", 1).replace("string", "strings", 1)
         else:
             text = {int: "an integer", float: "a finite number", bool: "true or false", str: "a string"}[self.kind]
             low, high = _number(self.low), _number(self.high)

@@ -65,3 +65,85 @@ def test_help_cites_sections_of_docs_design_md_that_exist_never_the_old_spec(nam
     headings = set(re.findall(r"^#{2,3} (\d+(?:\.\d+)?)\.? ", design, flags=re.MULTILINE))
     for section in re.findall(r"design\.md §(\d+(?:\.\d+)?)", out):
         assert section in headings, f"{name} --help cites design.md §{section}, which has no such section"
+
+
+# ---------------------------------------------------------------------------------------------
+# a key that takes a list takes one item alone: on the command line, in a recipe file, in a grid file
+
+# one valid item of every recipe key that takes a list (a new list key without one here fails below)
+ONE_ITEM = {"model.moe_layers": ("3", 3), "train.report_to": ("jsonl", "jsonl")}
+
+
+def list_keys() -> set[str]:
+    from mot_transition.train.recipe import RECIPE_RULES
+
+    return {key for key, rule in RECIPE_RULES.items() if rule.kind is list}
+
+
+def test_every_list_key_is_tried():
+    assert list_keys() == set(ONE_ITEM)
+
+
+@pytest.mark.parametrize("key", sorted(ONE_ITEM))
+def test_one_item_alone_is_a_list_of_one_in_an_override_and_in_a_recipe_file(key, tmp_path):
+    from mot_transition.train import load_recipe
+    from mot_transition.train.recipe import RECIPES_DIR
+
+    written, item = ONE_ITEM[key]
+    section, leaf = key.split(".")
+    recipe = load_recipe("tiny", [f"{key}={written}"])
+    assert getattr(getattr(recipe, section), leaf) == [item]
+    # the same key in a recipe file, as a TOML value (a string quoted, a number as it is)
+    literal = f'"{item}"' if isinstance(item, str) else str(item)
+    text = (RECIPES_DIR / "tiny.toml").read_text().replace(f"[{section}]\n", f"[{section}]\n{leaf} = {literal}\n", 1)
+    text = "\n".join(line for line in text.splitlines() if not line.startswith(f"{leaf} = [")) + "\n"  # tiny's own list
+    (tmp_path / "one.toml").write_text(text)
+    recipe = load_recipe(tmp_path / "one.toml")
+    assert getattr(getattr(recipe, section), leaf) == [item]
+
+
+def test_one_item_of_the_wrong_kind_is_refused_naming_the_key_and_the_value_as_written():
+    from mot_transition.train import load_recipe
+
+    with pytest.raises(ValueError, match=r"^recipe key 'model.moe_layers' must be a list of integers >= 0 or none, got 'x'$"):
+        load_recipe("tiny", ["model.moe_layers=x"])
+    with pytest.raises(ValueError, match=r"^recipe key 'train.report_to' has 'mlflow'; choose from jsonl, "):
+        load_recipe("tiny", ["train.report_to=mlflow"])
+    with pytest.raises(ValueError, match=r"^recipe key 'train.report_to' must be a list of strings, got \[1\]$"):
+        load_recipe("tiny", ["train.report_to=[1]"])
+
+
+def test_a_python_caller_still_gives_a_list():
+    """Only what a person writes is read leniently: Python code that builds a recipe passes a list."""
+    from mot_transition.train import Recipe
+    from mot_transition.train.recipe import TrainRecipe, check_recipe
+
+    with pytest.raises(ValueError, match=r"^recipe key 'train.report_to' must be a list of strings, got 'jsonl'$"):
+        check_recipe(Recipe(train=TrainRecipe(report_to="jsonl")))
+
+
+class Reached(Exception):
+    """The recipe passed every check and training would start."""
+
+
+def test_train_report_to_tensorboard_on_the_command_line_starts_training_with_tensorboard(capsys, monkeypatch):
+    pytest.importorskip("tensorboard", reason="train.report_to=tensorboard needs the tensorboard extra")
+    import mot_transition.train as train_package
+
+    def reached(recipe, *args, **kwargs):
+        raise Reached(recipe)
+
+    monkeypatch.setattr(train_package, "train", reached)
+    with pytest.raises(Reached) as started:
+        run_cli(["train", "tiny", "train.report_to=tensorboard", "--out", "/nonexistent/never-written"], capsys)
+    assert started.value.args[0].train.report_to == ["tensorboard"]  # metrics.jsonl is written whatever the list
+
+
+def test_a_grid_file_takes_one_item_for_its_lists(tmp_path):
+    from mot_transition.study.grid import load_grid
+
+    path = tmp_path / "grid.toml"
+    path.write_text(f"recipe = 'tiny'\noverrides = 'train.threads=1'\nresults = '{tmp_path / 'results'}'\n"
+                    "transitions = 10\nsweep = [1e-3, 3e-3]\n[[size]]\nn_embd = 16\ntokens_per_parameter = 2\nseeds = 1\n")
+    grid = load_grid(path)
+    assert (grid.transitions, grid.overrides) == ([10.0], ["train.threads=1"])

@@ -127,11 +127,12 @@ def load_grid(path: str | Path) -> Grid:
         if key not in KEYS:
             raise ValueError(f"grid {path}: unknown key {key!r} (known: {', '.join(KEYS)})")
         if KEYS[key] is not None:
-            KEYS[key].check(f"grid key {key!r}", value)
+            raw[key] = KEYS[key].read(f"grid key {key!r}", value)  # one value for a list: [value]
     for key in ("recipe", "results", "size", "sweep"):
         if key not in raw:
             raise ValueError(f"grid {path} has no {key!r}")
     overrides = raw.get("overrides", [])
+    overrides = [overrides] if isinstance(overrides, str) else overrides
     if not (isinstance(overrides, list) and all(isinstance(o, str) for o in overrides)):
         raise ValueError(f"grid {path}: 'overrides' must be a list of KEY=VALUE strings")
     if not (isinstance(raw["size"], list) and raw["size"] and all(isinstance(s, dict) for s in raw["size"])):

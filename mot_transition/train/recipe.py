@@ -5,7 +5,8 @@ A recipe has top-level keys (`name`, `seed`) and four sections, `[model]`, `[dat
 command line use dotted keys for sections (`train.steps=100`, `model.group_size=16`, `seed=1`)
 and their values are TOML literals (`optim.lr=3e-4`, `model.moe_layers=[2,3]`,
 `data.source="corpus.txt"`); a value that is not a TOML literal is taken as a string, and `none`
-sets an optional field back to None.
+sets an optional field back to None. A key that takes a list takes one item alone as the list of
+it, in a file as on the command line (`train.report_to=tensorboard`, `model.moe_layers=3`).
 
 Anything wrong (an unknown key, a value of the wrong type, a value that cannot work) raises a
 ValueError of one line that names the key. The `[model]` section is checked by building the
@@ -265,7 +266,7 @@ def recipe_from_dict(raw: dict) -> Recipe:
         else:
             raise ValueError(f"unknown recipe key {key!r}{_did_you_mean(key, [*TOP_LEVEL, *SECTIONS], '')}")
     for key, value in top.items():
-        top[key] = RECIPE_RULES[key].check(f"recipe key {key!r}", value)
+        top[key] = RECIPE_RULES[key].read(f"recipe key {key!r}", value)
     recipe = Recipe(**top, **sections)
     check_recipe(recipe)
     return recipe
@@ -277,7 +278,7 @@ def _build_section(cls, values: dict, prefix: str):
     for key, value in values.items():
         if key not in names:
             raise ValueError(f"unknown recipe key {prefix + key!r}{_did_you_mean(key, names, prefix)}")
-        checked[key] = RECIPE_RULES[prefix + key].check(f"recipe key {prefix + key!r}", value)
+        checked[key] = RECIPE_RULES[prefix + key].read(f"recipe key {prefix + key!r}", value)  # one value for a list: [value]
     return cls(**checked)
 
 
