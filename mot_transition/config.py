@@ -188,7 +188,8 @@ class Rule:
             return None
         ok, result = self._accepts(value)
         if not ok:
-            shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+            shown = as_written(value)
+            shown = shown if len(shown) <= 60 else shown[:57] + "..."
             raise ValueError(f"{key} must be {self.describe()}, got {shown}")
         return result
 
@@ -278,6 +279,24 @@ def package_module(name: str):
     return importlib.import_module(f"mot_transition.{name}")
 
 
+def as_written(value) -> str:
+    """A value as a person writes it in a recipe, a KEY=VALUE override or a grid file (TOML's words,
+    which a message quotes back to them): none, true / false, 'text', 1e-05, [2, 3], {n_embd = 64};
+    never Python's None, True or a type's name."""
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(as_written(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} = {as_written(v)}" for k, v in value.items()) + "}"
+    for kind in (str, int, float):  # 'text' is a TOML string too; nan and inf are TOML's spelling
+        if isinstance(value, kind):
+            return repr(kind(value))  # numpy's float64(1.0) as 1.0
+    return str(value)
+
+
 def _number(value) -> str:
     """A bound as a user reads it: 1048576 rather than 1.04858e+06, 0.5 as 0.5."""
     if value is None:
@@ -296,4 +315,4 @@ def _multiple_of_8(width: float) -> int:
     return max(8, 8 * round(width / 8)) if width >= 8 else max(1, round(width))
 
 
-__all__ = ["MoTConfig", "Rule", "MODEL_RULES", "BLOCK_STYLES", "FFN_TYPES", "EXPERT_FFN_TYPES", "GROUPING_FFN_TYPES"]
+__all__ = ["MoTConfig", "Rule", "MODEL_RULES", "as_written", "BLOCK_STYLES", "FFN_TYPES", "EXPERT_FFN_TYPES", "GROUPING_FFN_TYPES"]

@@ -52,4 +52,24 @@ def check_options(**values) -> None:
             OPTION_RULES[option].check(option, value)
 
 
-__all__ = ["OPTION_RULES", "VOCAB_SIZE", "CORES", "check_options"]
+def with_option(option: str, value) -> str:
+    """How a command line that gave `option` the value `value` reads, for a message: "with --top-k 2",
+    "with --transitions 5,10", "with --no-baseline" (`option` a flag pair "--baseline/--no-baseline"),
+    "without --top-k" (None: not given)."""
+    if "/" in option:
+        yes, no = option.split("/")
+        return f"with {yes if value else no}"
+    if value is None:
+        return f"without {option}"
+    items = value if isinstance(value, (list, tuple)) else [value]
+    return f"with {option} {','.join(_typed(v) for v in items)}"
+
+
+def _typed(number) -> str:
+    """5.0 as 5, 0.003 as 0.003: a number as it is typed."""
+    if isinstance(number, float) and number.is_integer() and abs(number) < 1e16:
+        return str(int(number))
+    return str(number)
+
+
+__all__ = ["OPTION_RULES", "VOCAB_SIZE", "CORES", "check_options", "with_option"]

@@ -147,3 +147,50 @@ def test_a_grid_file_takes_one_item_for_its_lists(tmp_path):
                     "transitions = 10\nsweep = [1e-3, 3e-3]\n[[size]]\nn_embd = 16\ntokens_per_parameter = 2\nseeds = 1\n")
     grid = load_grid(path)
     assert (grid.transitions, grid.overrides) == ([10.0], ["train.threads=1"])
+
+
+# ---------------------------------------------------------------------------------------------
+# errors name options as typed and values as written (none, true, --no-baseline), never Python's
+
+
+def error_line(code: int, err: str) -> str:
+    lines = [line for line in err.strip().splitlines() if not line.startswith("warning:")]
+    assert code == 1 and len(lines) == 1 and lines[0].startswith("error: "), err
+    return lines[0]
+
+
+@pytest.mark.parametrize("override, said", [
+    ("train.steps=none", "recipe key 'train.steps' must be an integer >= 1, got none"),
+    ("train.compile=1", "recipe key 'train.compile' must be true or false, got 1"),
+    ("train.report_to=[true]", "recipe key 'train.report_to' must be a list of strings, got [true]"),
+    ("model.moe_layers=[1, 2.5]", "recipe key 'model.moe_layers' must be a list of integers >= 0 or none, got [1, 2.5]"),
+    ("train.switch_at_step=240", "recipe key 'train.switch_at_step' must be between 1 and train.steps - 1 = 239 (or none), got 240"),
+])
+def test_a_recipe_value_is_quoted_back_as_it_was_written(capsys, override, said):
+    code, _, err = run_cli(["train", "tiny", override, "--out", "/nonexistent/never-written"], capsys)
+    line = error_line(code, err)
+    assert line == f"error: {said}"
+    assert not {"None", "True", "False", "NoneType"} & set(line.replace(",", " ").replace("]", " ").replace("[", " ").split())
+
+
+def test_a_damaged_training_state_is_described_in_json_words(tmp_path, capsys):
+    checkpoint = tmp_path / "run" / "checkpoints" / "step-000002"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "training_state.json").write_text('{"step": "two", "data": {}, "optimizer": {}, "recipe": {}}')
+    (checkpoint / "training_state.safetensors").write_bytes(b"")
+    code, _, err = run_cli(["train", "tiny", "--out", tmp_path / "run", "--resume"], capsys)
+    line = error_line(code, err)
+    assert line.endswith("training_state.json is corrupted: no 'step' (a number)"), line
+
+
+def test_options_are_said_as_typed():
+    from mot_transition.config import as_written
+    from mot_transition.options import with_option
+
+    assert with_option("--top-k", None) == "without --top-k"
+    assert with_option("--top-k", 2) == "with --top-k 2"
+    assert with_option("--lr", 0.003) == "with --lr 0.003"
+    assert with_option("--transitions", [5.0, 10.0, 2.5]) == "with --transitions 5,10,2.5"
+    assert with_option("--baseline/--no-baseline", False) == "with --no-baseline"
+    assert with_option("--baseline/--no-baseline", True) == "with --baseline"
+    assert as_written({"n_embd": 64, "seeds": [None, True, "x"]}) == "{n_embd = 64, seeds = [none, true, 'x']}"

@@ -22,7 +22,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..config import AT_LEAST_ZERO, MODEL_RULES, POSITIVE, POSITIVE_INT, PROBABILITY, Rule
+from ..config import AT_LEAST_ZERO, MODEL_RULES, POSITIVE, POSITIVE_INT, PROBABILITY, Rule, as_written
 from ..options import VOCAB_SIZE
 from .tracking import check_report_to
 
@@ -259,7 +259,7 @@ def recipe_from_dict(raw: dict) -> Recipe:
     for key, value in raw.items():
         if key in SECTIONS:
             if not isinstance(value, dict):
-                raise ValueError(f"recipe key {key!r} must be a section ([{key}]), got {value!r}")
+                raise ValueError(f"recipe key {key!r} must be a section ([{key}]), got {as_written(value)}")
             sections[key] = _build_section(SECTIONS[key], value, prefix=f"{key}.")
         elif key in TOP_LEVEL:
             top[key] = value
@@ -294,7 +294,7 @@ def check_recipe(recipe: Recipe) -> None:
         if not condition:
             section, _, leaf = key.rpartition(".")
             value = getattr(getattr(recipe, section) if section else recipe, leaf)
-            raise ValueError(f"recipe key {key!r} {rule}, got {value!r}")
+            raise ValueError(f"recipe key {key!r} {rule}, got {as_written(value)}")
 
     for key, rule in RECIPE_RULES.items():  # each key alone (a Recipe built in Python skipped load_recipe)
         section, _, leaf = key.rpartition(".")
