@@ -10,7 +10,7 @@ from ..convert import ConversionReport, convert_checkpoint
 from .app import app
 
 
-@app.command()
+@app.command(epilog="Example: mot-transition convert runs/llama runs/tc --top-k 2")
 def convert(
     src: Path = typer.Argument(..., help="MoT checkpoint directory (or a run directory: its latest checkpoint)."),
     dst: Path = typer.Argument(..., help="Directory to write the Token Choice checkpoint to."),
