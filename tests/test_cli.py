@@ -1,9 +1,11 @@
 """The command line's own polish (issue 25): --version, an example at the end of every command's
 help, and errors that speak of options as the user types them."""
 
-import pytest
-from conftest import run_cli
+import sys
 
+import pytest
+
+from conftest import run_cli
 from mot_transition import __version__
 
 
@@ -194,3 +196,32 @@ def test_options_are_said_as_typed():
     assert with_option("--baseline/--no-baseline", False) == "with --no-baseline"
     assert with_option("--baseline/--no-baseline", True) == "with --baseline"
     assert as_written({"n_embd": 64, "seeds": [None, True, "x"]}) == "{n_embd = 64, seeds = [none, true, 'x']}"
+
+
+# ---------------------------------------------------------------------------------------------
+# an extra that is not installed is one line saying how to install it, before any work
+
+
+@pytest.mark.parametrize("args", [["eval", "CKPT", "--tasks", "arc_easy"], ["compare", "RUN", "--tasks", "arc_easy"]])
+def test_task_scores_without_lm_eval_are_one_line_before_any_work(tmp_path, capsys, monkeypatch, args):
+    import mot_transition.cli.compare as compare_cli
+
+    def evaluated(*args, **kwargs):
+        raise AssertionError("the runs were read before lm-eval was found missing")
+
+    monkeypatch.setattr(compare_cli, "compare_runs", evaluated)
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # import lm_eval raises ImportError, as where it is not installed
+    code, _, err = run_cli([tmp_path / "nothing-here" if a in ("CKPT", "RUN") else a for a in args], capsys)
+    line = error_line(code, err)
+    assert "lm-evaluation-harness" in line and "pip install 'mot-transition[eval]'" in line, line
+
+
+def test_export_to_gguf_without_gguf_is_one_line(tmp_path, capsys, monkeypatch):
+    from conftest import tiny_config
+    from mot_transition.modeling import MoTLMHeadModel
+
+    MoTLMHeadModel(tiny_config("token_choice")).save_pretrained(tmp_path / "tc")
+    monkeypatch.setitem(sys.modules, "gguf", None)
+    code, _, err = run_cli(["export", tmp_path / "tc", tmp_path / "m.gguf", "--to", "gguf"], capsys)
+    assert "pip install 'mot-transition[gguf]'" in error_line(code, err)
+    assert not (tmp_path / "m.gguf").exists()

@@ -25,6 +25,10 @@ def compare(
 
     if plot is not None:  # before the models are evaluated
         check_writable_file(plot, "--plot")
+    if tasks:
+        from ..harness import require_harness
+
+        require_harness()
     if tasks and include_path is not None:
         from ..harness import check_task_files
 
