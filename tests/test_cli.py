@@ -225,3 +225,14 @@ def test_export_to_gguf_without_gguf_is_one_line(tmp_path, capsys, monkeypatch):
     code, _, err = run_cli(["export", tmp_path / "tc", tmp_path / "m.gguf", "--to", "gguf"], capsys)
     assert "pip install 'mot-transition[gguf]'" in error_line(code, err)
     assert not (tmp_path / "m.gguf").exists()
+
+
+@pytest.mark.parametrize("option, value, said", [
+    ("--transitions", "0,10", "--transitions must be a list of finite numbers > 0, got 0,10"),
+    ("--temperatures", "2,-0.5", "--temperatures must be a list of finite numbers > 0, got 2,-0.5"),
+    ("--seeds", "0", "--seeds must be an integer >= 1, got 0"),
+])
+def test_a_study_option_is_quoted_back_as_typed(tmp_path, capsys, option, value, said):
+    code, _, err = run_cli(["study", "tiny", option, value, "--out", tmp_path / "study"], capsys)
+    assert error_line(code, err) == f"error: {said}"
+    assert not (tmp_path / "study").exists()
