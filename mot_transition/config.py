@@ -188,9 +188,18 @@ class Rule:
             return None
         ok, result = self._accepts(value)
         if not ok:
-            shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+            shown = as_written(value)
+            shown = shown if len(shown) <= 60 else shown[:57] + "..."
             raise ValueError(f"{key} must be {self.describe()}, got {shown}")
         return result
+
+    def read(self, key: str, value):
+        """`check` for a value as a person wrote it (a recipe file, a KEY=VALUE override, a grid
+        file): where a list is expected, one item alone is the list of that item (`report_to =
+        "tensorboard"` is `["tensorboard"]`). A Python caller's value goes through `check`, as given."""
+        if self.kind is list and value is not None and not isinstance(value, (list, tuple)) and self._accepts([value])[0]:
+            value = [value]
+        return self.check(key, value)  # refused: said with the value as it was written
 
     def accepts(self, value) -> bool:
         """Whether `check` would take `value`."""
@@ -217,7 +226,7 @@ class Rule:
             text = "one of " + ", ".join(str(c) for c in self.choices)
         elif self.kind is list:
             text = f"a list of {Rule(self.item, self.low, self.high, self.low_open, self.high_open).describe().removeprefix('an ').removeprefix('a ')}"
-            text = text.replace("integer", "integers", 1).replace("number", "numbers", 1)
+            text = text.replace("integer", "integers", 1).replace("number", "numbers", 1).replace("string", "strings", 1)
         else:
             text = {int: "an integer", float: "a finite number", bool: "true or false", str: "a string"}[self.kind]
             low, high = _number(self.low), _number(self.high)
@@ -270,6 +279,24 @@ def package_module(name: str):
     return importlib.import_module(f"mot_transition.{name}")
 
 
+def as_written(value) -> str:
+    """A value as a person writes it in a recipe, a KEY=VALUE override or a grid file (TOML's words,
+    which a message quotes back to them): none, true / false, 'text', 1e-05, [2, 3], {n_embd = 64};
+    never Python's None, True or a type's name."""
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(as_written(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} = {as_written(v)}" for k, v in value.items()) + "}"
+    for kind in (str, int, float):  # 'text' is a TOML string too; nan and inf are TOML's spelling
+        if isinstance(value, kind):
+            return repr(kind(value))  # numpy's float64(1.0) as 1.0
+    return str(value)
+
+
 def _number(value) -> str:
     """A bound as a user reads it: 1048576 rather than 1.04858e+06, 0.5 as 0.5."""
     if value is None:
@@ -288,4 +315,4 @@ def _multiple_of_8(width: float) -> int:
     return max(8, 8 * round(width / 8)) if width >= 8 else max(1, round(width))
 
 
-__all__ = ["MoTConfig", "Rule", "MODEL_RULES", "BLOCK_STYLES", "FFN_TYPES", "EXPERT_FFN_TYPES", "GROUPING_FFN_TYPES"]
+__all__ = ["MoTConfig", "Rule", "MODEL_RULES", "as_written", "BLOCK_STYLES", "FFN_TYPES", "EXPERT_FFN_TYPES", "GROUPING_FFN_TYPES"]

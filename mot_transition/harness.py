@@ -35,14 +35,12 @@ def evaluate_tasks(
 ) -> dict[str, dict[str, float]]:
     """{task: {metric: value}} for a dense or Token Choice checkpoint (or MoT with `group_size=1`).
     `include_path`: a folder of task YAML files (and their local data), for tasks lm-eval does not
-    ship. Raises ValueError / OSError with one line for what cannot work."""
-    try:
-        import lm_eval
-        from lm_eval.models.huggingface import HFLM
-        from lm_eval.tasks import TaskManager
-    except ImportError as error:  # not installed, or installed and broken: say which
-        why = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ImportError(f"eval needs lm-evaluation-harness, which does not import here ({why}): pip install 'mot-transition[eval]'") from None
+    ship. Raises ValueError / OSError with one line for what cannot work (ImportError without lm-eval)."""
+    require_harness()
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
     checkpoint = resolve_checkpoint(checkpoint)
     config = load_config(checkpoint)
     if not tasks:
@@ -83,6 +81,19 @@ def evaluate_tasks(
             if "," in name and isinstance(value, (int, float)) and not isinstance(value, bool)
         }
     return scores
+
+
+def require_harness() -> None:
+    """A one-line ImportError, saying how to install it, unless lm-evaluation-harness imports: `eval`
+    and `compare --tasks` call it before any other work."""
+    try:
+        import lm_eval  # noqa: F401
+        from lm_eval.models.huggingface import HFLM  # noqa: F401
+        from lm_eval.tasks import TaskManager  # noqa: F401
+    except ImportError as error:  # not installed, or installed and broken: say which
+        why = str(error).strip().splitlines()[0] if str(error).strip() else "it does not import"
+        raise ImportError(f"task scores need lm-evaluation-harness, which does not import here ({why}): "
+                          f"pip install 'mot-transition[eval]'") from None
 
 
 def check_task_files(include_path: str | Path) -> None:

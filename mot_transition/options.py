@@ -4,7 +4,7 @@ functions behind the commands, so that a Python caller gets the same one-line er
 
 import os
 
-from .config import AT_LEAST_ZERO, POSITIVE, POSITIVE_INT, Rule
+from .config import AT_LEAST_ZERO, POSITIVE, POSITIVE_INT, Rule, as_written
 
 # Upper bounds, each with its reason: a value past it would exhaust the machine or crash a library.
 # A vocabulary: every byte and the eos token, and at most 2^20 entries, four times the largest in use
@@ -48,8 +48,30 @@ def check_options(**values) -> None:
     not given and passes. A one-line ValueError naming the option otherwise."""
     for name, value in values.items():
         option = "--" + name.replace("_", "-")
-        if value is not None:
-            OPTION_RULES[option].check(option, value)
+        if value is not None and not OPTION_RULES[option].accepts(value):
+            # a list as it is typed (--transitions 0,10), anything else as config.Rule says it
+            shown = ",".join(map(_typed, value)) if isinstance(value, (list, tuple)) else as_written(value)
+            raise ValueError(f"{option} must be {OPTION_RULES[option].describe()}, got {shown}")
 
 
-__all__ = ["OPTION_RULES", "VOCAB_SIZE", "CORES", "check_options"]
+def with_option(option: str, value) -> str:
+    """How a command line that gave `option` the value `value` reads, for a message: "with --top-k 2",
+    "with --transitions 5,10", "with --no-baseline" (`option` a flag pair "--baseline/--no-baseline"),
+    "without --top-k" (None: not given)."""
+    if "/" in option:
+        yes, no = option.split("/")
+        return f"with {yes if value else no}"
+    if value is None:
+        return f"without {option}"
+    items = value if isinstance(value, (list, tuple)) else [value]
+    return f"with {option} {','.join(_typed(v) for v in items)}"
+
+
+def _typed(number) -> str:
+    """5.0 as 5, 0.003 as 0.003: a number as it is typed."""
+    if isinstance(number, float) and number.is_integer() and abs(number) < 1e16:
+        return str(int(number))
+    return str(number)
+
+
+__all__ = ["OPTION_RULES", "VOCAB_SIZE", "CORES", "check_options", "with_option"]

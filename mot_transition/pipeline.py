@@ -14,12 +14,13 @@ import time
 from pathlib import Path
 
 from .checks import check_writable_folder
+from .config import as_written
 from .compare import compare_runs, plot_curves
 from .convert import convert_checkpoint, default_top_k, token_choice_config
 from .destinations import not_ours
 from .jsonfiles import read_json_object, write_json
 from .locks import writes
-from .options import check_options
+from .options import check_options, with_option
 from .train import Recipe, load_recipe, prepare_run_data, train
 from .transition import calibration_batches, check_calibration, check_heldout_groups, transition
 
@@ -149,13 +150,13 @@ def check_started_with(path: Path, now: dict, options: dict[str, str], what: str
         raise ValueError(f"{path} is truncated or corrupted; it is what {lead.rstrip(': ') or 'a rerun'} compares against, so start a new --out")
     for name, option in options.items():
         if saved["options"].get(name) != now["options"][name]:
-            raise ValueError(f"{lead}{option} is {now['options'][name]} but the {what} in {out} was started with "
-                             f"{saved['options'].get(name)}; {again} the options it was started with")
+            raise ValueError(f"{lead}the {what} in {out} was started {with_option(option, saved['options'].get(name))}, "
+                             f"not {with_option(option, now['options'][name])}; {again} the options it was started with")
     was, is_ = _flat(saved["recipe"]), _flat(now["recipe"])
     for key in [*is_, *(k for k in was if k not in is_)]:
         if key != "data.cache_dir" and was.get(key) != is_.get(key):
-            raise ValueError(f"{lead}recipe key {key!r} is {is_.get(key)!r} but the {what} in {out} was started with "
-                             f"{was.get(key)!r}; {again} the recipe it was started with")
+            raise ValueError(f"{lead}recipe key {key!r} is {as_written(is_.get(key))} but the {what} in {out} was started with "
+                             f"{as_written(was.get(key))}; {again} the recipe it was started with")
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:

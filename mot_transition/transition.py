@@ -25,7 +25,7 @@ from .checks import check_writable_folder, load_tokenizer_folder
 from .config import Rule
 from .jsonfiles import read_json_object, write_json
 from .locks import writes
-from .options import check_options
+from .options import check_options, with_option
 from .train import Recipe, Trainer, evaluate, latest_checkpoint, load_training_state, prepare_run_data, recipe_from_dict
 from .train.checkpoint import check_training_checkpoint, resumable_checkpoint, set_aside
 from .train.recipe import micro_batch_size
@@ -240,11 +240,13 @@ def _resumable(last: Path, checkpoint: Path, steps: int, options: dict) -> dict:
     if saved.get("converted") != str(checkpoint.resolve()):
         raise ValueError(f"--resume: the run in {run} fine-tunes {saved.get('converted')}, not {checkpoint}; resume it with that CHECKPOINT")
     if steps != saved.get("steps"):
-        raise ValueError(f"--resume: --steps is {steps} but the run in {run} used {saved.get('steps')}; resume with --steps {saved.get('steps')}")
+        raise ValueError(f"--resume: the run in {run} was started {with_option('--steps', saved.get('steps'))}, not "
+                         f"{with_option('--steps', steps)}; resume {with_option('--steps', saved.get('steps'))}")
     for option, value in options.items():
         used = saved.get(option.lstrip("-").replace("-", "_"))
         if value is not None and value != used:
-            raise ValueError(f"--resume: {option} is {value} but the run in {run} used {used}; resume with {option} {used} or leave it out")
+            raise ValueError(f"--resume: the run in {run} was started {with_option(option, used)}, not {with_option(option, value)}; "
+                             f"resume {with_option(option, used)}{'' if used is None else f' or leave {option} out'}")
     return saved
 
 

@@ -1,6 +1,7 @@
 import argparse
 import contextlib
 import hashlib
+import importlib.util
 from pathlib import Path
 
 import pytest
@@ -44,6 +45,18 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+def needs(*modules: str, install: str) -> pytest.MarkDecorator:
+    """Skip, saying which modules are missing and how to install them, unless every one is importable:
+    for the tests of optional extras that `pip install -e ".[dev]"` leaves out."""
+    missing = [name for name in modules if importlib.util.find_spec(name) is None]
+    return pytest.mark.skipif(bool(missing), reason=f"{', '.join(missing)} not installed ({install})")
+
+
+LM_EVAL = needs("lm_eval", install="pip install 'mot-transition[eval]'")
+PYARROW = needs("pyarrow", install="pip install pyarrow")
+DATASETS = needs("datasets", install="pip install datasets")
 
 
 def run_cli(args, capsys):

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import event, given
 from hypothesis import strategies as st
 
-from conftest import run_cli, tiny_config
+from conftest import LM_EVAL, run_cli, tiny_config
 from test_checks import FUZZ, one_error_line, unwritable_places
 
 
@@ -170,16 +170,24 @@ def test_a_checkpoint_config_nested_100000_deep_is_one_line_naming_it(tmp_path, 
     assert one_error_line(code, err, f"{deep / 'config.json'} is not valid JSON", "recursion limit"), err
 
 
-def test_compare_checks_its_plot_destination_and_task_files_before_evaluating_any_model(tmp_path, capsys, tasks, monkeypatch):
+@pytest.fixture
+def not_evaluated(monkeypatch):
     import mot_transition.cli.compare as compare_cli
 
     def evaluated(*args, **kwargs):
         raise AssertionError("the runs were evaluated before the checks")
 
     monkeypatch.setattr(compare_cli, "compare_runs", evaluated)
+
+
+def test_compare_checks_its_plot_destination_before_evaluating_any_model(tmp_path, capsys, not_evaluated):
     (tmp_path / "plots").mkdir()
     code, _, err = run_cli(["compare", tmp_path / "run", "--plot", tmp_path / "plots"], capsys)
     assert one_error_line(code, err, f"--plot {tmp_path / 'plots'} is a folder"), err
+
+
+@LM_EVAL  # lm-eval's own YAML loader reads them
+def test_compare_checks_its_task_files_before_evaluating_any_model(tmp_path, capsys, tasks, not_evaluated):
     (tasks / "broken.yaml").write_text("task: [broken\n")
     code, _, err = run_cli(["compare", tmp_path / "run", "--tasks", "tiny_choice", "--include-path", tasks], capsys)
     assert one_error_line(code, err, f"{tasks / 'broken.yaml'} is not a task file lm-eval reads"), err

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import LM_EVAL
 from mot_transition.data.shards import PreparedData
 from mot_transition.locks import acquire, lock_file, release
 from mot_transition.train import load_recipe, recipe_from_dict, recipe_to_toml, train
@@ -270,6 +271,7 @@ def test_study_a_second_study_into_the_same_out_is_refused(spawner, tmp_path):
 
 
 @needs_fork
+@LM_EVAL
 def test_eval_a_second_eval_writing_the_same_scores_file_is_refused(spawner, converted, tmp_path):
     from test_pipeline import _local_task
 

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from conftest import run_cli
+from conftest import LM_EVAL, run_cli
 from mot_transition.generate import generate, load_for_inference
 
 MICRO = [
@@ -164,6 +164,7 @@ def _local_task(folder):
     return folder
 
 
+@LM_EVAL
 def test_eval_scores_a_converted_checkpoint_on_a_local_task_and_refuses_mot_in_one_line(pipeline, tmp_path, capsys, monkeypatch):
     from conftest import run_cli
     from mot_transition.harness import evaluate_tasks
@@ -185,6 +186,7 @@ def test_eval_scores_a_converted_checkpoint_on_a_local_task_and_refuses_mot_in_o
     assert code == 1 and "unknown task" in stderr
 
 
+@LM_EVAL
 def test_compare_adds_the_task_scores_of_every_model_it_compares(pipeline, tmp_path, capsys, monkeypatch):
     from conftest import run_cli
 

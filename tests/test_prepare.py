@@ -1,6 +1,7 @@
 """`prepare`: sources into sharded token files; the reader; refusals; kills; bounded memory."""
 
 import gzip
+import importlib.util
 import json
 import os
 import signal
@@ -12,12 +13,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import run_cli
+from conftest import DATASETS, PYARROW, run_cli
 from mot_transition.data.corpus import _hash_fraction
 from mot_transition.data.prepare import INCOMPLETE, prepare
 from mot_transition.data.shards import PreparedData
 
 ROOT = Path(__file__).resolve().parents[1]
+HAS_PYARROW, HAS_DATASETS = (importlib.util.find_spec(name) is not None for name in ("pyarrow", "datasets"))
 DOCS = [f"document {i}: the {'quick ' * (i % 7)}brown fox {i * 37} jumps\nover line {i}." for i in range(60)]
 
 
@@ -96,15 +98,17 @@ def _make_sources(tmp: Path) -> dict[str, tuple[list[str], list[str]]]:
     write_jsonl(tmp / "shards" / "part-1.jsonl.gz", a[10:], opener=gzip.open)
     (tmp / "shards" / "README.md").write_text("a folder of shards: its records are read, not this file")
     write_jsonl(tmp / "one.jsonl.gz", b, opener=gzip.open)
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    if HAS_PYARROW:  # the kinds that need it are skipped without it
+        import pyarrow as pa
+        import pyarrow.parquet as pq
 
-    pq.write_table(pa.table({"id": list(range(len(b))), "text": b}), tmp / "one.parquet", row_group_size=7)
-    import datasets
+        pq.write_table(pa.table({"id": list(range(len(b))), "text": b}), tmp / "one.parquet", row_group_size=7)
+    if HAS_DATASETS:
+        import datasets
 
-    saved = datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": a}),
-                                  "test": datasets.Dataset.from_dict({"text": b})})
-    saved.save_to_disk(str(tmp / "saved"))
+        saved = datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": a}),
+                                      "test": datasets.Dataset.from_dict({"text": b})})
+        saved.save_to_disk(str(tmp / "saved"))
     return {
         "folder of text files": ([tmp / "texts"], a),
         "folder of jsonl shards": ([tmp / "shards"], a),
@@ -116,8 +120,8 @@ def _make_sources(tmp: Path) -> dict[str, tuple[list[str], list[str]]]:
     }
 
 
-@pytest.mark.parametrize("kind", ["folder of text files", "folder of jsonl shards", "jsonl.gz", "parquet", "glob",
-                                  "saved dataset", "several sources"])
+@pytest.mark.parametrize("kind", ["folder of text files", "folder of jsonl shards", "jsonl.gz", pytest.param("parquet", marks=PYARROW),
+                                  "glob", pytest.param("saved dataset", marks=DATASETS), pytest.param("several sources", marks=PYARROW)])
 def test_every_source_kind_gives_its_documents(tmp_path, tokenizer_dir, kind):
     sources, expected = _make_sources(tmp_path)[kind]
     prepare(sources, tmp_path / "out", tokenizer=tokenizer_dir, heldout_fraction=0.2)
@@ -169,10 +173,11 @@ def test_cli_prepare_as_typed_writes_a_dataset_that_autotokenizer_and_memmap_rea
 
 
 def _refusals(tmp: Path):
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    if HAS_PYARROW:  # the case that needs it is skipped without it
+        import pyarrow as pa
+        import pyarrow.parquet as pq
 
-    pq.write_table(pa.table({"content": DOCS}), tmp / "other.parquet")
+        pq.write_table(pa.table({"content": DOCS}), tmp / "other.parquet")
     (tmp / "latin1.txt").write_bytes("caf\xe9 ol\xe9".encode("latin-1"))
     write_jsonl(tmp / "empty.jsonl", ["", ""])
     (tmp / "foreign").mkdir()
@@ -201,12 +206,13 @@ def _refusals(tmp: Path):
     }
 
 
-@pytest.mark.parametrize("case", ["missing source", "parquet without the column", "non-UTF-8 text file",
-                                  "empty source", "glob matching nothing", "foreign non-empty --out", "Hub offline",
+@pytest.mark.parametrize("case", ["missing source", pytest.param("parquet without the column", marks=PYARROW), "non-UTF-8 text file",
+                                  "empty source", "glob matching nothing", "foreign non-empty --out", pytest.param("Hub offline", marks=DATASETS),
                                   "damaged gzip", "lone surrogate in a record", "--out inside a source folder"])
 def test_bad_input_is_one_line_exit_1_and_nothing_a_reader_takes_for_a_dataset(tmp_path, capsys, monkeypatch, case):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr("datasets.config.HF_HUB_OFFLINE", True)
+    if HAS_DATASETS:  # it read the variable when it was imported
+        monkeypatch.setattr("datasets.config.HF_HUB_OFFLINE", True)
     args, message = _refusals(tmp_path)[case]
     if "--out" not in args:
         args = [*args, "--out", tmp_path / "out"]

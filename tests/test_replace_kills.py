@@ -13,6 +13,7 @@ import json
 import random
 import shutil
 
+from conftest import LM_EVAL
 from mot_transition.data.prepare import prepare
 from mot_transition.data.shards import PreparedData
 from test_faults import SEED, digest, launcher, moments_note, needs_fork, show  # noqa: F401  (launcher: the fixture)
@@ -151,6 +152,7 @@ def test_study_killed_at_random_moments_goes_on_to_the_numbers_of_a_study_never_
 
 
 @needs_fork
+@LM_EVAL
 def test_eval_killed_at_random_moments_leaves_no_scores_or_whole_ones(launcher, tmp_path):  # noqa: F811
     """`eval --out SCORES` killed at 4 seeded moments: the scores file is absent or the whole one
     an uninterrupted evaluation writes (the same tasks), and the same command again writes it."""

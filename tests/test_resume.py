@@ -86,7 +86,7 @@ def test_transition_resume_refuses_other_steps_lr_or_eval_every_naming_the_optio
         transition(converted / "tc", STEPS, out, eval_every=EVERY, checkpoint_every=1, progress=False)
     for kwargs, option in (({"steps": 8}, "--steps"), ({"lr": 1e-2}, "--lr"), ({"eval_every": 3}, "--eval-every")):
         call = {"steps": STEPS, **kwargs}
-        with pytest.raises(ValueError, match=f"^--resume: {option} is .* but the run in .* used ") as error:
+        with pytest.raises(ValueError, match=f"^--resume: the run in .* was started with {option} .*, not with {option} .*; resume with {option} ") as error:
             transition(converted / "tc", call.pop("steps"), out, progress=False, resume=True, **call)
         assert "\n" not in str(error.value)
     assert latest_checkpoint(out).name == "step-000002"  # nothing was run or written
@@ -200,10 +200,10 @@ def _started(out: Path, monkeypatch, *args) -> None:
 
 
 @pytest.mark.parametrize("change, named", [
-    (["--top-k", "1"], "--top-k is 1 but the run in"),
-    (["--transition-steps", "3"], "--transition-steps is 3 but"),
-    (["--calibrate", "1"], "--calibrate is 1 but"),
-    (["--no-baseline"], "--baseline/--no-baseline is False but"),
+    (["--top-k", "1"], "was started with --top-k 2, not with --top-k 1; resume with the options"),
+    (["--transition-steps", "3"], "was started with --transition-steps 2, not with --transition-steps 3;"),
+    (["--calibrate", "1"], "was started with --calibrate 0, not with --calibrate 1;"),
+    (["--no-baseline"], "was started with --baseline, not with --no-baseline;"),  # the flag as typed, not Python's False
     (["train.steps=9"], "recipe key 'train.steps' is 9 but the run in"),
     (["model.mot_temperature=0.5"], "recipe key 'model.mot_temperature' is 0.5 but"),
 ])

@@ -229,7 +229,8 @@ def test_a_finished_study_run_again_redoes_nothing_and_other_options_are_refused
     assert code == 0, stderr
     assert stdout.count("already") == 2 * 9 and "->" not in stdout  # every stage of both seeds kept, none done
     assert {seed: tree_digest(out / seed) for seed in seeds} == seeds
-    for change, named in ((["--seeds", "3"], "--seeds is 3 but the study in"), (["--temperatures", "2"], "--temperatures is [2.0] but"),
+    for change, named in ((["--seeds", "3"], "was started with --seeds 2, not with --seeds 3; run it again with"),
+                          (["--temperatures", "2"], "was started with --temperatures 0.5, not with --temperatures 2;"),  # as typed
                           (["train.steps=30"], "recipe key 'train.steps' is 30 but the study in")):
         args = ["tiny", *corpus, "--seeds", "2", "--out", out, *OPTIONS, *change]
         code, _, stderr = study_cli(args)

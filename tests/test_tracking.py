@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import needs
 from mot_transition.train import recipe_from_dict, train
 from mot_transition.train.tracking import load_record, scalars
 
@@ -34,6 +35,7 @@ def test_expert_load_record_fractions_sum_to_one_and_entropy_is_log_e_when_unifo
     assert flat["expert_load/layer_3/expert_0"] == 1.0 and "aux_loss" not in flat and "step" not in flat
 
 
+@needs("tensorboard", "trackio", "wandb", install="pip install 'mot-transition[tensorboard,trackio,wandb]'")
 def test_every_tracker_gets_the_jsonl_metrics_offline(data_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")

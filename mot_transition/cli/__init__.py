@@ -2,7 +2,7 @@
 
 Bad input (a missing checkpoint, a recipe that does not fit, an impossible option) reaches the
 user as one line on stderr and exit code 1; the library raises ValueError / OSError with a
-message written for the user. Set MOT_TRANSITION_DEBUG=1 to see the traceback instead.
+message written for the user (ImportError, naming the extra to install, for a missing extra). Set MOT_TRANSITION_DEBUG=1 to see the traceback instead.
 """
 
 import os
@@ -40,7 +40,7 @@ def main() -> None:
         sys.exit(2)
     except (KeyboardInterrupt, typer.Abort):  # Ctrl-C that typer did not turn into 130 itself
         code = 130
-    except (ValueError, OSError, KeyError, SafetensorError) as error:
+    except (ValueError, OSError, KeyError, ImportError, SafetensorError) as error:  # ImportError: an extra not installed
         if os.environ.get("MOT_TRANSITION_DEBUG"):
             raise
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__

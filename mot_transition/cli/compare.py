@@ -1,4 +1,4 @@
-"""`mot-transition compare RUN...`: the pre/post-switch table of SPEC section 4 and a plot."""
+"""`mot-transition compare RUN...`: the pre/post-switch table of docs/design.md §10.2 and a plot."""
 
 from pathlib import Path
 
@@ -12,7 +12,7 @@ from ..locks import hold
 from .app import app
 
 
-@app.command()
+@app.command(epilog="Example: mot-transition compare runs/tc-transition")
 def compare(
     runs: list[Path] = typer.Argument(..., help="A `run` output directory, or a transition run and a Token Choice baseline run."),
     plot: Path = typer.Option(None, "--plot", help="Where to write the PNG of the loss curves (default: beside the transition run)."),
@@ -25,6 +25,10 @@ def compare(
 
     if plot is not None:  # before the models are evaluated
         check_writable_file(plot, "--plot")
+    if tasks:
+        from ..harness import require_harness
+
+        require_harness()
     if tasks and include_path is not None:
         from ..harness import check_task_files
 

@@ -10,7 +10,7 @@ from ..convert import ConversionReport, convert_checkpoint
 from .app import app
 
 
-@app.command()
+@app.command(epilog="Example: mot-transition convert runs/llama runs/tc --top-k 2")
 def convert(
     src: Path = typer.Argument(..., help="MoT checkpoint directory (or a run directory: its latest checkpoint)."),
     dst: Path = typer.Argument(..., help="Directory to write the Token Choice checkpoint to."),
@@ -19,7 +19,7 @@ def convert(
     calibrate: int = typer.Option(0, "--calibrate", help="Fit one output scale per MoE layer on this many batches of the MoT run's training data.", min=0),
     force: bool = typer.Option(False, "--force", help="Replace DST if it exists."),
 ) -> None:
-    """Convert a trained MoT checkpoint into a Token Choice sparse MoE checkpoint (SPEC section 3)."""
+    """Convert a trained MoT checkpoint into a Token Choice sparse MoE checkpoint (docs/design.md §9)."""
     from ..checkpoint_io import resolve_checkpoint
 
     src = resolve_checkpoint(src)

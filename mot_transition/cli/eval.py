@@ -7,7 +7,7 @@ import typer
 from .app import app
 
 
-@app.command("eval")
+@app.command("eval", epilog="Example: mot-transition eval runs/tc-transition --tasks arc_easy --limit 100")
 def eval_command(
     checkpoint: Path = typer.Argument(..., help="Checkpoint directory (or a run directory: its latest checkpoint)."),
     tasks: str = typer.Option(..., "--tasks", help="Comma-separated lm-eval task names."),

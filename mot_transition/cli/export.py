@@ -11,7 +11,7 @@ from rich.table import Table
 from .app import app
 
 
-@app.command()
+@app.command(epilog="Example: mot-transition export runs/tc-transition runs/export --to qwen3_moe")
 def export(
     src: Path = typer.Argument(..., help="Checkpoint directory (or a run directory: its latest checkpoint), llama block style."),
     dst: Path = typer.Argument(..., help="Directory to write the native transformers model to (a .gguf file with --to gguf)."),
@@ -22,7 +22,7 @@ def export(
     verify: bool = typer.Option(True, "--verify/--no-verify", help="Load the export back with transformers and compare logits and greedy tokens."),
     force: bool = typer.Option(False, "--force", help="Replace DST if this toolkit wrote it."),
 ) -> None:
-    """Export a llama-style checkpoint to a native transformers architecture (SPEC section 5)."""
+    """Export a llama-style checkpoint to a native transformers architecture (docs/design.md §8.4)."""
     from ..export import export_checkpoint
 
     console = Console()

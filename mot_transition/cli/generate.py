@@ -14,7 +14,7 @@ from ..options import check_options
 from .app import app
 
 
-@app.command()
+@app.command(epilog="Example: mot-transition generate runs/tc-transition --prompt 'def main('")
 def generate(
     checkpoint: Path = typer.Argument(..., help="Checkpoint directory (or a run directory: its latest checkpoint)."),
     prompt: str = typer.Option(..., "--prompt", help="Text to continue."),

@@ -11,7 +11,7 @@ from ..counts import parameter_counts
 from .app import app
 
 
-@app.command()
+@app.command(epilog="Example: mot-transition info runs/tc")
 def info(checkpoint: Path = typer.Argument(..., help="A checkpoint directory, or a run directory (its latest checkpoint).")) -> None:
     """Print a checkpoint's config and its parameter counts: total, active per token, per layer kind.
     The weight files' headers are read and checked against the config first (cheap: no tensor is

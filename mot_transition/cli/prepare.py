@@ -1,4 +1,4 @@
-"""`mot-transition prepare SOURCE... --out DIR`: a corpus into sharded token files (SPEC section 6)."""
+"""`mot-transition prepare SOURCE... --out DIR`: a corpus into sharded token files (docs/design.md §11)."""
 
 from pathlib import Path
 
@@ -8,7 +8,7 @@ from rich.console import Console
 from .app import app
 
 
-@app.command()
+@app.command(epilog="Example: mot-transition prepare stdlib --out data/stdlib --max-bytes 4000000")
 def prepare(
     sources: list[str] = typer.Argument(..., help="Text files, folders, .jsonl(.gz) or .parquet files, globs, datasets saved with save_to_disk, hf:NAME (a Hub dataset, streamed), or 'stdlib'."),
     out: Path = typer.Option(..., "--out", help="Folder to write the prepared corpus to (new or empty)."),

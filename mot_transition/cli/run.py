@@ -10,7 +10,7 @@ from .app import app
 from .compare import show_comparison
 
 
-@app.command()
+@app.command(epilog="Example: mot-transition run tiny train.steps=120 --out runs/quick")
 def run(
     recipe: str = typer.Argument("tiny", help="Recipe path or built-in name (recipes/NAME.toml)."),
     overrides: list[str] = typer.Argument(None, help="Recipe overrides KEY=VALUE, e.g. train.steps=100."),

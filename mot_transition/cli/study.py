@@ -19,7 +19,7 @@ def _numbers(option: str, text: str) -> list[float]:
         raise typer.BadParameter(f"{option} takes numbers separated by commas (e.g. 5,10,20), got {text!r}") from None
 
 
-@app.command()
+@app.command(epilog="Example: mot-transition study tiny train.steps=120 --seeds 2 --out runs/study")
 def study(
     recipe: str = typer.Argument(..., help="A MoT recipe (a .toml path or a built-in name, e.g. tiny), or a study grid: a .toml file with [[size]] tables (recipes/study-data-rich.toml)."),
     overrides: list[str] = typer.Argument(None, help="Recipe overrides KEY=VALUE, applied to every run (e.g. train.steps=120)."),

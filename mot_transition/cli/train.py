@@ -8,7 +8,7 @@ import typer
 from .app import app
 
 
-@app.command()
+@app.command(epilog="Example: mot-transition train tiny-llama train.steps=120 --out runs/llama")
 def train(
     recipe: str = typer.Argument(..., help="A recipe .toml file, or a built-in name from recipes/ (e.g. tiny)."),
     overrides: list[str] = typer.Argument(None, help="Recipe overrides key=value, e.g. train.steps=100 model.group_size=16."),

@@ -11,7 +11,7 @@ from .app import app
 from .train import say_when_nothing_to_resume
 
 
-@app.command()
+@app.command(epilog="Example: mot-transition transition runs/tc --steps 24")
 def transition(
     checkpoint: Path = typer.Argument(..., help="A converted Token Choice checkpoint (from `mot-transition convert`)."),
     steps: int = typer.Option(..., "--steps", help="Fine-tuning steps (the paper: about 10% of the MoT run's)."),

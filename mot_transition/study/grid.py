@@ -47,7 +47,7 @@ from typing import Callable
 
 import torch
 
-from ..config import Rule
+from ..config import Rule, as_written
 from ..convert import convert_checkpoint, default_top_k
 from ..jsonfiles import read_json_object, write_json
 from ..pipeline import baseline_recipe, converted_already
@@ -127,11 +127,12 @@ def load_grid(path: str | Path) -> Grid:
         if key not in KEYS:
             raise ValueError(f"grid {path}: unknown key {key!r} (known: {', '.join(KEYS)})")
         if KEYS[key] is not None:
-            KEYS[key].check(f"grid key {key!r}", value)
+            raw[key] = KEYS[key].read(f"grid key {key!r}", value)  # one value for a list: [value]
     for key in ("recipe", "results", "size", "sweep"):
         if key not in raw:
             raise ValueError(f"grid {path} has no {key!r}")
     overrides = raw.get("overrides", [])
+    overrides = [overrides] if isinstance(overrides, str) else overrides
     if not (isinstance(overrides, list) and all(isinstance(o, str) for o in overrides)):
         raise ValueError(f"grid {path}: 'overrides' must be a list of KEY=VALUE strings")
     if not (isinstance(raw["size"], list) and raw["size"] and all(isinstance(s, dict) for s in raw["size"])):
@@ -231,8 +232,8 @@ class GridRun:
         if started.is_file() and read_json_object(started) != self.grid.started():
             was, now = read_json_object(started), self.grid.started()
             key = next(k for k in [*now, *was] if was.get(k) != now.get(k))
-            raise ValueError(f"grid key {key!r} is {now.get(key)!r} but the grid in {self.grid.results} was started with "
-                             f"{was.get(key)!r}; go on with the grid file it was started with, or choose other results")
+            raise ValueError(f"grid key {key!r} is {as_written(now.get(key))} but the grid in {self.grid.results} was started with "
+                             f"{as_written(was.get(key))}; go on with the grid file it was started with, or choose other results")
         wanted = {"source_fingerprint": self.grid.corpus_fingerprint, "tokenizer_hash": self.grid.tokenizer_hash}
         if any(wanted.values()):
             manifest = prepare_run_data(self.plans[0].recipe)[3].manifest

@@ -5,7 +5,8 @@ A recipe has top-level keys (`name`, `seed`) and four sections, `[model]`, `[dat
 command line use dotted keys for sections (`train.steps=100`, `model.group_size=16`, `seed=1`)
 and their values are TOML literals (`optim.lr=3e-4`, `model.moe_layers=[2,3]`,
 `data.source="corpus.txt"`); a value that is not a TOML literal is taken as a string, and `none`
-sets an optional field back to None.
+sets an optional field back to None. A key that takes a list takes one item alone as the list of
+it, in a file as on the command line (`train.report_to=tensorboard`, `model.moe_layers=3`).
 
 Anything wrong (an unknown key, a value of the wrong type, a value that cannot work) raises a
 ValueError of one line that names the key. The `[model]` section is checked by building the
@@ -21,7 +22,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..config import AT_LEAST_ZERO, MODEL_RULES, POSITIVE, POSITIVE_INT, PROBABILITY, Rule
+from ..config import AT_LEAST_ZERO, MODEL_RULES, POSITIVE, POSITIVE_INT, PROBABILITY, Rule, as_written
 from ..options import VOCAB_SIZE
 from .tracking import check_report_to
 
@@ -258,14 +259,14 @@ def recipe_from_dict(raw: dict) -> Recipe:
     for key, value in raw.items():
         if key in SECTIONS:
             if not isinstance(value, dict):
-                raise ValueError(f"recipe key {key!r} must be a section ([{key}]), got {value!r}")
+                raise ValueError(f"recipe key {key!r} must be a section ([{key}]), got {as_written(value)}")
             sections[key] = _build_section(SECTIONS[key], value, prefix=f"{key}.")
         elif key in TOP_LEVEL:
             top[key] = value
         else:
             raise ValueError(f"unknown recipe key {key!r}{_did_you_mean(key, [*TOP_LEVEL, *SECTIONS], '')}")
     for key, value in top.items():
-        top[key] = RECIPE_RULES[key].check(f"recipe key {key!r}", value)
+        top[key] = RECIPE_RULES[key].read(f"recipe key {key!r}", value)
     recipe = Recipe(**top, **sections)
     check_recipe(recipe)
     return recipe
@@ -277,7 +278,7 @@ def _build_section(cls, values: dict, prefix: str):
     for key, value in values.items():
         if key not in names:
             raise ValueError(f"unknown recipe key {prefix + key!r}{_did_you_mean(key, names, prefix)}")
-        checked[key] = RECIPE_RULES[prefix + key].check(f"recipe key {prefix + key!r}", value)
+        checked[key] = RECIPE_RULES[prefix + key].read(f"recipe key {prefix + key!r}", value)  # one value for a list: [value]
     return cls(**checked)
 
 
@@ -293,7 +294,7 @@ def check_recipe(recipe: Recipe) -> None:
         if not condition:
             section, _, leaf = key.rpartition(".")
             value = getattr(getattr(recipe, section) if section else recipe, leaf)
-            raise ValueError(f"recipe key {key!r} {rule}, got {value!r}")
+            raise ValueError(f"recipe key {key!r} {rule}, got {as_written(value)}")
 
     for key, rule in RECIPE_RULES.items():  # each key alone (a Recipe built in Python skipped load_recipe)
         section, _, leaf = key.rpartition(".")

@@ -23,12 +23,11 @@ REPORTERS = ("jsonl", "tensorboard", "trackio", "wandb")  # each tracker is its 
 
 
 def check_report_to(names: list[str]) -> None:
-    """One-line ValueError for an unknown reporter, a missing "jsonl", or a library not installed."""
+    """One-line ValueError for an unknown reporter or a library not installed. "jsonl" may be left
+    out: metrics.jsonl is written whatever the list says (`train.report_to=tensorboard` adds TensorBoard)."""
     for name in names:
         if name not in REPORTERS:
             raise ValueError(f"recipe key 'train.report_to' has {name!r}; choose from {', '.join(REPORTERS)}")
-    if "jsonl" not in names:
-        raise ValueError("recipe key 'train.report_to' must include 'jsonl': compare and run read metrics.jsonl")
     import importlib.util
 
     for name in names:

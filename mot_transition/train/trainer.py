@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from ..checks import check_writable_folder
-from ..config import style_defaults
+from ..config import as_written, style_defaults
 from ..locks import hold_for_job
 from .checkpoint import latest_checkpoint, load_model, resumable_checkpoint, set_aside
 from .devices import Distributed, pick_device, setup_distributed
@@ -204,7 +204,7 @@ def _check_resumable(recipe: Recipe, checkpoint: Path) -> None:
             a, b, c = a.get(part, c[part]) if isinstance(a, dict) else None, b[part], c[part]
         if a != b:
             raise ValueError(
-                f"--resume: recipe key {'.'.join(key)!r} is {b!r} but the run in {checkpoint.parent.parent} used {a!r}; "
+                f"--resume: recipe key {'.'.join(key)!r} is {as_written(b)} but the run in {checkpoint.parent.parent} used {as_written(a)}; "
                 f"resume with the recipe it was started with"
             )
 
