@@ -136,7 +136,9 @@ def writes(where, option: str | None = None):
             if option is not None:  # a place no file can be created in is said as the destination checks say it
                 from .checks import check_writable_folder
 
-                check_writable_folder(output, option)
+                # tried where the lock file goes, beside the output: never a probe inside an output
+                # that another process may be replacing (or a dataset a kill would leave it in)
+                check_writable_folder(Path(output).expanduser().parent, option, shown=output)
             with hold(output, option=option):
                 return function(*args, **kwargs)
 

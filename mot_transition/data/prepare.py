@@ -74,7 +74,7 @@ def prepare(
     resolved = resolve_sources(sources, text_field)
     clean_after_killed_runs(out)  # a killed prepare's staging; a dataset it had moved aside is put back
     _check_output(out, force)
-    check_writable_folder(out, "--out")  # before a tokenizer is trained or loaded
+    check_writable_folder(out.parent, "--out", shown=out)  # where the staging goes; before a tokenizer is trained or loaded
     if isinstance(tokenizer, (str, Path)):
         tok = _load_tokenizer(tokenizer)
     elif tokenizer is not None:
