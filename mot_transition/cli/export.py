@@ -56,4 +56,4 @@ def _gguf(src: Path, dst: Path, outtype: str, force: bool, dropless: bool, conso
     table.add_row("dense blocks", ", ".join(map(str, report.dense_layers)) or "none")
     table.add_row("size", f"{report.bytes / 2**20:.1f} MiB")
     console.print(table)
-    console.print(f"wrote {dst}: run it with llama-cli -m {dst} (docs/serving.md)")
+    console.print(f"wrote {dst}: run it with llama-completion -m {dst} -p TEXT (docs/serving.md)")

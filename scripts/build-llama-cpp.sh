@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Builds stock llama.cpp's command-line tools (llama-completion, llama-cli, llama-server) from the
+# llama.cpp tree that llama-cpp-python's source distribution vendors (the package index is all this
+# needs: no git clone), into DIR/bin. About 25 minutes on 2 cores at low priority beside other work.
+#
+#   bash scripts/build-llama-cpp.sh [DIR]        # default DIR: runs/llama.cpp
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DIR=$(realpath -m "${1:-runs/llama.cpp}")
+VERSION=${LLAMA_CPP_PYTHON:-0.3.36}
+mkdir -p "$DIR"
+if [ ! -d "$DIR/src" ]; then
+    tmp=$(mktemp -d)
+    trap 'rm -rf "$tmp"' EXIT
+    python3 -m pip download --quiet --no-deps --no-binary :all: "llama-cpp-python==$VERSION" -d "$tmp"
+    tar -xzf "$tmp/llama_cpp_python-$VERSION.tar.gz" -C "$tmp"
+    mv "$tmp/llama_cpp_python-$VERSION/vendor/llama.cpp" "$DIR/src"
+fi
+cmake -S "$DIR/src" -B "$DIR/src/build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF \
+    -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_TOOLS=ON
+ninja -C "$DIR/src/build" llama-completion llama-cli llama-server
+mkdir -p "$DIR/bin"
+for tool in llama-completion llama-cli llama-server; do ln -sf "$DIR/src/build/bin/$tool" "$DIR/bin/$tool"; done
+"$DIR/bin/llama-completion" --version 2>&1 | head -1
+echo "built: $DIR/bin/llama-completion, llama-cli, llama-server"
