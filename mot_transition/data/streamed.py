@@ -26,7 +26,7 @@ CHUNK_BYTES = 2**20  # what one read of a streamed text takes from its file
 
 
 class Changed(ValueError):
-    pass
+    """The file of a streamed text is not the one that was measured: one line, never other tokens."""
 
 
 class StreamedText:
