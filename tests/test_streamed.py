@@ -252,3 +252,14 @@ def test_the_python_memory_of_one_document_does_not_grow_with_its_length(tmp_pat
             tracemalloc.stop()
     assert PreparedData(tmp_path / "out4").train.tokens > 7 * PreparedData(tmp_path / "out0.5").train.tokens
     assert peaks[4] - peaks[0.5] < 1.0, peaks
+
+
+def test_the_in_memory_corpus_reads_a_long_jsonl_line_as_a_string(tmp_path, long_lines):
+    from mot_transition.data.corpus import load_corpus
+
+    path = tmp_path / "docs.jsonl"
+    texts = [f"document {i}: " + "naïve 中文 " * 20 for i in range(30)]
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    corpus = load_corpus(path)
+    assert all(isinstance(t, str) for t in corpus.train + corpus.heldout)
+    assert sorted(corpus.train + corpus.heldout) == sorted(texts)

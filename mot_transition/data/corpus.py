@@ -108,8 +108,11 @@ def _read_folder(root: Path) -> list[tuple[str, str]]:
 
 
 def _read_records(path: Path, text_field: str) -> list[tuple[str, str]]:
+    """(text, text) of every record; a long JSONL line's text (a StreamedText) read whole: this
+    corpus is held in memory anyway."""
     reader = iter_parquet if path.suffix == ".parquet" else iter_jsonl
-    return [(text, text) for text in reader(path, text_field)]
+    texts = [text if isinstance(text, str) else text.read() for text in reader(path, text_field)]
+    return [(text, text) for text in texts]
 
 
 # ---------------------------------------------------------------------------------------------
