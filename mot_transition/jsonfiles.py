@@ -35,6 +35,16 @@ def write_json(path: str | Path, obj, indent: int | None = 1, **kwargs) -> Path:
     return path
 
 
+def json_kind(value) -> str:
+    """What a JSON value is, in JSON's words: "null", "a number", "an array", ..."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return f"the boolean {str(value).lower()}"
+    kinds = {dict: "an object", list: "an array", str: "a string", int: "a number", float: "a number"}
+    return next((name for kind, name in kinds.items() if isinstance(value, kind)), type(value).__name__)
+
+
 def read_json_object(path: str | Path) -> dict:
     """The JSON object in `path`, or a one-line ValueError naming the file when it is not one."""
     try:

@@ -98,6 +98,18 @@ def tokenizer_dir(tmp_path_factory) -> Path:
     return path
 
 
+def saved_model(folder: Path, ffn_type: str, tokenizer_dir: Path) -> Path:
+    """A tiny untrained model of `ffn_type` with the tokenizer of `tokenizer_dir`, saved in `folder`."""
+    from transformers import AutoTokenizer
+
+    from mot_transition.modeling import MoTLMHeadModel
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    MoTLMHeadModel(tiny_config(ffn_type, vocab_size=len(tokenizer))).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
 def tree_digest(path: Path) -> str:
     """One hash of every file under `path`, names and bytes: equal before and after means untouched."""
     digest = hashlib.sha256()

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import event, given
 from hypothesis import strategies as st
 
-from conftest import LM_EVAL, run_cli, tiny_config
+from conftest import LM_EVAL, run_cli, saved_model
 from test_checks import FUZZ, one_error_line, unwritable_places
 
 
@@ -22,21 +22,9 @@ class Evaluated(Exception):
     """lm-eval's evaluation started."""
 
 
-def _saved_model(folder: Path, ffn_type: str, tokenizer_dir: Path) -> Path:
-    """A tiny untrained model of `ffn_type` with the tokenizer of `tokenizer_dir`, saved in `folder`."""
-    from transformers import AutoTokenizer
-
-    from mot_transition.modeling import MoTLMHeadModel
-
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    MoTLMHeadModel(tiny_config(ffn_type, vocab_size=len(tokenizer))).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory, tokenizer_dir):
-    return _saved_model(tmp_path_factory.mktemp("eval") / "tc", "token_choice", tokenizer_dir)
+    return saved_model(tmp_path_factory.mktemp("eval") / "tc", "token_choice", tokenizer_dir)
 
 
 @pytest.fixture
@@ -195,7 +183,7 @@ def test_compare_checks_its_task_files_before_evaluating_any_model(tmp_path, cap
 
 @pytest.fixture(scope="module")
 def mot_checkpoint(tmp_path_factory, checkpoint):
-    return _saved_model(tmp_path_factory.mktemp("mot") / "mot", "mot", checkpoint)
+    return saved_model(tmp_path_factory.mktemp("mot") / "mot", "mot", checkpoint)
 
 
 @pytest.mark.parametrize("command", ["train", "run", "transition", "convert"])

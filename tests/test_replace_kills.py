@@ -153,18 +153,13 @@ def test_study_killed_at_random_moments_goes_on_to_the_numbers_of_a_study_never_
 
 @needs_fork
 @LM_EVAL
-def test_eval_killed_at_random_moments_leaves_no_scores_or_whole_ones(launcher, tmp_path):  # noqa: F811
+def test_eval_killed_at_random_moments_leaves_no_scores_or_whole_ones(launcher, tmp_path, tokenizer_dir):  # noqa: F811
     """`eval --out SCORES` killed at 4 seeded moments: the scores file is absent or the whole one
     an uninterrupted evaluation writes (the same tasks), and the same command again writes it."""
-    from conftest import tiny_config
-    from mot_transition.data.tokenizer import train_bpe_tokenizer
-    from mot_transition.modeling import MoTLMHeadModel
+    from conftest import saved_model
     from test_pipeline import _local_task
 
-    model = tmp_path / "model"
-    tokenizer = train_bpe_tokenizer(["The cat sat on the mat. One, two, three. Water is wet."] * 20, 300)
-    MoTLMHeadModel(tiny_config("token_choice", vocab_size=len(tokenizer))).save_pretrained(model)
-    tokenizer.save_pretrained(model)
+    model = saved_model(tmp_path / "model", "token_choice", tokenizer_dir)
     tasks = tmp_path / "tasks"
     tasks.mkdir()
     _local_task(tasks)

@@ -15,25 +15,17 @@ import re
 import secrets
 import tempfile
 import zlib
+from collections import deque
 from pathlib import Path
 from typing import Iterator
 
 from mot_transition.data.streamed import CHUNK_BYTES, JSONStringText, StreamedText, file_stamp
+from mot_transition.jsonfiles import json_kind
 
 LONG_LINE_BYTES = 8 * 2**20  # a longer JSONL line is scanned in chunks
 SPILL_BYTES = 2**16  # a string longer than this in a long line stays in the file
 _NEWLINE = re.compile(r"\r\n|\r|\n")
 _BODY = re.compile(rb'[^"\\]*(?:\\.[^"\\]*)*+', re.DOTALL)  # a JSON string's content, up to its quote or a cut escape (possessive: no backtracking stack, which would take 12 bytes a byte)
-
-
-def json_kind(value) -> str:
-    """What a JSON value is, in JSON's words: "null", "a number", "an array", ..."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return f"the boolean {str(value).lower()}"
-    kinds = {dict: "an object", list: "an array", str: "a string", int: "a number", float: "a number"}
-    return next((name for kind, name in kinds.items() if isinstance(value, kind)), type(value).__name__)
 
 
 def iter_jsonl(path: Path, text_field: str) -> "Iterator[str | StreamedText]":
@@ -162,13 +154,14 @@ def _long_line(f, first: bytes, start: int, where: str, path: Path, stat, gz: bo
         chunk = f.readline(CHUNK_BYTES)
     if in_string:
         raise ValueError(f"{where}: not valid JSON (a string that does not end)")
-    if not skeleton.decode("utf-8").strip():
+    line = skeleton.decode("utf-8")
+    if not line.strip():
         return None, {}  # a line of whitespace only: skipped, as a short one
-    record = _loads(skeleton.decode("utf-8"), where, column=False)
+    record = _loads(line, where, column=False)
     text = record.get(text_field) if isinstance(record, dict) else None
     for marker, string in long_strings.items():  # checked as JSON, as json.loads checks every string
         if marker != text:  # (the text's own string is checked, as text too, and measured by _text_of)
-            _read(lambda: [None for _ in string.chunks()], where)
+            _read(lambda: deque(string.chunks(), maxlen=0), where)  # read through, nothing kept
     return record, long_strings
 
 

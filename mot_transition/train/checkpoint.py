@@ -44,7 +44,7 @@ from ..checkpoint_io import (  # noqa: F401  (the run layout's functions are thi
     read_header,
 )
 from ..data.tokenizer import ready_for_generation
-from ..jsonfiles import read_json_object, write_json
+from ..jsonfiles import json_kind, read_json_object, write_json
 
 STATE_TENSORS = "training_state.safetensors"
 
@@ -121,10 +121,10 @@ def check_training_checkpoint(checkpoint: Path, weights: bool = True) -> dict:
     if not (checkpoint / STATE_JSON).is_file() or not (checkpoint / STATE_TENSORS).is_file():
         raise FileNotFoundError(f"{checkpoint} is not a training checkpoint (no {STATE_JSON} / {STATE_TENSORS})")
     state = read_json_object(checkpoint / STATE_JSON)
-    kinds = {"step": (int, "a number"), "data": (dict, "an object"), "optimizer": (dict, "an object"), "recipe": (dict, "an object")}
-    for key, (kind, said) in kinds.items():  # said in JSON's words, the file's language
-        if not isinstance(state.get(key), kind):
-            raise ValueError(f"{checkpoint / STATE_JSON} is corrupted: no {key!r} ({said})")
+    kinds = {"step": int, "data": dict, "optimizer": dict, "recipe": dict}
+    for key, kind in kinds.items():
+        if not isinstance(state.get(key), kind):  # the kind said in JSON's words, the file's language
+            raise ValueError(f"{checkpoint / STATE_JSON} is corrupted: no {key!r} ({json_kind(kind())})")
     read_header(checkpoint / STATE_TENSORS)
     if weights:
         checked_config(checkpoint)
