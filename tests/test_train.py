@@ -222,7 +222,11 @@ def test_checkpoint_loads_as_transformers_model_and_tokenizer(data_dir, tmp_path
 # ---------------------------------------------------------------------------------------------
 # distributed
 
-CLI_SCRIPT = "import sys\nfrom mot_transition.cli import main\nsys.exit(main())\n"
+# a rank that hangs prints every thread's stack and exits, so that a hang fails with where it was
+CLI_SCRIPT = (
+    "import faulthandler, sys\nfaulthandler.dump_traceback_later(200, exit=True)\n"
+    "from mot_transition.cli import main\nsys.exit(main())\n"
+)
 
 
 def test_torchrun_with_two_cpu_processes_gives_the_losses_of_one_process_on_the_same_global_batch(data_dir, tmp_path):

@@ -138,7 +138,7 @@ def train(
         )
     device_kind = "cuda" if t.device.startswith("cuda") or (t.device == "auto" and torch.cuda.is_available()) else "cpu"
     world = setup_distributed(device_kind)
-    lock = ExitStack()
+    lock, finished = ExitStack(), False
     try:
         lock.enter_context(hold_for_job(run_dir, world))  # one writer per run directory; torchrun's ranks share it
         checkpoint = latest_checkpoint(run_dir)
@@ -170,10 +170,17 @@ def train(
             trainer.corpus_identity = {key: manifest[key] for key in ("source_fingerprint", "tokenizer_hash")}
         if checkpoint is not None:
             trainer.load_checkpoint(checkpoint)
-        return _run(trainer, corpus, checkpoint, progress and world.is_main, switch)
+        result = _run(trainer, corpus, checkpoint, progress and world.is_main, switch)
+        finished = True
+        return result
     finally:
         lock.close()
-        if world.started_here:
+        if world.started_here and finished:
+            # Every rank arrives before any tears the group down: a rank destroying it while a peer
+            # still uses it can hang the job at its very end (pytorch#75097). After a failure the
+            # group is left alone, as torchtitan does: a peer may be inside a collective, so tearing
+            # down could deadlock; the process exits and torchrun stops the others.
+            dist.barrier()
             dist.destroy_process_group()
 
 
