@@ -4,7 +4,7 @@
 # grid, committing each finished run's results (docs/study-data-rich/) as it is written.
 #
 #   bash scripts/study-data-rich.sh               # 2 threads: a machine to itself
-#   THREADS=1 nice -n 19 bash scripts/study-data-rich.sh   # beside other work
+#   THREADS=1 setsid nice -n 19 bash scripts/study-data-rich.sh   # beside other work
 #
 # The corpus: every .c file of at most 200,000 bytes in the Linux kernel source of Debian's
 # linux-source-6.1 package, version $VERSION (31,850 files, 567 MB, 10 of them exact copies; the
@@ -12,6 +12,11 @@
 # corpus_fingerprint: another version of the package gives another one, which the study refuses.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# `nice` alone does not yield to work in other sessions (another terminal): Linux's autogroups share the
+# CPU between sessions first. Started as its own session (`setsid`), the script gives its group its niceness.
+if [ "$(ps -o sid= -p $$ | tr -d ' ')" = "$$" ] && [ -w /proc/self/autogroup ]; then
+    echo "$(nice)" > /proc/self/autogroup 2>/dev/null || true
+fi
 VERSION=${VERSION:-6.1.192-3}
 CORPUS=runs/corpora/linux-6.1-c
 THREADS=${THREADS:-2}
