@@ -30,6 +30,7 @@ from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 from .attention import MoTAttention, build_norm, eager_attention_forward, rotary_embedding  # noqa: F401  (eager_attention_forward: its old home)
 from .config import MoTConfig, package_module
 from .layers import DenseFFN, ExpertLayer, build_ffn, load_balancing_loss, router_z_loss
+from .layers.balance import BatchRouting, batch_router_losses
 from .outputs import (
     CACHE_FIELD,
     MoTCausalLMOutput,
@@ -154,6 +155,8 @@ class MoTPreTrainedModel(PreTrainedModel):
 
 
 class MoTModel(MoTPreTrainedModel):
+    batch_routing: BatchRouting | None = None  # the router losses over a whole global batch (layers/balance.py)
+
     def __init__(self, config: MoTConfig):
         super().__init__(config)
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
@@ -248,11 +251,14 @@ class MoTModel(MoTPreTrainedModel):
     def _router_losses(self, router_logits, token_mask):
         """Mean over the Token Choice layers of the load-balancing and z losses (None without any).
         The layers are known by the config, not by their module's class, which a wrapper (PEFT's
-        LoRA on the expert weights, for one) replaces."""
+        LoRA on the expert weights, for one) replaces. In training with `batch_routing` set (the
+        trainer does, for a step), this micro-batch's part of the whole global batch's losses."""
         config = self.config
         routed = [r for i, r in enumerate(router_logits) if config.ffn_type_of_layer(i) == "token_choice"]
         if not routed:
             return None, None
+        if self.batch_routing is not None and self.training:
+            return batch_router_losses(routed, config.num_experts_per_tok, token_mask, self.batch_routing)
         aux = torch.stack([load_balancing_loss(r, config.num_experts_per_tok, token_mask) for r in routed]).mean()
         z = torch.stack([router_z_loss(r, token_mask) for r in routed]).mean()
         return aux, z
@@ -321,7 +327,13 @@ class MoTLMHeadModel(MoTPreTrainedModel, GenerationMixin):
                 logits, None, self.config.vocab_size, shift_labels=shift_labels.contiguous(),
                 num_items_in_batch=num_items_in_batch,
             )
-            loss = lm_loss + self.router_losses(out)
+            router = self.router_losses(out)
+            if num_items_in_batch is not None and torch.is_tensor(router):
+                # transformers' Trainer sums the micro-batches' losses, each normalised by the targets of the
+                # whole step (and scales by the processes that average it): the router terms weigh as many
+                # of the step's targets as this micro-batch holds, so they keep their configured weight
+                router = router * ((shift_labels != -100).sum() / num_items_in_batch)
+            loss = lm_loss + router
         return MoTCausalLMOutput(
             loss=loss, lm_loss=lm_loss, aux_loss=out.aux_loss, z_loss=out.z_loss, logits=logits,
             hidden_states=out.hidden_states, attentions=out.attentions, router_logits=out.router_logits,

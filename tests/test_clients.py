@@ -82,3 +82,29 @@ def test_transformers_trainer_fine_tunes_a_converted_model_with_its_router_losse
     for loss, expected in losses:
         torch.testing.assert_close(loss, expected)
     assert not torch.equal(model.transformer.h[1].mlp.lin1, before)
+
+
+def test_transformers_trainer_keeps_the_router_terms_at_their_weight_under_gradient_accumulation(tmp_path):
+    # The Trainer sums the micro-batches' losses, normalised by the step's targets: the router terms must
+    # weigh as many of them as each micro-batch holds. The z-loss is a mean over tokens, so 2 x 4 rows and
+    # 1 x 8 rows give the same loss and the same update (the load-balancing loss is off: it is not a mean).
+    torch.manual_seed(0)
+    ids = torch.randint(0, 61, (16, 12))
+    data = [{"input_ids": row, "labels": row} for row in ids]
+    runs = {}
+    for rows, accumulation in ((8, 1), (4, 2)):
+        torch.manual_seed(0)
+        model = MoTLMHeadModel(tiny_config("token_choice", router_aux_loss_coef=0.0, router_z_loss_coef=0.5))
+        args = TrainingArguments(
+            output_dir=str(tmp_path / f"{rows}"), per_device_train_batch_size=rows, gradient_accumulation_steps=accumulation,
+            max_steps=2, learning_rate=1e-2, report_to=[], save_strategy="no", logging_steps=1, use_cpu=True,
+            dataloader_num_workers=0, seed=0,
+        )
+        trainer = Trainer(model=model, args=args, train_dataset=data)
+        trainer.train()
+        runs[accumulation] = ([h["loss"] for h in trainer.state.log_history if "loss" in h], model)
+    (one, m1), (two, m2) = runs[1], runs[2]
+    assert len(one) == len(two) == 2
+    assert two == pytest.approx(one, rel=1e-5)
+    for (name, a), b in zip(m1.named_parameters(), m2.parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=name)

@@ -230,8 +230,10 @@ CLI_SCRIPT = (
 
 
 def test_torchrun_with_two_cpu_processes_gives_the_losses_of_one_process_on_the_same_global_batch(data_dir, tmp_path):
-    # dense model: a rank's loss depends only on its own rows, so 2 x 4 rows == 1 x 8 rows
-    raw = tiny_recipe(data_dir, train={"steps": 4, "checkpoint_every": 4, "eval_every": 2})
+    # Token Choice with its router losses on, which see the whole global batch (tests/test_balance.py):
+    # 2 processes x 2 micro-batches of 2 rows train the model of 1 process x 2 micro-batches of 4 rows
+    model = {"ffn_type": "token_choice", "router_aux_loss_coef": 0.5, "router_z_loss_coef": 0.01}
+    raw = tiny_recipe(data_dir, model=model, train={"steps": 4, "checkpoint_every": 4, "eval_every": 2, "grad_accum": 2})
     recipe_file = tmp_path / "recipe.toml"
     recipe_file.write_text(recipe_to_toml(recipe_from_dict(raw)))
     single = train(recipe_from_dict(raw), tmp_path / "single", progress=False)
@@ -250,6 +252,7 @@ def test_torchrun_with_two_cpu_processes_gives_the_losses_of_one_process_on_the_
     assert [m["step"] for m in two] == [1, 2, 3, 4]
     for a, b in zip(one, two):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-6)
+        assert b["aux_loss"] == pytest.approx(a["aux_loss"], rel=1e-5)
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
         if "eval_loss" in a:
             assert b["eval_loss"] == pytest.approx(a["eval_loss"], rel=1e-5)

@@ -28,6 +28,7 @@ from torch.nn.parallel import DistributedDataParallel
 from ..checkpoint_io import first_nonfinite
 from ..config import GROUPING_FFN_TYPES, MoTConfig
 from ..convert import default_top_k
+from .balance import batch_routing, routing_for_step
 from .checkpoint import latest_checkpoint, load_optimizer_state, load_training_state, save_checkpoint
 from .devices import Distributed, keep_freed_memory, pick_device, use_bf16
 from .flops import mfu, peak_flops, training_flops_per_token
@@ -205,24 +206,26 @@ class Trainer:
         layers, top_k = self._expert_layers()
         measure_load = bool(layers) and (self.step_count + 1) % self.recipe.train.log_every == 0
         load = torch.zeros(len(layers), self.model.config.n_expert, device=self.device) if measure_load else None
-        for i in range(self.accumulation):
-            batch = self.batches.next_batch().to(self.device)
-            last = i == self.accumulation - 1
-            sync = self.forward_model.no_sync() if self.dist.world_size > 1 and not last else contextlib.nullcontext()
-            with sync:
-                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-                    out = self.forward_model(input_ids=batch, labels=batch, use_cache=False, output_router_logits=measure_load)
-                (out.loss / self.accumulation).backward()
-            if measure_load:
-                with torch.no_grad():
-                    load += expert_load(out.router_logits, top_k)
-            has_aux, has_z = out.aux_loss is not None, out.z_loss is not None
-            sums += torch.stack([
-                out.loss.detach().float(),
-                out.lm_loss.detach().float(),
-                out.aux_loss.detach().float() if has_aux else torch.zeros((), device=self.device),
-                out.z_loss.detach().float() if has_z else torch.zeros((), device=self.device),
-            ])
+        batches = [self.batches.next_batch().to(self.device) for _ in range(self.accumulation)]
+        routing = batch_routing(self.model, batches, self.dist.world_size, self.bf16)  # the router losses see the global batch
+        with routing_for_step(self.model, routing):
+            for i, batch in enumerate(batches):
+                last = i == self.accumulation - 1
+                sync = self.forward_model.no_sync() if self.dist.world_size > 1 and not last else contextlib.nullcontext()
+                with sync:
+                    with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+                        out = self.forward_model(input_ids=batch, labels=batch, use_cache=False, output_router_logits=measure_load)
+                    (out.loss / self.accumulation).backward()
+                if measure_load:
+                    with torch.no_grad():
+                        load += expert_load(out.router_logits, top_k)
+                has_aux, has_z = out.aux_loss is not None, out.z_loss is not None
+                sums += torch.stack([
+                    out.loss.detach().float(),
+                    out.lm_loss.detach().float(),
+                    out.aux_loss.detach().float() if has_aux else torch.zeros((), device=self.device),
+                    out.z_loss.detach().float() if has_z else torch.zeros((), device=self.device),
+                ])
         sums /= self.accumulation
         if self.dist.world_size > 1:
             dist.all_reduce(sums)

@@ -1,0 +1,84 @@
+"""The trainer's side of load balancing over the global batch (mot_transition/layers/balance.py).
+
+`batch_routing(trainer, batches)` says how a step's router losses see its global batch: nothing to do
+with one process and one micro-batch; an all-reduce inside the forward with several processes and one
+micro-batch each; and with gradient accumulation a routing pass before the step: every micro-batch
+of the step through the trunk without gradients, with the dropout the step will then draw (the random
+state is put back), its counts summed over micro-batches and processes. That pass costs one forward of
+the trunk per micro-batch (about a third of a step's compute, more with a small vocabulary head); it
+runs only when a Token Choice layer has a router loss to weigh.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.distributed as dist
+
+from ..layers.balance import BatchRouting, routing_counts
+
+
+def routed_trunk(model: torch.nn.Module):
+    """The MoTModel trunk of `model` if it has Token Choice layers with a router loss on, else None."""
+    from ..modeling import MoTModel
+
+    trunk = getattr(model, "transformer", None)
+    if not isinstance(trunk, MoTModel):
+        return None
+    config = trunk.config
+    if not (config.router_aux_loss_coef or config.router_z_loss_coef):
+        return None
+    if config.ffn_type != "token_choice" or not config.moe_layers:  # every expert layer is of ffn_type
+        return None
+    return trunk
+
+
+def batch_routing(model: torch.nn.Module, batches: list[torch.Tensor], world_size: int, bf16: bool) -> BatchRouting | None:
+    """How the step over `batches` (this process's micro-batches) balances its routers; None: as usual."""
+    trunk = routed_trunk(model)
+    if trunk is None or world_size * len(batches) == 1:
+        return None
+    share = world_size * len(batches)
+    if len(batches) == 1:
+        return BatchRouting(share=share, group=dist.group.WORLD)
+    counts = routing_pass(trunk, batches, bf16)
+    if world_size > 1:
+        dist.all_reduce(counts)
+    return BatchRouting(share=share, counts=counts)
+
+
+@torch.no_grad()
+def routing_pass(trunk: torch.nn.Module, batches: list[torch.Tensor], bf16: bool) -> torch.Tensor:
+    """The summed `routing_counts` (L, E + 1) of `batches` through `trunk`, with the dropout the step
+    will draw: the random state is restored afterwards."""
+    config = trunk.config
+    device = batches[0].device
+    cpu_state = torch.get_rng_state()
+    cuda_state = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    total = None
+    try:
+        for batch in batches:
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                out = trunk(input_ids=batch, use_cache=False, output_router_logits=True, return_dict=True)
+            counts = routing_counts(list(out.router_logits), config.num_experts_per_tok, None)  # one per expert layer
+            total = counts if total is None else total + counts
+    finally:
+        torch.set_rng_state(cpu_state)
+        if cuda_state is not None:
+            torch.cuda.set_rng_state(cuda_state, device)
+    return total
+
+
+@contextlib.contextmanager
+def routing_for_step(model: torch.nn.Module, routing: BatchRouting | None):
+    """`routing` on the model's trunk for the duration of a step."""
+    trunk = routed_trunk(model) if routing is not None else None
+    if trunk is None:
+        yield
+        return
+    trunk.batch_routing = routing
+    try:
+        yield
+    finally:
+        trunk.batch_routing = None
