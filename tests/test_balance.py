@@ -109,10 +109,11 @@ def test_the_routing_pass_leaves_the_dropout_stream_as_it_found_it(data_dir, tmp
     from mot_transition.train.balance import routing_pass
 
     torch.manual_seed(0)
-    trunk = MoTLMHeadModel(tiny_config("token_choice", resid_pdrop=0.5, embd_pdrop=0.5)).train().transformer
+    model = MoTLMHeadModel(tiny_config("token_choice", resid_pdrop=0.5, embd_pdrop=0.5)).train()
+    trunk = model.transformer
     batches = [torch.randint(0, 61, (2, 8)) for _ in range(2)]
     torch.manual_seed(7)
-    counts = routing_pass(trunk, batches, bf16=False)
+    counts = routing_pass(model, batches, bf16=False)
     after = torch.rand(3)
     torch.manual_seed(7)
     assert torch.equal(after, torch.rand(3))

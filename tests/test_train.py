@@ -6,6 +6,7 @@ the tokenizer and packed data cached once per module.
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -229,11 +230,14 @@ CLI_SCRIPT = (
 )
 
 
-def test_torchrun_with_two_cpu_processes_gives_the_losses_of_one_process_on_the_same_global_batch(data_dir, tmp_path):
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_torchrun_with_two_cpu_processes_gives_the_losses_of_one_process_on_the_same_global_batch(data_dir, tmp_path, parallel):
     # Token Choice with its router losses on, which see the whole global batch (tests/test_balance.py):
-    # 2 processes x 2 micro-batches of 2 rows train the model of 1 process x 2 micro-batches of 4 rows
+    # 2 processes x 2 micro-batches of 2 rows train the model of 1 process x 2 micro-batches of 4 rows,
+    # replicated (DDP) or sharded (FSDP2), whose checkpoint is the same whole one
     model = {"ffn_type": "token_choice", "router_aux_loss_coef": 0.5, "router_z_loss_coef": 0.01}
-    raw = tiny_recipe(data_dir, model=model, train={"steps": 4, "checkpoint_every": 4, "eval_every": 2, "grad_accum": 2})
+    train_keys = {"steps": 4, "checkpoint_every": 4, "eval_every": 2, "grad_accum": 2, "parallel": parallel}
+    raw = tiny_recipe(data_dir, model=model, train=train_keys)
     recipe_file = tmp_path / "recipe.toml"
     recipe_file.write_text(recipe_to_toml(recipe_from_dict(raw)))
     single = train(recipe_from_dict(raw), tmp_path / "single", progress=False)
@@ -259,8 +263,37 @@ def test_torchrun_with_two_cpu_processes_gives_the_losses_of_one_process_on_the_
     state, _ = load_training_state(tmp_path / "ddp" / "checkpoints" / "step-000004")
     assert state["world_size"] == 2
     p1, p2 = parameters(single.checkpoint), parameters(tmp_path / "ddp" / "checkpoints" / "step-000004")
+    assert p2.keys() == p1.keys()
+    _, moments1 = load_training_state(single.checkpoint)
+    _, moments2 = load_training_state(tmp_path / "ddp" / "checkpoints" / "step-000004")
+    assert {k for k in moments2 if k.startswith("optimizer.")} == {k for k in moments1 if k.startswith("optimizer.")}
+    for name in (k for k in moments1 if k.startswith("optimizer.") and moments1[k].dim()):
+        torch.testing.assert_close(moments2[name], moments1[name], rtol=1e-3, atol=1e-6)
     for name in p1:
         torch.testing.assert_close(p2[name], p1[name], rtol=1e-4, atol=1e-5)
+
+
+def _torchrun(tmp_path, *args) -> None:
+    cli = tmp_path / "cli.py"
+    cli.write_text(CLI_SCRIPT)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(cli), *map(str, args)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+
+def test_a_sharded_run_resumed_from_its_checkpoint_ends_where_the_uninterrupted_one_does(data_dir, tmp_path):
+    # FSDP2: the saved whole moments go back to each process as its slice; MoT with dropout and accumulation
+    model = {"ffn_type": "mot", "group_size": 2, "resid_pdrop": 0.1}
+    raw = tiny_recipe(data_dir, model=model, train={"steps": 4, "checkpoint_every": 2, "grad_accum": 2, "parallel": "fsdp"})
+    recipe_file = tmp_path / "recipe.toml"
+    recipe_file.write_text(recipe_to_toml(recipe_from_dict(raw)))
+    _torchrun(tmp_path, "train", recipe_file, "--out", tmp_path / "whole", "--quiet")
+    shutil.copytree(tmp_path / "whole", tmp_path / "resumed")
+    shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "step-000004")
+    _torchrun(tmp_path, "train", recipe_file, "--out", tmp_path / "resumed", "--resume", "--quiet")
+    whole, resumed = (parameters(tmp_path / run / "checkpoints" / "step-000004") for run in ("whole", "resumed"))
+    for name in whole:
+        assert torch.equal(resumed[name], whole[name]), name
 
 
 # ---------------------------------------------------------------------------------------------
@@ -287,11 +320,14 @@ def test_torchrun_with_two_cpu_processes_gives_the_losses_of_one_process_on_the_
         ("model.layer_norm_epsilon=-5.0", "layer_norm_epsilon"),
         ("seed=140737488355328", "seed"),
         ("train.device=xyz", "train.device"),  # was a RuntimeError traceback from torch.device
+        ("train.parallel=zero3", "train.parallel"),
+        ("train.parallel=fsdp;train.compile=true", "train.compile"),  # not together yet (; separates overrides)
+        ("train.parallel=fsdp;train.switch_at_step=10", "train.switch_at_step"),
     ],
 )
 def test_bad_recipe_gives_one_line_error_naming_the_key(override, key):
     with pytest.raises(ValueError) as error:
-        load_recipe("tiny", [override])
+        load_recipe("tiny", override.split(";"))
     message = str(error.value)
     assert "\n" not in message and key in message
 

@@ -3,7 +3,7 @@
 `batch_routing(trainer, batches)` says how a step's router losses see its global batch: nothing to do
 with one process and one micro-batch; an all-reduce inside the forward with several processes and one
 micro-batch each; and with gradient accumulation a routing pass before the step: every micro-batch
-of the step through the trunk without gradients, with the dropout the step will then draw (the random
+of the step through the model without gradients (its head on the last position only), with the dropout the step will then draw (the random
 state is put back), its counts summed over micro-batches and processes. That pass costs one forward of
 the trunk per micro-batch (about a third of a step's compute, more with a small vocabulary head); it
 runs only when a Token Choice layer has a router loss to weigh.
@@ -42,17 +42,18 @@ def batch_routing(model: torch.nn.Module, batches: list[torch.Tensor], world_siz
     share = world_size * len(batches)
     if len(batches) == 1:
         return BatchRouting(share=share, group=dist.group.WORLD)
-    counts = routing_pass(trunk, batches, bf16)
+    counts = routing_pass(model, batches, bf16)
     if world_size > 1:
         dist.all_reduce(counts)
     return BatchRouting(share=share, counts=counts)
 
 
 @torch.no_grad()
-def routing_pass(trunk: torch.nn.Module, batches: list[torch.Tensor], bf16: bool) -> torch.Tensor:
-    """The summed `routing_counts` (L, E + 1) of `batches` through `trunk`, with the dropout the step
-    will draw: the random state is restored afterwards."""
-    config = trunk.config
+def routing_pass(model: torch.nn.Module, batches: list[torch.Tensor], bf16: bool) -> torch.Tensor:
+    """The summed `routing_counts` (L, E + 1) of `batches` through `model` (a causal LM: the whole model
+    runs, so that a sharded one gathers its weights as in training, but its head only on the last
+    position), with the dropout the step will draw: the random state is restored afterwards."""
+    config = model.config
     device = batches[0].device
     cpu_state = torch.get_rng_state()
     cuda_state = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
@@ -60,7 +61,7 @@ def routing_pass(trunk: torch.nn.Module, batches: list[torch.Tensor], bf16: bool
     try:
         for batch in batches:
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                out = trunk(input_ids=batch, use_cache=False, output_router_logits=True, return_dict=True)
+                out = model(input_ids=batch, use_cache=False, output_router_logits=True, logits_to_keep=1, return_dict=True)
             counts = routing_counts(list(out.router_logits), config.num_experts_per_tok, None)  # one per expert layer
             total = counts if total is None else total + counts
     finally:

@@ -58,13 +58,17 @@ def save_checkpoint(
     state: dict,
     rng_states: dict[str, torch.Tensor],
     keep: int = 2,
+    gathered: tuple[dict, tuple[dict, dict]] | None = None,
 ) -> Path:
     """Write checkpoint `step` of `run_dir` atomically and keep only the last `keep`.
 
     `model` is the bare model (not the DDP wrapper); `state` is JSON-able (step, data position,
-    recipe, ...); `rng_states` are uint8 tensors. Returns the checkpoint's path.
+    recipe, ...); `rng_states` are uint8 tensors. `gathered`: the whole state dict and
+    `optimizer_state` of a sharded model (sharding.py), written instead of the model's and the
+    optimizer's own. Returns the checkpoint's path.
     """
-    bad = first_nonfinite(model.state_dict().items())
+    weights = gathered[0] if gathered is not None else model.state_dict()
+    bad = first_nonfinite(weights.items())
     if bad is not None:  # never write, and so never offer to resume from, a checkpoint of NaN
         raise nonfinite_error(f"step {step} of {run_dir}", bad)
     final = checkpoint_dir(run_dir, step)
@@ -74,11 +78,11 @@ def save_checkpoint(
     tmp = parent / f".tmp-{final.name}-{os.getpid()}"
     try:
         with _quiet_transformers():
-            model.save_pretrained(tmp)
+            model.save_pretrained(tmp, state_dict=weights if gathered is not None else None)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
             ready_for_generation(tmp, model.config.n_positions)
-        tensors, optimizer_json = optimizer_state(model, optimizer)
+        tensors, optimizer_json = gathered[1] if gathered is not None else optimizer_state(model, optimizer)
         tensors.update({name: t.detach().cpu().contiguous() for name, t in rng_states.items()})
         save_file(tensors, tmp / STATE_TENSORS)
         write_json(tmp / STATE_JSON, {**state, "step": step, "optimizer": optimizer_json})
@@ -158,8 +162,10 @@ def resumable_checkpoint(run_dir: Path) -> tuple[Path | None, list[tuple[Path, s
     return None, []
 
 
-def optimizer_state(model, optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    """The optimizer's state keyed by parameter name: tensors for safetensors, the rest for JSON."""
+def optimizer_state(model, optimizer: torch.optim.Optimizer, whole=None) -> tuple[dict[str, torch.Tensor], dict]:
+    """The optimizer's state keyed by parameter name: tensors for safetensors, the rest for JSON.
+    `whole(tensor)`: how a tensor becomes a whole CPU tensor (a sharded one is gathered: sharding.full)."""
+    whole = whole or (lambda t: t.detach().cpu().contiguous())
     names = {param: name for name, param in model.named_parameters()}
     tensors, scalars, groups = {}, {}, []
     for group in optimizer.param_groups:
@@ -167,7 +173,7 @@ def optimizer_state(model, optimizer: torch.optim.Optimizer) -> tuple[dict[str, 
         for param in group["params"]:
             for key, value in optimizer.state.get(param, {}).items():
                 if isinstance(value, torch.Tensor):
-                    tensors[f"optimizer.{names[param]}.{key}"] = value.detach().cpu().contiguous()
+                    tensors[f"optimizer.{names[param]}.{key}"] = whole(value)
                 else:
                     scalars[f"{names[param]}.{key}"] = value
     return tensors, {"param_groups": groups, "scalars": scalars}

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 from ..checkpoint_io import first_nonfinite
@@ -33,6 +34,7 @@ from .checkpoint import latest_checkpoint, load_optimizer_state, load_training_s
 from .devices import Distributed, keep_freed_memory, pick_device, use_bf16
 from .flops import mfu, peak_flops, training_flops_per_token
 from .recipe import Recipe, micro_batch_size
+from .sharding import first_nonfinite_anywhere, gather_for_checkpoint, load_full_optimizer_state, shard_model
 from .tracking import expert_load, load_record
 
 
@@ -76,13 +78,16 @@ def evaluate(
     device: torch.device | str | None = None,
     rank: int = 0,
     world_size: int = 1,
+    lockstep: bool = False,
 ) -> float:
     """Mean cross-entropy (nats/token) of `model` on `sequences` (N, S), in float32, no autocast.
 
     The same sequences give the same tokens whatever `batch_size` is: `batch_size=1` evaluates
     one sequence at a time (what a user of a MoT model at inference would see), a larger batch
     lets a MoT model form its groups. With `world_size > 1` batch i runs on rank i % world_size
-    and the sums are all-reduced. The model's train/eval mode is restored afterwards.
+    and the sums are all-reduced; with `lockstep` (a sharded model, whose forward is collective) every
+    rank runs as many forward passes, the ones past the end weighted 0. The model's train/eval mode is
+    restored afterwards.
     """
     if batch_size < 1:
         raise ValueError(f"evaluation batch_size must be at least 1, got {batch_size}")
@@ -90,13 +95,16 @@ def evaluate(
     was_training = model.training
     model.eval()
     total = torch.zeros(2, dtype=torch.float64, device=device)  # (sum of losses, tokens)
+    starts = list(range(0, sequences.shape[0], batch_size))
+    rounds = -(-len(starts) // world_size) if lockstep else None
     try:
-        for i, start in enumerate(range(0, sequences.shape[0], batch_size)):
+        for i in range(rounds * world_size) if lockstep else range(len(starts)):
             if i % world_size != rank:
                 continue
+            start = starts[i] if i < len(starts) else starts[0]  # past the end (lockstep): a pass that counts 0
             batch = sequences[start : start + batch_size].to(device)
             out = model(input_ids=batch, labels=batch, use_cache=False)
-            tokens = batch.shape[0] * (batch.shape[1] - 1)  # the model shifts labels by one
+            tokens = batch.shape[0] * (batch.shape[1] - 1) if i < len(starts) else 0  # the model shifts labels by one
             total += torch.stack([out.lm_loss.double() * tokens, torch.tensor(float(tokens), dtype=torch.float64, device=device)])
     finally:
         model.train(was_training)
@@ -140,6 +148,7 @@ class Trainer:
         t = recipe.train
         world = self.dist.world_size
         self.micro_batch_size = micro_batch_size(t, world)
+        self.sharded = world > 1 and t.parallel == "fsdp"  # FSDP2 (sharding.py); else DDP under torchrun
         self.accumulation = t.batch_size // (self.micro_batch_size * world)
         self.seq_len = train_sequences.shape[1]
         self._check_grouping(model)
@@ -171,7 +180,9 @@ class Trainer:
             keep_freed_memory()
         self.model = model.to(self.device)
         self.model.train()
-        if self.dist.world_size > 1:
+        if self.sharded:
+            self.forward_model = shard_model(self.model, self.device, self.bf16)
+        elif self.dist.world_size > 1:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
             self.forward_model = DistributedDataParallel(self.model, device_ids=device_ids)
         else:
@@ -190,6 +201,14 @@ class Trainer:
         """
         self._check_grouping(model)
         self._install(model)
+
+    def _gradient_sync(self, last: bool):
+        """Reduce the gradients over the processes after the last micro-batch of a step only."""
+        if self.sharded:
+            self.model.set_requires_gradient_sync(last)
+        elif self.dist.world_size > 1 and not last:
+            return self.forward_model.no_sync()
+        return contextlib.nullcontext()
 
     def lr(self) -> float:
         o = self.recipe.optim
@@ -210,9 +229,7 @@ class Trainer:
         routing = batch_routing(self.model, batches, self.dist.world_size, self.bf16)  # the router losses see the global batch
         with routing_for_step(self.model, routing):
             for i, batch in enumerate(batches):
-                last = i == self.accumulation - 1
-                sync = self.forward_model.no_sync() if self.dist.world_size > 1 and not last else contextlib.nullcontext()
-                with sync:
+                with self._gradient_sync(i == self.accumulation - 1):
                     with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
                         out = self.forward_model(input_ids=batch, labels=batch, use_cache=False, output_router_logits=measure_load)
                     (out.loss / self.accumulation).backward()
@@ -271,6 +288,8 @@ class Trainer:
         write of a MoT model's E-fold expert gradients. A foreach AdamW gets the gradients scaled."""
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         total = torch.nn.utils.get_total_norm(grads)
+        if isinstance(total, DTensor):  # sharded gradients: the norm over every process's shard
+            total = total.full_tensor()
         norm = total.item()
         if math.isfinite(norm) and max_norm / (norm + 1e-6) < 1.0:
             if getattr(self.optimizer, "_step_supports_amp_scaling", False):
@@ -303,7 +322,7 @@ class Trainer:
     def evaluate(self, batch_size: int | None = None) -> float:
         """Held-out loss, nats/token, float32, on the fixed eval sequences; batch_size=1 for one at a time."""
         batch_size = batch_size or self.recipe.data.eval_batch_size
-        return evaluate(self.model, self.eval_sequences, batch_size, self.device, self.dist.rank, self.dist.world_size)
+        return evaluate(self.model, self.eval_sequences, batch_size, self.device, self.dist.rank, self.dist.world_size, self.sharded)
 
     # --- checkpoints -----------------------------------------------------------------------
 
@@ -322,9 +341,13 @@ class Trainer:
         """Write a checkpoint of the current step (rank 0 writes; every rank must call this).
         `extra` (JSON-able) is what a caller's own loop must carry across a resume (the transition
         stage's loss curve, say): it is kept in training_state.json and `load_checkpoint` returns it."""
-        bad = first_nonfinite(self.model.named_parameters())  # every rank holds the same weights: all stop together
+        if self.sharded:  # each rank holds a shard: the finding is shared, and the whole tensors gathered for rank 0
+            bad = first_nonfinite_anywhere(self.model)
+        else:  # every rank holds the same weights: all stop together
+            bad = first_nonfinite(self.model.named_parameters())
         if bad is not None:
             self._diverged(f"the parameter {bad} became NaN or infinite", updated=True)
+        gathered = gather_for_checkpoint(self.model, self.optimizer, self.dist.is_main) if self.sharded else None
         rng = self.rng_states()
         path = None
         if self.dist.is_main:
@@ -339,7 +362,7 @@ class Trainer:
                 state["extra"] = extra
             path = save_checkpoint(
                 self.run_dir, self.step_count, self.model, self.tokenizer, self.optimizer, state, rng,
-                keep=self.recipe.train.keep_checkpoints,
+                keep=self.recipe.train.keep_checkpoints, gathered=gathered,
             )
         if self.dist.world_size > 1:
             dist.barrier()
@@ -361,7 +384,7 @@ class Trainer:
                 f"--resume: {self.recipe.data.source} holds other data than the run in {checkpoint.parent.parent} trained on "
                 f"(its manifest's source_fingerprint / tokenizer_hash differ); resume with the corpus the run started with"
             )
-        load_optimizer_state(self.model, self.optimizer, state, tensors)
+        (load_full_optimizer_state if self.sharded else load_optimizer_state)(self.model, self.optimizer, state, tensors)
         self.batches.load_state_dict(state["data"])
         self.step_count = state["step"]
         torch.set_rng_state(tensors[f"rng.cpu.rank{self.dist.rank}"])

@@ -115,6 +115,9 @@ class TrainRecipe:
     report_to: list[str] = field(default_factory=lambda: ["jsonl"])
     threads: int = 0  # torch CPU threads of this process (torch.set_num_threads); 0 = torch's default
     compile: bool = False  # torch.compile the model's forward (and so its backward); the first steps compile
+    # under torchrun: "ddp" (every process holds every weight) or "fsdp" (FSDP2: parameters, gradients and
+    # optimizer state sharded over the processes; train/sharding.py)
+    parallel: str = "ddp"
     keep_freed_memory: bool = True  # CPU, glibc: keep freed memory for reuse (devices.keep_freed_memory)
     # Step after which the MoT model is switched to Token Choice inside this run. The switch
     # itself is the converter stage's: `train(..., switch=hook)` calls `hook(trainer)` there.
@@ -185,6 +188,7 @@ RECIPE_RULES: dict[str, Rule] = {
     # (measured, torch 2.13), and threads past the cores only slow a step
     "train.threads": Rule(int, low=0, high=256),
     "train.compile": Rule(bool),
+    "train.parallel": Rule(str, choices=("ddp", "fsdp")),
     "train.keep_freed_memory": Rule(bool),
     "train.switch_at_step": Rule(int, low=1, optional=True),
 }
@@ -319,6 +323,12 @@ def check_recipe(recipe: Recipe) -> None:
         "train.switch_at_step",
         f"must be between 1 and train.steps - 1 = {t.steps - 1} (or none)",
     )
+    need(
+        t.parallel != "fsdp" or t.switch_at_step is None,
+        "train.switch_at_step",
+        "cannot be set with train.parallel='fsdp' yet (the switch converts whole weights; switch under ddp)",
+    )
+    need(t.parallel != "fsdp" or not t.compile, "train.compile", "cannot be on with train.parallel='fsdp' yet (turn one of them off)")
     need(
         recipe.model.n_positions is None or recipe.model.n_positions >= d.seq_len,
         "model.n_positions",
