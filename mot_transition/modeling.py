@@ -30,6 +30,7 @@ from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 from .attention import MoTAttention, build_norm, eager_attention_forward, rotary_embedding  # noqa: F401  (eager_attention_forward: its old home)
 from .config import MoTConfig, package_module
 from .layers import DenseFFN, ExpertLayer, build_ffn, load_balancing_loss, router_z_loss
+from .parallel_plans import FeedForwardShard  # noqa: F401  (registers the parallel styles the config's plans name)
 from .outputs import (
     CACHE_FIELD,
     MoTCausalLMOutput,
@@ -260,6 +261,8 @@ class MoTModel(MoTPreTrainedModel):
 
 class MoTLMHeadModel(MoTPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "transformer.wte.weight"}
+    _tp_plan = {"lm_head": "colwise_gather_output"}  # beside the config's plans for the trunk
+    _fsdp_plan = {"lm_head": "keep_full_weight"}
 
     def __init__(self, config: MoTConfig):
         super().__init__(config)
