@@ -68,7 +68,7 @@ class MoTConfig(PreTrainedConfig):
     output_router_logits: bool = False
 
     # How transformers' distributed loading shards the model (`from_pretrained(...,
-    # distributed_config=DistributedConfig(tp_size=..., ep_size=..., fsdp_size=...))`, docs/design.md §9).
+    # distributed_config=DistributedConfig(tp_size=..., ep_size=..., fsdp_size=...))`, docs/design.md §12).
     # FSDP2: one unit per block, the embeddings, the final norm kept whole (the LM head adds its own rule).
     base_model_fsdp_plan = {"wte": "free_full_weight", "h.*": "free_full_weight", "ln_f": "keep_full_weight"}
 

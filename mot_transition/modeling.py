@@ -30,7 +30,7 @@ from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 from .attention import MoTAttention, build_norm, eager_attention_forward, rotary_embedding  # noqa: F401  (eager_attention_forward: its old home)
 from .config import MoTConfig, package_module
 from .layers import DenseFFN, ExpertLayer, build_ffn, load_balancing_loss, router_z_loss
-from .parallel_plans import FeedForwardShard  # noqa: F401  (registers the parallel styles the config's plans name)
+from .parallel_plans import check_layout  # (and registers the parallel styles the config's plans name)
 from .outputs import (
     CACHE_FIELD,
     MoTCausalLMOutput,
@@ -109,6 +109,11 @@ class MoTPreTrainedModel(PreTrainedModel):
         fails on a package's relative imports. (Loaded as remote code, transformers' way is kept.)"""
         if package_module("remote_code") is None:  # this class runs as remote code
             return super().register_for_auto_class(auto_class)
+
+    def _resolve_parallel_plans(self, distributed_config):
+        """transformers' resolution of the config's plans, after refusing a layout it cannot give us."""
+        check_layout(distributed_config)
+        return super()._resolve_parallel_plans(distributed_config)
 
     def set_group_size(self, group_size: int) -> None:
         """Change the MoT / Expert Choice group size in place (1 = no mixing: per-sequence inference)."""

@@ -1,5 +1,5 @@
 """The two tensor-parallel styles our plans name (MoTConfig.base_model_tp_plan), registered with
-transformers' parallel styles; the plans themselves live on the config (docs/design.md §9).
+transformers' parallel styles; the plans themselves live on the config (docs/design.md §12).
 
     "mot_feed_forward"    a feed-forward layer `h.*.mlp` whose tensors the plan shards: the dense MLP
                           by its hidden width, MoT and Expert Choice by expert
@@ -42,6 +42,20 @@ def local_experts(n_expert: int, rank: int, size: int) -> slice:
     return slice(min(rank * block, n_expert), min((rank + 1) * block, n_expert))
 
 
+def check_layout(distributed_config) -> None:
+    """Refuse, saying why, the layouts transformers cannot give our models. Expert parallelism with FSDP:
+    transformers' FSDP2 shards the expert matrices with the experts module that dispatch reaches, on the
+    expert mesh, but a Token Choice layer owns its matrices itself (`h.N.mlp.lin1`, `h.N.mlp.lin2` keep
+    their names beside the router), so FSDP would take them into the block's unit on the dense mesh."""
+    if distributed_config is not None and distributed_config.ep_size > 1 and distributed_config.dp_size > 1:
+        raise NotImplementedError(
+            "expert parallelism (ep_size > 1) with FSDP (fsdp_size or dp_replicate_size > 1) is not supported for "
+            "this model: its expert matrices belong to the Token Choice layer, not to the experts module that "
+            "FSDP would shard on the expert mesh. Use ep_size with tp_size (the experts of each rank, tokens "
+            "dispatched), or FSDP alone"
+        )
+
+
 class FeedForwardShard(TensorParallelLayer):
     """A feed-forward layer run on this rank's share of its tensors, its output summed over the ranks.
 
@@ -69,7 +83,8 @@ class FeedForwardShard(TensorParallelLayer):
             finally:
                 if controller is not None:
                     module._parameters["controller"] = controller
-            return _AllReduceForward.apply(y, group), router_logits
+            # in place, on memory of its own: a layer's output may be a strided view (MoT's, for one group)
+            return _AllReduceForward.apply(y.contiguous(), group), router_logits
 
         module.forward = forward
         return module
@@ -93,7 +108,7 @@ class RoutedExpertsShard(TensorParallelLayer):
             hidden_states = _AllReduceBackward.apply(hidden_states, group)
             top_k_weights = _AllReduceBackward.apply(top_k_weights, group).masked_fill(elsewhere, 0.0)
             out = original_forward(hidden_states, local.masked_fill(elsewhere, held), top_k_weights)
-            return _AllReduceForward.apply(out, group)
+            return _AllReduceForward.apply(out.contiguous(), group)
 
         module.forward = forward
         return module

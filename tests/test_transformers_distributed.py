@@ -9,6 +9,7 @@ than this machine has CPUs (4 and 8 processes) or what needs a package that is n
 """
 
 import copy
+import functools
 import unittest
 
 import pytest
@@ -57,6 +58,17 @@ class MoTDistributedTests(
     def test_moe_parallel_plans_shard_experts(self):
         pass
 
+    def test_expert_parallel_with_fsdp_is_refused(self):
+        """The layout transformers cannot give our expert layers fails with the reason, before any sharding."""
+        from transformers.distributed import DistributedConfig
+
+        from mot_transition.parallel_plans import check_layout
+
+        check_layout(DistributedConfig(tp_size=2, ep_size=2))
+        check_layout(DistributedConfig(fsdp_size=2))
+        with self.assertRaisesRegex(NotImplementedError, "FSDP"):
+            check_layout(DistributedConfig(fsdp_size=2, ep_size=2))
+
     def test_parallel_plans_shard_experts(self):
         """The expert matrices, the bulk of an expert model, are sharded by every parallel plan it declares."""
         config, _ = self.model_tester.prepare_config_and_inputs_for_common()
@@ -83,8 +95,40 @@ class MoTTest(MoTDistributedTests, unittest.TestCase):
     ffn_type = "mot"
 
 
+def _expected_failure(test):
+    """`test` marked as expected to fail in this class only (unittest marks the function it is given, and
+    the mixin's function is every class's)."""
+
+    @functools.wraps(test)
+    def run(self):
+        return test(self)
+
+    return unittest.expectedFailure(run)
+
+
+FSDP_WITH_EP = (
+    "expert parallel with FSDP is refused for our models (parallel_plans.check_layout): transformers' FSDP2 "
+    "shards the tensors of the experts module on the expert mesh, and ours belong to the Token Choice layer "
+    "(h.N.mlp.lin1/lin2, SPEC names) beside its router"
+)
+
+
 class TokenChoiceTest(MoTDistributedTests, unittest.TestCase):
     ffn_type = "token_choice"
+
+    def setUp(self):
+        name = self._testMethodName
+        if name.startswith(("test_fsdp2_expert_parallel", "test_hsdp_grad_accumulation")) and "expert_parallel" in name:
+            self.skipTest(FSDP_WITH_EP)
+        super().setUp()
+
+    # One device on the whole batch against HSDP ranks on slices of it: expected to fail until issue 26's
+    # item 5, because each process computes the load-balancing loss of its own rows, so sharding the batch
+    # changes the loss (with router_aux_loss_coef=0 these pass). An unexpected pass fails: then drop this.
+    for _name in dir(test_fsdp_mixin.FSDPTesterMixin):
+        if _name.startswith("test_hsdp_grad_accumulation_vs_single_device_") and "expert_parallel" not in _name:
+            locals()[_name] = _expected_failure(getattr(test_fsdp_mixin.FSDPTesterMixin, _name))
+    del _name
 
 
 class ExpertChoiceTest(MoTDistributedTests, unittest.TestCase):
