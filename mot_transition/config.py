@@ -67,6 +67,40 @@ class MoTConfig(PreTrainedConfig):
     router_z_loss_coef: float = 0.0
     output_router_logits: bool = False
 
+    # How transformers' distributed loading shards the model (`from_pretrained(...,
+    # distributed_config=DistributedConfig(tp_size=..., ep_size=..., fsdp_size=...))`, docs/design.md §12).
+    # FSDP2: one unit per block, the embeddings, the final norm kept whole (the LM head adds its own rule).
+    base_model_fsdp_plan = {"wte": "free_full_weight", "h.*": "free_full_weight", "ln_f": "keep_full_weight"}
+
+    @property
+    def base_model_tp_plan(self) -> dict[str, str]:
+        """Tensor parallel: the embedding by vocabulary rows, the attention projections by output rows
+        (gathered after: the fused q|k|v projection does not split into heads by contiguous rows), the
+        dense MLP by its hidden width and the expert layers by expert, each MLP's partial outputs summed.
+        The "mot_*" styles are ours (parallel_plans.py)."""
+        plan = {
+            "wte": "embedding_rowwise",
+            "h.*.attn.c_attn": "colwise_gather_output",
+            "h.*.attn.c_proj": "colwise_gather_output",
+            "h.*.mlp": "mot_feed_forward",
+            "h.*.mlp.w1": "packed_rowwise" if self.gated else "rowwise",  # (d, f) or (d, [gate | up]): by columns
+            "h.*.mlp.w2": "colwise",  # (f, d): by rows
+        }
+        if self.ffn_type in EXPERT_FFN_TYPES and self.moe_layers:
+            plan |= {"h.*.mlp.lin1": "grouped_gemm", "h.*.mlp.lin2": "grouped_gemm"}  # by expert (dim 0)
+            if self.ffn_type == "token_choice":
+                plan["h.*.mlp.experts"] = "mot_routed_experts"
+        return plan
+
+    @property
+    def base_model_ep_plan(self) -> dict[str, str] | None:
+        """Expert parallel, Token Choice only: each rank holds a block of whole experts and the tokens
+        travel to them (transformers' token dispatch). MoT and Expert Choice experts are sharded under
+        the tensor parallel plan instead (their router picks tokens per expert, there is nothing to dispatch)."""
+        if self.ffn_type != "token_choice" or not self.moe_layers:
+            return None
+        return {"h.*.mlp.experts": "ep_dispatch_experts", "h.*.mlp.lin1": "grouped_gemm", "h.*.mlp.lin2": "grouped_gemm"}
+
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
         self._check_values()  # before anything is derived from them

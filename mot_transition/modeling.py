@@ -31,6 +31,7 @@ from .attention import MoTAttention, build_norm, eager_attention_forward, rotary
 from .config import MoTConfig, package_module
 from .layers import DenseFFN, ExpertLayer, build_ffn, load_balancing_loss, router_z_loss
 from .layers.balance import BatchRouting, batch_router_losses
+from .parallel_plans import check_layout  # (and registers the parallel styles the config's plans name)
 from .outputs import (
     CACHE_FIELD,
     MoTCausalLMOutput,
@@ -109,6 +110,11 @@ class MoTPreTrainedModel(PreTrainedModel):
         fails on a package's relative imports. (Loaded as remote code, transformers' way is kept.)"""
         if package_module("remote_code") is None:  # this class runs as remote code
             return super().register_for_auto_class(auto_class)
+
+    def _resolve_parallel_plans(self, distributed_config):
+        """transformers' resolution of the config's plans, after refusing a layout it cannot give us."""
+        check_layout(distributed_config)
+        return super()._resolve_parallel_plans(distributed_config)
 
     def set_group_size(self, group_size: int) -> None:
         """Change the MoT / Expert Choice group size in place (1 = no mixing: per-sequence inference)."""
@@ -266,6 +272,8 @@ class MoTModel(MoTPreTrainedModel):
 
 class MoTLMHeadModel(MoTPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "transformer.wte.weight"}
+    _tp_plan = {"lm_head": "colwise_gather_output"}  # beside the config's plans for the trunk
+    _fsdp_plan = {"lm_head": "keep_full_weight"}
 
     def __init__(self, config: MoTConfig):
         super().__init__(config)

@@ -27,7 +27,7 @@ class ExpertChoice(ExpertLayer):
 
     def forward(self, x: torch.Tensor, token_mask: torch.Tensor | None = None):
         B, S, d = x.shape
-        E, c = self.n_expert, self.capacity
+        c = self.capacity
         xg, valid = group_across_batch(x, token_mask, self.group_size)  # (G, g, S, d), (G, g, S)
         G, g = xg.shape[:2]
         logits = self.router_logits(xg)  # (G, g, S, E)
@@ -35,9 +35,12 @@ class ExpertChoice(ExpertLayer):
         ranking = torch.where(valid[..., None], score, -1.0)  # invalid tokens are chosen last
         chosen = ranking.topk(c, dim=1).indices  # (G, c, S, E)
         weight = score.gather(1, chosen)  # (G, c, S, E)
+        if self.local_experts is not None:  # this rank's experts only; the ranks' outputs are summed (parallel_plans.py)
+            chosen, weight = chosen[..., self.local_experts], weight[..., self.local_experts]
         # flat token index of every choice, expert-major: (E, G, c, S)
         rows = torch.arange(G, device=x.device).view(G, 1, 1, 1) * g + chosen
         flat_index = (rows * S + torch.arange(S, device=x.device).view(1, 1, S, 1)).permute(3, 0, 1, 2)
+        E = chosen.shape[-1]
         tokens = xg.reshape(G * g * S, d)[flat_index.reshape(-1)].view(E, -1, d)
         out = self.experts(tokens) * weight.permute(3, 0, 1, 2).reshape(E, -1, 1).to(x.dtype)
         y = torch.zeros(G * g * S, d, dtype=x.dtype, device=x.device).index_add_(0, flat_index.reshape(-1), out.reshape(-1, d))

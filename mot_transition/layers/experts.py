@@ -38,6 +38,8 @@ class ExpertLayer(nn.Module):
         self.lin1 = nn.Parameter(torch.empty(E, d, 2 * f if self.gated else f))
         self.lin2 = nn.Parameter(torch.empty(E, f, d))
         self.act = ACT2FN[config.activation_function]
+        # the experts this process runs, when they are sharded across processes (parallel_plans.py); None: all
+        self.local_experts: slice | None = None
         self.reset_parameters(config.initializer_range, config.n_layer)
 
     @torch.no_grad()

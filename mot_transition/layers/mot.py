@@ -43,6 +43,8 @@ class MixtureOfTokens(ExpertLayer):
         else:
             merge = _kept(torch.softmax(masked, dim=1), keep)  # over the g tokens of a group
             emit = _kept(torch.softmax(masked, dim=-1), keep) if self.emit_softmax_over_experts else merge
+        if self.local_experts is not None:  # this rank's experts only; the ranks' outputs are summed (parallel_plans.py)
+            merge, emit = merge[..., self.local_experts], emit[..., self.local_experts]
         merge, emit = merge.to(x.dtype), emit.to(x.dtype)
         mixed = torch.bmm(merge.transpose(1, 2), xg)  # (n, E, d): m_e = sum_j w[j, e] x_j
         out = self.experts(mixed.transpose(0, 1))  # (E, n, d), a strided view: no copy

@@ -22,6 +22,8 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+from torch.distributed.tensor import DTensor
 from transformers.integrations.moe import use_experts_implementation
 
 from ..config import MoTConfig
@@ -29,24 +31,45 @@ from .experts import ExpertLayer
 
 
 @use_experts_implementation(is_transposed=True, has_gate=False)
-class RoutedExperts(ExpertLayer):
-    """The experts of a Token Choice layer under transformers' experts-implementation switch
-    (`config._experts_implementation`: `from_pretrained(..., experts_implementation=...)` or
-    `model.set_experts_implementation(...)`). "eager", the default, is ours (below, and the dropping
-    routing of `TokenChoice`); "grouped_mm" and "batched_mm" are transformers' own functions, which
-    read the expert matrices under the names they expect: lin1 (E, d, f) and lin2 (E, f, d) are
-    transposed and without bias in their terms, and lin1 of SwiGLU experts, (E, d, 2f) = [gate | up],
-    is their concatenated `gate_up_proj`."""
+class RoutedExperts(nn.Module):
+    """The experts of a Token Choice layer, (tokens (N, d), expert ids (N, k), weights (N, k)) -> (N, d),
+    under transformers' experts-implementation switch (`config._experts_implementation`:
+    `from_pretrained(..., experts_implementation=...)` or `model.set_experts_implementation(...)`). "eager",
+    the default, is ours (below, and the dropping routing of `TokenChoice`); "grouped_mm" and "batched_mm"
+    are transformers' own functions, which read the expert matrices under the names they expect: lin1
+    (E, d, f) and lin2 (E, f, d) are transposed and without bias in their terms, and lin1 of SwiGLU
+    experts, (E, d, 2f) = [gate | up], is their concatenated `gate_up_proj`.
 
-    up_proj = property(lambda self: self.lin1)
-    gate_up_proj = property(lambda self: self.lin1)
-    down_proj = property(lambda self: self.lin2)
-    act_fn = property(lambda self: self.act)
-    num_experts = property(lambda self: self.n_expert)
+    It owns no tensor: the layer that owns it does (`controller`, `lin1`, `lin2` keep their names,
+    docs/design.md §2.2), and this module reads them through it. Being a module of its own, it is what
+    transformers' expert parallelism hooks (`ep_dispatch_experts`: its forward gets the tokens routed
+    to this rank's experts); a sharded matrix is read as this rank's local block."""
+
+    def __init__(self, config: MoTConfig, owner: "TokenChoice"):
+        super().__init__()
+        object.__setattr__(self, "_owner", owner)  # not a submodule: the owner holds the tensors
+
+    up_proj = gate_up_proj = lin1 = property(lambda self: _local(self._owner.lin1))
+    down_proj = lin2 = property(lambda self: _local(self._owner.lin2))
+    act_fn = act = property(lambda self: self._owner.act)
+    gated = property(lambda self: self._owner.gated)
+    # the experts held here (fewer than the router's under expert parallelism: transformers' `grouped_gemm`
+    # style sets them on the owner of the matrices), and whether they are a shard (ids past them: skipped)
+    num_experts = property(lambda self: self._owner.num_experts)
+    _is_expert_parallel = property(
+        lambda self: self._owner._is_expert_parallel, lambda self, value: setattr(self._owner, "_is_expert_parallel", value)
+    )
+    activate = ExpertLayer.activate
+    grouped_experts = ExpertLayer.grouped_experts
+    _grouped_mm_takes = ExpertLayer._grouped_mm_takes
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
         """Every token (N, d) through its k experts (N, k), weighted (N, k): (N, d). The implementation
         the switch names runs; this one is "eager"."""
+        if self._is_expert_parallel:  # an id past this rank's experts (weight 0) is another rank's: computed by a local one, weighs 0
+            skipped = top_k_index >= self.num_experts
+            top_k_index = top_k_index.clamp(max=self.num_experts - 1)
+            top_k_weights = top_k_weights.masked_fill(skipped, 0.0)
         return self._dropless(hidden_states, top_k_index, top_k_weights)
 
     def _dropless(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
@@ -57,7 +80,7 @@ class RoutedExperts(ExpertLayer):
         order = torch.argsort(top_k_index.reshape(-1), stable=True)  # choice c = t * k + j behind every slot
         slots = _Slots(order, order // k, _inverse(order).view(N, k), None)
         xs = _Dispatch.apply(hidden_states, slots)  # (N * k, d), sorted by expert
-        return _Combine.apply(self.grouped_experts(xs, _count(top_k_index, self.n_expert)), top_k_weights, slots)
+        return _Combine.apply(self.grouped_experts(xs, _count(top_k_index, self.num_experts)), top_k_weights, slots)
 
     def _one_token(self, flat: torch.Tensor, expert: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
         """A single token through its k experts: (1, d) -> (1, d)."""
@@ -70,13 +93,26 @@ class RoutedExperts(ExpertLayer):
         return gate @ torch.cat(outs)
 
 
-class TokenChoice(RoutedExperts):
+def _local(weight: torch.Tensor) -> torch.Tensor:
+    """This rank's block of a matrix sharded by transformers' parallel plans (a DTensor), else the matrix."""
+    return weight.to_local() if isinstance(weight, DTensor) else weight
+
+
+class TokenChoice(ExpertLayer):
+    # the experts module (RoutedExperts), where transformers' MoE models have theirs: `mlp.experts`
+    # (it shadows ExpertLayer.experts, the all-experts bmm of MoT and Expert Choice, unused here)
+    experts = property(lambda self: self._modules["experts"])
+
     def __init__(self, config: MoTConfig):
         super().__init__(config)
-        self.has_gate = self.gated  # for transformers' experts functions (the decorator set it to False)
         self.top_k = config.num_experts_per_tok
         self.capacity_factor = config.capacity_factor
         self.norm_topk_prob = config.norm_topk_prob
+        self.config = config
+        self.num_experts = config.n_expert  # held here; fewer when the experts are sharded (parallel_plans.py)
+        self._is_expert_parallel = False
+        self.experts = RoutedExperts(config, self)
+        self.experts.has_gate = self.gated  # for transformers' experts functions (the decorator set it to False)
 
     def forward(self, x: torch.Tensor, token_mask: torch.Tensor | None = None):
         B, S, d = x.shape
@@ -86,8 +122,9 @@ class TokenChoice(RoutedExperts):
         if self.norm_topk_prob:
             gate = gate / gate.sum(dim=-1, keepdim=True)
         gate = gate if gate.dtype == x.dtype else gate.to(x.dtype)
-        ours = self.config._experts_implementation in (None, "eager")  # None: a layer outside a model
-        experts = self._dropless if ours else super().forward  # the latter: transformers' dispatch
+        sharded = self._is_expert_parallel  # the experts module then reaches this rank's experts (parallel_plans.py)
+        ours = self.config._experts_implementation in (None, "eager") and not sharded  # None: a layer outside a model
+        experts = self.experts._dropless if ours else self.experts  # the latter: the switch, and parallel hooks
         if token_mask is not None or (self.training and self.capacity_factor is not None):
             if ours and not torch.compiler.is_compiling():
                 return self._dropping(flat, expert, gate, token_mask, B, S).view(B, S, d), logits
