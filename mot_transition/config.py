@@ -65,6 +65,10 @@ class MoTConfig(PreTrainedConfig):
     norm_topk_prob: bool = False
     router_aux_loss_coef: float = 0.01
     router_z_loss_coef: float = 0.0
+    # Token Choice balancing without an auxiliary loss (DeepSeek-V3): a per-expert bias on the router's
+    # probabilities picks the top k (the gates stay the unbiased probabilities); after every optimizer step
+    # the trainer moves it by this much towards the under-loaded experts. 0 = off (no bias)
+    router_bias_update_rate: float = 0.0
     output_router_logits: bool = False
 
     # How transformers' distributed loading shards the model (`from_pretrained(...,
@@ -292,7 +296,7 @@ MODEL_RULES: dict[str, Rule] = {
     "mot_temperature": POSITIVE, "emit_softmax_over_experts": FLAG, "use_discrete_routing": FLAG,
     "num_experts_per_tok": POSITIVE_INT, "capacity_factor": Rule(float, low=0, low_open=True, optional=True),
     "norm_topk_prob": FLAG, "router_aux_loss_coef": AT_LEAST_ZERO, "router_z_loss_coef": AT_LEAST_ZERO,
-    "output_router_logits": FLAG,
+    "router_bias_update_rate": AT_LEAST_ZERO, "output_router_logits": FLAG,
 }
 
 

@@ -86,6 +86,11 @@ def check_exportable(config: MoTConfig, target: str, dropless: bool = False) -> 
             )
         if config.ffn_type == "expert_choice":
             raise ValueError("Expert Choice routing (experts pick tokens across a batch) has no native equivalent; convert or retrain as Token Choice")
+        if config.router_bias_update_rate > 0:
+            raise ValueError(
+                "this model picks its experts with a learned selection bias (router_bias_update_rate="
+                f"{config.router_bias_update_rate}), which Qwen3-MoE's routing has no place for; export is not possible"
+            )
         if config.capacity_factor is not None and not dropless:
             raise ValueError(
                 f"this model drops tokens past an expert's capacity in training (capacity_factor={config.capacity_factor}) "

@@ -120,3 +120,57 @@ def test_the_routing_pass_leaves_the_dropout_stream_as_it_found_it(data_dir, tmp
     torch.manual_seed(7)
     again = sum(routing_counts([r for r in trunk(input_ids=b, output_router_logits=True).router_logits], 2, None) for b in batches)
     torch.testing.assert_close(counts, again)  # the pass routes as the step's forwards will, dropout included
+
+
+# ---------------------------------------------------------------------------------------------
+# balancing by a selection bias (router_bias_update_rate)
+
+
+def test_the_selection_bias_picks_the_experts_and_the_gates_stay_the_router_probabilities():
+    from mot_transition.layers import TokenChoice
+
+    torch.manual_seed(0)
+    layer = TokenChoice(tiny_config("token_choice", router_bias_update_rate=0.1, norm_topk_prob=False)).eval()
+    layer.expert_bias.copy_(torch.tensor([0.0, 0.0, 0.0, 5.0]))  # expert 3 wins every token's first choice
+    x = torch.randn(2, 5, 32)
+    flat = x.reshape(-1, 32)
+    probs = torch.softmax(flat @ layer.controller, dim=-1)
+    expert = (probs + layer.expert_bias).topk(2, dim=-1).indices
+    assert (expert[:, 0] == 3).all()
+    expected = sum(
+        probs.gather(1, expert[:, j : j + 1]) * torch.stack([torch.relu(t @ layer.lin1[e]) @ layer.lin2[e] for t, e in zip(flat, expert[:, j])])
+        for j in range(2)
+    )
+    y, _ = layer(x)
+    torch.testing.assert_close(y.reshape(-1, 32), expected)
+
+
+def test_the_bias_moves_by_the_rate_towards_the_under_loaded_experts():
+    from mot_transition.layers import TokenChoice
+    from mot_transition.train.balance import update_expert_bias
+
+    layer = TokenChoice(tiny_config("token_choice", router_bias_update_rate=0.01))
+    holder = torch.nn.ModuleList([layer])
+    layer.routed_tokens = torch.tensor([5, 1, 2, 0])  # mean 2
+    update_expert_bias(holder, world_size=1)
+    torch.testing.assert_close(layer.expert_bias, torch.tensor([-0.01, 0.01, 0.0, 0.01]))
+    assert layer.routed_tokens is None  # counting starts again
+
+
+def test_training_with_the_bias_saves_it_counts_training_forwards_only_and_refuses_export(data_dir, tmp_path):
+    from mot_transition.export import check_exportable
+
+    model = {"ffn_type": "token_choice", "router_aux_loss_coef": 0.0, "router_bias_update_rate": 0.01}
+    raw = tiny_recipe(data_dir, model=model, train={"steps": 3, "grad_accum": 2, "checkpoint_every": 3})
+    result = train(recipe_from_dict(raw), tmp_path / "run", progress=False)
+    bias = {name: t for name, t in parameters(result.checkpoint).items() if name.endswith("expert_bias")}
+    assert bias  # one per Token Choice layer, in model.safetensors
+    for t in bias.values():
+        steps_moved = t / 0.01
+        torch.testing.assert_close(steps_moved, steps_moved.round())  # 3 updates of +-0.01 (or 0) each
+        assert t.abs().max() > 0 and t.abs().max() <= 0.03 + 1e-6
+    reloaded = MoTLMHeadModel.from_pretrained(result.checkpoint)
+    torch.testing.assert_close(reloaded.transformer.h[1].mlp.expert_bias, bias["transformer.h.1.mlp.expert_bias"])
+    check_exportable(tiny_config("token_choice", block="llama"), "qwen3_moe")  # exportable without the bias
+    with pytest.raises(ValueError, match="selection bias"):
+        check_exportable(tiny_config("token_choice", block="llama", router_bias_update_rate=0.01), "qwen3_moe")

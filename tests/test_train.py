@@ -234,8 +234,9 @@ CLI_SCRIPT = (
 def test_torchrun_with_two_cpu_processes_gives_the_losses_of_one_process_on_the_same_global_batch(data_dir, tmp_path, parallel):
     # Token Choice with its router losses on, which see the whole global batch (tests/test_balance.py):
     # 2 processes x 2 micro-batches of 2 rows train the model of 1 process x 2 micro-batches of 4 rows,
-    # replicated (DDP) or sharded (FSDP2), whose checkpoint is the same whole one
-    model = {"ffn_type": "token_choice", "router_aux_loss_coef": 0.5, "router_z_loss_coef": 0.01}
+    # replicated (DDP) or sharded (FSDP2), whose checkpoint is the same whole one; the selection bias is
+    # moved by the load of the whole global batch, the same in every process
+    model = {"ffn_type": "token_choice", "router_aux_loss_coef": 0.5, "router_z_loss_coef": 0.01, "router_bias_update_rate": 0.01}
     train_keys = {"steps": 4, "checkpoint_every": 4, "eval_every": 2, "grad_accum": 2, "parallel": parallel}
     raw = tiny_recipe(data_dir, model=model, train=train_keys)
     recipe_file = tmp_path / "recipe.toml"

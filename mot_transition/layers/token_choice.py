@@ -113,12 +113,27 @@ class TokenChoice(ExpertLayer):
         self._is_expert_parallel = False
         self.experts = RoutedExperts(config, self)
         self.experts.has_gate = self.gated  # for transformers' experts functions (the decorator set it to False)
+        if config.router_bias_update_rate > 0:  # balancing by a selection bias (train/balance.py update_expert_bias)
+            self.register_buffer("expert_bias", torch.zeros(config.n_expert))
+        # this process's choices per expert since the bias was last updated: not a buffer, which DDP would
+        # overwrite with rank 0's at every forward
+        self.routed_tokens: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor, token_mask: torch.Tensor | None = None):
         B, S, d = x.shape
         flat = x.reshape(-1, d)  # (N, d)
         logits = self.router_logits(flat)  # (N, E) float32
-        gate, expert = torch.softmax(logits, dim=-1).topk(self.top_k, dim=-1)  # (N, k)
+        probs = torch.softmax(logits, dim=-1)
+        bias = getattr(self, "expert_bias", None)
+        if bias is None:
+            gate, expert = probs.topk(self.top_k, dim=-1)  # (N, k)
+        else:  # the bias picks the experts; the gates are the router's own probabilities
+            expert = (probs + bias).topk(self.top_k, dim=-1).indices
+            gate = probs.gather(1, expert)
+            if self.training and torch.is_grad_enabled():  # a training forward (not the trainer's routing pass)
+                with torch.no_grad():
+                    chosen = _count(expert if token_mask is None else expert[token_mask.reshape(-1)], self.n_expert)
+                    self.routed_tokens = chosen if self.routed_tokens is None else self.routed_tokens + chosen
         if self.norm_topk_prob:
             gate = gate / gate.sum(dim=-1, keepdim=True)
         gate = gate if gate.dtype == x.dtype else gate.to(x.dtype)

@@ -83,3 +83,22 @@ def routing_for_step(model: torch.nn.Module, routing: BatchRouting | None):
         yield
     finally:
         trunk.batch_routing = None
+
+
+@torch.no_grad()
+def update_expert_bias(model: torch.nn.Module, world_size: int) -> None:
+    """After an optimizer step: move each Token Choice layer's selection bias by
+    `router_bias_update_rate` towards its under-loaded experts, bias_e += rate * sign(mean load - load_e),
+    the load counted over the step's whole global batch (DeepSeek-V3's balancing without an auxiliary
+    loss); then start counting again. Nothing to do for a model without the bias."""
+    layers = [m for m in model.modules() if getattr(m, "expert_bias", None) is not None]
+    if not layers:
+        return
+    loads = torch.stack([
+        m.routed_tokens.float() if m.routed_tokens is not None else torch.zeros_like(m.expert_bias) for m in layers
+    ])
+    if world_size > 1:
+        dist.all_reduce(loads)
+    for layer, load in zip(layers, loads):
+        layer.expert_bias += layer.config.router_bias_update_rate * torch.sign(load.mean() - load)
+        layer.routed_tokens = None

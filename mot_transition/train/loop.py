@@ -29,7 +29,7 @@ from torch.nn.parallel import DistributedDataParallel
 from ..checkpoint_io import first_nonfinite
 from ..config import GROUPING_FFN_TYPES, MoTConfig
 from ..convert import default_top_k
-from .balance import batch_routing, routing_for_step
+from .balance import batch_routing, routing_for_step, update_expert_bias
 from .checkpoint import latest_checkpoint, load_optimizer_state, load_training_state, save_checkpoint
 from .devices import Distributed, keep_freed_memory, pick_device, use_bf16
 from .flops import mfu, peak_flops, training_flops_per_token
@@ -256,6 +256,7 @@ class Trainer:
         if not math.isfinite(grad_norm):
             self._diverged(f"the gradient norm became {grad_norm}")
         self.optimizer.step()
+        update_expert_bias(self.model, self.dist.world_size)  # Token Choice's selection bias, when the model has one
         self.optimizer.__dict__.pop("grad_scale", None)  # a clip folded into this step only (_clip_gradients)
         self.optimizer.zero_grad(set_to_none=True)
         self.step_count += 1

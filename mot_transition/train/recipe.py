@@ -57,6 +57,7 @@ class ModelRecipe:
     norm_topk_prob: bool = False
     router_aux_loss_coef: float = 0.01
     router_z_loss_coef: float = 0.0
+    router_bias_update_rate: float = 0.0  # Token Choice balancing by a selection bias (DeepSeek-V3); 0 = off
     activation_function: str | None = None  # None = "relu" ("gpt2"), "silu" ("llama")
     rope_theta: float = 10000.0
     qk_norm: bool | None = None  # None = on for "llama"
