@@ -1,12 +1,14 @@
 """The trainer's side of load balancing over the global batch (mot_transition/layers/balance.py).
 
-`batch_routing(trainer, batches)` says how a step's router losses see its global batch: nothing to do
-with one process and one micro-batch; an all-reduce inside the forward with several processes and one
-micro-batch each; and with gradient accumulation a routing pass before the step: every micro-batch
-of the step through the model without gradients (its head on the last position only), with the dropout the step will then draw (the random
-state is put back), its counts summed over micro-batches and processes. That pass costs one forward of
-the trunk per micro-batch (about a third of a step's compute, more with a small vocabulary head); it
-runs only when a Token Choice layer has a router loss to weigh.
+`batch_routing(model, batches, ...)` says how a step's router losses see its global batch: nothing to
+do with one process and one micro-batch; an all-reduce inside the forward with several processes and
+one micro-batch each; and with gradient accumulation a routing pass before the step: every micro-batch
+of the step through the model without gradients (its head on the last position only), with the dropout
+the step will then draw (the random state is put back), its counts summed over micro-batches and
+processes. The pass is one forward per micro-batch, up to a third more compute a step by the usual count
+(a forward against forward + backward); it runs only when a Token Choice layer has a router loss to weigh.
+
+`update_expert_bias` moves the selection bias of balancing without an auxiliary loss after each step.
 """
 
 from __future__ import annotations
