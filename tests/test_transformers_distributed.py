@@ -1,6 +1,6 @@
 """transformers' own distributed test mixins (tensor parallel, expert parallel, FSDP2) on our family, as
 transformers runs them for its models: 2 processes over gloo on CPU, the tiny configs of
-test_transformers_common.py, one test class per feed-forward type and block style. The mixins come from the
+test_transformers_common.py, one test class per feed-forward type (gpt2 block) and Llama Token Choice. The mixins come from the
 installed release's sdist (tests/upstream.py) with our `distributed_testing_utils` beside them.
 
 The mixins run only the model types on their allowlists; ours is added to them for this module. What is
@@ -53,7 +53,7 @@ class MoTDistributedTests(
 
     @unittest.skip(
         "finds expert tensors by transformers' names (gate_up_proj / up_proj, down_proj); ours keep their names "
-        "lin1, lin2 (SPEC), so it would see none: test_parallel_plans_shard_experts checks the same on ours"
+        "lin1, lin2 (our checkpoint names), so it would see none: test_parallel_plans_shard_experts checks the same on ours"
     )
     def test_moe_parallel_plans_shard_experts(self):
         pass
@@ -109,7 +109,7 @@ def _expected_failure(test):
 FSDP_WITH_EP = (
     "expert parallel with FSDP is refused for our models (parallel_plans.check_layout): transformers' FSDP2 "
     "shards the tensors of the experts module on the expert mesh, and ours belong to the Token Choice layer "
-    "(h.N.mlp.lin1/lin2, SPEC names) beside its router"
+    "(h.N.mlp.lin1/lin2, our checkpoint names) beside its router"
 )
 
 
@@ -122,9 +122,11 @@ class TokenChoiceTest(MoTDistributedTests, unittest.TestCase):
             self.skipTest(FSDP_WITH_EP)
         super().setUp()
 
-    # One device on the whole batch against HSDP ranks on slices of it: expected to fail until issue 26's
-    # item 5, because each process computes the load-balancing loss of its own rows, so sharding the batch
-    # changes the loss (with router_aux_loss_coef=0 these pass). An unexpected pass fails: then drop this.
+    # One device on the whole batch against HSDP ranks on slices of it: expected to fail, because in the
+    # mixin's own loop each process computes the load-balancing loss of its own rows, so sharding the batch
+    # changes the loss (with router_aux_loss_coef=0 these pass). Our trainer balances over the global batch
+    # (train/balance.py sets the model's batch_routing for a step); a plain loop does not. An unexpected pass
+    # fails: then drop this.
     for _name in dir(test_fsdp_mixin.FSDPTesterMixin):
         if _name.startswith("test_hsdp_grad_accumulation_vs_single_device_") and "expert_parallel" not in _name:
             locals()[_name] = _expected_failure(getattr(test_fsdp_mixin.FSDPTesterMixin, _name))
@@ -135,14 +137,9 @@ class ExpertChoiceTest(MoTDistributedTests, unittest.TestCase):
     ffn_type = "expert_choice"
 
 
-# the llama block style: RMSNorm, rotary positions, SwiGLU (the packed [gate | up] matrices), qk_norm
-class LlamaDenseTest(DenseTest):
-    overrides = {"block": "llama"}
-
-
-class LlamaMoTTest(MoTTest):
-    overrides = {"block": "llama"}
-
-
+# The llama block style (RMSNorm, rotary positions, SwiGLU's packed [gate | up] matrices, qk_norm) once, on
+# the Token Choice model we export: its leading dense layers carry the style's dense plan, its expert layers
+# the SwiGLU experts'. (Its dense and MoT twins of the gpt2 classes would double the mixins' time, most of
+# the suite's, for plan entries this class already runs.)
 class LlamaTokenChoiceTest(TokenChoiceTest):
     overrides = {"block": "llama"}
