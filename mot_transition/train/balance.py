@@ -75,16 +75,15 @@ def routing_pass(model: torch.nn.Module, batches: list[torch.Tensor], bf16: bool
 
 @contextlib.contextmanager
 def routing_for_step(model: torch.nn.Module, routing: BatchRouting | None):
-    """`routing` on the model's trunk for the duration of a step."""
-    trunk = routed_trunk(model) if routing is not None else None
-    if trunk is None:
+    """`routing` (from `batch_routing`: the model has a routed trunk) on the trunk for the duration of a step."""
+    if routing is None:
         yield
         return
-    trunk.batch_routing = routing
+    model.transformer.batch_routing = routing
     try:
         yield
     finally:
-        trunk.batch_routing = None
+        model.transformer.batch_routing = None
 
 
 @torch.no_grad()
@@ -93,6 +92,9 @@ def update_expert_bias(model: torch.nn.Module, world_size: int) -> None:
     `router_bias_update_rate` towards its under-loaded experts, bias_e += rate * sign(mean load - load_e),
     the load counted over the step's whole global batch (DeepSeek-V3's balancing without an auxiliary
     loss); then start counting again. Nothing to do for a model without the bias."""
+    config = getattr(model, "config", None)
+    if config is not None and not getattr(config, "router_bias_update_rate", 0):  # no walk of the modules every step
+        return
     layers = [m for m in model.modules() if getattr(m, "expert_bias", None) is not None]
     if not layers:
         return

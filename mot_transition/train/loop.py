@@ -96,9 +96,9 @@ def evaluate(
     model.eval()
     total = torch.zeros(2, dtype=torch.float64, device=device)  # (sum of losses, tokens)
     starts = list(range(0, sequences.shape[0], batch_size))
-    rounds = -(-len(starts) // world_size) if lockstep else None
+    passes = -(-len(starts) // world_size) * world_size if lockstep else len(starts)
     try:
-        for i in range(rounds * world_size) if lockstep else range(len(starts)):
+        for i in range(passes):
             if i % world_size != rank:
                 continue
             start = starts[i] if i < len(starts) else starts[0]  # past the end (lockstep): a pass that counts 0

@@ -8,7 +8,7 @@ reads a whole tensor:
 
 - checkpoints are today's layout (model.safetensors, optimizer moments by parameter name): every
   process gathers one tensor at a time (`full`) and the main process writes, so a checkpoint of a
-  sharded run loads, converts, exports and resumes (on any number of processes) like any other;
+  sharded run loads, converts, exports and resumes like any other (on the same number of processes);
 - resuming gives each process its slice of the saved moments (`load_full_optimizer_state`);
 - evaluation runs as many forward passes on every process (a sharded forward is collective);
 - a non-finite weight is looked for in every process's shard and the finding shared.
@@ -22,9 +22,6 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor, distribute_tensor
-
-PARALLEL_MODES = ("ddp", "fsdp")
-
 
 def shard_model(model: torch.nn.Module, device: torch.device, bf16: bool) -> torch.nn.Module:
     """Apply FSDP2 to `model` in place: every transformer block, then the root. Returns the model."""

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from ..destinations import save_figure
+from ..layers.balance import routing_counts
 from ..jsonfiles import dumps
 METRICS_FILE = "metrics.jsonl"
 REPORTERS = ("jsonl", "tensorboard", "trackio", "wandb")  # each tracker is its own package and extra
@@ -56,11 +57,7 @@ def scalars(record: dict) -> dict[str, float]:
 
 def expert_load(router_logits: tuple[torch.Tensor, ...], top_k: int) -> torch.Tensor:
     """Tokens that have each expert among their top k, per expert layer: (layers, E) counts."""
-    return torch.stack([
-        torch.zeros(r.shape[-1], device=r.device).index_add_(0, r.topk(top_k, dim=-1).indices.reshape(-1),
-                                                              torch.ones(r.shape[0] * top_k, device=r.device))
-        for r in router_logits
-    ])
+    return routing_counts(list(router_logits), top_k, None)[:, :-1]
 
 
 def load_record(counts: torch.Tensor, layers: list[int]) -> dict:
