@@ -284,6 +284,49 @@ def test_two_ranks_together_see_the_rows_of_one_process_with_the_doubled_batch()
         assert torch.equal(torch.cat([rank.next_batch() for rank in ranks]), single.next_batch())
 
 
+@pytest.mark.parametrize("saved, loaded", [((4, 2, 1), (8, 1, 1)), ((4, 1, 2), (1, 2, 4)), ((1, 1, 8), (2, 2, 2))])
+def test_a_position_saved_by_one_layout_of_the_global_batch_resumes_in_another(saved, loaded):
+    # (micro-batch rows, processes, micro-batches per step): 8 rows a step in each; 45 rows make
+    # 5 whole steps an epoch, so the 5 rows left over are skipped by every layout alike
+    sequences = numbered_sequences(45)
+
+    def steps(layout, count, state=None):
+        rows, world, accumulation = layout
+        ranks = [TrainBatches(sequences, rows, seed=3, rank=r, world_size=world, accumulation=accumulation) for r in range(world)]
+        for rank in ranks:
+            if state is not None:
+                rank.load_state_dict(json.loads(json.dumps(state)))
+        batches = [sorted(torch.cat([rank.next_batch() for _ in range(accumulation) for rank in ranks])[:, 0].tolist()) for _ in range(count)]
+        return batches, ranks[0].state_dict()
+
+    whole, _ = steps(saved, 13)  # crosses two epoch boundaries
+    first, state = steps(saved, 4)
+    rest, _ = steps(loaded, 9, state)
+    assert first + rest == whole
+    assert all(len(set(b)) == 8 for b in whole) and sorted(sum(whole[:5], [])) != list(range(45))
+
+
+def test_a_position_inside_an_optimizer_step_does_not_load_into_another_layout():
+    sequences = numbered_sequences(40)
+    half_step = TrainBatches(sequences, 2, seed=0, accumulation=4)
+    half_step.next_batch()
+    with pytest.raises(ValueError, match="middle of an optimizer step"):
+        TrainBatches(sequences, 8, seed=0).load_state_dict(half_step.state_dict())
+
+
+def test_a_position_saved_before_epochs_were_whole_steps_keeps_its_epoch_length():
+    # 10 rows, micro-batches of 3, 2 a step: the old epoch was 3 micro-batches, one step and a half
+    sequences = numbered_sequences(10)
+    old = TrainBatches(sequences, 3, seed=7, accumulation=2)
+    old.load_state_dict({"epoch": 0, "position": 2, "order": ShuffledOrder.NAME})
+    old.next_batch()
+    assert old.state_dict() == {"epoch": 1, "position": 0, "order": ShuffledOrder.NAME}
+    new = TrainBatches(sequences, 3, seed=7, accumulation=2)
+    new.load_state_dict({"epoch": 0, "position": 0, "order": ShuffledOrder.NAME, "rows": 3})
+    new.next_batch(), new.next_batch()
+    assert new.state_dict()["epoch"] == 1
+
+
 @pytest.mark.parametrize("n", [1, 2, 3, 5, 16, 17, 1000, 4099])
 def test_shuffled_order_is_a_permutation_and_any_slice_of_it_is_the_same_numbers(n):
     whole = ShuffledOrder(n, seed=5, epoch=2)[0:n]
@@ -322,7 +365,7 @@ def test_train_batches_hold_no_state_that_grows_with_the_number_of_rows():
     batches = TrainBatches(_HugeRows(), batch_size=4, seed=0, rank=1, world_size=2)
     first = batches.next_batch()
     assert first.shape == (4, 16) and len(set(first[:, 0].tolist())) == 4
-    assert batches.state_dict() == {"epoch": 0, "position": 1, "order": ShuffledOrder.NAME}
+    assert batches.state_dict() == {"epoch": 0, "position": 1, "order": ShuffledOrder.NAME, "rows": 8}
 
 
 def test_a_data_position_in_another_order_is_refused():

@@ -38,37 +38,46 @@ def pack(stream: torch.Tensor, seq_len: int) -> torch.Tensor:
 class TrainBatches:
     """A deterministic, resumable, endless stream of training batches over packed sequences.
 
-    Each epoch visits the sequences in a fresh permutation keyed by (seed, epoch). A step takes
-    the next `batch_size * world_size` rows of it (the global batch), of which rank r gets rows
-    [r * batch_size, (r + 1) * batch_size). The rows left over at the end of an epoch are skipped,
-    so every rank steps through the same number of batches.
+    Each epoch visits the sequences in a fresh permutation keyed by (seed, epoch). A call takes
+    the next `batch_size * world_size` rows of it (one micro-batch of every process), of which rank
+    r gets rows [r * batch_size, (r + 1) * batch_size); an optimizer step is `accumulation` calls,
+    so a step's global batch is the same consecutive rows of the permutation whatever the layout
+    (processes x micro-batches). An epoch is a whole number of steps: the rows left over after the
+    last whole global batch are skipped, so every rank steps through the same number of batches and
+    the epoch ends where it would with any other layout of the same global batch.
 
     The permutation is computed, not stored (`ShuffledOrder`): a rank holds its own batch of row
-    numbers at a time, whatever the number of sequences, and its state is (epoch, position).
+    numbers at a time, whatever the number of sequences, and its state is (epoch, position, rows a
+    call takes). A state saved at a step boundary loads into another layout of the same global
+    batch: the position is converted by the rows it counts (resuming on another number of
+    processes continues with the same global batches).
     """
 
     def __init__(
-        self, sequences: torch.Tensor, batch_size: int, seed: int, rank: int = 0, world_size: int = 1
+        self, sequences: torch.Tensor, batch_size: int, seed: int, rank: int = 0, world_size: int = 1, accumulation: int = 1
     ):
         if sequences.dim() != 2:
             raise ValueError(f"sequences must have shape (N, seq_len), got {tuple(sequences.shape)}")
-        if batch_size <= 0 or world_size <= 0:
-            raise ValueError(f"batch_size and world_size must be positive, got {batch_size} and {world_size}")
+        if batch_size <= 0 or world_size <= 0 or accumulation <= 0:
+            raise ValueError(f"batch_size, world_size and accumulation must be positive, got {batch_size}, {world_size} and {accumulation}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
-        global_batch = batch_size * world_size
+        global_batch = batch_size * world_size * accumulation
         if sequences.shape[0] < global_batch:
+            layout = f"batch_size {batch_size} x world_size {world_size}" + (f" x accumulation {accumulation}" if accumulation > 1 else "")
             raise ValueError(
                 f"only {sequences.shape[0]} training sequences, fewer than one global batch of "
-                f"{global_batch} (batch_size {batch_size} x world_size {world_size}); "
-                f"use more data, a shorter seq_len or a smaller batch"
+                f"{global_batch} ({layout}); use more data, a shorter seq_len or a smaller batch"
             )
         self.sequences = sequences
         self.batch_size = batch_size
         self.seed = seed
         self.rank = rank
         self.world_size = world_size
-        self.batches_per_epoch = sequences.shape[0] // global_batch
+        self.accumulation = accumulation
+        self.rows = batch_size * world_size  # rows of the permutation one call takes
+        self.batches_per_epoch = sequences.shape[0] // global_batch * accumulation
+        self.legacy_epochs = False
         self.epoch = 0
         self.position = 0  # index of the next global batch within the epoch
 
@@ -88,7 +97,8 @@ class TrainBatches:
         return self.next_batch()
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position, "order": ShuffledOrder.NAME}
+        state = {"epoch": self.epoch, "position": self.position, "order": ShuffledOrder.NAME}
+        return state if self.legacy_epochs else {**state, "rows": self.rows}
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("order") != ShuffledOrder.NAME:
@@ -96,9 +106,21 @@ class TrainBatches:
                 f"the checkpoint's data position counts in another order of the training rows ({state.get('order', 'an in-memory random permutation')}) "
                 f"than this version's ({ShuffledOrder.NAME}): it was written by an older mot-transition; finish it with that version"
             )
-        epoch, position = state.get("epoch"), state.get("position")
-        if not isinstance(epoch, int) or not isinstance(position, int) or epoch < 0:
-            raise ValueError(f"a TrainBatches state needs integers 'epoch' >= 0 and 'position', got {state}")
+        epoch, position, rows = state.get("epoch"), state.get("position"), state.get("rows", self.rows)
+        if not all(isinstance(v, int) for v in (epoch, position, rows)) or epoch < 0 or rows <= 0:
+            raise ValueError(f"a TrainBatches state needs integers 'epoch' >= 0, 'position' and 'rows' > 0, got {state}")
+        if "rows" not in state:
+            # saved before epochs were whole steps, by this layout (the caller checks): keep that
+            # run's epoch length, so that it goes on exactly as it would have
+            self.legacy_epochs = True
+            self.batches_per_epoch = self.sequences.shape[0] // self.rows
+        if rows != self.rows:  # another layout of the global batch: the same rows consumed
+            if position * rows % self.rows:
+                raise ValueError(
+                    f"batch position {position} x {rows} rows is not a whole number of this layout's {self.rows}-row "
+                    f"batches; the state was saved in the middle of an optimizer step or with another global batch size"
+                )
+            position = position * rows // self.rows
         if not 0 <= position < self.batches_per_epoch:
             raise ValueError(
                 f"batch position {position} is outside this epoch of {self.batches_per_epoch} batches; "

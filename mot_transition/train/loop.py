@@ -17,6 +17,7 @@ evaluation spreads the fixed held-out batches over the ranks and sums.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
 import time
 from pathlib import Path
@@ -156,7 +157,7 @@ class Trainer:
             self.eval_sequences = torch.cat(heldout_batches(heldout_sequences, recipe.data.eval_batch_size, recipe.data.eval_batches))
         except ValueError as error:
             raise ValueError(f"{error} (recipe keys data.eval_batches, data.eval_batch_size)") from None
-        self.batches = TrainBatches(train_sequences, self.micro_batch_size, recipe.seed, self.dist.rank, world)
+        self.batches = TrainBatches(train_sequences, self.micro_batch_size, recipe.seed, self.dist.rank, world, self.accumulation)
         self.step_count = 0
         self.corpus_identity = None  # what names the data beyond the recipe (a prepared corpus: its manifest's hashes)
         self._install(model)
@@ -374,10 +375,10 @@ class Trainer:
         model's own (load the model from the same checkpoint with `from_pretrained`). Returns the
         `extra` that `save_checkpoint` was given (None if it was given none)."""
         state, tensors = load_training_state(checkpoint)
-        if state.get("world_size") != self.dist.world_size:
+        if "rows" not in state["data"] and state.get("world_size") != self.dist.world_size:
             raise ValueError(
-                f"{checkpoint} was written by a run of {state.get('world_size')} processes; resume it with the same "
-                f"number of processes (this run has {self.dist.world_size})"
+                f"{checkpoint} was written by an older mot-transition with {state.get('world_size')} processes; resume it "
+                f"with the same number of processes (this run has {self.dist.world_size})"
             )
         saved = state.get("corpus")
         if self.corpus_identity is not None and saved is not None and saved != self.corpus_identity:
@@ -388,10 +389,20 @@ class Trainer:
         (load_full_optimizer_state if self.sharded else load_optimizer_state)(self.model, self.optimizer, state, tensors)
         self.batches.load_state_dict(state["data"])
         self.step_count = state["step"]
-        torch.set_rng_state(tensors[f"rng.cpu.rank{self.dist.rank}"])
-        if self.device.type == "cuda" and f"rng.cuda.rank{self.dist.rank}" in tensors:
-            torch.cuda.set_rng_state(tensors[f"rng.cuda.rank{self.dist.rank}"], self.device)
+        self._restore_rng(tensors)
         return state.get("extra")
+
+    def _restore_rng(self, tensors: dict[str, torch.Tensor]) -> None:
+        """This rank's saved RNG states; a rank the saved run did not have (resumed on more processes)
+        starts generators seeded by (seed, step, rank) instead, so a resume stays deterministic."""
+        rank = self.dist.rank
+        if f"rng.cpu.rank{rank}" not in tensors:
+            key = hashlib.sha256(f"mot-transition rng:{self.recipe.seed}:{self.step_count}:{rank}".encode()).digest()
+            torch.manual_seed(int.from_bytes(key[:8], "little") >> 1)  # seeds every device
+            return
+        torch.set_rng_state(tensors[f"rng.cpu.rank{rank}"])
+        if self.device.type == "cuda" and f"rng.cuda.rank{rank}" in tensors:
+            torch.cuda.set_rng_state(tensors[f"rng.cuda.rank{rank}"], self.device)
 
 
 __all__ = ["Trainer", "TrainingDiverged", "evaluate", "lr_at", "build_optimizer"]
