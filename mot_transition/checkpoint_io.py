@@ -60,6 +60,8 @@ def weight_files(checkpoint: str | Path) -> list[Path]:
         if missing:
             raise FileNotFoundError(f"{path} lacks the shard {missing[0]} that its index names")
         return [path / s for s in shards]
+    if (path / "dcp" / ".metadata").is_file():  # train.checkpoint_format = "sharded"
+        raise ValueError(f"{path} is a sharded checkpoint (dcp/); make it whole first: mot-transition consolidate {path} OUT")
     if any(path.glob("*.bin")) or any(path.glob("*.pt")):
         raise ValueError(f"{path} holds pickled weights only; mot-transition reads safetensors only")
     raise FileNotFoundError(f"{path} has no {WEIGHTS_NAME}")

@@ -32,7 +32,7 @@ def check_destination(src: Path, dst: Path, force: bool) -> None:
                                   "replaces only those; choose another destination")
 
 
-REPORTS = ("conversion_report.json", "export_report.json")
+REPORTS = ("conversion_report.json", "export_report.json", "consolidation_report.json")
 # what a conversion wrote before its report listed its files: the checkpoint's own files
 _CHECKPOINT_FILES = {"config.json", "generation_config.json", "model.safetensors.index.json", "configuration_mot.py",
                      "modeling_mot.py", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",

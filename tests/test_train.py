@@ -297,36 +297,6 @@ def test_a_sharded_run_resumed_from_its_checkpoint_ends_where_the_uninterrupted_
         assert torch.equal(resumed[name], whole[name]), name
 
 
-def test_a_run_resumes_on_another_number_of_processes_with_the_same_global_batches(data_dir, tmp_path):
-    # 2 sharded processes -> 1 process -> 2 sharded processes, one leg of 2 steps each (micro-batches
-    # of 2 rows: 2 a step on each of 2 processes, then 4 on one process): the same
-    # global batches in the same order, the AdamW moments resharded, and the model of one process
-    # that ran all 6 steps; Token Choice with its router losses, which see the whole global batch
-    model = {"ffn_type": "token_choice", "router_aux_loss_coef": 0.5, "router_z_loss_coef": 0.01}
-    train_keys = {"steps": 6, "checkpoint_every": 2, "keep_checkpoints": 3, "micro_batch_size": 2, "parallel": "fsdp"}
-    raw = tiny_recipe(data_dir, model=model, train=train_keys)
-    recipe_file = tmp_path / "recipe.toml"
-    recipe_file.write_text(recipe_to_toml(recipe_from_dict(raw)))
-    single = train(recipe_from_dict(raw), tmp_path / "single", progress=False)
-
-    run = tmp_path / "run"
-    _torchrun(tmp_path, "train", recipe_file, "--out", run, "--quiet")
-    for step in ("step-000004", "step-000006"):
-        shutil.rmtree(run / "checkpoints" / step)
-    train(recipe_from_dict(raw), run, progress=False, resume=True)  # steps 3-4 on one process
-    assert load_training_state(run / "checkpoints" / "step-000004")[0]["world_size"] == 1
-    shutil.rmtree(run / "checkpoints" / "step-000006")
-    _torchrun(tmp_path, "train", recipe_file, "--out", run, "--resume", "--quiet")  # steps 5-6 on two
-
-    one, legs = metric_lines(tmp_path / "single"), metric_lines(run)
-    assert [m["step"] for m in legs] == [1, 2, 3, 4, 5, 6]
-    for a, b in zip(one, legs):
-        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-6), (a["step"], a["loss"], b["loss"])
-    p1, p2 = parameters(single.checkpoint), parameters(run / "checkpoints" / "step-000006")
-    for name in p1:
-        torch.testing.assert_close(p2[name], p1[name], rtol=1e-4, atol=1e-5)
-
-
 # ---------------------------------------------------------------------------------------------
 # recipes and start-up errors
 

@@ -9,7 +9,7 @@ import os
 import sys
 
 from .app import app
-from . import compare, convert, eval, export, generate, info, prepare, run, study, transition  # noqa: F401  (each module registers its command on `app`)
+from . import compare, consolidate, convert, eval, export, generate, info, prepare, run, study, transition  # noqa: F401  (each module registers its command on `app`)
 from . import train  # noqa: F401
 
 

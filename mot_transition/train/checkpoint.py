@@ -34,12 +34,14 @@ from safetensors.torch import load_file, save_file
 from ..checkpoint_io import (  # noqa: F401  (the run layout's functions are this module's API too)
     CHECKPOINTS,
     STATE_JSON,
+    check_tensors,
     checked_config,
     checkpoint_dir,
     first_nonfinite,
     latest_checkpoint,
     list_checkpoints,
     load_checked,
+    load_config,
     nonfinite_error,
     read_header,
 )
@@ -86,6 +88,17 @@ def save_checkpoint(
         tensors.update({name: t.detach().cpu().contiguous() for name, t in rng_states.items()})
         save_file(tensors, tmp / STATE_TENSORS)
         write_json(tmp / STATE_JSON, {**state, "step": step, "optimizer": optimizer_json})
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return publish(tmp, final, run_dir, keep)
+
+
+def publish(tmp: Path, final: Path, run_dir: Path, keep: int) -> Path:
+    """Flush the complete checkpoint `tmp` to disk, rename it to `final` and keep only the last
+    `keep` checkpoints of `run_dir`. Returns `final`."""
+    parent = final.parent
+    try:
         _fsync_tree(tmp)
         if final.exists():  # the same step saved again (e.g. after a resume): move the old one aside
             final.rename(parent / f".trash-{final.name}-{os.getpid()}")
@@ -130,7 +143,11 @@ def check_training_checkpoint(checkpoint: Path, weights: bool = True) -> dict:
         if not isinstance(state.get(key), kind):  # the kind said in JSON's words, the file's language
             raise ValueError(f"{checkpoint / STATE_JSON} is corrupted: no {key!r} ({json_kind(kind())})")
     read_header(checkpoint / STATE_TENSORS)
-    if weights:
+    if weights and state.get("checkpoint_format") == "sharded":
+        from .sharded_checkpoint import model_shapes
+
+        check_tensors(model_shapes(checkpoint), load_config(checkpoint), where=str(checkpoint))
+    elif weights:
         checked_config(checkpoint)
     return state
 

@@ -35,6 +35,7 @@ from .checkpoint import latest_checkpoint, load_optimizer_state, load_training_s
 from .devices import Distributed, keep_freed_memory, pick_device, use_bf16
 from .flops import mfu, peak_flops, training_flops_per_token
 from .recipe import Recipe, micro_batch_size
+from .sharded_checkpoint import is_sharded, load_sharded, save_sharded_checkpoint
 from .sharding import first_nonfinite_anywhere, gather_for_checkpoint, load_full_optimizer_state, shard_model
 from .tracking import expert_load, load_record
 
@@ -349,19 +350,22 @@ class Trainer:
             bad = first_nonfinite(self.model.named_parameters())
         if bad is not None:
             self._diverged(f"the parameter {bad} became NaN or infinite", updated=True)
-        gathered = gather_for_checkpoint(self.model, self.optimizer, self.dist.is_main) if self.sharded else None
+        t = self.recipe.train
         rng = self.rng_states()
+        state = {"data": self.batches.state_dict(), "world_size": self.dist.world_size, "recipe": self.recipe.to_dict()}
+        if self.corpus_identity is not None:
+            state["corpus"] = self.corpus_identity
+        if extra is not None:
+            state["extra"] = extra
+        if t.checkpoint_format == "sharded":  # every process writes its slices at once
+            path = save_sharded_checkpoint(self.run_dir, self.step_count, self.model, self.tokenizer, self.optimizer, state, rng,
+                                           t.keep_checkpoints, self.dist.is_main)
+            if self.dist.world_size > 1:
+                dist.barrier()
+            return path
+        gathered = gather_for_checkpoint(self.model, self.optimizer, self.dist.is_main) if self.sharded else None
         path = None
         if self.dist.is_main:
-            state = {
-                "data": self.batches.state_dict(),
-                "world_size": self.dist.world_size,
-                "recipe": self.recipe.to_dict(),
-            }
-            if self.corpus_identity is not None:
-                state["corpus"] = self.corpus_identity
-            if extra is not None:
-                state["extra"] = extra
             path = save_checkpoint(
                 self.run_dir, self.step_count, self.model, self.tokenizer, self.optimizer, state, rng,
                 keep=self.recipe.train.keep_checkpoints, gathered=gathered,
@@ -372,7 +376,8 @@ class Trainer:
 
     def load_checkpoint(self, checkpoint: Path) -> dict | None:
         """Restore optimizer, step, data position and RNG from `checkpoint`; the weights are the
-        model's own (load the model from the same checkpoint with `from_pretrained`). Returns the
+        model's own (load the model from the same checkpoint with `from_pretrained`), except from a
+        sharded checkpoint, whose weights are loaded here into the model as placed. Returns the
         `extra` that `save_checkpoint` was given (None if it was given none)."""
         state, tensors = load_training_state(checkpoint)
         if "rows" not in state["data"] and state.get("world_size") != self.dist.world_size:
@@ -386,6 +391,8 @@ class Trainer:
                 f"--resume: {self.recipe.data.source} holds other data than the run in {checkpoint.parent.parent} trained on "
                 f"(its manifest's source_fingerprint / tokenizer_hash differ); resume with the corpus the run started with"
             )
+        if is_sharded(checkpoint):  # the weights too: the model was built from the config alone
+            tensors = {**tensors, **load_sharded(checkpoint, self.model, self.optimizer)}
         (load_full_optimizer_state if self.sharded else load_optimizer_state)(self.model, self.optimizer, state, tensors)
         self.batches.load_state_dict(state["data"])
         self.step_count = state["step"]

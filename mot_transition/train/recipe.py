@@ -119,6 +119,10 @@ class TrainRecipe:
     # under torchrun: "ddp" (every process holds every weight) or "fsdp" (FSDP2: parameters, gradients and
     # optimizer state sharded over the processes; train/sharding.py)
     parallel: str = "ddp"
+    # "whole": the main process writes model.safetensors and the whole optimizer state (gathered one
+    # tensor at a time); "sharded": every process writes its slices at once through
+    # torch.distributed.checkpoint (train/sharded_checkpoint.py; `mot-transition consolidate` makes it whole)
+    checkpoint_format: str = "whole"
     keep_freed_memory: bool = True  # CPU, glibc: keep freed memory for reuse (devices.keep_freed_memory)
     # Step after which the MoT model is switched to Token Choice inside this run. The switch
     # itself is the converter stage's: `train(..., switch=hook)` calls `hook(trainer)` there.
@@ -190,6 +194,7 @@ RECIPE_RULES: dict[str, Rule] = {
     "train.threads": Rule(int, low=0, high=256),
     "train.compile": Rule(bool),
     "train.parallel": Rule(str, choices=("ddp", "fsdp")),
+    "train.checkpoint_format": Rule(str, choices=("whole", "sharded")),
     "train.keep_freed_memory": Rule(bool),
     "train.switch_at_step": Rule(int, low=1, optional=True),
 }
@@ -329,6 +334,8 @@ def check_recipe(recipe: Recipe) -> None:
         "train.switch_at_step",
         "cannot be set with train.parallel='fsdp' yet (the switch converts whole weights; switch under ddp)",
     )
+    need(t.checkpoint_format == "whole" or t.switch_at_step is None, "train.switch_at_step",
+         "cannot be set with train.checkpoint_format='sharded' yet (the switch reads whole checkpoints)")
     need(t.parallel != "fsdp" or not t.compile, "train.compile", "cannot be on with train.parallel='fsdp' yet (turn one of them off)")
     need(
         recipe.model.n_positions is None or recipe.model.n_positions >= d.seq_len,

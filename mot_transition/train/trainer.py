@@ -24,7 +24,9 @@ import torch.distributed as dist
 from ..checks import check_writable_folder
 from ..config import as_written, style_defaults
 from ..locks import hold_for_job
+from ..checkpoint_io import load_config
 from .checkpoint import latest_checkpoint, load_model, resumable_checkpoint, set_aside
+from .sharded_checkpoint import is_sharded
 from .devices import Distributed, pick_device, setup_distributed
 from .loop import Trainer, TrainingDiverged, build_optimizer, evaluate, lr_at
 from .memory import check_fits
@@ -158,7 +160,9 @@ def train(
         eos = tokenizer.eos_token_id
         config = model.config if model is not None else recipe.model_config(len(tokenizer), bos_token_id=eos, eos_token_id=eos, pad_token_id=eos)
         check_fits(config, micro_batch_size(t, world.world_size), train_seq.shape[1], pick_device(t.device, world.local_rank))
-        if checkpoint is not None:
+        if checkpoint is not None and is_sharded(checkpoint):  # its weights are loaded once the model is placed
+            model = (type(model) if model is not None else MoTLMHeadModel)(load_config(checkpoint))
+        elif checkpoint is not None:
             model = load_model(checkpoint, type(model) if model is not None else MoTLMHeadModel)
         elif model is None:
             torch.manual_seed(recipe.seed)
