@@ -60,11 +60,69 @@ def weight_files(checkpoint: str | Path) -> list[Path]:
         if missing:
             raise FileNotFoundError(f"{path} lacks the shard {missing[0]} that its index names")
         return [path / s for s in shards]
-    if (path / "dcp" / ".metadata").is_file():  # train.checkpoint_format = "sharded"
+    if is_sharded(path):  # train.checkpoint_format = "sharded"
         raise ValueError(f"{path} is a sharded checkpoint (dcp/); make it whole first: mot-transition consolidate {path} OUT")
     if any(path.glob("*.bin")) or any(path.glob("*.pt")):
         raise ValueError(f"{path} holds pickled weights only; mot-transition reads safetensors only")
     raise FileNotFoundError(f"{path} has no {WEIGHTS_NAME}")
+
+
+DCP_DIR = "dcp"  # a sharded training checkpoint's torch.distributed.checkpoint folder (train/sharded_checkpoint.py)
+
+
+def is_sharded(checkpoint: str | Path) -> bool:
+    """Whether `checkpoint` is a sharded checkpoint (DCP's metadata is its last file written)."""
+    return (Path(checkpoint) / DCP_DIR / ".metadata").is_file()
+
+
+def dcp_reader(checkpoint: str | Path):
+    """A torch.distributed.checkpoint reader of a sharded checkpoint that unpickles its `.metadata`
+    (DCP's one pickle; the tensors it reads with `weights_only=True`) with the classes of DCP's
+    metadata allowed and nothing else: a checkpoint cannot run code when it is read."""
+    import pickle
+
+    import torch
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    allowed = {
+        "torch.distributed.checkpoint.metadata": None,  # its dataclasses and enums, whatever their names
+        "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+        "torch.serialization": {"_get_layout"},
+        "pathlib": {"Path", "PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath"},
+        "collections": {"OrderedDict"},
+    }
+
+    class Unpickler(pickle.Unpickler):
+        def find_class(self, module, name):
+            plain = module == "torch" and (name == "Size" or isinstance(getattr(torch, name, None), (torch.dtype, torch.layout, torch.memory_format)))
+            if plain or (module in allowed and (allowed[module] is None or name in allowed[module])):
+                return super().find_class(module, name)
+            raise pickle.UnpicklingError(f"{module}.{name} is not part of a checkpoint's metadata")
+
+    class Reader(FileSystemReader):
+        def read_metadata(self, *args, **kwargs):
+            with self.fs.create_stream(self._get_metadata_path(kwargs.get("rank")), "rb") as stream:
+                found = Unpickler(stream).load()
+            if getattr(found, "storage_meta", None) is None:
+                found.storage_meta = StorageMeta()
+            found.storage_meta.load_id = self.load_id
+            return found
+
+    return Reader(str(Path(checkpoint) / DCP_DIR))
+
+
+def metadata(checkpoint: str | Path):
+    """DCP's metadata of a sharded checkpoint: {key: TensorStorageMetadata}."""
+    try:
+        return dcp_reader(checkpoint).read_metadata().state_dict_metadata
+    except Exception as error:  # a truncated, foreign or hostile .metadata: unpickling fails in many ways
+        raise ValueError(f"{Path(checkpoint) / DCP_DIR / '.metadata'} is corrupted ({type(error).__name__}: {str(error)[:120]})") from None
+
+
+def model_shapes(checkpoint: str | Path) -> dict[str, tuple[int, ...]]:
+    """{weight name: shape} of a sharded checkpoint's model, from DCP's metadata alone."""
+    return {key[len("model."):]: tuple(entry.size) for key, entry in metadata(checkpoint).items() if key.startswith("model.")}
 
 
 def read_header(file: Path) -> dict[str, dict]:

@@ -1,6 +1,8 @@
 """Sharded checkpoints (train.checkpoint_format = "sharded", torch.distributed.checkpoint), their
 consolidation into the whole layout, and resuming on another number of processes."""
 
+import os
+import pickle
 import shutil
 import weakref
 
@@ -64,6 +66,17 @@ def test_a_sharded_checkpoint_is_refused_by_readers_of_whole_ones_in_one_line_na
     assert code == 0, err
     code, _, err = run_cli(["consolidate", str(tmp_path / "run"), str(tmp_path / "run" / "checkpoints"), "--force"], capsys)
     assert code == 1 and (tmp_path / "run" / "checkpoints" / "step-000003" / "dcp").is_dir()  # never replaces what it did not write
+
+
+    # DCP's metadata is a pickle: one that would run code is refused, and runs nothing
+    class Hostile:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'ran'}",))
+
+    (tmp_path / "run" / "checkpoints" / "step-000003" / "dcp" / ".metadata").write_bytes(pickle.dumps(Hostile()))
+    code, _, err = run_cli(["consolidate", str(tmp_path / "run"), str(tmp_path / "hostile")], capsys)
+    assert code == 1 and "not part of a checkpoint's metadata" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "ran").exists() and not (tmp_path / "hostile").exists()
 
 
 def test_a_save_that_dies_leaves_the_last_good_sharded_checkpoint_and_a_damaged_one_is_skipped(data_dir, tmp_path, monkeypatch):

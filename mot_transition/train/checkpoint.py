@@ -42,6 +42,7 @@ from ..checkpoint_io import (  # noqa: F401  (the run layout's functions are thi
     list_checkpoints,
     load_checked,
     load_config,
+    model_shapes,
     nonfinite_error,
     read_header,
 )
@@ -144,8 +145,6 @@ def check_training_checkpoint(checkpoint: Path, weights: bool = True) -> dict:
             raise ValueError(f"{checkpoint / STATE_JSON} is corrupted: no {key!r} ({json_kind(kind())})")
     read_header(checkpoint / STATE_TENSORS)
     if weights and state.get("checkpoint_format") == "sharded":
-        from .sharded_checkpoint import model_shapes
-
         check_tensors(model_shapes(checkpoint), load_config(checkpoint), where=str(checkpoint))
     elif weights:
         checked_config(checkpoint)

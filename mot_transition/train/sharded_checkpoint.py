@@ -32,13 +32,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-DCP_DIR = "dcp"
+from ..checkpoint_io import DCP_DIR, dcp_reader, is_sharded, metadata, model_shapes  # noqa: F401  (this module's API too)
+
 FORMAT_KEY = "checkpoint_format"
-
-
-def is_sharded(checkpoint: str | Path) -> bool:
-    """Whether `checkpoint` is a sharded checkpoint (DCP's metadata is its last file written)."""
-    return (Path(checkpoint) / DCP_DIR / ".metadata").is_file()
 
 
 @contextlib.contextmanager
@@ -123,21 +119,6 @@ def save_sharded_checkpoint(run_dir: Path, step: int, model, tokenizer, optimize
     return publish(tmp, final, run_dir, keep)
 
 
-def metadata(checkpoint: str | Path):
-    """DCP's metadata of a sharded checkpoint: {key: TensorStorageMetadata}."""
-    from torch.distributed.checkpoint import FileSystemReader
-
-    try:
-        return FileSystemReader(str(Path(checkpoint) / DCP_DIR)).read_metadata().state_dict_metadata
-    except Exception as error:  # a truncated or foreign .metadata: unpickling fails in many ways
-        raise ValueError(f"{Path(checkpoint) / DCP_DIR / '.metadata'} is corrupted ({type(error).__name__})") from None
-
-
-def model_shapes(checkpoint: str | Path) -> dict[str, tuple[int, ...]]:
-    """{weight name: shape} of a sharded checkpoint's model, from DCP's metadata alone."""
-    return {key[len("model."):]: tuple(entry.size) for key, entry in metadata(checkpoint).items() if key.startswith("model.")}
-
-
 def load_sharded(checkpoint: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
     """Load a sharded checkpoint's weights into `model` (in place, each process reading the slices
     it holds, whatever the number of processes that wrote them) and return the optimizer's tensors
@@ -163,7 +144,7 @@ def load_sharded(checkpoint: Path, model: torch.nn.Module, optimizer: torch.opti
         else:  # AdamW's step count: a plain scalar
             state[key] = torch.zeros(tuple(entry.size), dtype=entry.properties.dtype)
     with _single_process_quietly():
-        dcp.load(state, checkpoint_id=str(checkpoint / DCP_DIR), no_dist=not (dist.is_available() and dist.is_initialized()))
+        dcp.load(state, storage_reader=dcp_reader(checkpoint), no_dist=not (dist.is_available() and dist.is_initialized()))
     with torch.no_grad():  # model.state_dict()'s tensors share the parameters' storage; copy anyway for safety
         for name, t in model.state_dict().items():
             if name in once and state[f"model.{name}"].data_ptr() != t.data_ptr():
@@ -255,7 +236,7 @@ class _TensorReader:
     """Reads one whole tensor of a DCP checkpoint at a time, in one process without a process group."""
 
     def __init__(self, checkpoint: Path, saved: dict):
-        self.path = str(checkpoint / DCP_DIR)
+        self.checkpoint = checkpoint
         self.saved = saved
 
     def entries(self, keys: list[str], strip: str = "") -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
@@ -268,7 +249,7 @@ class _TensorReader:
             entry = self.saved[prefix + name]
             tensor = torch.empty(tuple(entry.size), dtype=entry.properties.dtype)
             with _single_process_quietly():
-                dcp.load({prefix + name: tensor}, checkpoint_id=self.path, no_dist=True)
+                dcp.load({prefix + name: tensor}, storage_reader=dcp_reader(self.checkpoint), no_dist=True)
             return tensor
 
         return one
