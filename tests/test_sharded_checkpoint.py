@@ -4,6 +4,9 @@ consolidation into the whole layout, and resuming on another number of processes
 import os
 import pickle
 import shutil
+import socket
+import subprocess
+import sys
 import weakref
 
 import pytest
@@ -15,7 +18,7 @@ from mot_transition.train import load_training_state, recipe_from_dict, train
 from mot_transition.train import sharded_checkpoint
 from mot_transition.train.recipe import recipe_to_toml
 from mot_transition.train.sharded_checkpoint import consolidate, write_safetensors_streamed
-from test_train import _torchrun, metric_lines, parameters, tiny_recipe
+from test_train import CLI_SCRIPT, _torchrun, metric_lines, parameters, tiny_recipe
 
 MOT = {"ffn_type": "mot", "group_size": 2, "resid_pdrop": 0.1}  # dropout: the RNG states must come back too
 
@@ -163,5 +166,51 @@ def test_a_run_resumes_on_another_number_of_processes_with_the_same_global_batch
     if checkpoint_format == "sharded":
         last = consolidate(last, tmp_path / "consolidated")
     p1, p2 = parameters(single.checkpoint), parameters(last)
+    for name in p1:
+        torch.testing.assert_close(p2[name], p1[name], rtol=1e-4, atol=1e-5)
+
+
+def _two_nodes(tmp_path, *args) -> None:
+    """Two torchrun agents on this machine as two nodes of one process each, meeting through a c10d
+    rendezvous on 127.0.0.1, as `torchrun --nnodes=2` is started on each node of a cluster."""
+    cli = tmp_path / "cli.py"
+    cli.write_text(CLI_SCRIPT)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1", "--rdzv-backend=c10d",
+        f"--rdzv-endpoint=127.0.0.1:{port}", f"--rdzv-id=two-nodes-{port}", str(cli), *map(str, args),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    nodes = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) for _ in range(2)]
+    try:
+        outputs = [node.communicate(timeout=300)[0] for node in nodes]
+    finally:
+        for node in nodes:
+            node.kill()
+    for node, output in zip(nodes, outputs):
+        assert node.returncode == 0, output[-3000:]
+
+
+def test_two_nodes_train_checkpoint_and_resume_as_one_process_trains(data_dir, tmp_path):
+    model = {"ffn_type": "token_choice", "router_aux_loss_coef": 0.5, "router_z_loss_coef": 0.01}
+    train_keys = {"steps": 6, "checkpoint_every": 3, "parallel": "fsdp"}
+    raw = tiny_recipe(data_dir, model=model, train={**train_keys, "checkpoint_format": "sharded"})
+    recipe_file = tmp_path / "recipe.toml"
+    recipe_file.write_text(recipe_to_toml(recipe_from_dict(raw)))
+    single = train(recipe_from_dict(tiny_recipe(data_dir, model=model, train=train_keys)), tmp_path / "single", progress=False)
+
+    _two_nodes(tmp_path, "train", recipe_file, "--out", tmp_path / "run", "--quiet")
+    assert load_training_state(tmp_path / "run" / "checkpoints" / "step-000006")[0]["world_size"] == 2
+    shutil.rmtree(tmp_path / "run" / "checkpoints" / "step-000006")
+    _two_nodes(tmp_path, "train", recipe_file, "--out", tmp_path / "run", "--resume", "--quiet")
+
+    one, two = metric_lines(tmp_path / "single"), metric_lines(tmp_path / "run")
+    assert [m["step"] for m in two] == [1, 2, 3, 4, 5, 6]
+    for a, b in zip(one, two):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-6)
+    whole = consolidate(tmp_path / "run", tmp_path / "whole")
+    p1, p2 = parameters(single.checkpoint), parameters(whole)
     for name in p1:
         torch.testing.assert_close(p2[name], p1[name], rtol=1e-4, atol=1e-5)
