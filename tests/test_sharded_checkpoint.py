@@ -170,16 +170,16 @@ def test_a_run_resumes_on_another_number_of_processes_with_the_same_global_batch
         torch.testing.assert_close(p2[name], p1[name], rtol=1e-4, atol=1e-5)
 
 
-def _two_nodes(tmp_path, *args) -> None:
-    """Two torchrun agents on this machine as two nodes of one process each, meeting through a c10d
-    rendezvous on 127.0.0.1, as `torchrun --nnodes=2` is started on each node of a cluster."""
+def _two_nodes(tmp_path, per_node: int, *args) -> None:
+    """Two torchrun agents on this machine as two nodes of `per_node` processes each, meeting through a
+    c10d rendezvous on 127.0.0.1, as `torchrun --nnodes=2` is started on each node of a cluster."""
     cli = tmp_path / "cli.py"
     cli.write_text(CLI_SCRIPT)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1", "--rdzv-backend=c10d",
+        sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--nproc_per_node={per_node}", "--rdzv-backend=c10d",
         f"--rdzv-endpoint=127.0.0.1:{port}", f"--rdzv-id=two-nodes-{port}", str(cli), *map(str, args),
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -193,18 +193,21 @@ def _two_nodes(tmp_path, *args) -> None:
         assert node.returncode == 0, output[-3000:]
 
 
-def test_two_nodes_train_checkpoint_and_resume_as_one_process_trains(data_dir, tmp_path):
+@pytest.mark.parametrize("parallel, per_node", [("fsdp", 1), ("hsdp", 2)])
+def test_two_nodes_train_checkpoint_and_resume_as_one_process_trains(data_dir, tmp_path, parallel, per_node):
+    # hsdp with 2 processes a node: sharded within each node, replicated across the two
     model = {"ffn_type": "token_choice", "router_aux_loss_coef": 0.5, "router_z_loss_coef": 0.01}
-    train_keys = {"steps": 6, "checkpoint_every": 3, "parallel": "fsdp"}
+    train_keys = {"steps": 6, "checkpoint_every": 3, "parallel": parallel}
     raw = tiny_recipe(data_dir, model=model, train={**train_keys, "checkpoint_format": "sharded"})
     recipe_file = tmp_path / "recipe.toml"
     recipe_file.write_text(recipe_to_toml(recipe_from_dict(raw)))
     single = train(recipe_from_dict(tiny_recipe(data_dir, model=model, train=train_keys)), tmp_path / "single", progress=False)
 
-    _two_nodes(tmp_path, "train", recipe_file, "--out", tmp_path / "run", "--quiet")
-    assert load_training_state(tmp_path / "run" / "checkpoints" / "step-000006")[0]["world_size"] == 2
+    _two_nodes(tmp_path, per_node, "train", recipe_file, "--out", tmp_path / "run", "--quiet")
+    state = load_training_state(tmp_path / "run" / "checkpoints" / "step-000006")[0]
+    assert state["world_size"] == 2 * per_node and state["mesh"] == ([2, 2] if parallel == "hsdp" else [2])
     shutil.rmtree(tmp_path / "run" / "checkpoints" / "step-000006")
-    _two_nodes(tmp_path, "train", recipe_file, "--out", tmp_path / "run", "--resume", "--quiet")
+    _two_nodes(tmp_path, per_node, "train", recipe_file, "--out", tmp_path / "run", "--resume", "--quiet")
 
     one, two = metric_lines(tmp_path / "single"), metric_lines(tmp_path / "run")
     assert [m["step"] for m in two] == [1, 2, 3, 4, 5, 6]

@@ -150,7 +150,7 @@ class Trainer:
         t = recipe.train
         world = self.dist.world_size
         self.micro_batch_size = micro_batch_size(t, world)
-        self.sharded = world > 1 and t.parallel == "fsdp"  # FSDP2 (sharding.py); else DDP under torchrun
+        self.sharded = world > 1 and t.parallel in ("fsdp", "hsdp")  # FSDP2 (sharding.py); else DDP under torchrun
         self.accumulation = t.batch_size // (self.micro_batch_size * world)
         self.seq_len = train_sequences.shape[1]
         self._check_grouping(model)
@@ -183,7 +183,7 @@ class Trainer:
         self.model = model.to(self.device)
         self.model.train()
         if self.sharded:
-            self.forward_model = shard_model(self.model, self.device, self.bf16)
+            self.forward_model = shard_model(self.model, self.device, self.bf16, hybrid=t.parallel == "hsdp")
         elif self.dist.world_size > 1:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
             self.forward_model = DistributedDataParallel(self.model, device_ids=device_ids)
@@ -353,6 +353,8 @@ class Trainer:
         t = self.recipe.train
         rng = self.rng_states()
         state = {"data": self.batches.state_dict(), "world_size": self.dist.world_size, "recipe": self.recipe.to_dict()}
+        if self.sharded:  # the device mesh the run was sharded over: (processes) or (nodes, processes a node)
+            state["mesh"] = list(self.model.sharding_mesh)
         if self.corpus_identity is not None:
             state["corpus"] = self.corpus_identity
         if extra is not None:

@@ -116,8 +116,9 @@ class TrainRecipe:
     report_to: list[str] = field(default_factory=lambda: ["jsonl"])
     threads: int = 0  # torch CPU threads of this process (torch.set_num_threads); 0 = torch's default
     compile: bool = False  # torch.compile the model's forward (and so its backward); the first steps compile
-    # under torchrun: "ddp" (every process holds every weight) or "fsdp" (FSDP2: parameters, gradients and
-    # optimizer state sharded over the processes; train/sharding.py)
+    # under torchrun: "ddp" (every process holds every weight), "fsdp" (FSDP2: parameters, gradients and
+    # optimizer state sharded over the processes; train/sharding.py) or "hsdp" (sharded over the
+    # processes of one node, replicated across nodes)
     parallel: str = "ddp"
     # "whole": the main process writes model.safetensors and the whole optimizer state (gathered one
     # tensor at a time); "sharded": every process writes its slices at once through
@@ -193,7 +194,7 @@ RECIPE_RULES: dict[str, Rule] = {
     # (measured, torch 2.13), and threads past the cores only slow a step
     "train.threads": Rule(int, low=0, high=256),
     "train.compile": Rule(bool),
-    "train.parallel": Rule(str, choices=("ddp", "fsdp")),
+    "train.parallel": Rule(str, choices=("ddp", "fsdp", "hsdp")),
     "train.checkpoint_format": Rule(str, choices=("whole", "sharded")),
     "train.keep_freed_memory": Rule(bool),
     "train.switch_at_step": Rule(int, low=1, optional=True),
@@ -330,13 +331,13 @@ def check_recipe(recipe: Recipe) -> None:
         f"must be between 1 and train.steps - 1 = {t.steps - 1} (or none)",
     )
     need(
-        t.parallel != "fsdp" or t.switch_at_step is None,
+        t.parallel == "ddp" or t.switch_at_step is None,
         "train.switch_at_step",
-        "cannot be set with train.parallel='fsdp' yet (the switch converts whole weights; switch under ddp)",
+        f"cannot be set with train.parallel='{t.parallel}' yet (the switch converts whole weights; switch under ddp)",
     )
     need(t.checkpoint_format == "whole" or t.switch_at_step is None, "train.switch_at_step",
          "cannot be set with train.checkpoint_format='sharded' yet (the switch reads whole checkpoints)")
-    need(t.parallel != "fsdp" or not t.compile, "train.compile", "cannot be on with train.parallel='fsdp' yet (turn one of them off)")
+    need(t.parallel == "ddp" or not t.compile, "train.compile", f"cannot be on with train.parallel='{t.parallel}' yet (turn one of them off)")
     need(
         recipe.model.n_positions is None or recipe.model.n_positions >= d.seq_len,
         "model.n_positions",

@@ -1,4 +1,4 @@
-"""Fully sharded data parallel training (`train.parallel = "fsdp"`, docs/training.md "Sharded training").
+"""Fully sharded data parallel training (`train.parallel = "fsdp"` or `"hsdp"`, docs/training.md "Sharded training").
 
 FSDP2 (`torch.distributed.fsdp.fully_shard`): each block is one unit, then the root (embeddings,
 final norm, tied head). Between forward and backward a unit's parameters are gathered whole and freed
@@ -23,17 +23,35 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-def shard_model(model: torch.nn.Module, device: torch.device, bf16: bool) -> torch.nn.Module:
-    """Apply FSDP2 to `model` in place: every transformer block, then the root. Returns the model."""
+def shard_model(model: torch.nn.Module, device: torch.device, bf16: bool, hybrid: bool = False) -> torch.nn.Module:
+    """Apply FSDP2 to `model` in place: every transformer block, then the root. Returns the model.
+    `hybrid` (HSDP): shard over the processes of one node and replicate across the nodes, so that
+    the per-layer all-gathers stay inside a node and only the gradient all-reduce crosses nodes."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    mesh = init_device_mesh(device.type, (dist.get_world_size(),), mesh_dim_names=("dp_shard",))
+    world = dist.get_world_size()
+    if hybrid:
+        per_node = local_world_size()
+        if world % per_node:
+            raise ValueError(f"train.parallel='hsdp' needs the same number of processes on every node, but {world} processes "
+                             f"are not a multiple of this node's {per_node}")
+        mesh = init_device_mesh(device.type, (world // per_node, per_node), mesh_dim_names=("dp_replicate", "dp_shard"))
+    else:
+        mesh = init_device_mesh(device.type, (world,), mesh_dim_names=("dp_shard",))
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
     for block in blocks_of(model):
         fully_shard(block, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)
+    model.sharding_mesh = tuple(mesh.shape)  # (processes) or (nodes, processes a node): saved in checkpoints
     return model
+
+
+def local_world_size() -> int:
+    """Processes on this node: torchrun's LOCAL_WORLD_SIZE (all of them when it is not set)."""
+    import os
+
+    return int(os.environ.get("LOCAL_WORLD_SIZE", dist.get_world_size()))
 
 
 def blocks_of(model: torch.nn.Module) -> list[torch.nn.Module]:
