@@ -102,7 +102,8 @@ def dcp_reader(checkpoint: str | Path):
 
     class Reader(FileSystemReader):
         def read_metadata(self, *args, **kwargs):
-            with self.fs.create_stream(self._get_metadata_path(kwargs.get("rank")), "rb") as stream:
+            where = self._get_metadata_path(kwargs.get("rank")) if hasattr(self, "_get_metadata_path") else self.fs.concat_path(self.path, ".metadata")
+            with self.fs.create_stream(where, "rb") as stream:  # (torch < 2.7 has no _get_metadata_path)
                 found = Unpickler(stream).load()
             if getattr(found, "storage_meta", None) is None:
                 found.storage_meta = StorageMeta()
