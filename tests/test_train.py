@@ -324,6 +324,9 @@ def test_a_sharded_run_resumed_from_its_checkpoint_ends_where_the_uninterrupted_
         ("train.parallel=zero3", "train.parallel"),
         ("train.parallel=fsdp;train.compile=true", "train.compile"),  # not together yet (; separates overrides)
         ("train.parallel=fsdp;train.switch_at_step=10", "train.switch_at_step"),
+        ("train.parallel=hsdp;train.compile=true", "train.compile"),
+        ("train.checkpoint_format=dcp", "train.checkpoint_format"),
+        ("train.checkpoint_format=sharded;train.switch_at_step=10", "train.switch_at_step"),
     ],
 )
 def test_bad_recipe_gives_one_line_error_naming_the_key(override, key):

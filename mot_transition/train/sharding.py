@@ -8,7 +8,7 @@ reads a whole tensor:
 
 - checkpoints are today's layout (model.safetensors, optimizer moments by parameter name): every
   process gathers one tensor at a time (`full`) and the main process writes, so a checkpoint of a
-  sharded run loads, converts, exports and resumes like any other (on the same number of processes);
+  sharded run loads, converts, exports and resumes like any other (on any number of processes);
 - resuming gives each process its slice of the saved moments (`load_full_optimizer_state`);
 - evaluation runs as many forward passes on every process (a sharded forward is collective);
 - a non-finite weight is looked for in every process's shard and the finding shared.
