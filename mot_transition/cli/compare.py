@@ -35,14 +35,16 @@ def compare(
         if not include_path.is_dir():
             raise FileNotFoundError(f"--include-path {include_path}: no task folder there")
         check_task_files(include_path)
-    comparison = compare_runs(runs)
-    if tasks:
-        from ..harness import task_names
+    from ..compare import find_runs
 
-        add_task_scores(comparison, task_names(tasks), include_path, limit)
-    show_comparison(comparison, Console())
-    transition_dir = Path(comparison["runs"]["transition"])
-    with hold(transition_dir):  # not while a transition or a run writes that folder
+    transition_dir = Path(find_runs(runs)["transition"])
+    with hold(transition_dir):  # for its whole life: not while a transition or a run writes that folder
+        comparison = compare_runs(runs)
+        if tasks:
+            from ..harness import task_names
+
+            add_task_scores(comparison, task_names(tasks), include_path, limit)
+        show_comparison(comparison, Console())
         write_json(transition_dir / "comparison.json", comparison)
         try:
             path = plot_curves(comparison, plot or transition_dir / "loss_curves.png")
