@@ -177,3 +177,19 @@ def test_train_under_torchrun_reads_the_dataset_under_one_lock_and_a_replacement
     assert job.returncode == 0, printed[-3000:]
     assert steps_logged(tmp_path / "ddp") == [1, 2, 3, 4, 5, 6]
     assert not lock_file(data).exists()
+
+
+@needs_fork
+def test_a_gguf_export_holds_its_file_and_reads_its_checkpoint_for_its_whole_life(spawner, tmp_path):
+    pytest.importorskip("gguf", reason="the gguf extra is not installed")
+    from test_gguf import checkpoint
+
+    ckpt = tmp_path / "ckpt"
+    checkpoint(ckpt)
+    before, dst = digest(ckpt), tmp_path / "model.gguf"
+    first = spawner.start_and_freeze(["export", ckpt, dst, "--to", "gguf"], ckpt)
+    assert_refused(spawner, ["export", ckpt, dst, "--to", "gguf", "--force"], first)  # one writer per file
+    assert_refused(spawner, ["prepare", "stdlib", "--out", ckpt, "--force"], first, why=READ)  # nothing replaces what it reads
+    assert spawner.finish(first["pid"]) == 0, first["log"].read_text()[-2000:]
+    assert dst.is_file() and digest(ckpt) == before
+    assert not lock_file(dst).exists() and not lock_file(ckpt).exists()
