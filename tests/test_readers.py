@@ -193,3 +193,57 @@ def test_a_gguf_export_holds_its_file_and_reads_its_checkpoint_for_its_whole_lif
     assert spawner.finish(first["pid"]) == 0, first["log"].read_text()[-2000:]
     assert dst.is_file() and digest(ckpt) == before
     assert not lock_file(dst).exists() and not lock_file(ckpt).exists()
+
+
+def test_the_data_cache_waits_for_an_entry_being_prepared_not_for_its_readers(data_dir, tmp_path):
+    """A second process that needs a cache entry another is preparing waits until it is there, then
+    reads it, while the first goes on reading it under its reader's lock for as long as it runs."""
+    import signal
+    import time
+
+    import mot_transition.data.cached as cached
+    from mot_transition.locks import acquire_shared
+
+    keys = dict(vocab_size=300, cache_dir=tmp_path / "cache")
+    first = os.fork()
+    if first == 0:  # the first run: prepares the entry (slowly), then reads it for a minute
+        try:
+            prepare = cached.prepare
+            cached.prepare = lambda *a, **k: (time.sleep(3), prepare(*a, **k))[1]
+            entry = cached.cached_corpus(str(data_dir / "corpus.txt"), **keys)
+            acquire_shared(entry)
+            (tmp_path / "reading").write_text(str(entry))
+            time.sleep(60)
+        finally:
+            os._exit(0)
+    try:
+        deadline = time.monotonic() + 120
+        while not list((tmp_path / "cache" / "prepared").glob(".*.lock")) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        start = time.monotonic()
+        entry = cached.cached_corpus(str(data_dir / "corpus.txt"), **keys)
+        waited = time.monotonic() - start
+        assert (tmp_path / "reading").read_text() == str(entry), "the first process prepared it and reads it"
+        assert os.waitpid(first, os.WNOHANG) == (0, 0), "the first process still reads it"
+        assert waited < 30, f"waited {waited:.0f} s: for the reader, not for the entry"
+        assert (entry / "manifest.json").is_file()
+    finally:
+        os.kill(first, signal.SIGKILL)
+        os.waitpid(first, 0)
+
+
+def test_a_command_may_read_what_it_writes_but_not_write_what_it_reads(tmp_path):
+    from mot_transition.locks import OutputInUse, acquire, acquire_shared, release
+
+    (tmp_path / "out").mkdir()
+    acquire(tmp_path / "out")
+    assert acquire_shared(tmp_path / "out") is not None  # a stage reading its command's own output
+    release(tmp_path / "out")
+    release(tmp_path / "out")
+    assert not lock_file(tmp_path / "out").exists()
+    assert acquire_shared(tmp_path / "missing") is None and not lock_file(tmp_path / "missing").exists()
+    acquire_shared(tmp_path / "out")
+    with pytest.raises(OutputInUse, match="input of this same command"):
+        acquire(tmp_path / "out")
+    release(tmp_path / "out")
+    assert not lock_file(tmp_path / "out").exists()
