@@ -125,15 +125,18 @@ def test_compare_holds_the_transition_runs_lock_while_it_measures_not_only_while
     seen = []
     measure = cli.compare_runs
 
+    plot = transition_run.parent / "curves.png"
+
     def watched(runs):
-        seen.append(holds(transition_run))
+        seen.append((holds(transition_run), holds(plot)))
         return measure(runs)
 
     monkeypatch.setattr(cli, "compare_runs", watched)
-    code, out, err = run_cli(["compare", transition_run], capsys)
+    code, out, err = run_cli(["compare", transition_run, "--plot", plot], capsys)
     assert code == 0, err
-    assert seen == [True], "compare_runs ran without the lock"
+    assert seen == [(True, True)], "compare_runs ran without the locks on the run and on --plot"
     assert (transition_run / "comparison.json").is_file() and not lock_file(transition_run).exists()
+    assert not lock_file(plot).exists()
 
 
 @needs_fork

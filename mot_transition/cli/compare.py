@@ -1,5 +1,6 @@
 """`mot-transition compare RUN...`: the pre/post-switch table of docs/design.md §10.2 and a plot."""
 
+from contextlib import nullcontext
 from pathlib import Path
 
 import typer
@@ -38,7 +39,8 @@ def compare(
     from ..compare import find_runs
 
     transition_dir = Path(find_runs(runs)["transition"])
-    with hold(transition_dir):  # for its whole life: not while a transition or a run writes that folder
+    # for its whole life: not while a transition or a run writes that folder, or another compare that plot
+    with hold(transition_dir), (hold(plot) if plot is not None else nullcontext()):
         comparison = compare_runs(runs)
         if tasks:
             from ..harness import task_names
