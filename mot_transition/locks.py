@@ -95,7 +95,7 @@ def acquire(output: str | Path, wait: bool = False, option: str | None = None, u
             os.close(fd)
             _remove_empty(created)
             doing = "being read by" if kind == "READ" else "in use by"
-            raise OutputInUse(f"{output} is {doing} {holders}; wait for {'them' if ' and ' in holders else 'it'} to end "
+            raise OutputInUse(f"{output} is {doing} {holders}; wait for {'it' if holders.startswith('another') else 'them'} to end "
                               "or choose another destination")
         if _same_file(fd, lock):  # the file we locked may have been removed by the holder that released it just before
             break
