@@ -247,6 +247,15 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return latest
 
 
+def checkpoint_to_read(path: str | Path) -> Path | None:
+    """The checkpoint directory a command given `path` reads (for its reader's lock), or None when
+    there is none: the command's own checks then say why."""
+    try:
+        return resolve_checkpoint(path)
+    except (OSError, ValueError):
+        return None
+
+
 def checked_config(checkpoint: str | Path) -> MoTConfig:
     """The config of a checkpoint directory whose weight files were checked against it, headers
     only (no tensor is read): a missing, unexpected or misshapen tensor, or a damaged file, is a

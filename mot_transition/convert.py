@@ -19,13 +19,13 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from .checkpoint_io import check_finite, check_tensors, expected_shapes, load_config, read_header, tensor_table, weight_files  # noqa: F401  (expected_shapes: also this module's API)
+from .checkpoint_io import check_finite, check_tensors, checkpoint_to_read, expected_shapes, load_config, read_header, tensor_table, weight_files  # noqa: F401  (expected_shapes: also this module's API)
 from .config import MoTConfig
 from .counts import parameter_counts
 from .data.tokenizer import ready_for_generation
 from .checks import check_writable_folder
 from .destinations import check_destination, clean_after_killed_runs, staged
-from .locks import writes
+from .locks import reads, writes
 from .jsonfiles import dumps, read_json_object
 from .options import check_options
 
@@ -188,6 +188,7 @@ def fit_calibration_scales(state_dict, config: MoTConfig, tc_config: MoTConfig, 
 
 
 @writes("dst", option="the destination")  # one writer per destination, for the whole conversion
+@reads(lambda a: checkpoint_to_read(a["src"]))  # read under a reader's lock: never replaced meanwhile
 def convert_checkpoint(
     src: str | Path,
     dst: str | Path,

@@ -27,12 +27,12 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint_io import load_checked, load_config
+from .checkpoint_io import checkpoint_to_read, load_checked, load_config
 from .config import MoTConfig
 from .convert import COPIED_FILES
 from .checks import check_writable_folder
 from .destinations import check_destination, clean_after_killed_runs, staged
-from .locks import writes
+from .locks import reads, writes
 from .jsonfiles import dumps, write_json
 
 TARGETS = ("qwen3_moe", "qwen3")
@@ -124,6 +124,7 @@ def target_config(config: MoTConfig, target: str):
 
 
 @writes("dst", option="the destination")  # one writer per destination, for the whole export
+@reads(lambda a: checkpoint_to_read(a["src"]))  # read under a reader's lock: never replaced meanwhile
 def export_checkpoint(
     src: str | Path, dst: str | Path, target: str = "qwen3_moe", force: bool = False, dropless: bool = False,
     verify: bool = True, dtype: str = "float32",

@@ -11,12 +11,14 @@ from pathlib import Path
 import torch
 from transformers import BatchEncoding, PreTrainedTokenizerBase
 
-from .checkpoint_io import load_checked, load_config, resolve_checkpoint
+from .checkpoint_io import checkpoint_to_read, load_checked, load_config, resolve_checkpoint
 from .checks import load_tokenizer_folder
+from .locks import reads
 from .options import check_options
 from .modeling import MoTLMHeadModel
 
 
+@reads(lambda a: checkpoint_to_read(a["checkpoint"]))  # read under a reader's lock: never replaced while loading
 def load_for_inference(checkpoint: str | Path, device: str = "cpu") -> tuple[MoTLMHeadModel, PreTrainedTokenizerBase, str | None]:
     """(model in eval mode, tokenizer, warning or None) for one-sequence inference."""
     checkpoint = resolve_checkpoint(checkpoint)

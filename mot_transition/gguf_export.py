@@ -41,9 +41,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint_io import load_checked
+from .checkpoint_io import checkpoint_to_read, load_checked
 from .config import MoTConfig
 from .jsonfiles import dumps
+from .locks import reads, writes
 
 ARCH = "hy_v3"
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")
@@ -250,6 +251,16 @@ def is_our_gguf(path: Path) -> bool:
         return False
 
 
+def _destination(dst: str | Path) -> Path:
+    """The GGUF file to lock: its folder must exist (the lock would make it)."""
+    dst = Path(dst)
+    if not dst.parent.is_dir():
+        raise FileNotFoundError(f"the folder of {dst} does not exist")
+    return dst
+
+
+@writes(lambda a: _destination(a["dst"]))  # one writer per GGUF file, for the whole export
+@reads(lambda a: checkpoint_to_read(a["src"]))  # read under a reader's lock: never replaced meanwhile
 def export_gguf(src: str | Path, dst: str | Path, outtype: str = "f16", force: bool = False, dropless: bool = False) -> GGUFReport:
     """Export the checkpoint `src` to the GGUF file `dst` (written beside it and renamed into place:
     never half a file). An existing `dst` is replaced only with `force`, and only when this toolkit

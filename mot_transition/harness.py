@@ -13,9 +13,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from .checks import check_writable_file, load_tokenizer_folder, one_line
-from .checkpoint_io import load_checked, load_config, resolve_checkpoint
+from .checkpoint_io import checkpoint_to_read, load_checked, load_config, resolve_checkpoint
 from .jsonfiles import write_json
-from .locks import writes
+from .locks import reads, writes
 from .options import check_options
 
 
@@ -24,6 +24,7 @@ def task_names(text: str) -> list[str]:
     return [name.strip() for name in text.split(",") if name.strip()]
 
 
+@reads(lambda a: checkpoint_to_read(a["checkpoint"]))  # read under a reader's lock for the whole evaluation
 def evaluate_tasks(
     checkpoint: str | Path,
     tasks: list[str],

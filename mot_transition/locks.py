@@ -13,6 +13,14 @@ An output inside one that another process holds (`train --out RUN/mot` while `ru
 is refused as well; one process may lock an output inside its own (the stages of `run` and
 `study`), and may take the same lock again (the count is kept). Under torchrun the ranks of one job
 share one lock: rank 0 takes it and tells the others whether it could (`hold_for_job`).
+
+Readers take a shared lock (`flock` LOCK_SH) on the same file, for as long as they read: a command
+that reads a prepared dataset or a checkpoint for its whole life (`reads`). Readers do not exclude
+each other; a writer that would replace or delete what they read is refused at once, naming them,
+and a reader arriving while a writer holds the output is refused likewise. Who holds a lock is
+read from /proc/locks (every process that holds a `flock` on the file, with its kind), each named
+by the record it wrote into the file (a writer's replaces the file's content, a reader's is a line
+appended to it), else by its command line.
 """
 
 import fcntl
@@ -26,7 +34,10 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from .lock_holders import holders as _holders
+
 RETRIES, RETRY_DELAY = 5, 0.02  # a lock can be busy for an instant while another process probes it
+WAIT_POLL = 0.2  # how often a waiting process looks whether what it waits for is there
 
 
 class OutputInUse(FileExistsError):
@@ -34,8 +45,9 @@ class OutputInUse(FileExistsError):
 
 
 class _Held:
-    def __init__(self, fd: int, lock: Path, created: list[Path]):
+    def __init__(self, fd: int, lock: Path, created: list[Path], shared: bool = False):
         self.fd, self.lock, self.created, self.count, self.pid = fd, lock, created, 1, os.getpid()
+        self.shared = shared
 
 
 _held: dict[Path, _Held] = {}  # resolved output -> this process's lock on it
@@ -47,15 +59,18 @@ def lock_file(output: str | Path) -> Path:
     return output.parent / f".{output.name}.lock"
 
 
-def acquire(output: str | Path, wait: bool = False, option: str | None = None) -> Path:
+def acquire(output: str | Path, wait: bool = False, option: str | None = None, until=None) -> Path | None:
     """Lock `output` for this process, or raise OutputInUse naming the process that holds it (or
-    holds an output around it); with `wait`, wait for the holder to end instead (the data cache:
-    a second run of the same corpus waits for the first to prepare it). Creates the missing folders
-    above `output` (removed again on release when still empty). Returns the absolute path that
-    `release` takes (a relative `output` means another folder once the working directory changes)."""
+    holds an output around it, or reads it); with `wait`, wait for the holder to end instead (the
+    data cache: a second run of the same corpus waits for the first to prepare it), or, with
+    `until`, until `until()` is true (the entry is there), returning None then. Creates the missing
+    folders above `output` (removed again on release when still empty). Returns the absolute path
+    that `release` takes (a relative `output` means another folder once the working directory changes)."""
     key = _resolved(output)
     held = _held.get(key)
     if held is not None and held.pid == os.getpid():
+        if held.shared:
+            raise OutputInUse(f"{output} is an input of this same command, which reads it; choose another destination")
         held.count += 1
         return key
     if key.parent == key:
@@ -71,28 +86,30 @@ def acquire(output: str | Path, wait: bool = False, option: str | None = None) -
             _remove_empty(created)
             shown = f"{option} {output}" if option else str(output)
             raise PermissionError(f"{shown}: cannot write in {lock.parent} ({error.strerror or error})") from None
-        if not _try_lock(fd, fcntl.LOCK_EX, wait):
-            holder = _holder(fd)
+        if not _try_lock(fd, fcntl.LOCK_EX, wait, until):
+            if wait:  # what it waited for is there: nothing to write
+                os.close(fd)
+                _remove_empty(created)
+                return None
+            holders, kind = _holders(fd)
             os.close(fd)
             _remove_empty(created)
-            raise OutputInUse(f"{output} is in use by another process ({holder}); wait for it to end or choose another destination")
-        try:  # the file we locked may have been removed by the holder that released it just before
-            same = os.path.samestat(os.fstat(fd), os.stat(lock))
-        except FileNotFoundError:
-            same = False
-        if same:
+            doing = "being read by" if kind == "READ" else "in use by"
+            raise OutputInUse(f"{output} is {doing} {holders}; wait for {'it' if holders.startswith('another') else 'them'} to end "
+                              "or choose another destination")
+        if _same_file(fd, lock):  # the file we locked may have been removed by the holder that released it just before
             break
         os.close(fd)
-    record = {"pid": os.getpid(), "host": socket.gethostname(), "command": _command(),
-              "since": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "job": os.environ.get("TORCHELASTIC_RUN_ID")}
     os.ftruncate(fd, 0)
-    os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
+    os.pwrite(fd, (json.dumps(_record()) + "\n").encode(), 0)
     _held[key] = _Held(fd, lock, created)
     return key
 
 
-def release(output: str | Path) -> None:
-    """Undo one `acquire(output)`; the last one removes the lock file and unlocks."""
+def release(output: str | Path | None) -> None:
+    """Undo one `acquire(output)` (or `acquire_shared`); the last one removes the lock file and unlocks."""
+    if output is None:  # nothing was taken
+        return
     key = _resolved(output)
     held = _held.get(key)
     if held is None or held.pid != os.getpid():
@@ -102,6 +119,13 @@ def release(output: str | Path) -> None:
         return
     del _held[key]
     try:
+        if held.shared:  # the last holder removes the file: a reader is the last if it can lock it alone
+            try:
+                fcntl.flock(held.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return  # other readers hold it still (closing below drops ours)
+            if not _same_file(held.fd, held.lock):
+                return
         held.lock.unlink(missing_ok=True)  # while still locked: a process waiting on it retries on a new file
     finally:
         os.close(held.fd)
@@ -109,13 +133,92 @@ def release(output: str | Path) -> None:
 
 
 @contextmanager
-def hold(output: str | Path, wait: bool = False, option: str | None = None):
-    """`acquire(output)` for the block."""
-    key = acquire(output, wait, option)
+def hold(output: str | Path, wait: bool = False, option: str | None = None, until=None, shared: bool = False):
+    """`acquire(output)` (`acquire_shared` with `shared`) for the block; yields whether it was taken
+    (not when `until` became true while waiting, or a reader found nothing to lock)."""
+    key = acquire_shared(output) if shared else acquire(output, wait, option, until)
     try:
-        yield
+        yield key is not None
     finally:
         release(key)
+
+
+def acquire_shared(source: str | Path) -> Path | None:
+    """A reader's lock on `source` for this process: shared with other readers, refused (OutputInUse
+    naming the writer) while a writer holds it. None, and nothing held, when `source` does not
+    exist (the caller's own check says so) or no lock file can be made or opened beside it (a
+    read-only place, where no writer could make one either). The same process may read what it
+    writes (a stage reading its own output): that counts as one more hold of its writer's lock."""
+    key = _resolved(source)
+    held = _held.get(key)
+    if held is not None and held.pid == os.getpid():
+        held.count += 1
+        return key
+    if key.parent == key or not key.exists():
+        return None
+    lock = lock_file(key)
+    while True:
+        writable = True
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
+        except OSError:
+            writable = False
+            try:
+                fd = os.open(lock, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                return None
+        if not _try_lock(fd, fcntl.LOCK_SH):
+            holders, _ = _holders(fd)
+            os.close(fd)
+            raise OutputInUse(f"{source} is being written by {holders}; wait for it to end, then run this again")
+        if _same_file(fd, lock):
+            break
+        os.close(fd)
+    if writable:  # one line per reader: the records that name them to a writer
+        os.write(fd, (json.dumps({**_record(), "reads": True}) + "\n").encode())
+    _held[key] = _Held(fd, lock, [], shared=True)
+    return key
+
+
+def reads(where):
+    """Decorator: the call holds a reader's lock on the input it reads for its whole life. `where` is
+    the name of the argument, or a function of the call's arguments (by name, defaults applied)
+    that returns the path (or None: nothing to lock)."""
+
+    def decorate(function):
+        signature = inspect.signature(function)
+
+        @functools.wraps(function)
+        def locked(*args, **kwargs):
+            bound = signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            source = bound.arguments[where] if isinstance(where, str) else where(bound.arguments)
+            if source is None:
+                return function(*args, **kwargs)
+            with hold(source, shared=True):
+                return function(*args, **kwargs)
+
+        return locked
+
+    return decorate
+
+
+def in_use(path: str | Path) -> bool:
+    """Whether another process holds a lock on `path` (a reader, say, of a checkpoint about to be
+    deleted): probed with an exclusive lock, taken and dropped at once."""
+    if holds(path):
+        return False
+    try:
+        fd = os.open(lock_file(path), os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
 
 
 def writes(where, option: str | None = None):
@@ -148,11 +251,12 @@ def writes(where, option: str | None = None):
 
 
 @contextmanager
-def hold_for_job(output: str | Path, distributed=None):
-    """`hold(output)` for a process, or for a torchrun job: rank 0 takes the lock and sends the
-    outcome to every rank, so that all go on or all stop with the same error."""
+def hold_for_job(output: str | Path, distributed=None, shared: bool = False):
+    """`hold(output)` (a reader's, with `shared`) for a process, or for a torchrun job: rank 0 takes
+    the lock and sends the outcome to every rank, so that all go on or all stop with the same error
+    (the ranks of one job never refuse each other)."""
     if distributed is None or distributed.world_size == 1:
-        with hold(output):
+        with hold(output, shared=shared):
             yield
         return
     import torch.distributed as dist
@@ -160,7 +264,7 @@ def hold_for_job(output: str | Path, distributed=None):
     refusal, key = None, None
     if distributed.is_main:
         try:
-            key = acquire(output)
+            key = acquire_shared(output) if shared else acquire(output)
         except (OSError, ValueError) as error:
             refusal = [type(error).__name__, str(error)]
     message = [refusal]
@@ -195,16 +299,26 @@ def _check_around(key: Path, output) -> None:
             continue
         try:
             if not _try_lock(fd, fcntl.LOCK_SH):
-                raise OutputInUse(f"{output} lies inside {folder}, which another process writes ({_holder(fd)}); "
+                raise OutputInUse(f"{output} lies inside {folder}, which is written by {_holders(fd)[0]}; "
                                   "wait for it to end or choose another destination")
         finally:
             os.close(fd)  # closing drops the probe's shared lock
 
 
-def _try_lock(fd: int, kind: int, wait: bool = False) -> bool:
-    if wait:
+def _try_lock(fd: int, kind: int, wait: bool = False, until=None) -> bool:
+    """Lock `fd`: a few tries (a lock can be busy for an instant while another process probes it);
+    with `wait`, as long as it takes, or until `until()` is true (then False)."""
+    if wait and until is None:
         fcntl.flock(fd, kind)
         return True
+    while wait:
+        try:
+            fcntl.flock(fd, kind | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if until():
+                return False
+            time.sleep(WAIT_POLL)
     for attempt in range(RETRIES):
         try:
             fcntl.flock(fd, kind | fcntl.LOCK_NB)
@@ -215,14 +329,16 @@ def _try_lock(fd: int, kind: int, wait: bool = False) -> bool:
     return False
 
 
-def _holder(fd: int) -> str:
+def _record() -> dict:
+    return {"pid": os.getpid(), "host": socket.gethostname(), "command": _command(),
+            "since": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "job": os.environ.get("TORCHELASTIC_RUN_ID")}
+
+
+def _same_file(fd: int, path: Path) -> bool:
     try:
-        record = json.loads(os.pread(fd, 4096, 0).decode())
-        where = f"pid {record['pid']} on {record['host']}"
-        job = f", torchrun job {record['job']}" if record.get("job") else ""
-        return f"{where}{job}: `{record['command']}` since {record['since']}"
-    except (OSError, ValueError, KeyError, TypeError):
-        return "a process that has only just started, or not a mot-transition one"
+        return os.path.samestat(os.fstat(fd), os.stat(path))
+    except FileNotFoundError:
+        return False
 
 
 def _command() -> str:
@@ -256,4 +372,5 @@ def _forget_in_child() -> None:
 
 os.register_at_fork(after_in_child=_forget_in_child)
 
-__all__ = ["OutputInUse", "acquire", "hold", "hold_for_job", "holds", "lock_file", "release", "writes"]
+__all__ = ["OutputInUse", "acquire", "acquire_shared", "hold", "hold_for_job", "holds", "in_use", "lock_file", "reads",
+           "release", "writes"]

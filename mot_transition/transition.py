@@ -15,16 +15,17 @@ group_size=1, the post-switch losses one sequence at a time (and batched, which 
 import json
 import math
 import warnings
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
 
-from .checkpoint_io import load_checked, load_config, resolve_checkpoint
+from .checkpoint_io import checkpoint_to_read, load_checked, load_config, resolve_checkpoint
 from .checks import check_writable_folder, load_tokenizer_folder
 from .config import Rule
 from .jsonfiles import read_json_object, write_json
-from .locks import writes
+from .locks import reads, writes
 from .options import check_options, with_option
 from .train import Recipe, Trainer, evaluate, latest_checkpoint, load_training_state, prepare_run_data, recipe_from_dict
 from .train.checkpoint import check_training_checkpoint, resumable_checkpoint, set_aside
@@ -116,6 +117,7 @@ def mot_losses(source: Path, recipe: Recipe, heldout: torch.Tensor) -> tuple[flo
 
 
 @writes("out_dir", option="--out")  # one writer per run directory, for the whole run
+@reads(lambda a: checkpoint_to_read(a["checkpoint"]))  # no convert --force replaces it meanwhile
 def transition(
     checkpoint: str | Path,
     steps: int,
@@ -168,61 +170,62 @@ def transition(
     o.lr, o.warmup_steps = lr, warmup_steps
     t.steps, t.eval_every, t.checkpoint_every, t.switch_at_step = steps, eval_every, checkpoint_every, None
 
-    tokenizer = load_tokenizer_folder(checkpoint, f"the checkpoint {checkpoint}")
-    _, train_seq, heldout_seq, _ = prepare_run_data(recipe, tokenizer)
-    torch.manual_seed(recipe.seed)
-    model = load_checked(last if saved is not None else checkpoint)
-    trainer = Trainer(model, recipe, train_seq, heldout_seq, tokenizer=tokenizer, run_dir=out_dir)
-    if saved is not None:  # the source MoT checkpoint is no longer needed: its losses are in the checkpoint
-        trainer.load_checkpoint(last)
-        result = TransitionResult(saved["source"], "", steps, lr, saved["pre_switch_loss"], saved["mot_unbatched_loss"], saved["curve"])
-    else:
-        source = Path(report["source"]) if report.get("source") else None
-        if source is not None and not (source / "config.json").is_file():
-            raise FileNotFoundError(
-                f"the MoT checkpoint {checkpoint} was converted from ({source}) is gone, so the pre-switch loss cannot be "
-                f"measured; put it back, or edit 'source' in {checkpoint / 'conversion_report.json'}"
-            )
-        if source is not None and (source / "training_state.json").is_file():
-            state, _ = load_training_state(source)
-            if state.get("world_size", 1) == 1:
-                trainer.batches.load_state_dict(state["data"])  # continue on the MoT run's data stream
-        pre = unbatched = None
-        if source is not None:
-            pre, unbatched = mot_losses(source, recipe, trainer.eval_sequences)
-        result = TransitionResult(str(source) if source else None, "", steps, lr, pre, unbatched)
-    carried = {"converted": str(checkpoint.resolve()), "eval_every": eval_every, "warmup_steps": warmup_steps}
+    with ExitStack() as readers:  # the run's data, read for its whole life under a reader's lock
+        tokenizer = load_tokenizer_folder(checkpoint, f"the checkpoint {checkpoint}")
+        _, train_seq, heldout_seq, _ = prepare_run_data(recipe, tokenizer, readers=readers)
+        torch.manual_seed(recipe.seed)
+        model = load_checked(last if saved is not None else checkpoint)
+        trainer = Trainer(model, recipe, train_seq, heldout_seq, tokenizer=tokenizer, run_dir=out_dir)
+        if saved is not None:  # the source MoT checkpoint is no longer needed: its losses are in the checkpoint
+            trainer.load_checkpoint(last)
+            result = TransitionResult(saved["source"], "", steps, lr, saved["pre_switch_loss"], saved["mot_unbatched_loss"], saved["curve"])
+        else:
+            source = Path(report["source"]) if report.get("source") else None
+            if source is not None and not (source / "config.json").is_file():
+                raise FileNotFoundError(
+                    f"the MoT checkpoint {checkpoint} was converted from ({source}) is gone, so the pre-switch loss cannot be "
+                    f"measured; put it back, or edit 'source' in {checkpoint / 'conversion_report.json'}"
+                )
+            if source is not None and (source / "training_state.json").is_file():
+                state, _ = load_training_state(source)
+                if state.get("world_size", 1) == 1:
+                    trainer.batches.load_state_dict(state["data"])  # continue on the MoT run's data stream
+            pre = unbatched = None
+            if source is not None:
+                pre, unbatched = mot_losses(source, recipe, trainer.eval_sequences)
+            result = TransitionResult(str(source) if source else None, "", steps, lr, pre, unbatched)
+        carried = {"converted": str(checkpoint.resolve()), "eval_every": eval_every, "warmup_steps": warmup_steps}
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    reporters = Reporters(t.report_to, out_dir, f"transition-{out_dir.name}", asdict(recipe), trainer.step_count)
-    bar = _bar(steps, trainer.step_count, progress)
-    try:
-        if not result.curve:
-            result.curve.append(_evaluate(trainer))
-        while trainer.step_count < steps:
-            record = trainer.step()
-            step = trainer.step_count
-            if step % eval_every == 0 or step == steps:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        reporters = Reporters(t.report_to, out_dir, f"transition-{out_dir.name}", asdict(recipe), trainer.step_count)
+        bar = _bar(steps, trainer.step_count, progress)
+        try:
+            if not result.curve:
                 result.curve.append(_evaluate(trainer))
-                if not all(math.isfinite(result.curve[-1][key]) for key in ("loss", "loss_batched")):
-                    trainer._diverged(f"the held-out loss became {result.curve[-1]['loss']}", updated=True)
-                record["eval_loss"] = result.curve[-1]["loss"]  # post-switch: one sequence at a time
-            reporters.log(record)
-            if step % checkpoint_every == 0 or step == steps:
-                trainer.save_checkpoint(extra={"transition": {**asdict(result), **carried}})
+            while trainer.step_count < steps:
+                record = trainer.step()
+                step = trainer.step_count
+                if step % eval_every == 0 or step == steps:
+                    result.curve.append(_evaluate(trainer))
+                    if not all(math.isfinite(result.curve[-1][key]) for key in ("loss", "loss_batched")):
+                        trainer._diverged(f"the held-out loss became {result.curve[-1]['loss']}", updated=True)
+                    record["eval_loss"] = result.curve[-1]["loss"]  # post-switch: one sequence at a time
+                reporters.log(record)
+                if step % checkpoint_every == 0 or step == steps:
+                    trainer.save_checkpoint(extra={"transition": {**asdict(result), **carried}})
+                if bar is not None:
+                    bar.update(bar.tasks[0].id, completed=step, status=f"loss {record['lm_loss']:.3f}  post-switch {result.curve[-1]['loss']:.3f}")
+        finally:
+            reporters.close()
             if bar is not None:
-                bar.update(bar.tasks[0].id, completed=step, status=f"loss {record['lm_loss']:.3f}  post-switch {result.curve[-1]['loss']:.3f}")
-    finally:
-        reporters.close()
-        if bar is not None:
-            bar.stop()
-    result.checkpoint = str(latest_checkpoint(out_dir))
-    if result.pre_switch_loss is not None:
-        pre = result.pre_switch_loss
-        result.recovery_step = next((p["step"] for p in result.curve if p["loss"] <= pre * 1.02), None)
-        result.full_recovery_step = next((p["step"] for p in result.curve if p["loss"] <= pre), None)
-    write_json(out_dir / TRANSITION_FILE, asdict(result))
-    return result
+                bar.stop()
+        result.checkpoint = str(latest_checkpoint(out_dir))
+        if result.pre_switch_loss is not None:
+            pre = result.pre_switch_loss
+            result.recovery_step = next((p["step"] for p in result.curve if p["loss"] <= pre * 1.02), None)
+            result.full_recovery_step = next((p["step"] for p in result.curve if p["loss"] <= pre), None)
+        write_json(out_dir / TRANSITION_FILE, asdict(result))
+        return result
 
 
 def _resumable(last: Path, checkpoint: Path, steps: int, options: dict) -> dict:

@@ -30,12 +30,13 @@ import json, os, signal, sys, time
 from mot_transition.cli import main
 
 ''' + CHILD + r'''
-def holder(lock):
+def holders(lock):
+    """The pids the lock file names: a writer's record, or one line per reader."""
     try:
         with open(lock) as f:
-            return json.loads(f.read()).get("pid")
+            return [json.loads(line).get("pid") for line in f.read().splitlines() if line.strip()]
     except (OSError, ValueError):
-        return None
+        return []
 
 def finish(pid, timeout):
     start = time.monotonic()
@@ -58,7 +59,7 @@ for line in sys.stdin:
             child(r["argv"], r["log"], r.get("env", {}))
         answer, start = {"pid": pid, "stopped": False}, time.monotonic()
         while r.get("stop_when_locked"):
-            if holder(r["stop_when_locked"]) == pid:
+            if pid in holders(r["stop_when_locked"]):
                 os.kill(pid, signal.SIGSTOP)
                 answer["stopped"] = True
                 break
@@ -96,7 +97,8 @@ class Spawner:
         return json.loads(answer)
 
     def start_and_freeze(self, argv, output: Path, timeout: float = 120, env: dict | None = None) -> dict:
-        """Start `mot-transition ARGV` and stop it (SIGSTOP) as soon as it holds the lock on `output`."""
+        """Start `mot-transition ARGV` and stop it (SIGSTOP) as soon as it holds the lock on `output`
+        (a writer's, or a reader's: its line in the lock file)."""
         self.count += 1
         log = self.logs / f"{self.count:03d}-{argv[0]}.log"
         answer = self._ask({"op": "start", "argv": [str(a) for a in argv], "log": str(log), "env": env or {},
@@ -134,14 +136,14 @@ def spawner(tmp_path_factory):
     spawner.close()
 
 
-def assert_refused(spawner: Spawner, argv, holder: dict, inside: Path | None = None) -> str:
+def assert_refused(spawner: Spawner, argv, holder: dict, inside: Path | None = None, why: str = "is in use by another process") -> str:
     """`mot-transition ARGV` exits 1 with one line naming the holder's pid (and the folder around
-    its output that the holder writes, for `inside`)."""
+    its output that the holder writes, for `inside`; else `why`)."""
     code, printed = spawner.run(argv)
     lines = [line for line in printed.splitlines() if line.strip()]
     assert code == 1 and len(lines) == 1 and lines[0].startswith("error: "), f"exit {code}: {printed[-2000:]}"
     assert f"pid {holder['pid']} on " in lines[0], lines[0]
-    assert ("lies inside " + str(inside) if inside else "is in use by another process") in lines[0], lines[0]
+    assert ("lies inside " + str(inside) if inside else why) in lines[0], lines[0]
     return lines[0]
 
 

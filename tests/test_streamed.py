@@ -263,3 +263,17 @@ def test_the_in_memory_corpus_reads_a_long_jsonl_line_as_a_string(tmp_path, long
     corpus = load_corpus(path)
     assert all(isinstance(t, str) for t in corpus.train + corpus.heldout)
     assert sorted(corpus.train + corpus.heldout) == sorted(texts)
+
+
+def test_what_is_held_of_a_long_line_is_bounded_and_a_line_past_the_bound_is_one_line(tmp_path, long_lines, monkeypatch):
+    """A long line's text stays in the file; the rest (its structure, numbers, short strings), which
+    is parsed in memory, may be SKELETON_BYTES long: a line of more is refused naming it."""
+    monkeypatch.setattr(jsonl, "SKELETON_BYTES", 300)
+    path = tmp_path / "docs.jsonl"
+    fits = {"text": "x" * 1000, "ids": list(range(40))}  # 1,000 bytes of text (in the file), about 220 of the rest
+    over = {"text": "x" * 1000, "ids": list(range(80))}  # about 380 of the rest
+    path.write_text(json.dumps(fits) + "\n" + json.dumps(over) + "\n")
+    documents = jsonl.iter_jsonl(path, "text")
+    assert next(documents).read() == "x" * 1000
+    with pytest.raises(ValueError, match=rf"^{path}, line 2: more than 300 bytes of JSON besides its strings over 8 bytes, .*one record per line$"):
+        next(documents)

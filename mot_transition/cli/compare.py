@@ -1,5 +1,6 @@
 """`mot-transition compare RUN...`: the pre/post-switch table of docs/design.md §10.2 and a plot."""
 
+from contextlib import nullcontext
 from pathlib import Path
 
 import typer
@@ -35,14 +36,17 @@ def compare(
         if not include_path.is_dir():
             raise FileNotFoundError(f"--include-path {include_path}: no task folder there")
         check_task_files(include_path)
-    comparison = compare_runs(runs)
-    if tasks:
-        from ..harness import task_names
+    from ..compare import find_runs
 
-        add_task_scores(comparison, task_names(tasks), include_path, limit)
-    show_comparison(comparison, Console())
-    transition_dir = Path(comparison["runs"]["transition"])
-    with hold(transition_dir):  # not while a transition or a run writes that folder
+    transition_dir = Path(find_runs(runs)["transition"])
+    # for its whole life: not while a transition or a run writes that folder, or another compare that plot
+    with hold(transition_dir), (hold(plot) if plot is not None else nullcontext()):
+        comparison = compare_runs(runs)
+        if tasks:
+            from ..harness import task_names
+
+            add_task_scores(comparison, task_names(tasks), include_path, limit)
+        show_comparison(comparison, Console())
         write_json(transition_dir / "comparison.json", comparison)
         try:
             path = plot_curves(comparison, plot or transition_dir / "loss_curves.png")

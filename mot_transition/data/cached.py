@@ -75,8 +75,10 @@ def cached_corpus(
     if (target / MANIFEST).is_file():
         return target
     root.mkdir(parents=True, exist_ok=True)
-    with hold(target, wait=True):  # a second process preparing the same entry waits, then reads it
-        if not (target / MANIFEST).is_file():  # prepared in a staging folder beside it, renamed in when done
+    # a second process preparing the same entry waits until it is there, then reads it (it waits for
+    # the entry, not for the lock: once prepared, the first process reads it under a reader's lock)
+    with hold(target, wait=True, until=(target / MANIFEST).is_file) as taken:
+        if taken and not (target / MANIFEST).is_file():  # prepared in a staging folder beside it, renamed in when done
             prepare([source], target, tokenizer=tokenizer, vocab_size=vocab_size, sample_bytes=TOKENIZER_SAMPLE_BYTES,
                     text_field=text_field, heldout_fraction=heldout_fraction, max_bytes=max_bytes)
     return target

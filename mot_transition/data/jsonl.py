@@ -6,7 +6,8 @@ and a marker stands for it in a skeleton of the line, which `json.loads` then pa
 line is checked as JSON and the record's fields found as for a short line. When the text field
 is one of those strings, the document is a `JSONStringText` (streamed.py), read from the file,
 unescaped, when its text is needed. What is held of a long line is its skeleton: everything but
-its long strings (its structure, numbers and short strings).
+its long strings (its structure, numbers and short strings), at most `SKELETON_BYTES` (a line with
+more is refused in one line), so a line's memory is bounded whatever its length.
 """
 
 import gzip
@@ -24,6 +25,7 @@ from mot_transition.jsonfiles import json_kind
 
 LONG_LINE_BYTES = 8 * 2**20  # a longer JSONL line is scanned in chunks
 SPILL_BYTES = 2**16  # a string longer than this in a long line stays in the file
+SKELETON_BYTES = 8 * 2**20  # what is held of a long line (all but its long strings) may be this long
 _NEWLINE = re.compile(r"\r\n|\r|\n")
 _BODY = re.compile(rb'[^"\\]*(?:\\.[^"\\]*)*+', re.DOTALL)  # a JSON string's content, up to its quote or a cut escape (possessive: no backtracking stack, which would take 12 bytes a byte)
 
@@ -149,6 +151,9 @@ def _long_line(f, first: bytes, start: int, where: str, path: Path, stat, gz: bo
             else:  # the chunk ends inside the string, maybe inside an escape
                 carry, i = data[e:], len(data)
         position += len(chunk)
+        if len(skeleton) > SKELETON_BYTES:  # a line of many values, held to be parsed: bounded, said in one line
+            raise ValueError(f"{where}: more than {_size(SKELETON_BYTES)} of JSON besides its strings over "
+                             f"{_size(SPILL_BYTES)}, which prepare holds to parse a line; give one record per line")
         if chunk.endswith(b"\n"):
             break
         chunk = f.readline(CHUNK_BYTES)
@@ -163,6 +168,10 @@ def _long_line(f, first: bytes, start: int, where: str, path: Path, stat, gz: bo
         if marker != text:  # (the text's own string is checked, as text too, and measured by _text_of)
             _read(lambda: deque(string.chunks(), maxlen=0), where)  # read through, nothing kept
     return record, long_strings
+
+
+def _size(n: int) -> str:
+    return f"{n >> 20} MB" if n % 2**20 == 0 else f"{n >> 10} KB" if n % 1024 == 0 else f"{n:,} bytes"
 
 
 def _long_string(path: Path, stat, start: int, end: int, copy) -> JSONStringText:

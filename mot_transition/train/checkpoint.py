@@ -48,6 +48,7 @@ from ..checkpoint_io import (  # noqa: F401  (the run layout's functions are thi
 )
 from ..data.tokenizer import ready_for_generation
 from ..jsonfiles import json_kind, read_json_object, write_json
+from ..locks import in_use
 
 STATE_TENSORS = "training_state.safetensors"
 
@@ -109,6 +110,8 @@ def publish(tmp: Path, final: Path, run_dir: Path, keep: int) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     for old in list_checkpoints(run_dir)[:-keep]:
+        if in_use(old):  # another command reads it (convert, export, eval...): deleted by a later save
+            continue
         trash = parent / f".trash-{old.name}-{os.getpid()}"
         old.rename(trash)  # atomic: a half-deleted checkpoint never looks like a complete one
         shutil.rmtree(trash, ignore_errors=True)

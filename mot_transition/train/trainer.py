@@ -51,13 +51,15 @@ class TrainResult:
 
 
 
-def prepare_run_data(recipe: Recipe, tokenizer=None, distributed: Distributed | None = None):
+def prepare_run_data(recipe: Recipe, tokenizer=None, distributed: Distributed | None = None, readers=None):
     """(tokenizer, train rows, held-out rows, prepared corpus) of `recipe.data`.
 
     One data path: the rows are always those of a prepared corpus (`mot-transition prepare`),
     memory-mapped. `data.source` may be one (its folder); anything else (the built-in corpus, a
     file, a folder, a glob, ...) is prepared once into the cache (`data.cached.cached_corpus`) and
-    read from there. Rank 0 prepares first; the other ranks then read the cache.
+    read from there. Rank 0 prepares first; the other ranks then read the cache. With `readers` (an
+    ExitStack), the corpus is held under a reader's lock until it closes: no `prepare --force`
+    replaces it meanwhile (locks.py).
     """
     from ..data.cached import cached_corpus
     from ..data.prepare import INCOMPLETE
@@ -68,7 +70,7 @@ def prepare_run_data(recipe: Recipe, tokenizer=None, distributed: Distributed | 
     source = Path(d.source).expanduser()
     looks_prepared = (source / MANIFEST).is_file() or (source / INCOMPLETE).exists() or (source / "train").is_dir() and (source / "tokenizer").is_dir()
     if d.source != "stdlib" and looks_prepared:
-        return _prepared_run_data(recipe, source, tokenizer, distributed, given=True)  # an unfinished one: PreparedData says so
+        return _prepared_run_data(recipe, source, tokenizer, distributed, given=True, readers=readers)  # an unfinished one: PreparedData says so
     for turn in ("main", "others"):
         if (turn == "main") == distributed.is_main:
             source = cached_corpus(
@@ -77,10 +79,10 @@ def prepare_run_data(recipe: Recipe, tokenizer=None, distributed: Distributed | 
             )
         if turn == "main" and distributed.world_size > 1:
             dist.barrier()
-    return _prepared_run_data(recipe, source, tokenizer, distributed, given=False)
+    return _prepared_run_data(recipe, source, tokenizer, distributed, given=False, readers=readers)
 
 
-def _prepared_run_data(recipe: Recipe, source: Path, tokenizer, distributed: Distributed, given: bool):
+def _prepared_run_data(recipe: Recipe, source: Path, tokenizer, distributed: Distributed, given: bool, readers=None):
     """The run's data from a prepared corpus: its tokenizer and its splits, read from the
     memory-mapped shards as the rows are needed (every rank maps the same files). `given`: the
     recipe named this corpus (not one the cache prepared from its keys)."""
@@ -90,6 +92,8 @@ def _prepared_run_data(recipe: Recipe, source: Path, tokenizer, distributed: Dis
     from ..data.shards import PackedSequences, PreparedData
     from .recipe import DataRecipe
 
+    if readers is not None:  # read for the run's whole life: nothing replaces it meanwhile
+        readers.enter_context(hold_for_job(source, distributed, shared=True))
     prepared = PreparedData(source)
     own = prepared.tokenizer()
     if tokenizer is None:
@@ -156,7 +160,7 @@ def train(
                 _warn(f"skipping the damaged checkpoint {damaged.name} ({why}), set aside as {aside.name}; resuming from {checkpoint.name}", progress)
         if checkpoint is not None:
             _check_resumable(recipe, checkpoint)
-        tokenizer, train_seq, heldout_seq, corpus = prepare_run_data(recipe, tokenizer, world)
+        tokenizer, train_seq, heldout_seq, corpus = prepare_run_data(recipe, tokenizer, world, readers=lock)
         eos = tokenizer.eos_token_id
         config = model.config if model is not None else recipe.model_config(len(tokenizer), bos_token_id=eos, eos_token_id=eos, pad_token_id=eos)
         check_fits(config, micro_batch_size(t, world.world_size), train_seq.shape[1], pick_device(t.device, world.local_rank))
