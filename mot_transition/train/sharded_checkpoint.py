@@ -31,8 +31,10 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from safetensors import safe_open
 
-from ..checkpoint_io import DCP_DIR, dcp_reader, is_sharded, metadata, model_shapes  # noqa: F401  (this module's API too)
+from ..checkpoint_io import DCP_DIR, checkpoint_to_read, dcp_reader, is_sharded, metadata, model_shapes  # noqa: F401  (this module's API too)
+from ..locks import reads, writes
 
 FORMAT_KEY = "checkpoint_format"
 
@@ -184,6 +186,8 @@ def write_safetensors_streamed(path: Path, entries: list[tuple[str, torch.dtype,
         os.fsync(f.fileno())
 
 
+@writes("dst", option="the destination")  # one writer per destination, for the whole consolidation
+@reads(lambda a: checkpoint_to_read(a["src"]))  # the checkpoint is not pruned or replaced meanwhile
 def consolidate(src: str | Path, dst: str | Path, force: bool = False) -> Path:
     """Write the sharded checkpoint `src` (a `step-N` directory or a run directory: its latest
     checkpoint) as a whole checkpoint at `dst`: model.safetensors, training_state.safetensors (the
@@ -194,7 +198,6 @@ def consolidate(src: str | Path, dst: str | Path, force: bool = False) -> Path:
     from ..checks import check_writable_folder
     from ..destinations import check_destination, clean_after_killed_runs, staged
     from ..jsonfiles import read_json_object, write_json
-    from ..locks import hold
     from .checkpoint import STATE_JSON, STATE_TENSORS, check_training_checkpoint
 
     src, dst = resolve_checkpoint(src), Path(dst)
@@ -204,28 +207,25 @@ def consolidate(src: str | Path, dst: str | Path, force: bool = False) -> Path:
     config = load_config(src)
     saved = metadata(src)
     check_tensors(model_shapes(src), config, where=str(src))
-    with hold(dst, option="the destination"):
-        clean_after_killed_runs(dst)
-        check_destination(src, dst, force)
-        check_writable_folder(dst.parent, "the destination", shown=dst)
-        reader = _TensorReader(src, saved)
-        with staged(dst) as staging:
-            for path in src.iterdir():
-                if path.is_file() and path.name not in (STATE_JSON, STATE_TENSORS):
-                    shutil.copy2(path, staging / path.name)
-            model_keys = sorted(k for k in saved if k.startswith("model."))
-            write_safetensors_streamed(staging / "model.safetensors", reader.entries(model_keys, strip="model."), reader.read("model."))
-            from safetensors import safe_open
-
-            with safe_open(src / STATE_TENSORS, "pt") as rng:
-                rng_tensors = {name: rng.get_tensor(name) for name in rng.keys()}  # small: a few KB a process
-            optimizer_keys = sorted(k for k in saved if k.startswith("optimizer."))
-            entries = reader.entries(optimizer_keys) + [(n, t.dtype, tuple(t.shape)) for n, t in rng_tensors.items()]
-            write_safetensors_streamed(staging / STATE_TENSORS, entries, lambda n: rng_tensors[n] if n in rng_tensors else reader.read("")(n))
-            whole_state = {k: v for k, v in read_json_object(src / STATE_JSON).items() if k != FORMAT_KEY}
-            write_json(staging / STATE_JSON, whole_state)
-            files = sorted([p.name for p in staging.iterdir()] + [CONSOLIDATION_REPORT])
-            write_json(staging / CONSOLIDATION_REPORT, {"source": str(src.resolve()), "step": state["step"], "files": files})
+    clean_after_killed_runs(dst)
+    check_destination(src, dst, force)
+    check_writable_folder(dst.parent, "the destination", shown=dst)
+    reader = _TensorReader(src, saved)
+    with staged(dst) as staging:
+        for path in src.iterdir():
+            if path.is_file() and path.name not in (STATE_JSON, STATE_TENSORS):
+                shutil.copy2(path, staging / path.name)
+        model_keys = sorted(k for k in saved if k.startswith("model."))
+        write_safetensors_streamed(staging / "model.safetensors", reader.entries(model_keys, strip="model."), reader.read("model."))
+        with safe_open(src / STATE_TENSORS, "pt") as rng:
+            rng_tensors = {name: rng.get_tensor(name) for name in rng.keys()}  # small: a few KB a process
+        optimizer_keys = sorted(k for k in saved if k.startswith("optimizer."))
+        entries = reader.entries(optimizer_keys) + [(n, t.dtype, tuple(t.shape)) for n, t in rng_tensors.items()]
+        write_safetensors_streamed(staging / STATE_TENSORS, entries, lambda n: rng_tensors[n] if n in rng_tensors else reader.read("")(n))
+        whole_state = {k: v for k, v in read_json_object(src / STATE_JSON).items() if k != FORMAT_KEY}
+        write_json(staging / STATE_JSON, whole_state)
+        files = sorted([p.name for p in staging.iterdir()] + [CONSOLIDATION_REPORT])
+        write_json(staging / CONSOLIDATION_REPORT, {"source": str(src.resolve()), "step": state["step"], "files": files})
     return dst
 
 
