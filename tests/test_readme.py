@@ -105,9 +105,9 @@ def test_every_readme_command_line_is_one_the_cli_takes(line):
 
 OLD_SPEC = re.compile(r"\bS" r"PEC\b")  # the document this project once cited; written so this file does not cite it
 OUTSIDE = [
-    (OLD_SPEC, "cites the old SPEC, which is not in the repository: cite docs/design.md"),
-    (re.compile(r"\.\./shared\b"), "points to ../shared, outside the repository"),
-    (re.compile(r"(?<![\w.~-])/work/"), "names a path on one machine (/work/...)"),
+    (OLD_SPEC, "cites the old spec, which is not in the repository: cite docs/design.md"),
+    (re.compile(r"\.\./shared\b"), "points to the shared folder beside the checkout, outside the repository"),
+    (re.compile(r"(?<![\w.~-])/wor[k]/"), "names a path on one machine (a folder under /work)"),
 ]
 
 
@@ -136,7 +136,7 @@ def test_no_tracked_file_points_outside_the_repository():
 
 
 def test_the_outside_patterns_find_what_they_are_for():
-    lines = ["see " "SPEC section 3", "(../shared/spec.md)", "cd /work/main && make"]
+    lines = ["see S" + "PEC section 3", "(.." + "/shared/spec.md)", "cd /" + "work/main && make"]
     assert [any(p.search(line) for p, _ in OUTSIDE) for line in lines] == [True, True, True]
     assert not any(p.search("SPECIAL, spec, ~/work/x, /tmp/network/x") for p, _ in OUTSIDE)
 
