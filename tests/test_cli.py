@@ -142,6 +142,19 @@ def test_train_report_to_tensorboard_on_the_command_line_starts_training_with_te
     assert started.value.args[0].train.report_to == ["tensorboard"]  # metrics.jsonl is written whatever the list
 
 
+def test_model_moe_layers_of_one_block_on_the_command_line_starts_training_with_that_list(capsys, monkeypatch):
+    """The same through the CLI with no extra installed: one block number alone is a list of one."""
+    import mot_transition.train as train_package
+
+    def reached(recipe, *args, **kwargs):
+        raise Reached(recipe)
+
+    monkeypatch.setattr(train_package, "train", reached)
+    with pytest.raises(Reached) as started:
+        run_cli(["train", "tiny-llama", "model.moe_layers=3", "--out", "/nonexistent/never-written"], capsys)
+    assert started.value.args[0].model.moe_layers == [3]
+
+
 def test_a_grid_file_takes_one_item_for_its_lists(tmp_path):
     from mot_transition.study.grid import load_grid
 
