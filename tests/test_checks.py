@@ -153,7 +153,7 @@ def test_an_unwritable_out_is_found_before_the_tokenizer_is_trained(tmp_path, ca
 
 
 def test_an_unreachable_hub_is_one_line_at_once_not_half_a_minute_of_retries(tmp_path, capsys, monkeypatch):
-    pytest.importorskip("datasets")
+    pytest.importorskip("datasets", reason="datasets is not installed (pip install datasets)")
     import huggingface_hub.constants
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)

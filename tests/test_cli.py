@@ -6,6 +6,7 @@ import sys
 import pytest
 
 from conftest import run_cli
+from test_readme import OLD_SPEC
 from mot_transition import __version__
 
 
@@ -62,7 +63,7 @@ def test_help_cites_sections_of_docs_design_md_that_exist_never_the_old_spec(nam
 
     monkeypatch.setenv("COLUMNS", "200")
     code, out, _ = run_cli([name, "--help"], capsys)
-    assert code == 0 and "SPEC" not in out
+    assert code == 0 and not OLD_SPEC.search(out)
     design = (Path(__file__).resolve().parents[1] / "docs" / "design.md").read_text()
     headings = set(re.findall(r"^#{2,3} (\d+(?:\.\d+)?)\.? ", design, flags=re.MULTILINE))
     for section in re.findall(r"design\.md §(\d+(?:\.\d+)?)", out):
@@ -139,6 +140,19 @@ def test_train_report_to_tensorboard_on_the_command_line_starts_training_with_te
     with pytest.raises(Reached) as started:
         run_cli(["train", "tiny", "train.report_to=tensorboard", "--out", "/nonexistent/never-written"], capsys)
     assert started.value.args[0].train.report_to == ["tensorboard"]  # metrics.jsonl is written whatever the list
+
+
+def test_model_moe_layers_of_one_block_on_the_command_line_starts_training_with_that_list(capsys, monkeypatch):
+    """The same through the CLI with no extra installed: one block number alone is a list of one."""
+    import mot_transition.train as train_package
+
+    def reached(recipe, *args, **kwargs):
+        raise Reached(recipe)
+
+    monkeypatch.setattr(train_package, "train", reached)
+    with pytest.raises(Reached) as started:
+        run_cli(["train", "tiny-llama", "model.moe_layers=3", "--out", "/nonexistent/never-written"], capsys)
+    assert started.value.args[0].model.moe_layers == [3]
 
 
 def test_a_grid_file_takes_one_item_for_its_lists(tmp_path):

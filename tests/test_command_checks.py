@@ -13,6 +13,8 @@ from hypothesis import strategies as st
 from conftest import LM_EVAL, run_cli, saved_model
 from test_checks import FUZZ, one_error_line, unwritable_places
 
+NO_LM_EVAL = "lm_eval not installed (pip install 'mot-transition[eval]')"
+
 
 # ---------------------------------------------------------------------------------------------
 # eval: --out, task files and the checkpoint's tokenizer, checked before the evaluation
@@ -42,7 +44,7 @@ def tasks(tmp_path) -> Path:
 
 @pytest.fixture
 def no_evaluation(monkeypatch):
-    pytest.importorskip("lm_eval")
+    pytest.importorskip("lm_eval", reason=NO_LM_EVAL)
 
     def evaluated(*args, **kwargs):
         raise Evaluated()
@@ -88,7 +90,7 @@ EVAL_OPTION = st.one_of(st.integers(1, 64).map(str), st.integers(1, 64).map(str)
        options=st.dictionaries(st.sampled_from(["--limit", "--batch-size", "--group-size"]), EVAL_OPTION, max_size=2),
        out=st.sampled_from([None, "scores.json", "folder", "a-file/scores.json", "new/deeper/scores.json"]))
 def test_eval_scores_or_says_one_line_before_evaluating(tmp_path_factory, capsys, monkeypatch, checkpoint, task_list, options, out):
-    pytest.importorskip("lm_eval")
+    pytest.importorskip("lm_eval", reason=NO_LM_EVAL)
     calls = []
 
     def evaluated(*args, **kwargs):

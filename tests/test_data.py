@@ -162,7 +162,7 @@ def test_parquet_without_pyarrow_says_how_to_install_it(tmp_path):
         load_corpus(tmp_path / "data.parquet")
 
 
-@pytest.mark.skipif(not HAS_PYARROW, reason="pyarrow is not installed")
+@pytest.mark.skipif(not HAS_PYARROW, reason="pyarrow is not installed (pip install pyarrow)")
 def test_parquet_documents_come_from_the_text_column(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
