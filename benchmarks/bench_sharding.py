@@ -19,6 +19,8 @@ reduce-scatter, twice that for an all-reduce), with a micro-batches a step:
   DDP  : one all-reduce of the gradients                    2 (N-1)/N x 4P
   FSDP : all-gather in forward and again in backward, per micro-batch, and one reduce-scatter
                                                             (2a + 1) (N-1)/N x 4P
+         (Token Choice with a > 1: one more forward per micro-batch, the routing pass of the
+         router losses over the global batch: (3a + 1) (N-1)/N x 4P)
   HSDP : as FSDP inside a node of n processes, plus an all-reduce of the 1/n gradient shard across
          the N/n nodes                                      (2a + 1) (n-1)/n x 4P + 2 (N/n-1)/(N/n) x 4P/n
 """
@@ -140,15 +142,19 @@ def worker(args) -> None:
         dist.destroy_process_group()
 
 
-def analytic(parallel: str, n: int, per_node: int, accumulation: int, parameter_bytes: float, reduce_scatter: float = 1.0) -> float:
+def analytic(parallel: str, n: int, per_node: int, accumulation: int, parameter_bytes: float, reduce_scatter: float = 1.0,
+             routing_pass: bool = False) -> float:
     """Bytes each process sends per optimizer step (module docstring); `reduce_scatter`: what a
-    reduce-scatter costs in units of an all-gather of the same tensor (1 for a ring; gloo's: 2)."""
+    reduce-scatter costs in units of an all-gather of the same tensor (1 for a ring; gloo's: 2);
+    `routing_pass`: Token Choice's router losses over the global batch run one more forward per
+    micro-batch when there are several (train/balance.py), which a sharded model all-gathers for."""
     if n == 1:
         return 0.0
     if parallel == "ddp":
         return 2 * (n - 1) / n * parameter_bytes
     inner = n if parallel == "fsdp" else per_node
-    shard = (2 * accumulation + reduce_scatter) * (inner - 1) / inner * parameter_bytes
+    gathers = 2 * accumulation + (accumulation if routing_pass and accumulation > 1 else 0)
+    shard = (gathers + reduce_scatter) * (inner - 1) / inner * parameter_bytes
     nodes = n // inner
     return shard + (2 * (nodes - 1) / nodes * parameter_bytes / inner if nodes > 1 else 0.0)
 
@@ -199,7 +205,7 @@ def main() -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() else 220)
     costs = Table(title="what a collective sends per process over gloo, in units of a ring's (N-1)/N x tensor (4 MB a process)")
     for column in ("processes", "all-gather", "reduce-scatter", "all-reduce"):
         costs.add_column(column, justify="right")
@@ -220,8 +226,9 @@ def main() -> None:
     table.add_row("1 process", "0", "0", "0", "", f"{single['held_bytes'] / 1e6:.1f}", "1.000", "1.00")
     for parallel, n, per_node in (("ddp", 2, 2), ("fsdp", 2, 2), ("ddp", 4, 4), ("fsdp", 4, 4), ("hsdp", 4, 2)):
         r = run(parallel, n, per_node, args)
-        ring = analytic(parallel, n, per_node, r["accumulation"], parameter_bytes)
-        expected = analytic(parallel, n, per_node, r["accumulation"], parameter_bytes, reduce_scatter)
+        routing_pass = args.ffn == "token_choice"
+        ring = analytic(parallel, n, per_node, r["accumulation"], parameter_bytes, 1.0, routing_pass)
+        expected = analytic(parallel, n, per_node, r["accumulation"], parameter_bytes, reduce_scatter, routing_pass)
         sent = (r["bytes_per_step"] - r["idle_bytes_per_s"] * r["seconds"]) / n
         label = f"{parallel} x {n}" + (f" ({n // per_node} nodes x {per_node})" if parallel == "hsdp" else "")
         table.add_row(label, f"{sent / 1e6:.1f}", f"{ring / 1e6:.1f}", f"{expected / 1e6:.1f}", f"{sent / expected:.3f}",
