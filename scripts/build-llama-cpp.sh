@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Builds stock llama.cpp's command-line tools (llama-completion, llama-cli, llama-server) from the
+# Builds stock llama.cpp's command-line tools (llama-completion, llama-cli, llama-server, llama-perplexity) from the
 # llama.cpp tree that llama-cpp-python's source distribution vendors (the package index is all this
 # needs: no git clone), into DIR/bin. About 25 minutes on 2 cores at low priority beside other work.
 #
@@ -8,6 +8,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 DIR=$(realpath -m "${1:-runs/llama.cpp}")
 VERSION=${LLAMA_CPP_PYTHON:-0.3.36}
+for tool in cmake ninja; do
+    command -v "$tool" >/dev/null || { echo "build-llama-cpp.sh needs $tool on PATH (pip install cmake ninja, or your system's packages)" >&2; exit 1; }
+done
 mkdir -p "$DIR"
 if [ ! -d "$DIR/src" ]; then
     tmp=$(mktemp -d)
@@ -18,8 +21,8 @@ if [ ! -d "$DIR/src" ]; then
 fi
 cmake -S "$DIR/src" -B "$DIR/src/build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF \
     -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_TOOLS=ON
-ninja -C "$DIR/src/build" llama-completion llama-cli llama-server
+ninja -C "$DIR/src/build" llama-completion llama-cli llama-server llama-perplexity
 mkdir -p "$DIR/bin"
-for tool in llama-completion llama-cli llama-server; do ln -sf "$DIR/src/build/bin/$tool" "$DIR/bin/$tool"; done
+for tool in llama-completion llama-cli llama-server llama-perplexity; do ln -sf "$DIR/src/build/bin/$tool" "$DIR/bin/$tool"; done
 "$DIR/bin/llama-completion" --version 2>&1 | head -1
-echo "built: $DIR/bin/llama-completion, llama-cli, llama-server"
+echo "built: $DIR/bin/llama-completion, llama-cli, llama-server, llama-perplexity"
