@@ -4,7 +4,9 @@ each file, llama.cpp's logits (llama-cpp-python, float32 KV cache) against
   - the plain hy_v3 graph of the file's own weights (tests/gguf_reference.py: the weights rounded
     as the file holds them, every product in float64),
   - the same graph rounding each product's input activations as ggml's CPU backend does for the
-    weight's type (f16 / bf16 / q8_0: tests/gguf_reference.py's ggml_inputs),
+    weight's type (f16 / bf16 / q8_0: tests/gguf_reference.py's ggml_inputs); and that graph
+    computed in float32 against float64 (how far rounding alone moves where one input element
+    falls on the other side of a rounding boundary),
 for the f16, bf16 and q8_0 files and for f16 files that keep one group of matrices in float32 (what
 each group's rounding costs), and the scale of our logits on the same prompts. Needs llama-cpp-python.
 
@@ -55,27 +57,34 @@ def main(checkpoint: str, out: str) -> int:
     variants = [("f16", "f16", ()), ("bf16", "bf16", ()), ("q8_0", "q8_0", ())]
     variants += [(f"f16, f32 {group}", "f16", parts) for group, parts in GROUPS.items()]
     rows = []
-    print("| file | llama.cpp vs ours | vs the file's weights, float64 | vs the file's weights, inputs rounded as ggml | that reference vs ours | size |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    print("Max abs logit difference over all positions (in brackets: the share of positions whose logits all agree within 1e-5)")
+    print("| file | llama.cpp vs ours | vs the file's weights, float64 | vs the file's weights, inputs rounded as ggml | "
+          "that reference vs ours | that reference in float32 vs float64 | size |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for label, outtype, keep in variants:
         path = out / (label.replace(" ", "_").replace(",", "").replace("(", "").replace(")", "") + ".gguf")
         write_gguf(model, spec, path, outtype, str(checkpoint), keep_f32=keep)
         fields, tensors = read_gguf(path)
         inputs_as = ggml_inputs(read_types(path))
         llm = _llama(path, context, 2)
-        row = {"file": label, "outtype": outtype, "keep_f32": list(keep), "bytes": path.stat().st_size,
-               "vs_ours": 0.0, "vs_weights": 0.0, "vs_ggml_reference": 0.0, "ggml_reference_vs_ours": 0.0}
+        row = {"file": label, "outtype": outtype, "keep_f32": list(keep), "bytes": path.stat().st_size}
+        gaps = {"vs_ours": [], "vs_weights": [], "vs_ggml_reference": [], "ggml_reference_vs_ours": [], "ggml_reference_f32_vs_f64": []}
         for ids, mine in zip(prompts, ours):
             theirs = torch.from_numpy(_logits(llm, ids))
             plain, rounded = forward(fields, tensors, ids), forward(fields, tensors, ids, inputs_as)
+            rounded32 = forward(fields, tensors, ids, inputs_as, torch.float32)
             for key, value in (("vs_ours", theirs - mine), ("vs_weights", theirs - plain), ("vs_ggml_reference", theirs - rounded),
-                               ("ggml_reference_vs_ours", rounded - mine)):
-                row[key] = max(row[key], float(value.abs().max()))
+                               ("ggml_reference_vs_ours", rounded - mine), ("ggml_reference_f32_vs_f64", rounded32 - rounded)):
+                gaps[key].append(value.abs().max(1).values)  # the largest difference at each position
+        for key, values in gaps.items():
+            values = torch.cat(values)
+            row[key] = float(values.max())
+            row[key + "_positions_within_1e-5"] = float((values < 1e-5).double().mean())
         llm.close()
         path.unlink()
         rows.append(row)
-        print(f"| {label} | {row['vs_ours']:.2e} | {row['vs_weights']:.2e} | {row['vs_ggml_reference']:.2e} | "
-              f"{row['ggml_reference_vs_ours']:.2e} | {row['bytes'] / 1e6:.1f} MB |", flush=True)
+        cells = " | ".join(f"{row[key]:.2e} ({100 * row[key + '_positions_within_1e-5']:.0f}%)" for key in gaps)
+        print(f"| {label} | {cells} | {row['bytes'] / 1e6:.1f} MB |", flush=True)
     (out / "rounding.json").write_text(json.dumps(rows, indent=1))
     return 0
 
