@@ -113,10 +113,11 @@ def check_gguf_tokenizer(folder: Path) -> dict:
     return spec
 
 
-def _matrix_type(gguf, name: str, array: np.ndarray, outtype: str):
+def _matrix_type(gguf, name: str, array: np.ndarray, outtype: str, keep_f32: tuple[str, ...] = ()):
     """(data, raw_dtype or None) of one tensor in the output type, and whether q8_0 fell back to f16."""
     Q = gguf.GGMLQuantizationType
-    if array.ndim == 1 or name.endswith("_norm.weight") or name.endswith("ffn_gate_inp.weight") or outtype == "f32":
+    if (array.ndim == 1 or name.endswith("_norm.weight") or name.endswith("ffn_gate_inp.weight") or outtype == "f32"
+            or any(part in name for part in keep_f32)):
         return array.astype(np.float32), None, False
     if outtype == "f16" or (outtype == "q8_0" and array.shape[-1] % 32):
         return array.astype(np.float16), None, outtype == "q8_0"
@@ -160,9 +161,12 @@ def gguf_tensors(model) -> dict[str, np.ndarray]:
     return {name: np.ascontiguousarray(array) for name, array in out.items()}
 
 
-def write_gguf(model, tokenizer: dict, path: Path, outtype: str = "f16", source: str | None = None) -> GGUFReport:
+def write_gguf(model, tokenizer: dict, path: Path, outtype: str = "f16", source: str | None = None,
+               keep_f32: tuple[str, ...] = ()) -> GGUFReport:
     """Write `model` (a llama-style Token Choice MoTLMHeadModel) and `tokenizer` (tokenizer.json,
-    checked) to the GGUF file `path`, as is (the caller makes it atomic)."""
+    checked) to the GGUF file `path`, as is (the caller makes it atomic). `keep_f32`: parts of
+    tensor names kept in float32 whatever `outtype` (for measuring what each tensor's rounding
+    costs, scripts/llama_cpp_rounding.py; not an output type llama.cpp's converter makes)."""
     gguf = _gguf()
     config = model.config
     check_gguf_exportable(config, dropless=True)
@@ -200,7 +204,7 @@ def write_gguf(model, tokenizer: dict, path: Path, outtype: str = "f16", source:
                  "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[outtype]
     w.add_file_type(file_type)
     for name, array in gguf_tensors(model).items():
-        data, raw, fell_back = _matrix_type(gguf, name, array, outtype)
+        data, raw, fell_back = _matrix_type(gguf, name, array, outtype, keep_f32)
         if fell_back:
             report.f16_instead_of_q8_0.append(name)
         w.add_tensor(name, data, raw_dtype=raw)
