@@ -217,3 +217,23 @@ def test_two_nodes_train_checkpoint_and_resume_as_one_process_trains(data_dir, t
     p1, p2 = parameters(single.checkpoint), parameters(whole)
     for name in p1:
         torch.testing.assert_close(p2[name], p1[name], rtol=1e-4, atol=1e-5)
+
+
+def test_one_process_in_a_process_group_of_one_trains_sharded_as_it_trains_whole(data_dir, tmp_path):
+    # how scripts/gpu-check.sh runs FSDP2 (with bf16 gathers) on one GPU: a group of one process
+    import torch.distributed as dist
+
+    model = {"ffn_type": "token_choice", "router_aux_loss_coef": 0.5}
+    whole = train(recipe_from_dict(tiny_recipe(data_dir, model=model, train={"steps": 3})), tmp_path / "whole", progress=False)
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        raw = tiny_recipe(data_dir, model=model, train={"steps": 3, "parallel": "fsdp"})
+        sharded = train(recipe_from_dict(raw), tmp_path / "sharded", progress=False)
+    finally:
+        dist.destroy_process_group()
+    assert load_training_state(sharded.checkpoint)[0]["mesh"] == [1]
+    for a, b in zip(metric_lines(tmp_path / "whole"), metric_lines(tmp_path / "sharded")):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+    p1, p2 = parameters(whole.checkpoint), parameters(sharded.checkpoint)
+    for name in p1:
+        torch.testing.assert_close(p2[name], p1[name], rtol=1e-4, atol=1e-5)

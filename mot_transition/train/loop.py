@@ -150,7 +150,9 @@ class Trainer:
         t = recipe.train
         world = self.dist.world_size
         self.micro_batch_size = micro_batch_size(t, world)
-        self.sharded = world > 1 and t.parallel in ("fsdp", "hsdp")  # FSDP2 (sharding.py); else DDP under torchrun
+        # FSDP2 (sharding.py) under torchrun, or in one process that joined a process group of one
+        # (a GPU check of the sharded path on one device); else DDP under torchrun
+        self.sharded = t.parallel in ("fsdp", "hsdp") and (world > 1 or (dist.is_available() and dist.is_initialized()))
         self.accumulation = t.batch_size // (self.micro_batch_size * world)
         self.seq_len = train_sequences.shape[1]
         self._check_grouping(model)
