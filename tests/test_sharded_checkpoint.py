@@ -136,6 +136,7 @@ def test_streamed_safetensors_hold_one_tensor_at_a_time_and_read_back_as_safeten
         write_safetensors_streamed(tmp_path / "y.safetensors", [("a", torch.float16, (3, 5))], lambda n: tensors[n])
 
 
+@pytest.mark.torchrun
 @pytest.mark.parametrize("checkpoint_format", ["whole", "sharded"])
 def test_a_run_resumes_on_another_number_of_processes_with_the_same_global_batches(data_dir, tmp_path, checkpoint_format):
     # 2 sharded processes -> 1 process -> 2 sharded processes, one leg of 2 steps each (micro-batches
@@ -193,6 +194,7 @@ def _two_nodes(tmp_path, per_node: int, *args) -> None:
         assert node.returncode == 0, output[-3000:]
 
 
+@pytest.mark.torchrun
 @pytest.mark.parametrize("parallel, per_node", [("fsdp", 1), ("hsdp", 2)])
 def test_two_nodes_train_checkpoint_and_resume_as_one_process_trains(data_dir, tmp_path, parallel, per_node):
     # hsdp with 2 processes a node: sharded within each node, replicated across the two

@@ -230,6 +230,7 @@ CLI_SCRIPT = (
 )
 
 
+@pytest.mark.torchrun
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_torchrun_with_two_cpu_processes_gives_the_losses_of_one_process_on_the_same_global_batch(data_dir, tmp_path, parallel):
     # Token Choice with its router losses on, which see the whole global batch (tests/test_balance.py):
@@ -282,6 +283,7 @@ def _torchrun(tmp_path, *args) -> None:
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
 
+@pytest.mark.torchrun
 def test_a_sharded_run_resumed_from_its_checkpoint_ends_where_the_uninterrupted_one_does(data_dir, tmp_path):
     # FSDP2: the saved whole moments go back to each process as its slice; MoT with dropout and accumulation
     model = {"ffn_type": "mot", "group_size": 2, "resid_pdrop": 0.1}
