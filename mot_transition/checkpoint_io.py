@@ -83,10 +83,12 @@ def dcp_reader(checkpoint: str | Path):
 
     import torch
     from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint.metadata import StorageMeta
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
 
-    allowed = {
-        "torch.distributed.checkpoint.metadata": None,  # its dataclasses and enums, whatever their names
+    allowed = {  # exact names only: a dotted name would reach the module's own imports (os.system)
+        "torch.distributed.checkpoint.metadata": {"Metadata", "TensorStorageMetadata", "ChunkStorageMetadata", "TensorProperties",
+                                                  "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING"},
         "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
         "torch.serialization": {"_get_layout"},
         "pathlib": {"Path", "PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath"},
@@ -95,16 +97,31 @@ def dcp_reader(checkpoint: str | Path):
 
     class Unpickler(pickle.Unpickler):
         def find_class(self, module, name):
-            plain = module == "torch" and (name == "Size" or isinstance(getattr(torch, name, None), (torch.dtype, torch.layout, torch.memory_format)))
-            if plain or (module in allowed and (allowed[module] is None or name in allowed[module])):
-                return super().find_class(module, name)
+            if "." not in name:
+                plain = module == "torch" and (name == "Size" or isinstance(getattr(torch, name, None), (torch.dtype, torch.layout, torch.memory_format)))
+                if plain or name in allowed.get(module, ()):
+                    return super().find_class(module, name)
             raise pickle.UnpicklingError(f"{module}.{name} is not part of a checkpoint's metadata")
+
+    def check(found) -> None:
+        """Only tensors (a byte entry would be unpickled by DCP with weights_only=False), stored in
+        files of the dcp/ folder itself."""
+        if type(found) is not Metadata or not isinstance(found.state_dict_metadata, dict):
+            raise pickle.UnpicklingError("it is not DCP metadata")
+        for key, entry in found.state_dict_metadata.items():
+            if type(entry) is not TensorStorageMetadata:
+                raise pickle.UnpicklingError(f"its entry {key!r} is not a tensor")
+        for info in (found.storage_data or {}).values():
+            name = getattr(info, "relative_path", None)
+            if type(info) is not _StorageInfo or not isinstance(name, str) or not name or "/" in name or "\\" in name or name.startswith("."):
+                raise pickle.UnpicklingError("it names a data file outside its folder")
 
     class Reader(FileSystemReader):
         def read_metadata(self, *args, **kwargs):
             where = self._get_metadata_path(kwargs.get("rank")) if hasattr(self, "_get_metadata_path") else self.fs.concat_path(self.path, ".metadata")
             with self.fs.create_stream(where, "rb") as stream:  # (torch < 2.7 has no _get_metadata_path)
                 found = Unpickler(stream).load()
+            check(found)
             if getattr(found, "storage_meta", None) is None:
                 found.storage_meta = StorageMeta()
             found.storage_meta.load_id = self.load_id
@@ -123,7 +140,11 @@ def metadata(checkpoint: str | Path):
 
 def model_shapes(checkpoint: str | Path) -> dict[str, tuple[int, ...]]:
     """{weight name: shape} of a sharded checkpoint's model, from DCP's metadata alone."""
-    return {key[len("model."):]: tuple(entry.size) for key, entry in metadata(checkpoint).items() if key.startswith("model.")}
+    saved = metadata(checkpoint)
+    try:
+        return {key[len("model."):]: tuple(int(n) for n in entry.size) for key, entry in saved.items() if key.startswith("model.")}
+    except (TypeError, ValueError):
+        raise ValueError(f"{Path(checkpoint) / DCP_DIR / '.metadata'} is corrupted (a tensor size that is not a shape)") from None
 
 
 def read_header(file: Path) -> dict[str, dict]:

@@ -66,6 +66,9 @@ def run_pipeline(
         raise ValueError(f"the pipeline starts from a MoT model; recipe {recipe} has model.ffn_type={mot_recipe.model.ffn_type!r}")
     if mot_recipe.train.switch_at_step is not None:
         raise ValueError("the pipeline converts after the MoT run; remove train.switch_at_step (that is the in-run switch of `train`)")
+    if mot_recipe.train.checkpoint_format != "whole":
+        raise ValueError("the pipeline converts the MoT run's whole checkpoint; remove train.checkpoint_format=sharded "
+                         "(or train sharded with `train`, then `consolidate` and `convert`)")
     out = Path(out_dir) if out_dir is not None else Path("runs") / f"{mot_recipe.name}-pipeline"
     if not resume and out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} already exists and is not empty; pass --resume to continue the run in it, or choose another --out")

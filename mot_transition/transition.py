@@ -169,6 +169,7 @@ def transition(
     checkpoint_every = eval_every if checkpoint_every is None else checkpoint_every
     o.lr, o.warmup_steps = lr, warmup_steps
     t.steps, t.eval_every, t.checkpoint_every, t.switch_at_step = steps, eval_every, checkpoint_every, None
+    t.checkpoint_format = "whole"  # one process: its checkpoints are read as whole ones (convert, export, --resume)
 
     with ExitStack() as readers:  # the run's data, read for its whole life under a reader's lock
         tokenizer = load_tokenizer_folder(checkpoint, f"the checkpoint {checkpoint}")

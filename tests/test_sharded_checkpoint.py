@@ -80,6 +80,23 @@ def test_a_sharded_checkpoint_is_refused_by_readers_of_whole_ones_in_one_line_na
     code, _, err = run_cli(["consolidate", str(tmp_path / "run"), str(tmp_path / "hostile")], capsys)
     assert code == 1 and "not part of a checkpoint's metadata" in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "ran").exists() and not (tmp_path / "hostile").exists()
+    # a dotted name would reach the allowed module's own imports (its os.system)
+    module, name, command = b"torch.distributed.checkpoint.metadata", b"os.system", f"touch {tmp_path / 'ran'}".encode()
+    dotted = (b"\x80\x04" + pickle.SHORT_BINUNICODE + bytes([len(module)]) + module + pickle.SHORT_BINUNICODE + bytes([len(name)]) + name
+              + pickle.STACK_GLOBAL + pickle.SHORT_BINUNICODE + bytes([len(command)]) + command + pickle.TUPLE1 + pickle.REDUCE + pickle.STOP)
+    (tmp_path / "run" / "checkpoints" / "step-000003" / "dcp" / ".metadata").write_bytes(dotted)
+    code, _, err = run_cli(["consolidate", str(tmp_path / "run"), str(tmp_path / "hostile")], capsys)
+    assert code == 1 and "os.system is not part of a checkpoint's metadata" in err and not (tmp_path / "ran").exists(), err
+    # an entry DCP would read as bytes (and unpickle with weights_only=False), or a data file outside dcp/
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex, TensorProperties, TensorStorageMetadata
+
+    entry = TensorStorageMetadata(properties=TensorProperties(dtype=torch.float32), size=torch.Size([2]), chunks=[])
+    outside = Metadata(state_dict_metadata={"model.w": entry},
+                       storage_data={MetadataIndex("model.w"): _StorageInfo(relative_path="../../secret", offset=0, length=8)})
+    (tmp_path / "run" / "checkpoints" / "step-000003" / "dcp" / ".metadata").write_bytes(pickle.dumps(outside))
+    code, _, err = run_cli(["consolidate", str(tmp_path / "run"), str(tmp_path / "hostile")], capsys)
+    assert code == 1 and "outside its folder" in err, err
 
 
 def test_a_save_that_dies_leaves_the_last_good_sharded_checkpoint_and_a_damaged_one_is_skipped(data_dir, tmp_path, monkeypatch):
@@ -239,3 +256,19 @@ def test_one_process_in_a_process_group_of_one_trains_sharded_as_it_trains_whole
     p1, p2 = parameters(whole.checkpoint), parameters(sharded.checkpoint)
     for name in p1:
         torch.testing.assert_close(p2[name], p1[name], rtol=1e-4, atol=1e-5)
+
+
+def test_a_sharded_mot_run_goes_on_to_transition_through_consolidate_and_the_pipeline_refuses_the_key(data_dir, tmp_path, capsys):
+    raw = tiny_recipe(data_dir, model=MOT, train={"steps": 3, "checkpoint_format": "sharded"})
+    train(recipe_from_dict(raw), tmp_path / "mot", progress=False)
+    for command in (["consolidate", str(tmp_path / "mot"), str(tmp_path / "whole")], ["convert", str(tmp_path / "whole"), str(tmp_path / "tc")],
+                    ["transition", str(tmp_path / "tc"), "--steps", "2", "--checkpoint-every", "1", "--out", str(tmp_path / "tr")]):
+        code, _, err = run_cli(command, capsys)
+        assert code == 0, (command, err)
+    # the transition's recipe came from the sharded run, but one process writes whole checkpoints
+    assert all((c / "model.safetensors").is_file() for c in (tmp_path / "tr" / "checkpoints").iterdir())
+
+    recipe_file = tmp_path / "recipe.toml"
+    recipe_file.write_text(recipe_to_toml(recipe_from_dict(raw)))
+    code, _, err = run_cli(["run", str(recipe_file), "--out", str(tmp_path / "pipeline")], capsys)
+    assert code == 1 and "train.checkpoint_format" in err and not (tmp_path / "pipeline").exists(), err

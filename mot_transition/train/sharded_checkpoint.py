@@ -236,7 +236,7 @@ class _TensorReader:
     """Reads one whole tensor of a DCP checkpoint at a time, in one process without a process group."""
 
     def __init__(self, checkpoint: Path, saved: dict):
-        self.checkpoint = checkpoint
+        self.reader = dcp_reader(checkpoint)  # one reader: its checked metadata read once
         self.saved = saved
 
     def entries(self, keys: list[str], strip: str = "") -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
@@ -249,7 +249,7 @@ class _TensorReader:
             entry = self.saved[prefix + name]
             tensor = torch.empty(tuple(entry.size), dtype=entry.properties.dtype)
             with _single_process_quietly():
-                dcp.load({prefix + name: tensor}, storage_reader=dcp_reader(self.checkpoint), no_dist=True)
+                dcp.load({prefix + name: tensor}, storage_reader=self.reader, no_dist=True)
             return tensor
 
         return one

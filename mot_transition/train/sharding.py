@@ -32,10 +32,12 @@ def shard_model(model: torch.nn.Module, device: torch.device, bf16: bool, hybrid
 
     world = dist.get_world_size()
     if hybrid:
-        per_node = local_world_size()
-        if world % per_node:
-            raise ValueError(f"train.parallel='hsdp' needs the same number of processes on every node, but {world} processes "
-                             f"are not a multiple of this node's {per_node}")
+        sizes = [None] * world  # every process checks every node's count, so that all stop together
+        dist.all_gather_object(sizes, local_world_size())
+        per_node = sizes[0]
+        if len(set(sizes)) > 1 or world % per_node:
+            raise ValueError(f"train.parallel='hsdp' needs the same number of processes on every node, but the nodes have "
+                             f"{', '.join(str(n) for n in sorted(set(sizes)))} of {world}")
         mesh = init_device_mesh(device.type, (world // per_node, per_node), mesh_dim_names=("dp_replicate", "dp_shard"))
     else:
         mesh = init_device_mesh(device.type, (world,), mesh_dim_names=("dp_shard",))
