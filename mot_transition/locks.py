@@ -190,9 +190,7 @@ def reads(where):
 
         @functools.wraps(function)
         def locked(*args, **kwargs):
-            bound = signature.bind(*args, **kwargs)
-            bound.apply_defaults()
-            source = bound.arguments[where] if isinstance(where, str) else where(bound.arguments)
+            source = _path_argument(signature, where, args, kwargs)
             if source is None:
                 return function(*args, **kwargs)
             with hold(source, shared=True):
@@ -201,6 +199,14 @@ def reads(where):
         return locked
 
     return decorate
+
+
+def _path_argument(signature: inspect.Signature, where, args, kwargs):
+    """The path a `reads` / `writes` call locks: the argument named `where`, or `where` applied to
+    the call's arguments by name, defaults applied."""
+    bound = signature.bind(*args, **kwargs)
+    bound.apply_defaults()
+    return bound.arguments[where] if isinstance(where, str) else where(bound.arguments)
 
 
 def in_use(path: str | Path) -> bool:
@@ -233,9 +239,7 @@ def writes(where, option: str | None = None):
 
         @functools.wraps(function)
         def locked(*args, **kwargs):
-            bound = signature.bind(*args, **kwargs)
-            bound.apply_defaults()
-            output = bound.arguments[where] if isinstance(where, str) else where(bound.arguments)
+            output = _path_argument(signature, where, args, kwargs)
             if option is not None:  # a place no file can be created in is said as the destination checks say it
                 from .checks import check_writable_folder
 
