@@ -21,7 +21,7 @@ CONFIG_FILE = "configuration_mot.py"
 MODELING_FILE = "modeling_mot.py"
 # the modules behind modeling.py, each after those it imports from
 MODELING_MODULES = (
-    "outputs.py", "attention.py", "layers/experts.py", "layers/dense.py", "layers/mot.py", "layers/token_choice.py",
+    "outputs.py", "attention.py", "layers/expert_parallel.py", "layers/experts.py", "layers/dense.py", "layers/mot.py", "layers/token_choice.py",
     "layers/expert_choice.py", "layers/__init__.py", "layers/balance.py", "parallel_plans.py", "modeling.py",
 )
 

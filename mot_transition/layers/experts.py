@@ -20,11 +20,13 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.integrations.moe import _grouped_mm as _traced_grouped_mm
 
 from ..config import MoTConfig
+from .expert_parallel import ExpertParallel
 
 
 class ExpertLayer(nn.Module):
@@ -40,6 +42,8 @@ class ExpertLayer(nn.Module):
         self.act = ACT2FN[config.activation_function]
         # the experts this process runs, when they are sharded across processes (parallel_plans.py); None: all
         self.local_experts: slice | None = None
+        # the trainer's expert parallelism (expert_parallel.py): this process holds some experts, tokens are dispatched
+        self.expert_parallel: ExpertParallel | None = None
         self.reset_parameters(config.initializer_range, config.n_layer)
 
     @torch.no_grad()
@@ -51,7 +55,16 @@ class ExpertLayer(nn.Module):
 
     def experts(self, tokens: torch.Tensor) -> torch.Tensor:
         """All experts at once on their own token sets: (E, n, d) -> (E, n, d)."""
-        return torch.bmm(self.activate(torch.bmm(tokens, self.lin1)), self.lin2)
+        ep = self.expert_parallel
+        if ep is not None:  # this process's experts on what every process sends them
+            E, n, d = tokens.shape
+            counts = torch.full((E,), n, dtype=torch.long, device=tokens.device)
+            run = lambda rows, local: self._all_experts(rows.view(ep.n_local, -1, d)).reshape(-1, d)  # noqa: E731
+            return ep.run(tokens.reshape(E * n, d), counts, run).view(E, n, d)
+        return self._all_experts(tokens)
+
+    def _all_experts(self, tokens: torch.Tensor) -> torch.Tensor:
+        return torch.bmm(self.activate(torch.bmm(tokens, _local(self.lin1))), _local(self.lin2))
 
     def grouped_experts(self, tokens: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """Each expert on its own slice of tokens sorted by expert: (n, d), counts (E,) -> (n, d).
@@ -61,7 +74,12 @@ class ExpertLayer(nn.Module):
         per expert instead. Under torch.compile / torch.export, transformers' own dispatcher decides
         (torch's compiler takes grouped matmuls in bfloat16 only; other dtypes run an opaque loop).
         """
-        lin1, lin2 = self.lin1, self.lin2
+        if self.expert_parallel is not None:  # this process's experts on what every process sends them
+            return self.expert_parallel.run(tokens, counts, self._grouped_local)
+        return self._grouped_local(tokens, counts)
+
+    def _grouped_local(self, tokens: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        lin1, lin2 = _local(self.lin1), _local(self.lin2)
         if torch.is_autocast_enabled(tokens.device.type):  # grouped_mm is not autocast: cast as bmm would be
             dtype = torch.get_autocast_dtype(tokens.device.type)
             tokens, lin1, lin2 = tokens.to(dtype), lin1.to(dtype), lin2.to(dtype)
@@ -96,6 +114,12 @@ class ExpertLayer(nn.Module):
         if x.dtype == controller.dtype == dtype:  # the common case, without two no-op casts (decode pays per op)
             return x @ controller
         return x.to(dtype) @ controller.to(dtype)
+
+
+def _local(weight: torch.Tensor) -> torch.Tensor:
+    """This process's block of an expert matrix sharded over processes (a DTensor: the trainer's expert
+    parallelism, or transformers' parallel plans), else the matrix."""
+    return weight.to_local() if isinstance(weight, DTensor) else weight
 
 
 def activate(h: torch.Tensor, act: nn.Module, gated: bool) -> torch.Tensor:

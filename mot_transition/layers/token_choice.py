@@ -23,11 +23,10 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.distributed.tensor import DTensor
 from transformers.integrations.moe import use_experts_implementation
 
 from ..config import MoTConfig
-from .experts import ExpertLayer
+from .experts import ExpertLayer, _local
 
 
 @use_experts_implementation(is_transposed=True, has_gate=False)
@@ -59,8 +58,10 @@ class RoutedExperts(nn.Module):
     _is_expert_parallel = property(
         lambda self: self._owner._is_expert_parallel, lambda self, value: setattr(self._owner, "_is_expert_parallel", value)
     )
+    expert_parallel = property(lambda self: self._owner.expert_parallel)  # the trainer's (expert_parallel.py)
     activate = ExpertLayer.activate
     grouped_experts = ExpertLayer.grouped_experts
+    _grouped_local = ExpertLayer._grouped_local
     _grouped_mm_takes = ExpertLayer._grouped_mm_takes
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
@@ -75,7 +76,7 @@ class RoutedExperts(nn.Module):
     def _dropless(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
         """Ours: every choice computed."""
         N, k = top_k_index.shape
-        if N == 1:  # one-token decode: run the k chosen experts, nothing to sort
+        if N == 1 and self.expert_parallel is None:  # one-token decode: run the k chosen experts, nothing to sort
             return self._one_token(hidden_states, top_k_index, top_k_weights)
         order = torch.argsort(top_k_index.reshape(-1), stable=True)  # choice c = t * k + j behind every slot
         slots = _Slots(order, order // k, _inverse(order).view(N, k), None)
@@ -91,11 +92,6 @@ class RoutedExperts(nn.Module):
         lin1, lin2 = self.lin1, self.lin2
         outs = [self.activate(flat @ lin1[e]) @ lin2[e] for e in expert.view(-1).tolist()]  # k x (1, d)
         return gate @ torch.cat(outs)
-
-
-def _local(weight: torch.Tensor) -> torch.Tensor:
-    """This rank's block of a matrix sharded by transformers' parallel plans (a DTensor), else the matrix."""
-    return weight.to_local() if isinstance(weight, DTensor) else weight
 
 
 class TokenChoice(ExpertLayer):
@@ -152,7 +148,9 @@ class TokenChoice(ExpertLayer):
         # choice c = t * k + j is token t's j-th expert; a slot is a row of the expert-sorted buffer
         order, counts = self._route(expert, token_mask, B, S)  # (n,) choice behind every slot, (E,) slots per expert
         if order.numel() == 0:  # every token masked: zeros, still attached to the graph
-            return flat.new_zeros(flat.shape) + 0.0 * gate.sum()
+            # under expert parallelism this process still takes part in the exchanges, both ways
+            none = 0.0 if self.expert_parallel is None else self.grouped_experts(flat[:0], counts).sum()
+            return flat.new_zeros(flat.shape) + 0.0 * gate.sum() + none
         slots = _Slots.of(order, expert.shape, flat.dtype)
         xs = _Dispatch.apply(flat, slots)  # (n, d), sorted by expert
         return _Combine.apply(self.grouped_experts(xs, counts), gate, slots)

@@ -24,6 +24,7 @@ save removes. Only the last `keep` checkpoints are kept.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 from pathlib import Path
@@ -199,15 +200,22 @@ def optimizer_state(model, optimizer: torch.optim.Optimizer, whole=None) -> tupl
 
 
 def load_optimizer_state(model, optimizer: torch.optim.Optimizer, state_json: dict, tensors: dict[str, torch.Tensor]) -> None:
-    """Restore what `optimizer_state` saved into an optimizer built over the same parameters."""
+    """Restore what `optimizer_state` saved into an optimizer built over the same parameters, grouped
+    as the saved one was or otherwise (expert parallelism gives the experts a group of their own): each
+    group takes the settings of the saved group of its parameters, which must agree."""
     saved_groups = state_json["optimizer"]["param_groups"]
     scalars = state_json["optimizer"]["scalars"]
     names = {param: name for name, param in model.named_parameters()}
     current_groups = [[names[p] for p in group["params"]] for group in optimizer.param_groups]
-    if current_groups != [group["params"] for group in saved_groups]:
+    saved_group_of = {name: i for i, group in enumerate(saved_groups) for name in group["params"]}
+    if sorted(saved_group_of) != sorted(name for group in current_groups for name in group):
         raise ValueError("the checkpoint's optimizer was built over other parameters than this model's; resume with the same recipe")
+    settings = [{k: _json_value(v) for k, v in group.items() if k != "params"} for group in saved_groups]
     state, index, param_groups = {}, 0, []
-    for saved, group_names in zip(saved_groups, current_groups):
+    for own, group_names in zip(optimizer.param_groups, current_groups):
+        of_group = {json.dumps(settings[saved_group_of[name]], sort_keys=True, default=str) for name in group_names}
+        if len(of_group) > 1:
+            raise ValueError("the checkpoint's optimizer gave different settings to parameters that share a group here; resume with the same recipe")
         indices = []
         for name in group_names:
             entry = {key[len(f"optimizer.{name}.") :]: t for key, t in tensors.items() if key.startswith(f"optimizer.{name}.")}
@@ -216,7 +224,8 @@ def load_optimizer_state(model, optimizer: torch.optim.Optimizer, state_json: di
                 state[index] = entry
             indices.append(index)
             index += 1
-        param_groups.append({**{k: _json_value(v) for k, v in saved.items() if k != "params"}, "params": indices})
+        taken = settings[saved_group_of[group_names[0]]] if group_names else {k: v for k, v in own.items() if k != "params"}
+        param_groups.append({**taken, "params": indices})
     optimizer.load_state_dict({"state": state, "param_groups": param_groups})
 
 

@@ -36,6 +36,7 @@ from .devices import Distributed, keep_freed_memory, pick_device, use_bf16
 from .flops import mfu, peak_flops, training_flops_per_token
 from .recipe import Recipe, micro_batch_size
 from .sharded_checkpoint import is_sharded, load_sharded, save_sharded_checkpoint
+from .expert_parallel import apply_expert_parallel, expert_parameter_names, sync_expert_gradients
 from .sharding import first_nonfinite_anywhere, gather_for_checkpoint, load_full_optimizer_state, shard_model
 from .tracking import expert_load, load_record
 
@@ -67,6 +68,10 @@ def build_optimizer(model: torch.nn.Module, recipe: Recipe) -> torch.optim.AdamW
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    held_here = [p for p in decay if isinstance(p, DTensor)]  # expert parallelism's experts (FSDP: every parameter)
+    if held_here and len(held_here) < len(decay):  # a group of their own: a fused or foreach kernel takes one kind at a time
+        groups[0]["params"] = [p for p in decay if not isinstance(p, DTensor)]
+        groups.append({"params": held_here, "weight_decay": o.weight_decay})
     kinds = {p.device.type for p in params}
     fused = len(kinds) == 1 and kinds <= {"cuda", "cpu"} and all(p.is_floating_point() for p in params)
     return torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, foreach=not fused, fused=fused)
@@ -153,6 +158,11 @@ class Trainer:
         # FSDP2 (sharding.py) under torchrun, or in one process that joined a process group of one
         # (a GPU check of the sharded path on one device); else DDP under torchrun
         self.sharded = t.parallel in ("fsdp", "hsdp") and (world > 1 or (dist.is_available() and dist.is_initialized()))
+        self.expert_parallel = t.expert_parallel > 1  # experts shared out over processes, tokens dispatched (expert_parallel.py)
+        if self.expert_parallel and t.expert_parallel > world:
+            raise ValueError(f"train.expert_parallel={t.expert_parallel} needs at least as many processes, but this run has {world}")
+        # whether the model's tensors are spread over processes: gathered for a whole checkpoint, forward passes collective
+        self.distributed_tensors = self.sharded or self.expert_parallel
         self.accumulation = t.batch_size // (self.micro_batch_size * world)
         self.seq_len = train_sequences.shape[1]
         self._check_grouping(model)
@@ -187,6 +197,9 @@ class Trainer:
         if self.sharded:
             self.forward_model = shard_model(self.model, self.device, self.bf16, hybrid=t.parallel == "hsdp")
         elif self.dist.world_size > 1:
+            if self.expert_parallel:  # each process's experts: left out of DDP, averaged by sync_expert_gradients
+                apply_expert_parallel(self.model, t.expert_parallel, self.device)
+                DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(self.model, expert_parameter_names(self.model))
             device_ids = [self.device.index] if self.device.type == "cuda" else None
             self.forward_model = DistributedDataParallel(self.model, device_ids=device_ids)
         else:
@@ -248,6 +261,8 @@ class Trainer:
                     out.z_loss.detach().float() if has_z else torch.zeros((), device=self.device),
                 ])
         sums /= self.accumulation
+        if self.expert_parallel:
+            sync_expert_gradients(self.model)
         if self.dist.world_size > 1:
             dist.all_reduce(sums)
             sums /= self.dist.world_size
@@ -292,15 +307,21 @@ class Trainer:
         instead multiplies every gradient by the clamped factor, 1.0 included: one more read and
         write of a MoT model's E-fold expert gradients. A foreach AdamW gets the gradients scaled."""
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        total = torch.nn.utils.get_total_norm(grads)
-        if isinstance(total, DTensor):  # sharded gradients: the norm over every process's shard
-            total = total.full_tensor()
+        # sharded gradients (DTensors: FSDP's, or the experts under expert parallelism) and whole ones apart:
+        # torch's foreach kernels take one kind at a time
+        kinds = [[g for g in grads if isinstance(g, DTensor) == sharded] for sharded in (False, True)]
+        norms = []
+        for kind in filter(None, kinds):
+            total = torch.nn.utils.get_total_norm(kind)
+            norms.append(total.full_tensor() if isinstance(total, DTensor) else total)  # the norm over every process's shard
+        total = torch.linalg.vector_norm(torch.stack(norms)) if len(norms) > 1 else norms[0]
         norm = total.item()
         if math.isfinite(norm) and max_norm / (norm + 1e-6) < 1.0:
             if getattr(self.optimizer, "_step_supports_amp_scaling", False):
                 self.optimizer.grad_scale = ((total.float() + 1e-6) / max_norm).to(self.device)
             else:
-                torch.nn.utils.clip_grads_with_norm_(self.model.parameters(), max_norm, total)
+                for kind in filter(None, kinds):
+                    torch.nn.utils.clip_grads_with_norm_(kind, max_norm, total)
         return norm
 
     def _expert_layers(self) -> tuple[list[int], int]:
@@ -327,7 +348,8 @@ class Trainer:
     def evaluate(self, batch_size: int | None = None) -> float:
         """Held-out loss, nats/token, float32, on the fixed eval sequences; batch_size=1 for one at a time."""
         batch_size = batch_size or self.recipe.data.eval_batch_size
-        return evaluate(self.model, self.eval_sequences, batch_size, self.device, self.dist.rank, self.dist.world_size, self.sharded)
+        return evaluate(self.model, self.eval_sequences, batch_size, self.device, self.dist.rank, self.dist.world_size,
+                        self.distributed_tensors)
 
     # --- checkpoints -----------------------------------------------------------------------
 
@@ -346,7 +368,7 @@ class Trainer:
         """Write a checkpoint of the current step (rank 0 writes; every rank must call this).
         `extra` (JSON-able) is what a caller's own loop must carry across a resume (the transition
         stage's loss curve, say): it is kept in training_state.json and `load_checkpoint` returns it."""
-        if self.sharded:  # each rank holds a shard: the finding is shared, and the whole tensors gathered for rank 0
+        if self.distributed_tensors:  # each rank holds a shard: the finding is shared, and the whole tensors gathered for rank 0
             bad = first_nonfinite_anywhere(self.model)
         else:  # every rank holds the same weights: all stop together
             bad = first_nonfinite(self.model.named_parameters())
@@ -357,6 +379,8 @@ class Trainer:
         state = {"data": self.batches.state_dict(), "world_size": self.dist.world_size, "recipe": self.recipe.to_dict()}
         if self.sharded:  # the device mesh the run was sharded over: (processes) or (nodes, processes a node)
             state["mesh"] = list(self.model.sharding_mesh)
+        if self.expert_parallel:  # processes that shared out the experts (a resume may use any layout)
+            state["expert_parallel"] = self.recipe.train.expert_parallel
         if self.corpus_identity is not None:
             state["corpus"] = self.corpus_identity
         if extra is not None:
@@ -367,7 +391,7 @@ class Trainer:
             if self.dist.world_size > 1:
                 dist.barrier()
             return path
-        gathered = gather_for_checkpoint(self.model, self.optimizer, self.dist.is_main) if self.sharded else None
+        gathered = gather_for_checkpoint(self.model, self.optimizer, self.dist.is_main) if self.distributed_tensors else None
         path = None
         if self.dist.is_main:
             path = save_checkpoint(
@@ -397,7 +421,7 @@ class Trainer:
             )
         if is_sharded(checkpoint):  # the weights too: the model was built from the config alone
             tensors = {**tensors, **load_sharded(checkpoint, self.model, self.optimizer)}
-        (load_full_optimizer_state if self.sharded else load_optimizer_state)(self.model, self.optimizer, state, tensors)
+        (load_full_optimizer_state if self.distributed_tensors else load_optimizer_state)(self.model, self.optimizer, state, tensors)
         self.batches.load_state_dict(state["data"])
         self.step_count = state["step"]
         self._restore_rng(tensors)

@@ -120,6 +120,9 @@ class TrainRecipe:
     # optimizer state sharded over the processes; train/sharding.py) or "hsdp" (sharded over the
     # processes of one node, replicated across nodes)
     parallel: str = "ddp"
+    # under torchrun with "ddp": processes that share out each expert layer's experts, tokens sent to their
+    # experts' process (train/expert_parallel.py); 1 = off. Divides the number of processes and model.n_expert
+    expert_parallel: int = 1
     # "whole": the main process writes model.safetensors and the whole optimizer state (gathered one
     # tensor at a time); "sharded": every process writes its slices at once through
     # torch.distributed.checkpoint (train/sharded_checkpoint.py; `mot-transition consolidate` makes it whole)
@@ -196,6 +199,7 @@ RECIPE_RULES: dict[str, Rule] = {
     "train.compile": Rule(bool),
     "train.parallel": Rule(str, choices=("ddp", "fsdp", "hsdp")),
     "train.checkpoint_format": Rule(str, choices=("whole", "sharded")),
+    "train.expert_parallel": POSITIVE_INT,
     "train.keep_freed_memory": Rule(bool),
     "train.switch_at_step": Rule(int, low=1, optional=True),
 }
@@ -337,6 +341,12 @@ def check_recipe(recipe: Recipe) -> None:
     )
     need(t.checkpoint_format == "whole" or t.switch_at_step is None, "train.switch_at_step",
          "cannot be set with train.checkpoint_format='sharded' yet (the switch reads whole checkpoints)")
+    if t.expert_parallel > 1:
+        need(t.parallel == "ddp", "train.expert_parallel", f"cannot be over 1 with train.parallel='{t.parallel}' yet (expert parallelism runs with ddp)")
+        for key, ok in (("train.compile", not t.compile), ("train.switch_at_step", t.switch_at_step is None)):
+            need(ok, key, "cannot be set with train.expert_parallel over 1 yet")
+        need(recipe.model.n_expert % t.expert_parallel == 0, "train.expert_parallel", f"must divide model.n_expert={recipe.model.n_expert}")
+        need(recipe.model.ffn_type != "dense", "train.expert_parallel", "needs a model with expert layers (model.ffn_type is 'dense')")
     need(t.parallel == "ddp" or not t.compile, "train.compile", f"cannot be on with train.parallel='{t.parallel}' yet (turn one of them off)")
     need(
         recipe.model.n_positions is None or recipe.model.n_positions >= d.seq_len,

@@ -295,7 +295,8 @@ class _Progress:
         console.print(
             f"[bold]{recipe.name}[/]: {getattr(config, 'ffn_type', '?')} model, {n_params / 1e6:.2f}M parameters, "
             f"{trainer.device}{', bf16 autocast' if trainer.bf16 else ''}, "
-            f"{trainer.dist.world_size} process(es){f' sharded ({trainer.recipe.train.parallel})' if trainer.sharded else ''} x micro-batch {trainer.micro_batch_size} x {trainer.accumulation} "
+            f"{trainer.dist.world_size} process(es){f' sharded ({trainer.recipe.train.parallel})' if trainer.sharded else ''}"
+            f"{f', experts shared out over {trainer.recipe.train.expert_parallel}' if trainer.expert_parallel else ''} x micro-batch {trainer.micro_batch_size} x {trainer.accumulation} "
             f"accumulation = batch {recipe.train.batch_size} x {trainer.seq_len} tokens"
         )
         console.print(
