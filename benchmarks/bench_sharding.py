@@ -1,6 +1,6 @@
 """What sharding costs and saves, measured: bytes communicated per step against the analytic count,
 per-process memory of parameters + gradients + AdamW state (counted just before the optimizer step, where a step holds the most) against 1/N of one process's, and step
-time against one process, for DDP, FSDP and HSDP at 2 and 4 CPU processes over gloo.
+time against one process, for DDP, FSDP, HSDP and expert parallelism at 2 and 4 CPU processes over gloo.
 
     python benchmarks/bench_sharding.py                 # Token Choice d=256, 4 blocks, 16 experts
     python benchmarks/bench_sharding.py --ffn mot --steps 4
@@ -23,6 +23,14 @@ reduce-scatter, twice that for an all-reduce), with a micro-batches a step:
          router losses over the global batch: (3a + 1) (N-1)/N x 4P)
   HSDP : as FSDP inside a node of n processes, plus an all-reduce of the 1/n gradient shard across
          the N/n nodes                                      (2a + 1) (n-1)/n x 4P + 2 (N/n-1)/(N/n) x 4P/n
+  EP   : (`train.expert_parallel = e`, R = N/e replicas; P = D dense + X expert parameters) DDP's all-reduce
+         of the D others over all N, an all-reduce of each process's X/e experts over the R replicas, and
+         four all-to-alls per expert layer and micro-batch (dispatch and combine, forward and backward;
+         the routing pass adds two), each sending (e-1)/e of the rows the layer gives its experts:
+                                                            2 (N-1)/N x 4D + 2 (R-1)/R x 4X/e + 4a x (e-1)/e x rows x 4d
+         rows per process, micro-batch and expert layer, for T tokens: Token Choice T x k (counted as if
+         routing were balanced: it is the one data-dependent term), MoT E x T/g (one mixture per expert
+         and group), Expert Choice E x c x T/g.
 """
 
 import argparse
@@ -106,12 +114,16 @@ def worker(args) -> None:
         "data": {"seq_len": args.seq, "eval_batches": 1, "eval_batch_size": 4},
         "optim": {"lr": 1e-3, "warmup_steps": 0},
         "train": {"steps": 100, "batch_size": args.batch, "grad_accum": args.accum, "parallel": args.parallel,
+                  "expert_parallel": args.expert_parallel,
                   "eval_every": 10_000, "checkpoint_every": 10_000, "log_every": 10_000},
     }
     recipe = recipe_from_dict(raw)
     torch.manual_seed(0)
     model = MoTLMHeadModel(recipe.model_config(args.vocab))
     parameters = sum(p.numel() for p in model.parameters())
+    experts = sum(p.numel() for name, p in model.named_parameters() if name.endswith((".mlp.lin1", ".mlp.lin2")) and p.dim() == 3)
+    config = model.config
+    moe_layers = sum(config.ffn_type_of_layer(i) != "dense" for i in range(config.n_layer))
     generator = torch.Generator().manual_seed(1)
     sequences = torch.randint(0, args.vocab, (args.batch * 8, args.seq), generator=generator)
     trainer = Trainer(model, recipe, sequences, sequences[:8], distributed=world)
@@ -141,7 +153,9 @@ def worker(args) -> None:
     seconds = (time.perf_counter() - start) / args.steps
     sent = lo_tx_bytes() - start_bytes
     if world.is_main:
-        result = {"parameters": parameters, "held_bytes": held["bytes"],
+        result = {"parameters": parameters, "expert_parameters": experts, "held_bytes": held["bytes"], "moe_layers": moe_layers,
+                  "k": config.num_experts_per_tok, "n_expert": config.n_expert, "group_size": config.group_size,
+                  "capacity": getattr(next((m for m in model.modules() if hasattr(m, "capacity")), None), "capacity", None),
                   "bytes_per_step": sent / args.steps, "idle_bytes_per_s": idle / args.idle, "seconds": seconds,
                   "mesh": list(getattr(trainer.model, "sharding_mesh", [world.world_size])), "accumulation": trainer.accumulation}
         Path(args.result).write_text(json.dumps(result))
@@ -167,6 +181,20 @@ def analytic(parallel: str, n: int, per_node: int, accumulation: int, parameter_
     return shard + (2 * (nodes - 1) / nodes * parameter_bytes / inner if nodes > 1 else 0.0)
 
 
+def analytic_ep(n: int, e: int, accumulation: int, r: dict, args, routing_pass: bool = False) -> float:
+    """Bytes each process sends per optimizer step with expert parallelism over e of n processes
+    (module docstring)."""
+    replicas = n // e
+    dense, experts = 4 * (r["parameters"] - r["expert_parameters"]), 4 * r["expert_parameters"]
+    tokens = args.batch // (n * accumulation) * args.seq  # per process and micro-batch
+    groups = tokens / r["group_size"]
+    rows = {"token_choice": tokens * r["k"], "mot": r["n_expert"] * groups,
+            "expert_choice": r["n_expert"] * (r["capacity"] or 0) * groups}[args.ffn]
+    exchanges = 4 * accumulation + (2 * accumulation if routing_pass and accumulation > 1 else 0)
+    sent = exchanges * r["moe_layers"] * (e - 1) / e * rows * 4 * args.d
+    return 2 * (n - 1) / n * dense + (2 * (replicas - 1) / replicas * experts / e if replicas > 1 else 0.0) + sent
+
+
 def run(parallel: str, n: int, per_node: int, args) -> dict:
     """One configuration as its own job; HSDP as n / per_node torchrun agents of per_node processes,
     nodes meeting through a c10d rendezvous on 127.0.0.1."""
@@ -175,7 +203,9 @@ def run(parallel: str, n: int, per_node: int, args) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         result = Path(tmp) / "result.json"
         worker_args = [str(Path(__file__).resolve()), "--worker"]  # the options travel in the environment, not past torchrun's parser
-        options = {**vars(args), "parallel": parallel, "result": str(result)}
+        # "ep": DDP with the experts shared out over groups of per_node processes
+        options = {**vars(args), "parallel": "ddp" if parallel == "ep" else parallel, "result": str(result),
+                   "expert_parallel": per_node if parallel == "ep" else 1}
         if n == 1:
             commands = [[sys.executable, *worker_args]]
         elif parallel == "hsdp":
@@ -204,6 +234,7 @@ def main() -> None:
     parser.add_argument("--accum", type=int, default=1, help="micro-batches a step on each process")
     parser.add_argument("--vocab", type=int, default=2048)
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--only-ep", action="store_true", help="the expert-parallel layouts only (with the collectives and one process)")
     parser.add_argument("--idle", type=float, default=1.0, help="seconds of idle loopback traffic measured before the steps")
     args = parser.parse_args()
     if args.worker:
@@ -232,13 +263,23 @@ def main() -> None:
                    "measured / gloo analytic", "MB held / process", "held / (one process's / N)", "step time / one process's"):
         table.add_column(column, justify="right")
     table.add_row("1 process", "0", "0", "0", "", f"{single['held_bytes'] / 1e6:.1f}", "1.000", "1.00")
-    for parallel, n, per_node in (("ddp", 2, 2), ("fsdp", 2, 2), ("ddp", 4, 4), ("fsdp", 4, 4), ("hsdp", 4, 2)):
+    layouts = [("ddp", 2, 2), ("fsdp", 2, 2), ("ddp", 4, 4), ("fsdp", 4, 4), ("hsdp", 4, 2)]
+    if args.ffn != "dense":
+        layouts += [("ep", 2, 2), ("ep", 4, 4), ("ep", 4, 2)]
+    if args.only_ep:
+        layouts = [layout for layout in layouts if layout[0] == "ep"]
+    for parallel, n, per_node in layouts:
         r = run(parallel, n, per_node, args)
         routing_pass = args.ffn == "token_choice"
-        ring = analytic(parallel, n, per_node, r["accumulation"], parameter_bytes, 1.0, routing_pass)
-        expected = analytic(parallel, n, per_node, r["accumulation"], parameter_bytes, reduce_scatter, routing_pass)
+        if parallel == "ep":
+            ring = expected = analytic_ep(n, per_node, r["accumulation"], r, args, routing_pass)
+        else:
+            ring = analytic(parallel, n, per_node, r["accumulation"], parameter_bytes, 1.0, routing_pass)
+            expected = analytic(parallel, n, per_node, r["accumulation"], parameter_bytes, reduce_scatter, routing_pass)
         sent = (r["bytes_per_step"] - r["idle_bytes_per_s"] * r["seconds"]) / n
         label = f"{parallel} x {n}" + (f" ({n // per_node} nodes x {per_node})" if parallel == "hsdp" else "")
+        if parallel == "ep":
+            label = f"ddp x {n}, experts over {per_node}" + (f" ({n // per_node} replicas)" if n > per_node else "")
         table.add_row(label, f"{sent / 1e6:.1f}", f"{ring / 1e6:.1f}", f"{expected / 1e6:.1f}", f"{sent / expected:.3f}",
                       f"{r['held_bytes'] / 1e6:.1f}", f"{r['held_bytes'] / (single['held_bytes'] / n):.3f}",
                       f"{r['seconds'] / single['seconds']:.2f}")
