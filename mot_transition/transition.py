@@ -169,7 +169,8 @@ def transition(
     checkpoint_every = eval_every if checkpoint_every is None else checkpoint_every
     o.lr, o.warmup_steps = lr, warmup_steps
     t.steps, t.eval_every, t.checkpoint_every, t.switch_at_step = steps, eval_every, checkpoint_every, None
-    t.checkpoint_format = "whole"  # one process: its checkpoints are read as whole ones (convert, export, --resume)
+    # one process: its checkpoints are read as whole ones (convert, export, --resume), its experts all its own
+    t.checkpoint_format, t.expert_parallel = "whole", 1
 
     with ExitStack() as readers:  # the run's data, read for its whole life under a reader's lock
         tokenizer = load_tokenizer_folder(checkpoint, f"the checkpoint {checkpoint}")

@@ -97,6 +97,19 @@ def test_an_expert_parallel_run_resumes_on_one_process_where_it_would_have_ended
         torch.testing.assert_close(resumed[name], ep[name], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.torchrun
+def test_an_expert_parallel_mot_run_converts_and_transition_tunes_on_one_process(data_dir, tmp_path, capsys):
+    # the source recipe says train.expert_parallel=2; transition is one process, all experts its own
+    raw = tiny_recipe(data_dir, model=MODELS["mot"], train={"steps": 2, "checkpoint_every": 2, "eval_every": 2})
+    _torchrun(tmp_path, 2, "train", _recipe_file(tmp_path, raw), "--out", tmp_path / "ep", "--quiet", "train.expert_parallel=2")
+    source = tmp_path / "ep" / "checkpoints" / "step-000002"
+    code, _, err = run_cli(["convert", str(source), str(tmp_path / "tc")], capsys)
+    assert code == 0, err
+    code, _, err = run_cli(["transition", str(tmp_path / "tc"), "--steps", "2", "--out", str(tmp_path / "tt")], capsys)
+    assert code == 0, err
+    assert (tmp_path / "tt" / "checkpoints" / "step-000002" / "model.safetensors").is_file()
+
+
 @pytest.mark.parametrize(
     "override, key",
     [
