@@ -141,12 +141,15 @@ def test_fixed_shape_routing_of_traced_runs_gives_the_outputs_and_gradients_of_t
         assert (results[0][0].abs().sum(-1) == 0).any(), "the test should drop some choices"
 
 
+@pytest.mark.parametrize("k", [1, 2])  # top-1 takes a path of its own (the output times its gate)
 @pytest.mark.parametrize("block", BLOCKS)
-def test_one_token_decode_of_traced_runs_gathers_the_chosen_experts(monkeypatch, block):
+def test_one_token_decode_of_traced_runs_gathers_the_chosen_experts(monkeypatch, block, k):
     torch.manual_seed(0)
-    layer = TokenChoice(tiny_config("token_choice", n_embd=8, n_expert=4, expert_size=4, num_experts_per_tok=2, block=block)).eval()
+    layer = TokenChoice(tiny_config("token_choice", n_embd=8, n_expert=4, expert_size=4, num_experts_per_tok=k, block=block)).eval()
     x = torch.randn(1, 1, 8)
     eager, _ = layer(x)
+    sorted_path, _ = layer(torch.cat([x, torch.randn(1, 1, 8)]))  # two tokens: sorted by expert, grouped
+    torch.testing.assert_close(eager, sorted_path[:1])
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     traced, _ = layer(x)
     torch.testing.assert_close(traced, eager)
