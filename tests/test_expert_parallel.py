@@ -9,12 +9,12 @@ import sys
 
 import pytest
 import torch
-
 from conftest import run_cli
+from test_train import CLI_SCRIPT, metric_lines, parameters, tiny_recipe
+
 from mot_transition.train import recipe_from_dict, train
 from mot_transition.train.recipe import recipe_to_toml
 from mot_transition.train.sharded_checkpoint import consolidate
-from test_train import CLI_SCRIPT, metric_lines, parameters, tiny_recipe
 
 # Token Choice with both router losses and the selection bias: its routers see the whole global batch
 TOKEN_CHOICE = {"ffn_type": "token_choice", "router_aux_loss_coef": 0.5, "router_z_loss_coef": 0.01, "router_bias_update_rate": 0.01}
