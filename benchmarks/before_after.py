@@ -72,6 +72,7 @@ def main() -> None:
     parser.add_argument("--before", default="5ac4a3f", help="commit whose layers are 'before'")
     parser.add_argument("--threads", type=int, nargs="+", default=[torch.get_num_threads()])
     parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--only", type=int, nargs="+", choices=[1, 2, 3], default=[1, 2, 3], help="which comparisons (numbered as printed)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         old = load_layers(args.before, Path(tmp))
@@ -80,10 +81,14 @@ def main() -> None:
             torch.manual_seed(0)
             tc_config = bl._config("token_choice", expert_size=bl.TC_EXPERT, num_experts_per_tok=1)
             x, dy = torch.randn(16, 1024, bl.D, requires_grad=True), torch.randn(16, 1024, bl.D)
-            compare("1. Token Choice fwd+bwd, 16x1024 tokens", TokenChoice(tc_config).train(), old.TokenChoice(tc_config).train(),
-                    DenseFFN(bl._config("dense", n_inner=bl.TC_EXPERT)).train(), x, dy, args.rounds)
-            compare_decode(TokenChoice(tc_config), old.TokenChoice(tc_config), DenseFFN(bl._config("dense", n_inner=bl.TC_EXPERT)),
-                           args.rounds)
+            if 1 in args.only:
+                compare("1. Token Choice fwd+bwd, 16x1024 tokens", TokenChoice(tc_config).train(), old.TokenChoice(tc_config).train(),
+                        DenseFFN(bl._config("dense", n_inner=bl.TC_EXPERT)).train(), x, dy, args.rounds)
+            if 2 in args.only:
+                compare_decode(TokenChoice(tc_config), old.TokenChoice(tc_config), DenseFFN(bl._config("dense", n_inner=bl.TC_EXPERT)),
+                               args.rounds)
+            if 3 not in args.only:
+                continue
             mot_config = bl._config("mot", group_size=32)
             x, dy = torch.randn(128, 128, bl.D, requires_grad=True), torch.randn(128, 128, bl.D)
             compare("3. MoT fwd+bwd, 128x128 tokens", MixtureOfTokens(mot_config).train(), old.MixtureOfTokens(mot_config).train(),

@@ -107,13 +107,18 @@ class ExpertLayer(nn.Module):
     def router_logits(self, x: torch.Tensor) -> torch.Tensor:
         """x @ controller in at least float32: router math never runs in half precision, not even
         under autocast (which would otherwise turn this matmul back into bf16)."""
-        dtype, controller = torch.promote_types(x.dtype, torch.float32), self.controller
+        controller = self.controller
         if torch.is_autocast_enabled(x.device.type):
+            dtype = torch.promote_types(x.dtype, torch.float32)
             with torch.autocast(x.device.type, enabled=False):
                 return x.to(dtype) @ controller.to(dtype)
-        if x.dtype == controller.dtype == dtype:  # the common case, without two no-op casts (decode pays per op)
+        if x.dtype == controller.dtype and x.dtype in _AT_LEAST_FLOAT32:  # the common case: no cast, no dtype arithmetic (decode pays per op)
             return x @ controller
+        dtype = torch.promote_types(x.dtype, torch.float32)
         return x.to(dtype) @ controller.to(dtype)
+
+
+_AT_LEAST_FLOAT32 = (torch.float32, torch.float64)  # the dtypes that promote_types(dtype, float32) leaves as they are
 
 
 def _local(weight: torch.Tensor) -> torch.Tensor:

@@ -89,7 +89,8 @@ class RoutedExperts(nn.Module):
             chosen = expert.view(-1)
             h = self.activate(torch.matmul(flat, self.lin1[chosen]))  # (k, 1, f)
             return gate @ torch.matmul(h, self.lin2[chosen]).squeeze(1)
-        lin1, lin2 = self.lin1, self.lin2
+        owner = self._owner  # its tensors read directly: a module's attribute lookup is what decode pays for here
+        lin1, lin2 = _local(owner._parameters["lin1"]), _local(owner._parameters["lin2"])
         chosen = expert.view(-1).tolist()
         if len(chosen) == 1:  # top-1: the one output scaled by its gate (1, 1), a product as gate @ out is: no cat, no matmul
             e = chosen[0]
@@ -124,7 +125,7 @@ class TokenChoice(ExpertLayer):
         flat = x.reshape(-1, d)  # (N, d)
         logits = self.router_logits(flat)  # (N, E) float32
         probs = torch.softmax(logits, dim=-1)
-        bias = getattr(self, "expert_bias", None)
+        bias = self._buffers.get("expert_bias")  # not getattr: a missing attribute of a module raises inside, slowly
         if bias is None:
             gate, expert = probs.topk(self.top_k, dim=-1)  # (N, k)
         else:  # the bias picks the experts; the gates are the router's own probabilities
@@ -138,7 +139,7 @@ class TokenChoice(ExpertLayer):
             gate = gate / gate.sum(dim=-1, keepdim=True)
         gate = gate if gate.dtype == x.dtype else gate.to(x.dtype)
         sharded = self._is_expert_parallel  # the experts module then reaches this rank's experts (parallel_plans.py)
-        ours = self.config._experts_implementation in (None, "eager") and not sharded  # None: a layer outside a model
+        ours = _experts_implementation(self.config) in (None, "eager") and not sharded  # None: a layer outside a model
         experts = self.experts._dropless if ours else self.experts  # the latter: the switch, and parallel hooks
         if token_mask is not None or (self.training and self.capacity_factor is not None):
             if ours and not torch.compiler.is_compiling():
@@ -192,6 +193,15 @@ class TokenChoice(ExpertLayer):
         rank = torch.arange(N * k, device=expert.device) - (counts.cumsum(0) - counts)[expert.reshape(-1)[order]]
         kept_sorted = valid.reshape(-1)[order] & (rank < capacity)
         return torch.empty_like(kept_sorted).scatter_(0, order, kept_sorted).view(N, k)
+
+
+def _experts_implementation(config) -> str | None:
+    """`config._experts_implementation`, read where transformers keeps it without its attribute hooks
+    (PreTrainedConfig's `__getattribute__` costs microseconds a read, which one-token decode pays per layer)."""
+    stored = object.__getattribute__(config, "__dict__")
+    if "_experts_implementation_internal" in stored:
+        return stored["_experts_implementation_internal"]
+    return config._experts_implementation
 
 
 def _count(expert: torch.Tensor, E: int) -> torch.Tensor:
