@@ -198,6 +198,8 @@ class TokenChoice(ExpertLayer):
 def _experts_implementation(config) -> str | None:
     """`config._experts_implementation`, read where transformers keeps it without its attribute hooks
     (PreTrainedConfig's `__getattribute__` costs microseconds a read, which one-token decode pays per layer)."""
+    if torch.compiler.is_compiling():  # traced once: the plain read, which the compiler follows
+        return config._experts_implementation
     stored = object.__getattribute__(config, "__dict__")
     if "_experts_implementation_internal" in stored:
         return stored["_experts_implementation_internal"]
