@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -132,3 +133,14 @@ def test_expert_parallelism_on_fewer_processes_than_it_names_is_refused_before_a
     code, _, err = run_cli(["train", str(recipe), "--out", str(tmp_path / "run"), "train.expert_parallel=2"], capsys)
     assert code != 0 and "train.expert_parallel=2" in err and "1" in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.torchrun
+def test_each_process_holds_its_share_of_the_experts_and_the_layers_give_the_whole_layers_outputs(tmp_path):
+    # the layers alone, shared out over 2 processes, against each layer whole: outputs, input gradients and
+    # expert gradients, with a process whose tokens are all masked and one with a single token
+    worker = Path(__file__).with_name("expert_parallel_worker.py")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(worker)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "ok 0" in done.stdout and "ok 1" in done.stdout

@@ -62,3 +62,16 @@ def test_a_trainer_step_is_clip_grad_norm_then_adamw(grad_clip):
     assert (record["grad_norm"] > grad_clip) == (grad_clip == 1e-3) or grad_clip == 0.0
     for (name, a), b in zip(model.named_parameters(), reference.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_a_foreach_optimizer_gets_its_gradients_clipped_to_the_bound():
+    # the fused AdamW folds the clip into its update; any other optimizer has its gradients scaled in place
+    from mot_transition.train.optimizer import clip_gradients
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 5.0)
+    optimizer = torch.optim.AdamW(model.parameters(), foreach=True)
+    before = clip_gradients(model, optimizer, max_norm=0.1)
+    after = torch.nn.utils.get_total_norm([p.grad for p in model.parameters()]).item()
+    assert before > 10 and after == pytest.approx(0.1, rel=1e-4)

@@ -90,7 +90,9 @@ class RoutedExperts(nn.Module):
             h = self.activate(torch.matmul(flat, self.lin1[chosen]))  # (k, 1, f)
             return gate @ torch.matmul(h, self.lin2[chosen]).squeeze(1)
         owner = self._owner  # its tensors read directly: a module's attribute lookup is what decode pays for here
-        lin1, lin2 = _local(owner._parameters["lin1"]), _local(owner._parameters["lin2"])
+        params = owner._parameters  # (a parametrized weight, LoRA's on the experts say, is not there: the attribute then)
+        lin1 = _local(params["lin1"] if "lin1" in params else owner.lin1)
+        lin2 = _local(params["lin2"] if "lin2" in params else owner.lin2)
         chosen = expert.view(-1).tolist()
         if len(chosen) == 1:  # top-1: the one output scaled by its gate (1, 1), a product as gate @ out is: no cat, no matmul
             e = chosen[0]

@@ -29,8 +29,9 @@ def expert_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 
 def apply_expert_parallel(model: torch.nn.Module, size: int, device: torch.device) -> torch.nn.Module:
-    """Share out `model`'s experts over groups of `size` processes, in place. Every process calls this
-    with the same whole weights. Returns the model, with `model.expert_parallel_groups` set."""
+    """Share out `model`'s experts over groups of `size` processes, in place (a model given to the trainer
+    stays shared out: its forward is collective afterwards, as an FSDP-sharded one). Every process calls
+    this; rank 0's weights are the ones kept. Returns the model, with `model.expert_parallel_groups` set."""
     from torch.distributed.device_mesh import init_device_mesh
 
     world, rank = dist.get_world_size(), dist.get_rank()
@@ -61,7 +62,8 @@ def apply_expert_parallel(model: torch.nn.Module, size: int, device: torch.devic
         layer.expert_parallel = ExpertParallel(expert_group, size, rank % size, config.n_expert)
         for name in ("lin1", "lin2"):
             whole = getattr(layer, name)
-            local = distribute_tensor(whole.detach(), mesh, [Replicate(), Shard(0)], src_data_rank=None)
+            # rank 0's experts, scattered (DDP's first broadcast, which would have made them equal, skips them)
+            local = distribute_tensor(whole.detach(), mesh, [Replicate(), Shard(0)], src_data_rank=0)
             setattr(layer, name, torch.nn.Parameter(local, requires_grad=whole.requires_grad))
     model.expert_parallel_groups = (replica_group if replicas > 1 else None, world)
     return model

@@ -47,15 +47,15 @@ def clip_gradients(model: torch.nn.Module, optimizer: torch.optim.Optimizer, max
     which multiplies into one set before it), so the clip rides on the update. `clip_grad_norm_`
     instead multiplies every gradient by the clamped factor, 1.0 included: one more read and
     write of a MoT model's E-fold expert gradients. A foreach AdamW gets the gradients scaled."""
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    if not grads:
+    params = [p for p in model.parameters() if p.grad is not None]
+    if not params:
         return 0.0
     # sharded gradients (DTensors: FSDP's, or the experts under expert parallelism) and whole ones apart:
-    # torch's foreach kernels take one kind at a time
-    kinds = [[g for g in grads if isinstance(g, DTensor) == sharded] for sharded in (False, True)]
+    # torch's foreach kernels take one kind at a time (clip_grads_with_norm_ takes the parameters, not their grads)
+    kinds = [[p for p in params if isinstance(p.grad, DTensor) == sharded] for sharded in (False, True)]
     norms = []
     for kind in filter(None, kinds):
-        total = torch.nn.utils.get_total_norm(kind)
+        total = torch.nn.utils.get_total_norm([p.grad for p in kind])
         norms.append(total.full_tensor() if isinstance(total, DTensor) else total)  # the norm over every process's shard
     total = torch.linalg.vector_norm(torch.stack(norms)) if len(norms) > 1 else norms[0]
     norm = total.item()
