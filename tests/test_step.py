@@ -5,8 +5,8 @@ import copy
 
 import pytest
 import torch
-
 from conftest import tiny_config
+
 from mot_transition.modeling import MoTLMHeadModel
 from mot_transition.train import build_optimizer, recipe_from_dict
 
