@@ -142,5 +142,4 @@ def test_each_process_holds_its_share_of_the_experts_and_the_layers_give_the_who
     worker = Path(__file__).with_name("expert_parallel_worker.py")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(worker)]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "ok 0" in done.stdout and "ok 1" in done.stdout
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]  # every check is an assert in the worker

@@ -223,9 +223,10 @@ def test_checkpoint_loads_as_transformers_model_and_tokenizer(data_dir, tmp_path
 # ---------------------------------------------------------------------------------------------
 # distributed
 
-# a rank that hangs prints every thread's stack and exits, so that a hang fails with where it was
+# a rank that hangs prints every thread's stack and exits, so that a hang fails with where it was (after 280 s:
+# under a loaded CI, with other torchrun tests beside it, a 6-step job whose rank 0 is frozen a while took over 200 s)
 CLI_SCRIPT = (
-    "import faulthandler, sys\nfaulthandler.dump_traceback_later(200, exit=True)\n"
+    "import faulthandler, sys\nfaulthandler.dump_traceback_later(280, exit=True)\n"
     "from mot_transition.cli import main\nsys.exit(main())\n"
 )
 
