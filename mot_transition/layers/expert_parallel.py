@@ -35,7 +35,6 @@ class ExpertParallel:
             raise ValueError(f"{n_expert} experts cannot be shared out equally over {size} processes")
         self.group, self.size, self.rank = group, size, rank
         self.n_local = n_expert // size
-        self.local = slice(rank * self.n_local, (rank + 1) * self.n_local)
 
     def run(self, tokens: torch.Tensor, counts: torch.Tensor, local: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """Rows `tokens` (R, d) sorted by expert, `counts` (E,) rows per expert: every row through its
