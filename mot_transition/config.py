@@ -91,7 +91,7 @@ class MoTConfig(PreTrainedConfig):
             "h.*.mlp.w2": "colwise",  # (f, d): by rows
         }
         if self.ffn_type in EXPERT_FFN_TYPES and self.moe_layers:
-            plan |= {"h.*.mlp.lin1": "grouped_gemm", "h.*.mlp.lin2": "grouped_gemm"}  # by expert (dim 0)
+            plan |= {"h.*.mlp.lin1": "mot_expert_rows", "h.*.mlp.lin2": "mot_expert_rows"}  # by expert (dim 0)
             if self.ffn_type == "token_choice":
                 plan["h.*.mlp.experts"] = "mot_routed_experts"
         return plan

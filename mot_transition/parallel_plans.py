@@ -1,9 +1,12 @@
-"""The two tensor-parallel styles our plans name (MoTConfig.base_model_tp_plan), registered with
+"""The tensor-parallel styles our plans name (MoTConfig.base_model_tp_plan), registered with
 transformers' parallel styles; the plans themselves live on the config (docs/design.md §12).
 
     "mot_feed_forward"    a feed-forward layer `h.*.mlp` whose tensors the plan shards: the dense MLP
                           by its hidden width, MoT and Expert Choice by expert
     "mot_routed_experts"  the experts module of a Token Choice layer, `h.*.mlp.experts`, by expert
+    "mot_expert_rows"     an expert matrix (E, ., .), by expert: transformers' "grouped_gemm" under a
+                          tensor-parallel plan (which, from transformers 5.25, passes arguments that
+                          "grouped_gemm", an expert-parallel style, does not take)
 
 Both leave every rank with the whole batch and a share of the layer's work, and sum the ranks' partial
 outputs with one all-reduce; the gradient of every input the layer shares (the hidden states, the MoT
@@ -20,10 +23,11 @@ Why a sum is exact, per layer kind (y_i the output for token i):
 
 import math
 
-import torch
 from torch import nn
 
-if torch.distributed.is_available():
+try:
+    from torch.distributed.tensor import Shard
+    from transformers.distributed.expert_parallel import MoEParamShard
     from transformers.distributed.parallel_utils import (
         ALL_PARALLEL_STYLES,
         _AllReduceBackward,
@@ -31,8 +35,9 @@ if torch.distributed.is_available():
         _use_local_dtensor_params,
     )
     from transformers.distributed.tensor_parallel import TensorParallelLayer
-else:  # a torch without torch.distributed: nothing to register
-    TensorParallelLayer = object
+except ImportError:  # a torch without torch.distributed, or transformers < 5.22: nothing to register
+    ALL_PARALLEL_STYLES = None
+    TensorParallelLayer = MoEParamShard = object
 
 
 def local_experts(n_expert: int, rank: int, size: int) -> slice:
@@ -64,7 +69,7 @@ class FeedForwardShard(TensorParallelLayer):
     alone: its router runs whole on every rank, and its experts module carries the "mot_routed_experts" rule.
     """
 
-    def install_forward(self, module: nn.Module, mesh):
+    def install_forward(self, module: nn.Module, mesh, **kwargs):  # transformers >= 5.25 adds config=, mesh_manager=
         if isinstance(getattr(module, "experts", None), nn.Module):  # Token Choice: see RoutedExpertsShard
             return module
         group = mesh.get_group()
@@ -92,12 +97,12 @@ class FeedForwardShard(TensorParallelLayer):
 
 class RoutedExpertsShard(TensorParallelLayer):
     """The experts module of a Token Choice layer, holding a block of whole experts on each rank (its
-    matrices sharded by "grouped_gemm", which also sets how many it holds). Every rank has every token:
+    matrices sharded by "mot_expert_rows", which also sets how many it holds). Every rank has every token:
     a choice of another rank's expert gets the id past this rank's experts and weight 0 (skipped by every
     experts implementation), and the ranks' outputs are summed. This is transformers' all-reduce expert
     parallelism, for ranks that share a batch, under a tensor-parallel plan (`tp_size` alone)."""
 
-    def install_forward(self, module: nn.Module, mesh):
+    def install_forward(self, module: nn.Module, mesh, **kwargs):  # transformers >= 5.25 adds config=, mesh_manager=
         group, rank = mesh.get_group(), mesh.get_local_rank()
         original_forward = module.forward
 
@@ -114,6 +119,18 @@ class RoutedExpertsShard(TensorParallelLayer):
         return module
 
 
-if torch.distributed.is_available():
+class ExpertRowsShard(MoEParamShard):
+    """An expert matrix sharded by expert (dim 0) under the tensor-parallel plan: transformers' "grouped_gemm",
+    taking (and ignoring) the keyword arguments a tensor-parallel style is given."""
+
+    def __init__(self):
+        super().__init__(Shard(0), shards_expert_dim=True)
+
+    def shard_param(self, module, param, mesh, **kwargs):
+        return super().shard_param(module, param, mesh)
+
+
+if ALL_PARALLEL_STYLES is not None:
     ALL_PARALLEL_STYLES.register("mot_feed_forward", FeedForwardShard())
     ALL_PARALLEL_STYLES.register("mot_routed_experts", RoutedExpertsShard())
+    ALL_PARALLEL_STYLES.register("mot_expert_rows", ExpertRowsShard())
