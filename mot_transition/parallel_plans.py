@@ -35,7 +35,7 @@ try:
         _use_local_dtensor_params,
     )
     from transformers.distributed.tensor_parallel import TensorParallelLayer
-except ImportError:  # a torch without torch.distributed, or transformers < 5.22: nothing to register
+except ImportError:  # a torch without torch.distributed, or a transformers below our bound: nothing to register
     ALL_PARALLEL_STYLES = None
     TensorParallelLayer = MoEParamShard = object
 

@@ -16,7 +16,11 @@ from torch.distributed.tensor import DTensor
 from transformers.distributed import DistributedConfig
 
 from mot_transition import MoTLMHeadModel
-from mot_transition.parallel_plans import local_experts
+from mot_transition.parallel_plans import ALL_PARALLEL_STYLES, local_experts
+
+needs_sharded_loading = pytest.mark.skipif(
+    ALL_PARALLEL_STYLES is None, reason="a torch without torch.distributed: no parallel styles"
+)
 
 CASES = {
     "mot-uneven-llama": dict(ffn_type="mot", n_expert=3, block="llama"),
@@ -54,6 +58,7 @@ def _compare(rank, path):
         torch.testing.assert_close(grad, param.grad, rtol=1e-5, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
 
 
+@needs_sharded_loading
 @pytest.mark.skipif(os.cpu_count() < 2, reason="2 processes")
 @pytest.mark.parametrize("case", CASES)
 def test_expert_sharding_equals_one_process(case):

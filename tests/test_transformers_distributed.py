@@ -18,7 +18,10 @@ import upstream
 from test_transformers_common import MoTModelTester
 
 upstream.load(upstream.DISTRIBUTED_FILES)
-from transformers.distributed.parallel_utils import _get_parameter_plan  # noqa: E402
+try:  # where transformers keeps it: parallel_utils from 5.24, tensor_parallel before
+    from transformers.distributed.parallel_utils import _get_parameter_plan  # noqa: E402
+except ImportError:
+    from transformers.distributed.tensor_parallel import _get_parameter_plan  # noqa: E402
 from upstream_tests import test_expert_parallel_mixin, test_fsdp_mixin, test_tensor_parallel_mixin  # noqa: E402
 
 from mot_transition import MoTLMHeadModel, MoTModel  # noqa: E402
