@@ -58,6 +58,17 @@ for kind, layer_class in (("token_choice", TokenChoice), ("mot", MixtureOfTokens
         dist.all_reduce(summed)
         held = shared.layer.lin1.grad.to_local()
         torch.testing.assert_close(held, summed[rank * (4 // world) : (rank + 1) * (4 // world)], rtol=1e-5, atol=1e-6)
+    # under bf16 autocast the rows travel in bf16 (the experts compute in it anyway), and the output is the whole layer's
+    import torch.distributed._functional_collectives as collectives
+
+    sent, exchange = [], collectives.all_to_all_single_autograd
+    collectives.all_to_all_single_autograd = lambda rows, *args: sent.append(rows.dtype) or exchange(rows, *args)
+    x = torch.randn(4, 3, 8, generator=torch.Generator().manual_seed(rank))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        outs = [layer(x)[0] for layer in (whole, shared.layer)]
+    collectives.all_to_all_single_autograd = exchange
+    assert sent == [torch.bfloat16, torch.bfloat16], sent  # the rows out, the results back
+    torch.testing.assert_close(outs[1], outs[0])
 dist.barrier()
 
 dist.destroy_process_group()

@@ -143,3 +143,33 @@ def test_each_process_holds_its_share_of_the_experts_and_the_layers_give_the_who
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(worker)]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]  # every check is an assert in the worker
+
+
+def test_expert_gradients_come_back_from_their_buckets_each_to_its_own_tensor(monkeypatch):
+    # the replicas' sum runs on flat buckets; here a group of one (the sum is the identity) and buckets of
+    # about one tensor, so that a slip in flattening or copying back moves values between tensors
+    import torch.distributed as dist
+
+    from mot_transition import MoTConfig, MoTLMHeadModel
+    from mot_transition.train import expert_parallel
+
+    config = MoTConfig(ffn_type="token_choice", n_embd=8, n_head=2, n_layer=3, n_expert=4, expert_size=6, vocab_size=32,
+                       moe_layers=[0, 1, 2])
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        model = expert_parallel.apply_expert_parallel(MoTLMHeadModel(config), 1, torch.device("cpu"))
+        held = [p for p in model.parameters() if isinstance(p, torch.distributed.tensor.DTensor)]
+        assert len(held) == 6  # lin1, lin2 of 3 layers
+        for p in held:
+            p.grad = torch.distributed.tensor.DTensor.from_local(torch.randn(p.to_local().shape), p.device_mesh, p.placements)
+        before = [p.grad.to_local().clone() for p in held]
+        monkeypatch.setattr(expert_parallel, "BUCKET_BYTES", 4 * 4 * 8 * 6 + 1)  # just over one tensor: 3 buckets of 2
+        calls = []
+        monkeypatch.setattr(dist, "all_reduce", lambda tensor, group=None: calls.append(tensor.numel()))
+        model.expert_parallel_groups = (dist.group.WORLD, 1)
+        expert_parallel.sync_expert_gradients(model)
+    finally:
+        dist.destroy_process_group()
+    assert calls == [2 * 4 * 8 * 6] * 3
+    for p, grad in zip(held, before):
+        assert torch.equal(p.grad.to_local(), grad)

@@ -48,6 +48,8 @@ class ExpertParallel:
         dist.all_to_all_single(received_counts, counts, group=self.group)
         send = counts.sum(1).tolist()
         receive = received_counts.sum(1).tolist()  # the split sizes are read on the host (as torchtitan does)
+        if torch.is_autocast_enabled(tokens.device.type):  # the experts compute in the autocast dtype (bf16): the
+            tokens = tokens.to(torch.get_autocast_dtype(tokens.device.type))  # rows travel in it, half fp32's bytes
         rows = all_to_all_single_autograd(tokens.contiguous(), receive, send, self.group)
         # rows arrive by source, then by expert within a source: sort them by expert (stable: by source within)
         expert_of_row = torch.repeat_interleave(torch.arange(n_local, device=counts.device).repeat(N), received_counts.reshape(-1))

@@ -74,13 +74,24 @@ def expert_parameter_names(model: torch.nn.Module) -> list[str]:
     return [name for name, p in model.named_parameters() if isinstance(p, DTensor)]
 
 
+BUCKET_BYTES = 32 * 2**20  # expert gradients summed over the replicas in flat buckets of about this size (DDP's are 25 MB)
+
+
 @torch.no_grad()
 def sync_expert_gradients(model: torch.nn.Module) -> None:
-    """Average the expert gradients over all processes: summed over the replicas, divided by W."""
+    """Average the expert gradients over all processes: summed over the replicas, one all-reduce per bucket
+    of them flattened (not one per tensor), then divided by W."""
     replica_group, world = model.expert_parallel_groups
-    for p in model.parameters():
-        if isinstance(p, DTensor) and p.grad is not None:
-            local = p.grad.to_local()
-            if replica_group is not None:
-                dist.all_reduce(local, group=replica_group)
-            local.div_(world)
+    grads = [p.grad.to_local() for p in model.parameters() if isinstance(p, DTensor) and p.grad is not None]
+    if replica_group is not None:
+        bucket, size = [], 0
+        for i, grad in enumerate(grads):
+            bucket.append(grad)
+            size += grad.numel() * grad.element_size()
+            if size >= BUCKET_BYTES or i == len(grads) - 1:
+                flat = torch.cat([g.reshape(-1) for g in bucket])
+                dist.all_reduce(flat, group=replica_group)
+                torch._foreach_copy_(bucket, [part.view_as(g) for part, g in zip(flat.split([g.numel() for g in bucket]), bucket)])
+                bucket, size = [], 0
+    if grads:
+        torch._foreach_div_(grads, world)
