@@ -63,3 +63,26 @@ def test_expert_choice_activations_count_the_capacity_each_expert_takes():
 
     config = tiny_config("expert_choice", n_expert=8, group_size=32, num_experts_per_tok=2)
     assert memory.ffn_hidden_per_token(config)[1] == config.expert_size * 8 * expert_share(config, "expert_choice") == config.expert_size * 2
+
+
+def test_a_sharded_or_expert_parallel_process_counts_its_share_of_the_weights_and_a_shared_host_its_share_of_memory(monkeypatch):
+    from mot_transition import MoTLMHeadModel
+
+    config = tiny_config("token_choice", n_layer=4)
+    model = MoTLMHeadModel(config)
+    total = sum(p.numel() for p in model.parameters())
+    experts = sum(p.numel() for name, p in model.named_parameters() if name.endswith((".lin1", ".lin2")))
+    block = max(sum(p.numel() for p in b.parameters()) for b in model.transformer.h)
+    assert 0 < experts < total
+    whole = estimate_training_memory(config, 2, 16)
+    assert whole.parameters == total
+    fsdp = estimate_training_memory(config, 2, 16, shards=4)  # one block gathered whole: weights and gradient
+    assert fsdp.weights_and_optimizer == 16 * round(total / 4) + 8 * block
+    ep = estimate_training_memory(config, 2, 16, expert_parallel=2)
+    assert ep.parameters == round(total - experts / 2) and ep.weights_and_optimizer == 16 * ep.parameters
+    assert ep.activations == fsdp.activations == whole.activations
+    # two processes on one CPU host: each gets half of its free memory
+    monkeypatch.setattr(memory, "available_memory", lambda device: int(1.5 * whole.total))
+    check_fits(config, 2, 16, torch.device("cpu"))
+    with pytest.raises(ValueError, match=r"GiB free a process"):
+        check_fits(config, 2, 16, torch.device("cpu"), processes_here=2)

@@ -8,7 +8,8 @@ the activations autograd keeps for one micro-batch, counted per token: per block
 seq_len, the math kernel), twice the FFN's hidden width per token (before and after the
 activation; a MoT or Token Choice layer's per-token share of its experts) and its routing weights,
 and 3 x vocab_size for the logits and their gradient; 4 bytes each. See docs/training.md for the
-measured peaks it was checked against.
+measured peaks it was checked against. Under torchrun it is one process's: FSDP's and expert
+parallelism's shares of the weights, and a share of the host's memory where processes share a CPU.
 """
 
 from __future__ import annotations
@@ -54,15 +55,31 @@ def ffn_hidden_per_token(config) -> list[float]:
     return widths
 
 
-def estimate_training_memory(config, micro_batch_size: int, seq_len: int) -> MemoryEstimate:
-    from ..counts import parameter_counts
-
-    parameters = parameter_counts(config)["total"]
+def estimate_training_memory(config, micro_batch_size: int, seq_len: int, *, shards: int = 1, expert_parallel: int = 1) -> MemoryEstimate:
+    """One process's estimate. `shards`: the processes FSDP shards every parameter over (fsdp: all of them,
+    hsdp: a node's), which then also gathers one block whole at a time (its weights, and its gradient before
+    the reduce-scatter); `expert_parallel`: the processes that share out every expert layer's experts."""
+    parameters, experts, largest_block = _parameters(config)
+    held = round((parameters - experts) / shards + experts / (shards * expert_parallel))
+    gathered = 8 * largest_block if shards > 1 else 0
     d, heads = config.n_embd, config.n_head
     per_token = sum(12 * d + heads * seq_len + 2 * width + 4 * config.n_expert for width in ffn_hidden_per_token(config))
     per_token += 3 * config.vocab_size + 4 * d
     activations = 4 * micro_batch_size * seq_len * per_token
-    return MemoryEstimate(parameters, 16 * parameters, int(activations), runtime=GiB // 2)
+    return MemoryEstimate(held, 16 * held + gathered, int(activations), runtime=GiB // 2)
+
+
+def _parameters(config) -> tuple[int, int, int]:
+    """(all parameters, those of the experts' matrices, the largest block's), counted on a model without storage."""
+    from ..layers.experts import ExpertLayer
+    from ..modeling import MoTLMHeadModel
+
+    with torch.device("meta"):
+        model = MoTLMHeadModel(config)
+    total = sum(p.numel() for p in model.parameters())
+    experts = sum(m.lin1.numel() + m.lin2.numel() for m in model.modules() if isinstance(m, ExpertLayer))
+    largest = max(sum(p.numel() for p in block.parameters()) for block in model.transformer.h)
+    return total, experts, largest
 
 
 def available_memory(device: torch.device) -> int | None:
@@ -112,14 +129,18 @@ def _reclaimable(stat_file: Path) -> int:
     return 0
 
 
-def check_fits(config, micro_batch_size: int, seq_len: int, device: torch.device) -> MemoryEstimate:
-    """The estimate, or a one-line ValueError when it exceeds what `device` has free
+def check_fits(config, micro_batch_size: int, seq_len: int, device: torch.device, *, shards: int = 1, expert_parallel: int = 1,
+               processes_here: int = 1) -> MemoryEstimate:
+    """One process's estimate, or a one-line ValueError when it exceeds its part of what `device` has free:
+    all of a GPU's, or 1/`processes_here` of the host's memory for processes that share the CPU
     (MOT_TRANSITION_SKIP_MEMORY_CHECK=1 skips the refusal)."""
-    estimate = estimate_training_memory(config, micro_batch_size, seq_len)
+    estimate = estimate_training_memory(config, micro_batch_size, seq_len, shards=shards, expert_parallel=expert_parallel)
     free = available_memory(device)
+    if free is not None and device.type == "cpu":
+        free //= processes_here
     if free is not None and estimate.total > free and not os.environ.get("MOT_TRANSITION_SKIP_MEMORY_CHECK"):
         raise ValueError(
-            f"this run needs about {estimate.describe()}, but {device} has {free / GiB:.1f} GiB free; use a smaller "
+            f"this run needs about {estimate.describe()}, but {device} has {free / GiB:.1f} GiB free{' a process' if device.type == 'cpu' and processes_here > 1 else ''}; use a smaller "
             f"model or train.micro_batch_size (set MOT_TRANSITION_SKIP_MEMORY_CHECK=1 to try anyway)"
         )
     return estimate

@@ -163,7 +163,12 @@ def train(
         tokenizer, train_seq, heldout_seq, corpus = prepare_run_data(recipe, tokenizer, world, readers=lock)
         eos = tokenizer.eos_token_id
         config = model.config if model is not None else recipe.model_config(len(tokenizer), bos_token_id=eos, eos_token_id=eos, pad_token_id=eos)
-        check_fits(config, micro_batch_size(t, world.world_size), train_seq.shape[1], pick_device(t.device, world.local_rank))
+        here = int(os.environ.get("LOCAL_WORLD_SIZE", world.world_size))  # torchrun's processes on this node
+        check_fits(
+            config, micro_batch_size(t, world.world_size), train_seq.shape[1], pick_device(t.device, world.local_rank),
+            shards={"ddp": 1, "fsdp": world.world_size, "hsdp": here}[t.parallel] if world.world_size > 1 else 1,
+            expert_parallel=t.expert_parallel, processes_here=here,
+        )
         if checkpoint is not None and is_sharded(checkpoint):  # its weights are loaded once the model is placed
             model = (type(model) if model is not None else MoTLMHeadModel)(load_config(checkpoint))
         elif checkpoint is not None:
