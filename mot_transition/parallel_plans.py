@@ -52,7 +52,11 @@ def check_layout(distributed_config) -> None:
     transformers' FSDP2 shards the expert matrices with the experts module that dispatch reaches, on the
     expert mesh, but a Token Choice layer owns its matrices itself (`h.N.mlp.lin1`, `h.N.mlp.lin2` keep
     their names beside the router), so FSDP would take them into the block's unit on the dense mesh."""
-    if distributed_config is not None and distributed_config.ep_size > 1 and distributed_config.dp_size > 1:
+    if distributed_config is None:
+        return
+    # the ranks that see distinct batches (its `dp_size` from 5.24; 5.22 has no replicate dimension)
+    data_parallel = (getattr(distributed_config, "dp_replicate_size", None) or 1) * (distributed_config.fsdp_size or 1)
+    if (distributed_config.ep_size or 1) > 1 and data_parallel > 1:
         raise NotImplementedError(
             "expert parallelism (ep_size > 1) with FSDP (fsdp_size or dp_replicate_size > 1) is not supported for "
             "this model: its expert matrices belong to the Token Choice layer, not to the experts module that "
