@@ -71,13 +71,13 @@ def estimate_training_memory(config, micro_batch_size: int, seq_len: int, *, sha
 
 def _parameters(config) -> tuple[int, int, int]:
     """(all parameters, those of the experts' matrices, the largest block's), counted on a model without storage."""
-    from ..layers.experts import ExpertLayer
     from ..modeling import MoTLMHeadModel
+    from .expert_parallel import expert_layers
 
     with torch.device("meta"):
         model = MoTLMHeadModel(config)
     total = sum(p.numel() for p in model.parameters())
-    experts = sum(m.lin1.numel() + m.lin2.numel() for m in model.modules() if isinstance(m, ExpertLayer))
+    experts = sum(m.lin1.numel() + m.lin2.numel() for m in expert_layers(model))
     largest = max(sum(p.numel() for p in block.parameters()) for block in model.transformer.h)
     return total, experts, largest
 
@@ -136,11 +136,12 @@ def check_fits(config, micro_batch_size: int, seq_len: int, device: torch.device
     (MOT_TRANSITION_SKIP_MEMORY_CHECK=1 skips the refusal)."""
     estimate = estimate_training_memory(config, micro_batch_size, seq_len, shards=shards, expert_parallel=expert_parallel)
     free = available_memory(device)
-    if free is not None and device.type == "cpu":
+    shared_host = device.type == "cpu" and processes_here > 1
+    if free is not None and shared_host:
         free //= processes_here
     if free is not None and estimate.total > free and not os.environ.get("MOT_TRANSITION_SKIP_MEMORY_CHECK"):
         raise ValueError(
-            f"this run needs about {estimate.describe()}, but {device} has {free / GiB:.1f} GiB free{' a process' if device.type == 'cpu' and processes_here > 1 else ''}; use a smaller "
+            f"this run needs about {estimate.describe()}, but {device} has {free / GiB:.1f} GiB free{' a process' if shared_host else ''}; use a smaller "
             f"model or train.micro_batch_size (set MOT_TRANSITION_SKIP_MEMORY_CHECK=1 to try anyway)"
         )
     return estimate

@@ -31,6 +31,7 @@ from .devices import Distributed, pick_device, setup_distributed
 from .loop import Trainer, TrainingDiverged, build_optimizer, evaluate, lr_at
 from .memory import check_fits
 from .recipe import Recipe, micro_batch_size, recipe_to_toml
+from .sharding import local_world_size
 from .tracking import METRICS_FILE, Reporters, plot_training
 
 RECIPE_FILE = "recipe.toml"
@@ -163,7 +164,7 @@ def train(
         tokenizer, train_seq, heldout_seq, corpus = prepare_run_data(recipe, tokenizer, world, readers=lock)
         eos = tokenizer.eos_token_id
         config = model.config if model is not None else recipe.model_config(len(tokenizer), bos_token_id=eos, eos_token_id=eos, pad_token_id=eos)
-        here = int(os.environ.get("LOCAL_WORLD_SIZE", world.world_size))  # torchrun's processes on this node
+        here = local_world_size() if world.world_size > 1 else 1
         check_fits(
             config, micro_batch_size(t, world.world_size), train_seq.shape[1], pick_device(t.device, world.local_rank),
             shards={"ddp": 1, "fsdp": world.world_size, "hsdp": here}[t.parallel] if world.world_size > 1 else 1,
