@@ -16,11 +16,12 @@ SHAPE = [o for o in MICRO if not o.startswith(("train.steps", "train.eval_every"
 SHAPE[SHAPE.index("model.moe_layers=none")] = "model.moe_layers=[1]"
 
 
-def grid_text(source: str, results: str, sweep="[3e-3, 1e-2]", extend=1, seeds=1, more="") -> str:
+def grid_text(source: str, results: str, sweep="[3e-3, 1e-2]", extend=1, sizes=((16, 1),), more="") -> str:
+    """A grid file; `sizes`: (n_embd, seeds) a size, each at 1.5 tokens per parameter."""
     overrides = json.dumps([*SHAPE, f"data.source={json.dumps(source)}"])
     return (f"recipe = 'tiny'\noverrides = {overrides}\nresults = {json.dumps(results)}\ntransitions = [10, 20]\n"
             f"evaluations = 4\nsweep = {sweep}\nsweep_extend = {extend}\n{more}"
-            f"[[size]]\nn_embd = 16\ntokens_per_parameter = 1.5\nseeds = {seeds}\n")
+            + "".join(f"[[size]]\nn_embd = {d}\ntokens_per_parameter = 1.5\nseeds = {seeds}\n" for d, seeds in sizes))
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +30,7 @@ def grid(data_dir, tmp_path_factory):
     mp.setenv("MOT_TRANSITION_CACHE", str(tmp_path_factory.mktemp("cache")))
     where = tmp_path_factory.mktemp("grid")
     path = where / "grid.toml"
-    path.write_text(grid_text(str(data_dir / "corpus.txt"), str(where / "results")))
+    path.write_text(grid_text(str(data_dir / "corpus.txt"), str(where / "results"), sizes=((16, 2), (24, 1))))
     code, stdout, stderr = study_cli([path, "--out", where / "runs", "--quiet"])
     assert code == 0, stderr
     yield path, where, stdout
@@ -39,7 +40,8 @@ def grid(data_dir, tmp_path_factory):
 def test_the_sweep_picks_each_kinds_lowest_loss_and_extends_past_an_edge(grid):
     path, where, stdout = grid
     table = json.loads((where / "results" / LR_FILE).read_text())
-    for kind, row in table.items():
+    assert list(table) == ["d16", "d24"]  # a sweep at every size
+    for kind, row in table["d16"].items():
         losses = {float(lr): loss for lr, loss in row["losses"].items()}
         assert row["lr"] == min(losses, key=losses.get)
         values = sorted(losses)
@@ -50,23 +52,32 @@ def test_the_sweep_picks_each_kinds_lowest_loss_and_extends_past_an_edge(grid):
         for lr in values:  # every sweep value is a finished run of its own, with its results file
             record = json.loads((where / "results" / "d16" / "seed-0" / f"{kind}-lr{lr:g}.json").read_text())
             assert record["lr"] == lr and record["final_loss"] == losses[lr] == record["curve"][-1]["loss"]
-    assert "learning rate per kind" in stdout
+    assert "learning rate per size and kind" in stdout
 
 
-def test_each_size_runs_every_kind_at_its_pick_and_the_transitions(grid):
+def test_each_size_runs_every_kind_at_its_own_pick_and_the_transitions(grid):
     path, where, _ = grid
-    table = json.loads((where / "results" / LR_FILE).read_text())
-    plan = plan_size(load_grid(path), load_grid(path).sizes[0], [])
-    seed = where / "results" / "d16" / "seed-0"
-    tc = json.loads((seed / f"token_choice-lr{table['token_choice']['lr']:g}.json").read_text())
-    mot = json.loads((seed / f"mot-lr{table['mot']['lr']:g}.json").read_text())
-    assert mot["steps"] == plan.recipe.train.steps and tc["steps"] == plan.recipe.train.steps + plan.transitions["20pct"]
-    assert mot["tokens"] >= 1.5 * plan.parameters and mot["curve"][-1]["step"] == mot["steps"]
-    for label, steps in plan.transitions.items():
-        record = json.loads((seed / f"transition-{label}.json").read_text())
-        assert record["steps"] == steps and record["lr"] == pytest.approx(table["mot"]["lr"] * plan.recipe.optim.final_lr_fraction)
-        assert record["curve"][0]["step"] == mot["steps"] and record["curve"][-1]["step"] == mot["steps"] + steps
-        assert record["pre_switch_loss"] == pytest.approx(mot["final_loss"], abs=1e-5)
+    every = json.loads((where / "results" / LR_FILE).read_text())
+    for index, size in enumerate(load_grid(path).sizes):
+        plan, table = plan_size(load_grid(path), size, []), every[size.label]
+        for kind, row in table.items():  # each size's pick is its own sweep's lowest loss
+            finite = {float(lr): loss for lr, loss in row["losses"].items() if loss is not None}
+            assert row["lr"] == min(finite, key=finite.get)
+        seed = where / "results" / size.label / "seed-0"
+        tc = json.loads((seed / f"token_choice-lr{table['token_choice']['lr']:g}.json").read_text())
+        mot = json.loads((seed / f"mot-lr{table['mot']['lr']:g}.json").read_text())
+        assert mot["n_embd"] == size.n_embd and mot["steps"] == plan.recipe.train.steps
+        assert tc["steps"] == plan.recipe.train.steps + plan.transitions["20pct"]
+        assert mot["tokens"] >= size.tokens_per_parameter * plan.parameters and mot["curve"][-1]["step"] == mot["steps"]
+        for label, steps in plan.transitions.items():
+            record = json.loads((seed / f"transition-{label}.json").read_text())
+            assert record["steps"] == steps and record["lr"] == pytest.approx(table["mot"]["lr"] * plan.recipe.optim.final_lr_fraction)
+            assert record["curve"][0]["step"] == mot["steps"] and record["curve"][-1]["step"] == mot["steps"] + steps
+            assert record["pre_switch_loss"] == pytest.approx(mot["final_loss"], abs=1e-5)
+    # seed 1 of the first size ran at that size's picks, and its transitions
+    seed = where / "results" / "d16" / "seed-1"
+    assert sorted(p.name for p in seed.iterdir()) == sorted(
+        [f"{kind}-lr{row['lr']:g}.json" for kind, row in every["d16"].items()] + ["transition-10pct.json", "transition-20pct.json"])
 
 
 def test_the_grid_goes_on_from_its_results_alone(grid, tmp_path):
@@ -114,7 +125,8 @@ def test_a_diverged_sweep_run_is_recorded_and_passed_over(data_dir, tmp_path, mo
                     .replace("transitions = [10, 20]", "transitions = [20]"))
     grid = load_grid(path)
     grid.sizes[0].tokens_per_parameter = 0.5
-    picked = GridRun(grid, tmp_path / "runs", progress=False, log=lambda line: None).sweep()
+    run = GridRun(grid, tmp_path / "runs", progress=False, log=lambda line: None)
+    picked = run.sweep(run.plans[0])
     assert picked == {"dense": 3e-3, "mot": 3e-3, "token_choice": 3e-3}
     record = json.loads((tmp_path / "results" / "d16" / "seed-0" / "dense-lr1e+06.json").read_text())
     assert record["final_loss"] is None and record["diverged"]
@@ -190,9 +202,10 @@ def test_the_grid_writes_its_report_and_report_only_rewrites_it(grid, tmp_path):
     for heading in ("## Learning rates", "## Final held-out loss", "## The paper's measure", "## The transition", "## Verdict"):
         assert heading in text
     summary = json.loads((where / "results" / "summary.json").read_text())
-    mot = summary["table"]["d16"]["mot"]
-    assert mot["seeds"] == 1 and mot["loss"] == [json.loads(next((where / "results" / "d16" / "seed-0").glob(
-        f"mot-lr{summary['lr']['mot']['lr']:g}.json")).read_text())["final_loss"]]
+    mot, lr = summary["table"]["d16"]["mot"], summary["lr"]["d16"]["mot"]["lr"]
+    assert mot["seeds"] == 2 and mot["loss"] == [
+        json.loads((where / "results" / "d16" / f"seed-{i}" / f"mot-lr{lr:g}.json").read_text())["final_loss"] for i in (0, 1)]
+    assert summary["table"]["d24"]["mot"]["seeds"] == 1 and summary["laws"]["mot"] is not None  # two sizes: a fit
     report.unlink()
     code, stdout, stderr = study_cli([path, "--report-only"])
     assert code == 0 and report.read_text() == text, stderr
@@ -207,15 +220,15 @@ def test_a_transition_is_compared_with_token_choice_at_its_own_training_flops(gr
 
     path, where, _ = grid
     summary = json.loads((where / "results" / "summary.json").read_text())
-    lr = summary["lr"]["token_choice"]["lr"]
-    seed = where / "results" / "d16" / "seed-0"
-    tc = json.loads((seed / f"token_choice-lr{lr:g}.json").read_text())
+    lr = summary["lr"]["d16"]["token_choice"]["lr"]
     for label in ("10pct", "20pct"):
-        transition = json.loads((seed / f"transition-{label}.json").read_text())
-        end = transition["curve"][-1]["flops"]
-        expected = loss_at(tc["curve"], "flops", end)
-        expected = tc["curve"][-1]["loss"] if expected is None else expected
-        assert summary["table"]["d16"][f"transition-{label}"]["baseline_at_equal_flops"] == [pytest.approx(expected)]
+        expected = []
+        for seed in (where / "results" / "d16" / f"seed-{i}" for i in (0, 1)):
+            tc = json.loads((seed / f"token_choice-lr{lr:g}.json").read_text())
+            end = json.loads((seed / f"transition-{label}.json").read_text())["curve"][-1]["flops"]
+            at = loss_at(tc["curve"], "flops", end)
+            expected.append(pytest.approx(tc["curve"][-1]["loss"] if at is None else at))
+        assert summary["table"]["d16"][f"transition-{label}"]["baseline_at_equal_flops"] == expected
 
 
 def test_a_second_grid_on_the_same_results_is_refused_naming_the_first(grid, tmp_path):

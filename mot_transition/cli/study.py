@@ -93,10 +93,11 @@ def _grid(path: str, out: Path | None, overrides: list[str], quiet: bool, commit
     out = out if out is not None else Path("runs") / f"{Path(path).stem}"
     on_result = git_committer(grid.results) if commit else None
     lrs = GridRun(grid, out, overrides, progress=not quiet, log=log, on_result=on_result).run()
-    table = Table(title="learning rate per kind (the sweep's pick)")
-    table.add_column("model")
-    table.add_column("learning rate", justify="right")
-    for kind, lr in lrs.items():
-        table.add_row(kind, f"{lr:g}")
+    table = Table(title="learning rate per size and kind (the sweep's pick)")
+    table.add_column("size")
+    for kind in next(iter(lrs.values())):
+        table.add_column(kind, justify="right")
+    for size, picked in lrs.items():
+        table.add_row(size, *(f"{lr:g}" for lr in picked.values()))
     console.print(table)
     console.print(f"results: {grid.results}")

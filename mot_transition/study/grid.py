@@ -12,25 +12,26 @@ A grid file (TOML) names a MoT recipe and what varies around it (recipes/study-d
     transitions = [5, 10]              # MoT -> Token Choice transition lengths, % of a size's MoT steps
     evaluations = 40                   # held-out evaluations per run
     warmup_fraction = 0.02             # warmup steps, a fraction of a run's steps
-    sweep = [1e-3, 3e-3, 1e-2]         # learning rates tried per kind, at the first size, first seed
+    sweep = [1e-3, 3e-3, 1e-2]         # learning rates tried per kind, at every size, first seed
     sweep_extend = 2                   # further values (the same factor apart) while the best is at an edge
 
-    [[size]]                           # one table a size, the first the smallest (where the sweep runs)
+    [[size]]                           # one table a size
     n_embd = 64
     tokens_per_parameter = 200         # training tokens per non-embedding parameter of the dense model
     seeds = 3
 
 Every size trains dense, MoT and Token Choice from scratch (the MoT model's shape, N + the longest
-transition's steps, as `study` does), each kind at the learning rate the sweep picked for it (the
-same at every size: see docs/transition.md for why), and transition-tunes the MoT model converted to
-Token Choice for each length; a transition's learning rate is the MoT run's final one.
+transition's steps, as `study` does), each kind at the learning rate its sweep picked at that size
+(seed 0 trains at every rate of the sweep, so the sweep's runs are seed 0's runs), and
+transition-tunes the MoT model converted to Token Choice for each length; a transition's learning
+rate is the MoT run's final one. Seed 0 of every size comes first, then the further seeds.
 
     OUT/d64/seed-0/KIND-lrX/            a training run (checkpoints: not for committing)
     OUT/d64/seed-0/converted/, transition-Ppct/
     RESULTS/grid.json                   the grid as started: going on with another one is refused
     RESULTS/d64/seed-0/KIND-lrX.json    a finished training run: its curve and what it was
     RESULTS/d64/seed-0/transition-Ppct.json
-    RESULTS/lr.json                     the sweep's losses and each kind's pick
+    RESULTS/lr.json                     per size, the sweep's losses and each kind's pick
 
 A run whose results file is there is not run again; a MoT run whose transitions are still to do is
 trained again when its checkpoint is not on this machine (the same run, bit for bit, on one).
@@ -255,19 +256,23 @@ class GridRun:
         self.grid.results.mkdir(parents=True, exist_ok=True)
         if not (self.grid.results / GRID_FILE).is_file():
             self.on_result(write_json(self.grid.results / GRID_FILE, self.grid.started()), f"started {self.grid.results}")
-        lrs = self.sweep()
-        for index in range(max(s.seeds for s in self.grid.sizes)):
+        lrs = {}
+        for plan in self.plans:
+            lrs[plan.size.label] = self.sweep(plan)
+            self.transitions(plan, 0, lrs[plan.size.label]["mot"])
+        for index in range(1, max(s.seeds for s in self.grid.sizes)):
             for plan in self.plans:
                 if index < plan.size.seeds:
-                    self.seed(plan, index, lrs)
+                    self.seed(plan, index, lrs[plan.size.label])
         report = write_grid_report(self.grid.results)
         self.on_result(report.parent, "the report of the whole grid")
         return lrs
 
-    def sweep(self) -> dict[str, float]:
-        """Each kind at the sweep's learning rates (first size, first seed), extended past an edge
-        while the best is there; writes RESULTS/lr.json. Returns {kind: the learning rate picked}."""
-        plan, picked, table = self.plans[0], {}, {}
+    def sweep(self, plan: SizePlan) -> dict[str, float]:
+        """Each kind at the sweep's learning rates (this size, first seed), extended past an edge
+        while the best is there; writes this size's entry of RESULTS/lr.json. Returns {kind: the
+        learning rate picked}."""
+        picked, table = {}, {}
         for kind in KINDS:
             values, extended = list(self.grid.sweep), 0
             while True:
@@ -284,9 +289,10 @@ class GridRun:
             picked[kind] = best
             table[kind] = {"lr": best, "losses": {f"{lr:g}": losses[lr] for lr in values}}
         path = self.grid.results / LR_FILE
-        if not path.is_file() or read_json_object(path) != table:
-            write_json(path, table)
-            self.on_result(path, "learning-rate sweep: " + ", ".join(f"{k} {v:g}" for k, v in picked.items()))
+        every = read_json_object(path) if path.is_file() else {}
+        if every.get(plan.size.label) != table:
+            write_json(path, {**every, plan.size.label: table})
+            self.on_result(path, f"learning-rate sweep at {plan.size.label}: " + ", ".join(f"{k} {v:g}" for k, v in picked.items()))
         return picked
 
     def seed(self, plan: SizePlan, index: int, lrs: dict[str, float]) -> None:

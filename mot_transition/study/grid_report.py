@@ -33,19 +33,20 @@ REPORT, SUMMARY = "report.md", "summary.json"
 
 
 def load_results(results: Path) -> dict:
-    """{"grid", "lr" (None before the sweep ends), "sizes": {label: {seed: {name: record}}}} where a
-    training run's name is its kind (at the picked learning rate) and a transition's `transition-Ppct`."""
+    """{"grid", "lr" ({label: {kind: {"lr", "losses"}}} for the sizes whose sweep has ended), "sizes":
+    {label: {seed: {name: record}}}} where a training run's name is its kind (at its size's picked
+    learning rate) and a transition's `transition-Ppct`."""
     grid = read_json_object(results / "grid.json")
-    lr = read_json_object(results / "lr.json") if (results / "lr.json").is_file() else None
+    lr = read_json_object(results / "lr.json") if (results / "lr.json").is_file() else {}
     sizes: dict[str, dict[int, dict]] = {}
     for size in grid["sizes"]:
         label = f"d{size['n_embd']}"
         sizes[label] = {}
         for folder in sorted((results / label).glob("seed-*")):
-            runs = {}
-            for kind in KINDS:
-                if lr is not None and (folder / f"{kind}-lr{lr[kind]['lr']:g}.json").is_file():
-                    runs[kind] = read_json_object(folder / f"{kind}-lr{lr[kind]['lr']:g}.json")
+            runs, picked = {}, lr.get(label, {})
+            for kind, row in picked.items():
+                if (folder / f"{kind}-lr{row['lr']:g}.json").is_file():
+                    runs[kind] = read_json_object(folder / f"{kind}-lr{row['lr']:g}.json")
             for path in sorted(folder.glob("transition-*.json")):
                 runs[path.stem] = read_json_object(path)
             sizes[label][int(folder.name.removeprefix("seed-"))] = runs
@@ -139,17 +140,21 @@ def write_grid_report(results: Path) -> Path:
         label = f"d{size['n_embd']}"
         done = sum(1 for runs in data["sizes"].get(label, {}).values() if set(KINDS) <= set(runs))
         lines.append(f"| {label} | {size['tokens_per_parameter']:g} | {size['seeds']} | {done} |")
-    lines += ["", "## Learning rates (the sweep at the first size, first seed)", ""]
-    if data["lr"] is None:
-        lines.append("The sweep has not finished: no learning rate is picked yet, so no run below is at its pick.")
+    lines += ["", "## Learning rates (the sweep at every size, seed 0)", ""]
+    if not data["lr"]:
+        lines.append("No sweep has finished: no learning rate is picked yet, so no run below is at its pick.")
     else:
-        values = sorted({float(v) for row in data["lr"].values() for v in row["losses"]})
-        lines += ["| model | " + " | ".join(f"lr {v:g}" for v in values) + " | picked |", "| --- |" + " ---: |" * (len(values) + 1)]
-        for kind, row in data["lr"].items():
-            cells = [row["losses"].get(f"{v:g}") for v in values]
-            shown = ["—" if c is None and f"{v:g}" not in row["losses"] else ("diverged" if c is None else f"{c:.4f}") for c, v in zip(cells, values)]
-            lines.append(f"| {KINDS[kind]} | " + " | ".join(shown) + f" | {row['lr']:g} |")
-    lines += _figure(plots, "lr-sweep.png", "Held-out loss at the end of each sweep run against its learning rate.")
+        values = sorted({float(v) for picks in data["lr"].values() for row in picks.values() for v in row["losses"]})
+        lines += ["| size | model | " + " | ".join(f"lr {v:g}" for v in values) + " | picked |", "| --- | --- |" + " ---: |" * (len(values) + 1)]
+        for label, picks in data["lr"].items():
+            for kind, row in picks.items():
+                cells = [row["losses"].get(f"{v:g}") for v in values]
+                shown = ["—" if c is None and f"{v:g}" not in row["losses"] else ("diverged" if c is None else f"{c:.4f}") for c, v in zip(cells, values)]
+                lines.append(f"| {label} | {KINDS[kind]} | " + " | ".join(shown) + f" | {row['lr']:g} |")
+        pending = [f"d{size['n_embd']}" for size in grid["sizes"] if f"d{size['n_embd']}" not in data["lr"]]
+        if pending:
+            lines.append(f"\nThe sweep has not finished at {', '.join(pending)}: no run there is at its pick yet.")
+    lines += _figure(plots, "lr-sweep.png", "Held-out loss at the end of each sweep run against its learning rate (line style: size).")
     lines += ["", "## Final held-out loss and training FLOPs (mean ± std over seeds)", ""]
     lines += ["| size | model | seeds | held-out loss | training FLOPs | compute multiplier vs dense |", "| --- | --- | ---: | ---: | ---: | ---: |"]
     for label, row in table.items():
@@ -221,11 +226,15 @@ def _plots(results: Path, data: dict, summary: dict) -> dict | None:
 
     colors = {"dense": "tab:gray", "mot": "tab:blue", "token_choice": "tab:green"}
     written = {}
-    if data["lr"] is not None:
+    if data["lr"]:
         fig, ax = plt.subplots(figsize=(6, 4))
-        for kind, row in data["lr"].items():
-            pairs = sorted((float(v), loss) for v, loss in row["losses"].items() if loss is not None)
-            ax.plot([p[0] for p in pairs], [p[1] for p in pairs], marker="o", label=KINDS[kind], color=colors[kind])
+        styles = iter(["-", "--", ":", "-."] * 4)
+        for label, picks in data["lr"].items():
+            style = next(styles)
+            for kind, row in picks.items():
+                pairs = sorted((float(v), loss) for v, loss in row["losses"].items() if loss is not None)
+                ax.plot([p[0] for p in pairs], [p[1] for p in pairs], marker="o", linestyle=style, label=f"{KINDS[kind]}, {label}",
+                        color=colors[kind])
         ax.set_xscale("log")
         ax.set(xlabel="learning rate", ylabel="held-out loss (nats/token)")
         ax.grid(alpha=0.3)
