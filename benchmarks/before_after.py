@@ -24,14 +24,13 @@ from timing import side_by_side
 
 from mot_transition.layers import DenseFFN, MixtureOfTokens, TokenChoice
 
-FILES = ("__init__.py", "dense.py", "experts.py", "mot.py", "token_choice.py", "expert_choice.py")
-
-
 def load_layers(rev: str, into: Path):
     """The layers package of commit `rev`, importable as `layers_<rev>`."""
     package = into / f"layers_{rev}"
     package.mkdir()
-    for name in FILES:
+    names = subprocess.run(["git", "ls-tree", "--name-only", rev, "mot_transition/layers/"], cwd=HERE.parent, check=True,
+                           capture_output=True, text=True).stdout.split()
+    for name in (Path(n).name for n in names if n.endswith(".py")):
         source = subprocess.run(["git", "show", f"{rev}:mot_transition/layers/{name}"], cwd=HERE.parent, check=True,
                                 capture_output=True, text=True).stdout
         (package / name).write_text(source.replace("from ..config import", "from mot_transition.config import"))
