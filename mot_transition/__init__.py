@@ -13,14 +13,8 @@ from transformers import (
 from . import remote_code  # noqa: F401  (reads the sources that checkpoints carry, once, now)
 from ._version import __version__  # noqa: F401  (mot_transition.__version__)
 from .config import MoTConfig
-from .modeling import (
-    MoTForQuestionAnswering,
-    MoTForSequenceClassification,
-    MoTForTokenClassification,
-    MoTLMHeadModel,
-    MoTModel,
-    MoTPreTrainedModel,
-)
+from .heads import MoTForQuestionAnswering, MoTForSequenceClassification, MoTForTokenClassification
+from .modeling import MoTLMHeadModel, MoTModel, MoTPreTrainedModel
 
 
 AutoConfig.register("mot", MoTConfig, exist_ok=True)

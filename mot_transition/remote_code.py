@@ -23,6 +23,7 @@ MODELING_FILE = "modeling_mot.py"
 MODELING_MODULES = (
     "outputs.py", "attention.py", "layers/expert_parallel.py", "layers/experts.py", "layers/dense.py", "layers/mot.py", "layers/token_choice.py",
     "layers/expert_choice.py", "layers/__init__.py", "layers/balance.py", "parallel_plans.py", "modeling.py",
+    "heads.py",
 )
 
 def _read_sources() -> dict[str, str] | None:
