@@ -195,12 +195,24 @@ def test_the_power_law_fit_and_its_inverse():
     assert power_law([(1e12, 3.0), (1e12, 2.9)]) is None  # one size: no fit
 
 
+def test_the_multiplier_two_power_laws_imply_is_the_dense_flops_to_the_same_loss_over_the_flops():
+    from mot_transition.study.grid_report import flops_for, multiplier_law
+
+    dense, kind = (12.5, 0.07), (11.0, 0.075)
+    m, e = multiplier_law(kind, dense)
+    for c in (1e12, 1e14, 1e17):
+        loss = kind[0] * c ** -kind[1]
+        assert m * c ** e == pytest.approx(flops_for(dense, loss) / c, rel=1e-9)
+    assert e > 0  # the kind's law is steeper: its lead grows with compute
+
+
 def test_the_grid_writes_its_report_and_report_only_rewrites_it(grid, tmp_path):
     path, where, stdout = grid
     report = where / "results" / "report.md"
     text = report.read_text()
     for heading in ("## Learning rates", "## Final held-out loss", "## The paper's measure", "## The transition", "## Verdict"):
         assert heading in text
+    assert "- MoT: " in text and "fitted M(C) = " in text  # two sizes: the multiplier's trend and its fit
     summary = json.loads((where / "results" / "summary.json").read_text())
     mot, lr = summary["table"]["d16"]["mot"], summary["lr"]["d16"]["mot"]["lr"]
     assert mot["seeds"] == 2 and mot["loss"] == [

@@ -166,6 +166,7 @@ def write_grid_report(results: Path) -> Path:
     for name, law in summary["laws"].items():
         lines.append(f"- {label_of(name)}: " + ("fewer than two sizes so far" if law is None else f"a = {law[0]:.4g}, b = {law[1]:.4f}"))
     lines += _figure(plots, "loss-flops.png", "Final held-out loss against training FLOPs, per kind and size (mean and seed range), with each kind's power law.")
+    lines += _multiplier_trend(summary)
     lines += ["", "## The paper's measure: the fraction of dense's steps to reach dense's final loss", "",
               "| size | model | reached in | fraction of dense's steps |", "| --- | --- | ---: | ---: |"]
     for label, row in table.items():
@@ -192,6 +193,35 @@ def write_grid_report(results: Path) -> Path:
     path = results / REPORT
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def multiplier_law(law: tuple[float, float], dense: tuple[float, float]) -> tuple[float, float]:
+    """The compute multiplier against dense that two power laws imply, as M(C) = m * C^e: the dense
+    FLOPs reaching the kind's loss L(C) = a C^-b on dense's law a_d C^-b_d, over C."""
+    (a, b), (a_d, b_d) = law, dense
+    return (a / a_d) ** (-1 / b_d), b / b_d - 1
+
+
+def _multiplier_trend(summary: dict) -> list[str]:
+    """The multiplier over size (the sizes' means) and where the fitted laws carry it past the largest size."""
+    table, laws, dense = summary["table"], summary["laws"], summary["laws"].get("dense")
+    lines = ["", "The compute multiplier against dense over size (mean over seeds; > 1: less compute for the same loss), "
+             "and where the power laws carry it (an extrapolation from the sizes above, no more):", ""]
+    shown = False
+    for name in [n for n in summary["names"] if n != "dense"]:
+        cells = [(label, row[name]) for label, row in table.items() if row.get(name, {}).get("multiplier")]
+        if not cells:
+            continue
+        shown = True
+        text = " → ".join(f"{statistics.fmean(cell['multiplier']):.3g} ({label})" for label, cell in cells)
+        law = laws.get(name)
+        if law is not None and dense is not None and dense[1] > 0:
+            m, e = multiplier_law(law, dense)
+            largest = max(statistics.fmean(cell["flops"]) for _, cell in cells)
+            text += (f"; fitted M(C) = {m:.3g} · C^{e:+.3f}: {m * largest ** e:.3g} at the largest size's FLOPs, "
+                     f"{m * (10 * largest) ** e:.3g} at 10x, {m * (100 * largest) ** e:.3g} at 100x")
+        lines.append(f"- {label_of(name)}: {text}")
+    return lines if shown else []
 
 
 def _verdict(verdicts: list[tuple[str, str, float, str]]) -> list[str]:
@@ -268,4 +298,4 @@ def _plots(results: Path, data: dict, summary: dict) -> dict | None:
     return written
 
 
-__all__ = ["load_results", "power_law", "flops_for", "summarise", "write_grid_report"]
+__all__ = ["load_results", "power_law", "flops_for", "multiplier_law", "summarise", "write_grid_report"]
