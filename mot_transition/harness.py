@@ -104,11 +104,17 @@ def check_task_files(include_path: str | Path) -> None:
     try:
         from lm_eval.tasks._index import TaskIndex
         from lm_eval.tasks._yaml_loader import load_yaml
-    except ImportError:  # another lm-eval layout: its own errors will have to do
-        return
-    for path in TaskIndex._iter_yaml_files(Path(include_path)):
+
+        files = TaskIndex._iter_yaml_files(Path(include_path))
+        read = lambda path: load_yaml(path, resolve_func=False, recursive=True)  # noqa: E731
+    except ImportError:  # lm-eval's earlier layout (0.4.10): the task manager reads each file with its utils
+        from lm_eval import utils
+
+        files = sorted(Path(include_path).rglob("*.yaml"))
+        read = lambda path: utils.load_yaml_config(str(path), mode="simple")  # noqa: E731
+    for path in files:
         try:
-            load_yaml(path, resolve_func=False, recursive=True)
+            read(path)
         except Exception as error:
             mark = getattr(error, "problem_mark", None)
             where = f" at line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
