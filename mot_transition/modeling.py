@@ -104,7 +104,7 @@ class MoTPreTrainedModel(PreTrainedModel):
 
     def _resolve_parallel_plans(self, distributed_config):
         """transformers' resolution of the config's plans, after refusing a layout it cannot give us."""
-        check_layout(distributed_config)
+        check_layout(distributed_config, self.config)
         return super()._resolve_parallel_plans(distributed_config)
 
     def set_group_size(self, group_size: int) -> None:

@@ -23,6 +23,7 @@ Why a sum is exact, per layer kind (y_i the output for token i):
 
 import math
 
+import torch
 from torch import nn
 
 try:
@@ -47,13 +48,20 @@ def local_experts(n_expert: int, rank: int, size: int) -> slice:
     return slice(min(rank * block, n_expert), min((rank + 1) * block, n_expert))
 
 
-def check_layout(distributed_config) -> None:
+def check_layout(distributed_config, config=None) -> None:
     """Refuse, saying why, the layouts transformers cannot give our models. Expert parallelism with FSDP:
     transformers' FSDP2 shards the expert matrices with the experts module that dispatch reaches, on the
     expert mesh, but a Token Choice layer owns its matrices itself (`h.N.mlp.lin1`, `h.N.mlp.lin2` keep
-    their names beside the router), so FSDP would take them into the block's unit on the dense mesh."""
+    their names beside the router), so FSDP would take them into the block's unit on the dense mesh.
+    Tensor parallelism of the llama block style before torch 2.12: its logits differ from one process's
+    (measured with torch 2.9.1, 2.10 and 2.11, every feed-forward kind; equal from 2.12)."""
     if distributed_config is None:
         return
+    if (distributed_config.tp_size or 1) > 1 and getattr(config, "block", None) == "llama" and _torch_release() < (2, 12):
+        raise NotImplementedError(
+            f"tensor parallelism (tp_size > 1) of the llama block style needs torch >= 2.12: with torch "
+            f"{torch.__version__} its outputs differ from one process's. Upgrade torch, or use FSDP or expert parallelism"
+        )
     # the ranks that see distinct batches (its `dp_size` from 5.24; 5.22 has no replicate dimension)
     data_parallel = (getattr(distributed_config, "dp_replicate_size", None) or 1) * (distributed_config.fsdp_size or 1)
     if (distributed_config.ep_size or 1) > 1 and data_parallel > 1:
@@ -63,6 +71,11 @@ def check_layout(distributed_config) -> None:
             "FSDP would shard on the expert mesh. Use ep_size with tp_size (the experts of each rank, tokens "
             "dispatched), or FSDP alone"
         )
+
+
+def _torch_release() -> tuple[int, int]:
+    major, minor = torch.__version__.split(".")[:2]
+    return int(major), int(minor)
 
 
 class FeedForwardShard(TensorParallelLayer):

@@ -16,7 +16,8 @@ from torch.distributed.tensor import DTensor
 from transformers.distributed import DistributedConfig
 
 from mot_transition import MoTLMHeadModel
-from mot_transition.parallel_plans import ALL_PARALLEL_STYLES, local_experts
+from mot_transition import parallel_plans
+from mot_transition.parallel_plans import ALL_PARALLEL_STYLES, check_layout, local_experts
 
 needs_sharded_loading = pytest.mark.skipif(
     ALL_PARALLEL_STYLES is None, reason="a torch without torch.distributed: no parallel styles"
@@ -58,10 +59,25 @@ def _compare(rank, path):
         torch.testing.assert_close(grad, param.grad, rtol=1e-5, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
 
 
+def test_tensor_parallelism_of_the_llama_block_is_refused_before_torch_2_12(monkeypatch):
+    tp = DistributedConfig(tp_size=2)
+    for release in ((2, 11), (2, 12)):
+        monkeypatch.setattr(parallel_plans, "_torch_release", lambda release=release: release)
+        check_layout(tp, tiny_config("mot", block="gpt2"))  # the gpt2 style: every release
+        check_layout(DistributedConfig(fsdp_size=2), tiny_config("mot", block="llama"))
+        if release < (2, 12):
+            with pytest.raises(NotImplementedError, match="llama block style needs torch >= 2.12"):
+                check_layout(tp, tiny_config("mot", block="llama"))
+        else:
+            check_layout(tp, tiny_config("mot", block="llama"))
+
+
 @needs_sharded_loading
 @pytest.mark.skipif(os.cpu_count() < 2, reason="2 processes")
 @pytest.mark.parametrize("case", CASES)
 def test_expert_sharding_equals_one_process(case):
+    if CASES[case].get("block") == "llama" and parallel_plans._torch_release() < (2, 12):
+        pytest.skip("tensor parallelism of the llama block needs torch >= 2.12 (refused below it: the test above)")
     with tempfile.TemporaryDirectory() as path:
         MoTLMHeadModel(tiny_config(**CASES[case])).save_pretrained(path)
         run_distributed(world_size=2)(_compare)(path)
