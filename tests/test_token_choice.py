@@ -216,3 +216,35 @@ def test_expert_choice_equals_plain_reference(batch, group_size, capacity_factor
     mask = (torch.rand(batch, 3) > 0.4) if masked else None
     expected = reference_expert_choice(x, mask, layer.controller, layer.lin1, layer.lin2, group_size, layer.capacity, layer.gated)
     assert torch.allclose(layer(x, mask)[0], expected, atol=1e-10)
+
+
+@pytest.mark.parametrize("k, norm", [(1, False), (1, True), (2, False), (2, True)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("block", BLOCKS)
+def test_decode_without_a_graph_gives_the_general_paths_outputs_bit_for_bit(block, dtype, k, norm):
+    """One token under no_grad / inference_mode takes `_decode`; with autograd on it takes the general
+    path. Both must give the same bits, and the logits too."""
+    torch.manual_seed(0)
+    layer = TokenChoice(tiny_config("token_choice", n_embd=8, n_expert=4, expert_size=4, num_experts_per_tok=k,
+                                    norm_topk_prob=norm, block=block)).to(dtype).eval()
+    x = torch.randn(1, 1, 8, dtype=dtype)
+    general, general_logits = layer(x)
+    with torch.inference_mode():
+        assert layer._decode(x) is not None, "one token with no graph should take the decode path"
+        decoded, logits = layer(x)
+    assert torch.equal(decoded, general) and torch.equal(logits, general_logits)
+    with torch.no_grad():
+        assert torch.equal(layer(x)[0], general)
+
+
+def test_decode_falls_back_to_the_general_path_where_it_does_not_apply():
+    torch.manual_seed(0)
+    layer = TokenChoice(tiny_config("token_choice", n_embd=8, n_expert=4, expert_size=4, router_bias_update_rate=0.1)).eval()
+    x = torch.randn(1, 1, 8)
+    with torch.no_grad():
+        assert layer._decode(x) is None  # a selection bias picks the experts
+        del layer._buffers["expert_bias"]
+        assert layer._decode(x) is not None
+        assert layer._decode(x.to(torch.bfloat16)) is None  # the router runs in float32: a cast first
+        layer.config._experts_implementation = "grouped_mm"
+        assert layer._decode(x) is None

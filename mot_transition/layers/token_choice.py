@@ -26,7 +26,7 @@ from torch import nn
 from transformers.integrations.moe import use_experts_implementation
 
 from ..config import MoTConfig
-from .experts import ExpertLayer, _local
+from .experts import _AT_LEAST_FLOAT32, ExpertLayer, _local, activate
 
 
 @use_experts_implementation(is_transposed=True, has_gate=False)
@@ -123,6 +123,10 @@ class TokenChoice(ExpertLayer):
         self.routed_tokens: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor, token_mask: torch.Tensor | None = None):
+        if token_mask is None and x.numel() == x.shape[-1] and not torch.is_grad_enabled():
+            decoded = self._decode(x)  # one token, no graph: one-sequence decode, per layer per token
+            if decoded is not None:
+                return decoded
         B, S, d = x.shape
         flat = x.reshape(-1, d)  # (N, d)
         logits = self.router_logits(flat)  # (N, E) float32
@@ -149,6 +153,36 @@ class TokenChoice(ExpertLayer):
             # traced, or transformers' experts: shapes fixed by the input, a dropped choice is computed and weighs 0
             gate = gate * self._kept(expert, token_mask, B, S).to(gate.dtype)
         return experts(flat, expert, gate).view(B, S, d), logits
+
+    def _decode(self, x: torch.Tensor):
+        """`forward` of one token with no autograd graph, in as few Python and tensor steps as it takes:
+        the same operations as the general path (router in float32, softmax, top-k, the chosen experts
+        directly), which decode would otherwise pay for in checks, calls and attribute lookups (about a
+        fifth of the layer's time at d=512, benchmarks/RESULTS-layers.md). None where that path does
+        not apply: a selection bias, experts sharded or not ours, a traced run, autocast, a precision
+        below float32, or matrices that are not plain parameters (sharded, or parametrized, LoRA say)."""
+        params = self._parameters
+        controller, lin1, lin2 = params.get("controller"), params.get("lin1"), params.get("lin2")
+        if (
+            type(controller) is not nn.Parameter or type(lin1) is not nn.Parameter or type(lin2) is not nn.Parameter
+            or x.dtype is not controller.dtype or x.dtype not in _AT_LEAST_FLOAT32 or "expert_bias" in self._buffers
+            or self.expert_parallel is not None or self._is_expert_parallel or torch.compiler.is_compiling()
+            or _experts_implementation(self.config) not in (None, "eager") or torch.is_autocast_enabled(x.device.type)
+        ):
+            return None
+        flat = x.view(1, -1)
+        logits = flat @ controller  # (1, E)
+        gate, expert = torch.softmax(logits, dim=-1).topk(self.top_k, dim=-1)
+        act, gated = self.act, self.gated
+        if self.top_k == 1:
+            e = expert.item()
+            out = activate(flat @ lin1[e], act, gated) @ lin2[e]
+            out = out if self.norm_topk_prob else out * gate  # renormalised over one choice, the gate is 1
+        else:
+            if self.norm_topk_prob:
+                gate = gate / gate.sum(dim=-1, keepdim=True)
+            out = gate @ torch.cat([activate(flat @ lin1[e], act, gated) @ lin2[e] for e in expert.view(-1).tolist()])
+        return out.view(x.shape), logits
 
     def _dropping(self, flat, expert, gate, token_mask, B: int, S: int) -> torch.Tensor:
         """Our experts, skipping the dropped choices: (N, d) -> (N, d)."""
