@@ -255,3 +255,21 @@ def test_a_non_empty_folder_that_is_not_a_study_is_refused(tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
     code, _, stderr = study_cli(["tiny", "--out", tmp_path])
     assert code == 1 and "holds no study.json" in stderr and [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+
+
+def test_a_comparison_only_one_seed_reached_is_listed_apart_and_does_not_hide_the_others(monkeypatch):
+    """With 2 seeds, a budget that one seed's runs did not reach (a wall-clock time, on a loaded
+    machine) gives that comparison one value: it is listed as such, and the verdicts of the rest stand."""
+    from mot_transition.study import report as study_report
+
+    rows = [
+        {"model": "MoT", "baseline": "dense", "loss": [1.0, 1.1], "baseline_loss": [2.0, 2.1], "verdict": LARGER},
+        {"model": "Token Choice", "baseline": "dense", "loss": [1.0], "baseline_loss": [1.5], "verdict": ONE_SEED},
+    ]
+    monkeypatch.setattr(study_report, "equal_budget_rows", lambda results, axis: rows if axis == "seconds" else [])
+    seeds = [{"pre_switch_loss": 1.0, "spike": {}, "transitions": {}, "temperatures": {}, "mot_temperature": 0.1}] * 2
+    text = "\n".join(study_report._summary(seeds))
+    assert "Differences larger than the seed spread:\n\n- " in text and "MoT has a lower loss than dense (2 of 2 seeds agree)" in text
+    assert "Measured in one seed only" in text and "Token Choice has a lower loss than dense (1 of 1 seeds agree)" in text
+    assert "With one seed" not in text
+    assert "With one seed" in "\n".join(study_report._summary(seeds[:1]))

@@ -7,7 +7,8 @@
 The (token, choice) pairs are sorted by expert into slots; all experts then run at once on their
 contiguous slices (`ExpertLayer.grouped_experts`), and one gather-weight-sum brings the outputs back
 (`_Dispatch`, `_Combine`: gathers both ways, no scatter). A single token (one-sequence decode) skips
-the sort and runs its k experts directly. The experts sit under transformers' experts-implementation
+the sort and runs its k experts directly; with no autograd graph it skips the layer's general checks
+too (`TokenChoice._decode`: the same operations, the same bits). The experts sit under transformers' experts-implementation
 switch (`RoutedExperts`).
 
 In training a `capacity_factor` caps each expert at ceil(cf * N * k / E) slots (N = B * S), first
