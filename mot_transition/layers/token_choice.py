@@ -94,12 +94,7 @@ class RoutedExperts(nn.Module):
         params = owner._parameters  # (a parametrized weight, LoRA's on the experts say, is not there: the attribute then)
         lin1 = _local(params["lin1"] if "lin1" in params else owner.lin1)
         lin2 = _local(params["lin2"] if "lin2" in params else owner.lin2)
-        chosen = expert.view(-1).tolist()
-        if len(chosen) == 1:  # top-1: the one output scaled by its gate (1, 1), a product as gate @ out is: no cat, no matmul
-            e = chosen[0]
-            return (self.activate(flat @ lin1[e]) @ lin2[e]) * gate
-        outs = [self.activate(flat @ lin1[e]) @ lin2[e] for e in chosen]  # k x (1, d)
-        return gate @ torch.cat(outs)
+        return _chosen_experts(flat, lin1, lin2, self.act, self.gated, expert.view(-1).tolist(), gate)
 
 
 class TokenChoice(ExpertLayer):
@@ -159,7 +154,7 @@ class TokenChoice(ExpertLayer):
         """`forward` of one token with no autograd graph, in as few Python and tensor steps as it takes:
         the same operations as the general path (router in float32, softmax, top-k, the chosen experts
         directly), which decode would otherwise pay for in checks, calls and attribute lookups (about a
-        fifth of the layer's time at d=512, benchmarks/RESULTS-layers.md). None where that path does
+        few percent of the layer's time at d=512, benchmarks/RESULTS-layers.md). None where that path does
         not apply: a selection bias, experts sharded or not ours, a traced run, autocast, a precision
         below float32, or matrices that are not plain parameters (sharded, or parametrized, LoRA say)."""
         params = self._parameters
@@ -174,15 +169,9 @@ class TokenChoice(ExpertLayer):
         flat = x.view(1, -1)
         logits = flat @ controller  # (1, E)
         gate, expert = torch.softmax(logits, dim=-1).topk(self.top_k, dim=-1)
-        act, gated = self.act, self.gated
-        if self.top_k == 1:
-            e = expert.item()
-            out = activate(flat @ lin1[e], act, gated) @ lin2[e]
-            out = out if self.norm_topk_prob else out * gate  # renormalised over one choice, the gate is 1
-        else:
-            if self.norm_topk_prob:
-                gate = gate / gate.sum(dim=-1, keepdim=True)
-            out = gate @ torch.cat([activate(flat @ lin1[e], act, gated) @ lin2[e] for e in expert.view(-1).tolist()])
+        if self.norm_topk_prob:
+            gate = gate / gate.sum(dim=-1, keepdim=True)
+        out = _chosen_experts(flat, lin1, lin2, self.act, self.gated, expert.view(-1).tolist(), gate)
         return out.view(x.shape), logits
 
     def _dropping(self, flat, expert, gate, token_mask, B: int, S: int) -> torch.Tensor:
@@ -230,6 +219,14 @@ class TokenChoice(ExpertLayer):
         rank = torch.arange(N * k, device=expert.device) - (counts.cumsum(0) - counts)[expert.reshape(-1)[order]]
         kept_sorted = valid.reshape(-1)[order] & (rank < capacity)
         return torch.empty_like(kept_sorted).scatter_(0, order, kept_sorted).view(N, k)
+
+
+def _chosen_experts(flat, lin1, lin2, act, gated: bool, chosen: list[int], gate: torch.Tensor) -> torch.Tensor:
+    """One token (1, d) through its chosen experts (ids read to the host), weighted by gate (1, k): (1, d)."""
+    if len(chosen) == 1:  # top-1: the one output scaled by its gate (1, 1), a product as gate @ out is: no cat, no matmul
+        e = chosen[0]
+        return (activate(flat @ lin1[e], act, gated) @ lin2[e]) * gate
+    return gate @ torch.cat([activate(flat @ lin1[e], act, gated) @ lin2[e] for e in chosen])  # k x (1, d)
 
 
 def _experts_implementation(config) -> str | None:
