@@ -17,6 +17,7 @@ import argparse
 import json
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -106,6 +107,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--quick", action="store_true", help="small shapes and 12 steps: checks the script runs")
+    parser.add_argument("--data", help="a prepared corpus for the training runs (data.source; default: the recipes' own)")
     args = parser.parse_args()
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -118,17 +120,23 @@ def main() -> None:
              "TFLOP/s of the dense FFN's FLOPs (3 x 2 x tokens x 2 d f): what each layer does for a token at equal active FLOPs.", "",
              "| layer | ms | TFLOP/s |", "| --- | ---: | ---: |"]
     lines += [f"| {name} | {ms:.2f} | {tflops:.2f} |" for name, ms, tflops in layer_tflops(device, args.quick)]
-    lines += ["", f"## Training, {steps} steps (bf16 autocast on CUDA)", "",
+    data = [f"data.source={args.data!r}"] if args.data else []
+    lines += ["", f"## Training, {steps} steps (bf16 autocast on CUDA)", "", f"Data: {args.data or 'as each recipe says'}.", "",
               "| run | s | tokens/s | MFU | peak memory GiB | held-out loss |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
-    for recipe, overrides in (("medium-mot", []), ("medium-token-choice", []), ("medium-mot", ["train.compile=true"])):
-        name = recipe + ("-compiled" if overrides else "")
-        row = training(recipe, args.out / name, steps, overrides, args.quick)
-        show = lambda v, fmt: "n/a" if v is None else format(v, fmt)  # noqa: E731
-        lines.append(f"| {row['recipe']} | {row['seconds']:.0f} | {show(row['tokens_per_s'], ',.0f')} | {show(row['mfu'], '.1%')} "
-                     f"| {show(row['peak_memory_gib'], '.2f')} | {row['eval_loss']:.4f} |")
-    text = "\n".join(lines) + "\n"
-    (args.out / "gpu.md").write_text(text)
-    print(text)
+    write(args.out, lines)  # written after each part: a run cut short keeps what it measured
+    with tempfile.TemporaryDirectory(prefix="gpu-runs-") as runs:  # the runs' checkpoints: not for --out
+        for recipe, overrides in (("medium-mot", []), ("medium-token-choice", []), ("medium-mot", ["train.compile=true"])):
+            name = recipe + ("-compiled" if overrides else "")
+            row = training(recipe, Path(runs) / name, steps, data + overrides, args.quick)
+            show = lambda v, fmt: "n/a" if v is None else format(v, fmt)  # noqa: E731
+            lines.append(f"| {' '.join([recipe, *overrides])} | {row['seconds']:.0f} | {show(row['tokens_per_s'], ',.0f')} "
+                         f"| {show(row['mfu'], '.1%')} | {show(row['peak_memory_gib'], '.2f')} | {row['eval_loss']:.4f} |")
+            write(args.out, lines)
+    print("\n".join(lines))
+
+
+def write(out: Path, lines: list[str]) -> None:
+    (out / "gpu.md").write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
