@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from mot_transition.study.grid import GRID_FILE, LR_FILE, GridRun, load_grid, non_embedding_parameters, plan_size
+from mot_transition.study.grid_report import KINDS as KIND_NAMES
 from test_study import MICRO, study_cli
 
 SHAPE = [o for o in MICRO if not o.startswith(("train.steps", "train.eval_every", "train.checkpoint_every", "optim.warmup", "model.n_embd"))]
@@ -213,6 +214,11 @@ def test_the_grid_writes_its_report_and_report_only_rewrites_it(grid, tmp_path):
     for heading in ("## Learning rates", "## Final held-out loss", "## The paper's measure", "## The transition", "## Verdict"):
         assert heading in text
     assert "- MoT: " in text and "fitted M(C) = " in text  # two sizes: the multiplier's trend and its fit
+    for label, picks in json.loads((where / "results" / "lr.json").read_text()).items():
+        for kind, row in picks.items():  # a pick at the end of the rates tried is marked as such
+            tried = sorted(float(v) for v in row["losses"])
+            line = next(line for line in text.splitlines() if line.startswith(f"| {label} | {KIND_NAMES[kind]} |"))
+            assert line.endswith("(edge) |") == (row["lr"] in (tried[0], tried[-1])), line
     summary = json.loads((where / "results" / "summary.json").read_text())
     mot, lr = summary["table"]["d16"]["mot"], summary["lr"]["d16"]["mot"]["lr"]
     assert mot["seeds"] == 2 and mot["loss"] == [
