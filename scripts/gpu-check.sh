@@ -2,7 +2,11 @@
 # The GPU check, for a session that is lent a GPU machine, as one call: the CUDA tests, FSDP2 on one
 # GPU, optionally the data-rich study's GPU size, then benchmarks/gpu.py. It installs nothing: it runs
 # with the machine's own Python, which on this workplace's device image already holds torch,
-# transformers, tokenizers, safetensors, typer, rich and pytest (our declared ranges admit its versions).
+# transformers, tokenizers, safetensors, typer, rich and pytest. But its transformers (5.17 on 2026-12-04)
+# is below our range (>=5.22) and MoTConfig does not build on it: carry the lock's transformers and what
+# it needs as wheels and install them first (2026-12-04: transformers 5.25.0, huggingface_hub 2.4.0,
+# kernels, tomlkit, httpx2, httpcore2, truststore, idna, click, regex, hf-xet, from
+# `pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64`).
 #
 #   device run:  bash scripts/gpu-check.sh [--study]
 #
