@@ -15,8 +15,8 @@
 # BUDGET (seconds, default 540) bounds the whole: each part runs under the smaller of its own cap and
 # what is left, so a part that hangs leaves the later ones their time, and a part cut short keeps
 # what it wrote. DATA: a prepared corpus for benchmarks/gpu.py's training runs (default: the recipes'
-# own, which prepares the built-in corpus with a 32,000-token BPE first); STEPS: their steps (300). --study needs the corpus of
-# scripts/study-data-rich-gpu.sh in runs/corpora/linux-6.1-c-fifth.
+# own, which prepares the built-in corpus with a 32,000-token BPE first); STEPS: their steps (300).
+# --study needs the corpus of scripts/study-data-rich-gpu.sh in runs/corpora/linux-6.1-c-fifth.
 set -o pipefail
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 OUT=${OUT:-gpu-check}

@@ -10,22 +10,15 @@
 # folder): 53M training tokens, enough for the 40M tokens of a Token Choice run without repeating one.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-VERSION=${VERSION:-6.1.192-3}
+source scripts/linux-c-sources.sh  # linux_c_sources, VERSION (default 6.1.192-3)
 CORPUS=runs/corpora/linux-6.1-c-fifth
 TOKENIZER=runs/corpora/linux-6.1-c/tokenizer
 PY=${PY:-.venv/bin/python}
 if [ ! -f "$CORPUS/manifest.json" ]; then
     [ -d "$TOKENIZER" ] || { echo "error: $TOKENIZER is missing: run scripts/study-data-rich.sh (or copy its corpus's tokenizer/) first" >&2; exit 1; }
-    if [ ! -f /usr/src/linux-source-6.1.tar.xz ]; then
-        apt-get update -qq
-        apt-get install -y -q "linux-source-6.1=$VERSION"
-    fi
-    installed=$(dpkg-query -W -f='${Version}' linux-source-6.1)
-    [ "$installed" = "$VERSION" ] || { echo "error: linux-source-6.1 $installed is installed, the study's corpus is $VERSION" >&2; exit 1; }
     src=$(mktemp -d)
     trap 'rm -rf "$src"' EXIT
-    tar -xJf /usr/src/linux-source-6.1.tar.xz -C "$src" --wildcards '*.c'
-    find "$src" -name '*.c' -size +200000c -delete
+    linux_c_sources "$src"
     # keep every fifth file in the order prepare reads a folder (sorted relative paths)
     (cd "$src/linux-source-6.1" && find . -name '*.c' | LC_ALL=C sort | awk 'NR % 5 != 1' | xargs -d '\n' rm -f)
     "$PY" -m mot_transition.cli prepare "$src/linux-source-6.1" --out "$CORPUS" --tokenizer "$TOKENIZER" --workers "${WORKERS:-1}"

@@ -17,20 +17,13 @@ cd "$(dirname "$0")/.."
 if [ "$(ps -o sid= -p $$ | tr -d ' ')" = "$$" ] && [ -w /proc/self/autogroup ]; then
     echo "$(nice)" > /proc/self/autogroup 2>/dev/null || true
 fi
-VERSION=${VERSION:-6.1.192-3}
+source scripts/linux-c-sources.sh  # linux_c_sources, VERSION (default 6.1.192-3)
 CORPUS=runs/corpora/linux-6.1-c
 THREADS=${THREADS:-2}
 if [ ! -f "$CORPUS/manifest.json" ]; then
-    if [ ! -f /usr/src/linux-source-6.1.tar.xz ]; then
-        apt-get update -qq
-        apt-get install -y -q "linux-source-6.1=$VERSION"
-    fi
-    installed=$(dpkg-query -W -f='${Version}' linux-source-6.1)
-    [ "$installed" = "$VERSION" ] || { echo "error: linux-source-6.1 $installed is installed, the study's corpus is $VERSION" >&2; exit 1; }
     src=$(mktemp -d)
     trap 'rm -rf "$src"' EXIT
-    tar -xJf /usr/src/linux-source-6.1.tar.xz -C "$src" --wildcards '*.c'
-    find "$src" -name '*.c' -size +200000c -delete
+    linux_c_sources "$src"
     .venv/bin/mot-transition prepare "$src/linux-source-6.1" --out "$CORPUS" --vocab-size 2048 --workers 1
 fi
 exec .venv/bin/mot-transition study recipes/study-data-rich.toml --out runs/study-data-rich --commit --quiet "train.threads=$THREADS"
