@@ -171,8 +171,10 @@ class TokenChoice(ExpertLayer):
         gate, expert = torch.softmax(logits, dim=-1).topk(self.top_k, dim=-1)
         if self.norm_topk_prob:
             gate = gate / gate.sum(dim=-1, keepdim=True)
-        out = _chosen_experts(flat, lin1, lin2, self.act, self.gated, expert.view(-1).tolist(), gate)
-        return out.view(x.shape), logits
+        if self.top_k > 1:
+            return _chosen_experts(flat, lin1, lin2, self.act, self.gated, expert.view(-1).tolist(), gate).view(x.shape), logits
+        e = expert.item()  # top-1 inlined (`_chosen_experts`' first case): one host read, no list, no call
+        return ((activate(flat @ lin1[e], self.act, self.gated) @ lin2[e]) * gate).view(x.shape), logits
 
     def _dropping(self, flat, expert, gate, token_mask, B: int, S: int) -> torch.Tensor:
         """Our experts, skipping the dropped choices: (N, d) -> (N, d)."""
