@@ -119,6 +119,41 @@ def test_another_grid_in_the_same_results_is_refused(grid, tmp_path):
     assert json.loads((where / "results" / GRID_FILE).read_text())["transitions"] == [10.0, 20.0]
 
 
+def test_a_larger_sweep_extend_goes_on_with_the_edge_picks_and_a_smaller_one_is_refused(grid, tmp_path):
+    """sweep_extend may grow on a started grid (nothing done is invalidated): a kind whose pick lay at
+    an edge of the rates tried gets one more rate past it, the others train nothing new."""
+    path, where, _ = grid
+    results = tmp_path / "results"
+    shutil.copytree(where / "results", results)
+    before = json.loads((results / LR_FILE).read_text())["d16"]
+    smaller = tmp_path / "smaller.toml"
+    smaller.write_text(path.read_text().replace("sweep_extend = 1", "sweep_extend = 0").replace(str(where / "results"), str(results)))
+    code, _, stderr = study_cli([smaller, "--out", tmp_path / "runs", "--quiet"])
+    assert code == 1 and "grid key 'sweep_extend' is 0" in stderr and "was started with 1" in stderr
+    grid = load_grid(path)
+    grid.sweep_extend, grid.sizes, grid.results = 2, grid.sizes[:1], results
+    said = []
+    with pytest.raises(ValueError, match="'sizes'"):  # any change but sweep_extend's growth is still refused
+        GridRun(grid, tmp_path / "runs", log=said.append, progress=False).check()
+    grid = load_grid(path)
+    grid.sweep_extend, grid.results = 2, results
+    GridRun(grid, tmp_path / "runs", log=said.append, progress=False).run()
+    assert "sweep_extend grows from 1 to 2" in said[0]
+    assert json.loads((results / GRID_FILE).read_text())["sweep_extend"] == 2
+    after, edges = json.loads((results / LR_FILE).read_text())["d16"], []
+    for kind, row in before.items():
+        tried = sorted(float(lr) for lr in row["losses"])
+        at_edge = row["lr"] in (tried[0], tried[-1])
+        grew = sorted(float(lr) for lr in after[kind]["losses"])
+        assert len(grew) == len(tried) + at_edge and set(tried) <= set(grew), (kind, tried, grew)
+        finite = {float(lr): loss for lr, loss in after[kind]["losses"].items() if loss is not None}
+        assert after[kind]["lr"] == min(finite, key=finite.get)
+        trained = [line for line in said if f"sweep] {kind} at lr" in line]
+        assert len(trained) == at_edge, trained
+        edges.append(at_edge)
+    assert any(edges), "the fixture grid has no pick at an edge: this test would show nothing"
+
+
 def test_a_diverged_sweep_run_is_recorded_and_passed_over(data_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("MOT_TRANSITION_CACHE", str(tmp_path / "cache"))
     path = tmp_path / "grid.toml"

@@ -28,7 +28,8 @@ rate is the MoT run's final one. Seed 0 of every size comes first, then the furt
 
     OUT/d64/seed-0/KIND-lrX/            a training run (checkpoints: not for committing)
     OUT/d64/seed-0/converted/, transition-Ppct/
-    RESULTS/grid.json                   the grid as started: going on with another one is refused
+    RESULTS/grid.json                   the grid as started: going on with another one is refused, but
+                                        for a larger sweep_extend (edge picks then go on)
     RESULTS/d64/seed-0/KIND-lrX.json    a finished training run: its curve and what it was
     RESULTS/d64/seed-0/transition-Ppct.json
     RESULTS/lr.json                     per size, the sweep's losses and each kind's pick
@@ -227,14 +228,23 @@ class GridRun:
         self.on_result = on_result or (lambda path, message: None)
         self.plans = [plan_size(grid, size, list(how)) for size in grid.sizes]
 
-    def check(self) -> None:
-        """The grid already started in RESULTS must be this one, and the corpus the one it names."""
-        started = self.grid.results / GRID_FILE
-        if started.is_file() and read_json_object(started) != self.grid.started():
+    def check(self) -> bool:
+        """The grid already started in RESULTS must be this one, and the corpus the one it names. One
+        change is taken: a larger `sweep_extend` (the sweeps whose pick lies at an edge go on; nothing
+        done is invalidated). Returns whether grid.json is to be written (new, or grown)."""
+        started, write = self.grid.results / GRID_FILE, True
+        if started.is_file():
             was, now = read_json_object(started), self.grid.started()
-            key = next(k for k in [*now, *was] if was.get(k) != now.get(k))
-            raise ValueError(f"grid key {key!r} is {as_written(now.get(key))} but the grid in {self.grid.results} was started with "
-                             f"{as_written(was.get(key))}; go on with the grid file it was started with, or choose other results")
+            changed = [k for k in dict.fromkeys([*now, *was]) if was.get(k) != now.get(k)]
+            grown = changed == ["sweep_extend"] and isinstance(was["sweep_extend"], int) and now["sweep_extend"] > was["sweep_extend"]
+            if changed and not grown:
+                key = changed[0]
+                raise ValueError(f"grid key {key!r} is {as_written(now.get(key))} but the grid in {self.grid.results} was started with "
+                                 f"{as_written(was.get(key))}; go on with the grid file it was started with, or choose other results")
+            if grown:
+                self.log(f"sweep_extend grows from {was['sweep_extend']} to {now['sweep_extend']}: "
+                         "the sweeps whose pick lies at an edge of the rates tried go on")
+            write = grown
         wanted = {"source_fingerprint": self.grid.corpus_fingerprint, "tokenizer_hash": self.grid.tokenizer_hash}
         if any(wanted.values()):
             manifest = prepare_run_data(self.plans[0].recipe)[3].manifest
@@ -242,6 +252,7 @@ class GridRun:
                 if value is not None and manifest.get(key) != value:
                     raise ValueError(f"the corpus {self.plans[0].recipe.data.source} has {key} {manifest.get(key)}, not the grid's "
                                      f"{value}: prepare it with the grid's documented command")
+        return write
 
     def run(self) -> dict:
         """Sweep, then every size and seed (seed 0 of every size first, then the further seeds); one
@@ -252,10 +263,11 @@ class GridRun:
             return self._run()
 
     def _run(self) -> dict:
-        self.check()
-        self.grid.results.mkdir(parents=True, exist_ok=True)
-        if not (self.grid.results / GRID_FILE).is_file():
-            self.on_result(write_json(self.grid.results / GRID_FILE, self.grid.started()), f"started {self.grid.results}")
+        if self.check():
+            self.grid.results.mkdir(parents=True, exist_ok=True)
+            grown = (self.grid.results / GRID_FILE).is_file()
+            self.on_result(write_json(self.grid.results / GRID_FILE, self.grid.started()),
+                           f"sweep_extend {self.grid.sweep_extend}" if grown else f"started {self.grid.results}")
         lrs = {}
         for plan in self.plans:
             lrs[plan.size.label] = self.sweep(plan)
