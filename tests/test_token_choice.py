@@ -248,3 +248,55 @@ def test_decode_falls_back_to_the_general_path_where_it_does_not_apply():
         assert layer._decode(x.to(torch.bfloat16)) is None  # the router runs in float32: a cast first
         layer.config._experts_implementation = "grouped_mm"
         assert layer._decode(x) is None
+
+
+class _HostReads(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the operations that read a tensor's values back to the host (on a GPU, each one a sync:
+    the queue drains, then waits for the next launches), called from our package's code. It sees what
+    goes through torch's dispatcher (.item(), bincount, nonzero, a boolean index, ...), not .tolist()
+    of a CPU tensor, which reads the memory directly."""
+
+    READS = {"aten._local_scalar_dense.default", "aten.item.default", "aten.nonzero.default", "aten.bincount.default", "aten.masked_select.default",
+             "aten._unique2.default", "aten.repeat_interleave.Tensor", "aten.one_hot.default"}
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        boolean_index = str(func) == "aten.index.Tensor" and any(
+            isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1] if i is not None)
+        if str(func) in self.READS or boolean_index:
+            import traceback
+
+            outside_torch = [f for f in traceback.extract_stack() if "/torch/" not in f.filename and "test_token_choice" not in f.filename]
+            if outside_torch and "mot_transition" in outside_torch[-1].filename:  # not transformers' own (its causal mask)
+                self.seen.append(f"{func} at {outside_torch[-1].filename.split('mot_transition')[-1]}:{outside_torch[-1].lineno}")
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("ffn_type, fields", [
+    ("token_choice", {}), ("token_choice", {"router_bias_update_rate": 0.01}), ("mot", {"use_discrete_routing": True}),
+])
+def test_a_training_step_reads_nothing_back_to_the_host(ffn_type, fields, monkeypatch):
+    """Dropless Token Choice training (no padding) runs on a GPU without a sync: routing, counting, the
+    experts, the load-balancing loss and the selection bias's counts all stay on the device (here on
+    the CPU, counting as on a GPU); so does MoT, discrete routing too. The detector is checked as
+    well: the layer's one-token decode reads its expert id, and it sees that."""
+    from mot_transition import MoTLMHeadModel
+    from mot_transition.layers import token_choice
+
+    monkeypatch.setattr(token_choice, "_HOST_COUNTED", ())
+    torch.manual_seed(0)
+    config = tiny_config(ffn_type, n_embd=16, n_expert=4, expert_size=8, num_experts_per_tok=2,
+                         router_aux_loss_coef=0.01, router_z_loss_coef=0.001, **fields)
+    model = MoTLMHeadModel(config).train()
+    ids = torch.randint(0, config.vocab_size, (4, 8))
+    with _HostReads() as reads:
+        out = model(input_ids=ids, labels=ids, output_router_logits=True)
+        out.loss.backward()
+    assert (out.aux_loss is not None) == (ffn_type == "token_choice") and reads.seen == []
+    layer = TokenChoice(tiny_config("token_choice", n_embd=16, num_experts_per_tok=1)).eval()
+    with _HostReads() as reads, torch.inference_mode():
+        layer(torch.randn(1, 1, 16))  # top-1 decode: its expert id read with .item()
+    assert any("item" in seen or "_local_scalar_dense" in seen for seen in reads.seen), reads.seen

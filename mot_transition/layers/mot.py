@@ -15,7 +15,6 @@ mixture and output 0; a group without a valid token contributes nothing and make
 """
 
 import torch
-import torch.nn.functional as F
 
 from ..config import MoTConfig
 from .experts import ExpertLayer, group_by_position, ungroup_by_position
@@ -32,14 +31,14 @@ class MixtureOfTokens(ExpertLayer):
     def forward(self, x: torch.Tensor, token_mask: torch.Tensor | None = None):
         B, S = x.shape[:2]
         xg, keep = group_by_position(x, token_mask, self.group_size)  # (n, g, d), (n, g, 1) | None; n = G*S groups
-        g = xg.shape[1]
         logits = self.router_logits(xg) / self.temperature  # (n, g, E) float32
         # finfo.min, not -inf: exp() gives an exact 0 beside a valid token, and a group of
         # invalid tokens only gives finite weights that `* keep` then zeroes (no NaN).
         masked = logits if keep is None else logits.masked_fill(~keep, torch.finfo(logits.dtype).min)
         if self.use_discrete_routing:
-            # each expert takes exactly one token of the group and returns its output to it
-            merge = emit = _kept(F.one_hot(masked.argmax(dim=1), g).transpose(1, 2).to(logits.dtype), keep)
+            # each expert takes exactly one token of the group and returns its output to it (a scatter,
+            # not one_hot, which checks its ids on the host: a sync on a GPU)
+            merge = emit = _kept(torch.zeros_like(masked).scatter_(1, masked.argmax(dim=1, keepdim=True), 1.0), keep)
         else:
             merge = _kept(torch.softmax(masked, dim=1), keep)  # over the g tokens of a group
             emit = _kept(torch.softmax(masked, dim=-1), keep) if self.emit_softmax_over_experts else merge

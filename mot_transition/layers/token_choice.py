@@ -242,12 +242,19 @@ def _experts_implementation(config) -> str | None:
     return config._experts_implementation
 
 
+# where `_count` takes bincount: on the CPU, reading the largest id costs nothing, and index_add_ would
+# open a parallel region (milliseconds when the other cores are busy)
+_HOST_COUNTED = ("cpu",)
+
+
 def _count(expert: torch.Tensor, E: int) -> torch.Tensor:
     """Choices per expert (E,), of expert ids of any shape in [0, E)."""
     flat = expert.reshape(-1)
-    if torch.compiler.is_compiling():  # bincount's size depends on the data
-        return torch.zeros(E, dtype=torch.long, device=flat.device).index_add_(0, flat, torch.ones_like(flat))
-    return torch.bincount(flat, minlength=E)
+    if flat.device.type in _HOST_COUNTED and not torch.compiler.is_compiling():
+        return torch.bincount(flat, minlength=E)
+    # bincount sizes its output by the largest id, read to the host: on a GPU a sync (the GPU's queue
+    # drains, then waits for the next launches), traced a size that depends on the data
+    return torch.zeros(E, dtype=torch.long, device=flat.device).index_add_(0, flat, torch.ones_like(flat))
 
 
 def _inverse(order: torch.Tensor) -> torch.Tensor:
@@ -332,7 +339,8 @@ def load_balancing_loss(router_logits: torch.Tensor, top_k: int, token_mask: tor
     """
     probs = torch.softmax(router_logits.float(), dim=-1)
     E = probs.shape[-1]
-    chosen = F.one_hot(probs.topk(top_k, dim=-1).indices, E).sum(dim=1).float()  # (N, E)
+    # (N, E) 1.0 where chosen (a token's k ids differ); not one_hot, which checks its ids on the host (a GPU sync)
+    chosen = torch.zeros_like(probs).scatter_(1, probs.topk(top_k, dim=-1).indices, 1.0)
     return E * (_valid_mean(chosen, token_mask) * _valid_mean(probs, token_mask)).sum()
 
 
