@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU check, for a session that is lent a GPU machine, as one call: the CUDA tests, FSDP2 on one
-# GPU, optionally the data-rich study's GPU size, then benchmarks/gpu.py. It installs nothing: it runs
+# GPU, optionally a bare training step profiled and the data-rich study's GPU size, then benchmarks/gpu.py. It installs nothing: it runs
 # with the machine's own Python, which on this workplace's device image already holds torch,
 # transformers, tokenizers, safetensors, typer, rich and pytest. But its transformers (5.17 on 2026-12-04)
 # is below our range (>=5.22) and MoTConfig does not build on it: carry the lock's transformers and what
@@ -8,10 +8,10 @@
 # kernels, tomlkit, httpx2, httpcore2, truststore, idna, click, regex, hf-xet, from
 # `pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64`).
 #
-#   device run:  bash scripts/gpu-check.sh [--study]
+#   device run:  bash scripts/gpu-check.sh [--profile] [--study]
 #
-# OUT (default gpu-check/) receives versions.txt, check.log (every part's output), fsdp.json, gpu.md
-# and, with --study, study.tgz (docs/study-data-rich-gpu/: the grid's results, one JSON file a run).
+# OUT (default gpu-check/) receives versions.txt, check.log (every part's output), fsdp.json, gpu.md,
+# with --profile profile.md (benchmarks/gpu_profile.py: why Token Choice trains slower than MoT) and, with --study, study.tgz (docs/study-data-rich-gpu/: the grid's results, one JSON file a run).
 # BUDGET (seconds, default 540) bounds the whole: each part runs under the smaller of its own cap and
 # what is left, so a part that hangs leaves the later ones their time, and a part cut short keeps
 # what it wrote. DATA: a prepared corpus for benchmarks/gpu.py's training runs (default: the recipes'
@@ -42,7 +42,10 @@ python3 -c "import torch, transformers; print('torch', torch.__version__, 'trans
 part "CUDA tests" 150 python3 -m pytest -m cuda -q -p no:cacheprovider tests/test_cuda.py
 # FSDP2 on one GPU: tiny-token-choice trained whole and sharded in a process group of one (bf16 gathers)
 part "FSDP on one GPU" 120 python3 scripts/gpu_fsdp_check.py --out "$OUT"
-if [ "${1:-}" = "--study" ]; then
+if [[ " $* " == *" --profile "* ]]; then
+    part "a bare training step, profiled" 120 python3 benchmarks/gpu_profile.py --out "$OUT"
+fi
+if [[ " $* " == *" --study "* ]]; then
     part "study, GPU size" "${STUDY_CAP:-300}" env PY=python3 bash scripts/study-data-rich-gpu.sh
     tar -czf "$OUT/study.tgz" docs/study-data-rich-gpu 2>&1 | tee -a "$LOG"
 fi
