@@ -251,38 +251,54 @@ def test_decode_falls_back_to_the_general_path_where_it_does_not_apply():
 
 
 class _HostReads(torch.utils._python_dispatch.TorchDispatchMode):
-    """Records the operations that read a tensor's values back to the host (on a GPU, each one a sync:
-    the queue drains, then waits for the next launches), called from our package's code. It sees what
-    goes through torch's dispatcher (.item(), bincount, nonzero, a boolean index, ...), not .tolist()
-    of a CPU tensor, which reads the memory directly."""
+    """Records every read of a tensor's values back to the host (on a GPU, each one a sync: the queue
+    drains, then waits for the next launches), forward or backward, but transformers' causal mask's
+    own: the operations that go through torch's dispatcher (.item(), bincount, nonzero, a boolean
+    index, ...) and, patched while the mode is on, .tolist() (which reads a CPU tensor's memory
+    directly)."""
 
-    READS = {"aten._local_scalar_dense.default", "aten.item.default", "aten.nonzero.default", "aten.bincount.default", "aten.masked_select.default",
-             "aten._unique2.default", "aten.repeat_interleave.Tensor", "aten.one_hot.default"}
+    READS = {"aten._local_scalar_dense.default", "aten.item.default", "aten.nonzero.default", "aten.bincount.default",
+             "aten.masked_select.default", "aten._unique2.default", "aten.repeat_interleave.Tensor", "aten.one_hot.default"}
 
     def __init__(self):
         super().__init__()
         self.seen = []
 
+    def note(self, what: str) -> None:
+        import traceback
+
+        stack = traceback.extract_stack()[:-2]
+        if not any(f.filename.endswith("masking_utils.py") for f in stack):
+            where = next((f for f in reversed(stack) if "/torch/" not in f.filename), stack[-1])
+            self.seen.append(f"{what} at {where.filename}:{where.lineno}")
+
+    def __enter__(self):
+        tolist = self._tolist = torch.Tensor.tolist
+        torch.Tensor.tolist = lambda tensor: (self.note("tolist"), tolist(tensor))[1]
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        torch.Tensor.tolist = self._tolist
+        return super().__exit__(*exc)
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         boolean_index = str(func) == "aten.index.Tensor" and any(
             isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1] if i is not None)
         if str(func) in self.READS or boolean_index:
-            import traceback
-
-            outside_torch = [f for f in traceback.extract_stack() if "/torch/" not in f.filename and "test_token_choice" not in f.filename]
-            if outside_torch and "mot_transition" in outside_torch[-1].filename:  # not transformers' own (its causal mask)
-                self.seen.append(f"{func} at {outside_torch[-1].filename.split('mot_transition')[-1]}:{outside_torch[-1].lineno}")
+            self.note(str(func))
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize("ffn_type, fields", [
-    ("token_choice", {}), ("token_choice", {"router_bias_update_rate": 0.01}), ("mot", {"use_discrete_routing": True}),
+@pytest.mark.parametrize("ffn_type, fields, autocast", [
+    ("token_choice", {}, False), ("token_choice", {"router_bias_update_rate": 0.01}, False),
+    ("token_choice", {}, True), ("token_choice", {"block": "llama"}, True), ("mot", {"use_discrete_routing": True}, False),
 ])
-def test_a_training_step_reads_nothing_back_to_the_host(ffn_type, fields, monkeypatch):
+def test_a_training_step_reads_nothing_back_to_the_host(ffn_type, fields, autocast, monkeypatch):
     """Dropless Token Choice training (no padding) runs on a GPU without a sync: routing, counting, the
-    experts, the load-balancing loss and the selection bias's counts all stay on the device (here on
-    the CPU, counting as on a GPU); so does MoT, discrete routing too. The detector is checked as
-    well: the layer's one-token decode reads its expert id, and it sees that."""
+    experts (under bf16 autocast too: grouped, not a loop over the counts), the load-balancing loss and
+    the selection bias's counts all stay on the device (here on the CPU, counting as on a GPU); so does
+    MoT, discrete routing too. The detector is checked as well: a one-token decode reads its expert
+    ids (top-1: .item(); top-2: .tolist()), and it sees both."""
     from mot_transition import MoTLMHeadModel
     from mot_transition.layers import token_choice
 
@@ -293,10 +309,12 @@ def test_a_training_step_reads_nothing_back_to_the_host(ffn_type, fields, monkey
     model = MoTLMHeadModel(config).train()
     ids = torch.randint(0, config.vocab_size, (4, 8))
     with _HostReads() as reads:
-        out = model(input_ids=ids, labels=ids, output_router_logits=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = model(input_ids=ids, labels=ids, output_router_logits=True)
         out.loss.backward()
     assert (out.aux_loss is not None) == (ffn_type == "token_choice") and reads.seen == []
-    layer = TokenChoice(tiny_config("token_choice", n_embd=16, num_experts_per_tok=1)).eval()
-    with _HostReads() as reads, torch.inference_mode():
-        layer(torch.randn(1, 1, 16))  # top-1 decode: its expert id read with .item()
-    assert any("item" in seen or "_local_scalar_dense" in seen for seen in reads.seen), reads.seen
+    for k, read in ((1, "item"), (2, "tolist")):
+        layer = TokenChoice(tiny_config("token_choice", n_embd=16, num_experts_per_tok=k)).eval()
+        with _HostReads() as reads, torch.inference_mode():
+            layer(torch.randn(1, 1, 16))
+        assert any(read in seen for seen in reads.seen), reads.seen

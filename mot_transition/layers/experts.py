@@ -86,7 +86,7 @@ class ExpertLayer(nn.Module):
         if torch.compiler.is_compiling():  # transformers' dispatcher: torch's kernel where the compiler takes it, else an opaque op
             offsets = counts.cumsum(0, dtype=torch.int32)
             return _traced_grouped_mm(self.activate(_traced_grouped_mm(tokens, lin1, offsets)), lin2, offsets)
-        if self._grouped_mm_takes(tokens):
+        if _grouped_mm_takes(tokens, lin1, lin2):
             offsets = counts.cumsum(0, dtype=torch.int32)  # end row of every expert
             return F.grouped_mm(self.activate(F.grouped_mm(tokens, lin1, offs=offsets)), lin2, offs=offsets)
         pieces = tokens.split(counts.tolist())
@@ -95,14 +95,6 @@ class ExpertLayer(nn.Module):
     def activate(self, h: torch.Tensor) -> torch.Tensor:
         """act(h) of a fresh matmul output h (..., f), or act(gate) * up of h = [gate | up] (..., 2f)."""
         return activate(h, self.act, self.gated)
-
-    def _grouped_mm_takes(self, tokens: torch.Tensor) -> bool:
-        (f, d), size = self.lin2.shape[1:], tokens.element_size()
-        return (
-            hasattr(F, "grouped_mm") and tokens.dtype == self.lin1.dtype
-            and tokens.dtype in (torch.float32, torch.bfloat16, torch.float16)
-            and (d * size) % 16 == 0 and (f * size) % 16 == 0
-        )
 
     def router_logits(self, x: torch.Tensor) -> torch.Tensor:
         """x @ controller in at least float32: router math never runs in half precision, not even
@@ -119,6 +111,18 @@ class ExpertLayer(nn.Module):
 
 
 _AT_LEAST_FLOAT32 = (torch.float32, torch.float64)  # the dtypes that promote_types(dtype, float32) leaves as they are
+
+
+def _grouped_mm_takes(tokens: torch.Tensor, lin1: torch.Tensor, lin2: torch.Tensor) -> bool:
+    """Whether torch's grouped matmul takes these tokens (n, d) and expert matrices, as they will be
+    multiplied (under autocast: cast). Else `_grouped_local` runs one matmul per expert, which reads
+    the counts back to the host (a sync on a GPU) and loops in Python."""
+    (f, d), size = lin2.shape[-2:], tokens.element_size()
+    return (
+        hasattr(F, "grouped_mm") and tokens.dtype == lin1.dtype
+        and tokens.dtype in (torch.float32, torch.bfloat16, torch.float16)
+        and (d * size) % 16 == 0 and (f * size) % 16 == 0
+    )
 
 
 def _local(weight: torch.Tensor) -> torch.Tensor:

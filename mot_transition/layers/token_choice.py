@@ -63,7 +63,6 @@ class RoutedExperts(nn.Module):
     activate = ExpertLayer.activate
     grouped_experts = ExpertLayer.grouped_experts
     _grouped_local = ExpertLayer._grouped_local
-    _grouped_mm_takes = ExpertLayer._grouped_mm_takes
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
         """Every token (N, d) through its k experts (N, k), weighted (N, k): (N, d). The implementation
