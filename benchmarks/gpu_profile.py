@@ -98,7 +98,11 @@ def profile(step, device: torch.device, rows: int) -> tuple[float | None, str, s
     device_key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     if device.type != "cuda":
         return None, "(no GPU)", events.table(sort_by="self_cpu_time_total", row_limit=rows)
-    busy = sum(e.self_device_time_total for e in events) / 1e6 / 3 / wall
+    from torch.autograd import DeviceType
+
+    # the kernels' own rows (a CPU operation's row repeats the time of the kernels it launched)
+    kernels = [e for e in events if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)]
+    busy = sum(e.self_device_time_total for e in kernels) / 1e6 / 3 / wall
     return busy, events.table(sort_by=device_key, row_limit=rows), events.table(sort_by="self_cpu_time_total", row_limit=rows)
 
 

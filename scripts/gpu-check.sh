@@ -18,6 +18,9 @@
 # own, which prepares the built-in corpus with a 32,000-token BPE first); STEPS: their steps (300).
 # --study needs the corpus of scripts/study-data-rich-gpu.sh in runs/corpora/linux-6.1-c-fifth.
 set -o pipefail
+for flag in "$@"; do
+    case $flag in --profile|--study) ;; *) echo "error: unknown option $flag (known: --profile, --study)" >&2; exit 2 ;; esac
+done
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 OUT=${OUT:-gpu-check}
 BUDGET=${BUDGET:-540}
