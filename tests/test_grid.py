@@ -137,6 +137,15 @@ def test_a_larger_sweep_extend_goes_on_with_the_edge_picks_and_a_smaller_one_is_
         GridRun(grid, tmp_path / "runs", log=said.append, progress=False).check()
     grid = load_grid(path)
     grid.sweep_extend, grid.results = 2, results
+    table = json.loads((results / LR_FILE).read_text())
+    moved = json.loads(json.dumps(table))  # MoT's pick at an edge: growing could move it, and its transitions have run
+    moved["d16"]["mot"]["lr"] = max(float(lr) for lr in moved["d16"]["mot"]["losses"])
+    (results / LR_FILE).write_text(json.dumps(moved))
+    with pytest.raises(ValueError, match="would try MoT past its pick .* at d16, whose transitions have run"):
+        GridRun(grid, tmp_path / "runs", log=said.append, progress=False).check()
+    (results / LR_FILE).write_text(json.dumps(table))
+    tried = [float(lr) for lr in table["d16"]["mot"]["losses"]]
+    assert min(tried) < table["d16"]["mot"]["lr"] < max(tried), "the fixture's own MoT pick must lie inside for what follows"
     GridRun(grid, tmp_path / "runs", log=said.append, progress=False).run()
     assert "sweep_extend grows from 1 to 2" in said[0]
     assert json.loads((results / GRID_FILE).read_text())["sweep_extend"] == 2

@@ -230,18 +230,20 @@ class GridRun:
 
     def check(self) -> bool:
         """The grid already started in RESULTS must be this one, and the corpus the one it names. One
-        change is taken: a larger `sweep_extend` (the sweeps whose pick lies at an edge go on; nothing
-        done is invalidated). Returns whether grid.json is to be written (new, or grown)."""
+        change is taken: a larger `sweep_extend` (the sweeps whose pick lies at an edge go on), unless it
+        could move a MoT pick whose transitions have run. Returns whether grid.json is to be written
+        (new, or grown)."""
         started, write = self.grid.results / GRID_FILE, True
         if started.is_file():
             was, now = read_json_object(started), self.grid.started()
             changed = [k for k in dict.fromkeys([*now, *was]) if was.get(k) != now.get(k)]
-            grown = changed == ["sweep_extend"] and isinstance(was["sweep_extend"], int) and now["sweep_extend"] > was["sweep_extend"]
+            grown = changed == ["sweep_extend"] and isinstance(was.get("sweep_extend"), int) and now["sweep_extend"] > was["sweep_extend"]
             if changed and not grown:
                 key = changed[0]
                 raise ValueError(f"grid key {key!r} is {as_written(now.get(key))} but the grid in {self.grid.results} was started with "
                                  f"{as_written(was.get(key))}; go on with the grid file it was started with, or choose other results")
             if grown:
+                self._check_growth(now["sweep_extend"])
                 self.log(f"sweep_extend grows from {was['sweep_extend']} to {now['sweep_extend']}: "
                          "the sweeps whose pick lies at an edge of the rates tried go on")
             write = grown
@@ -253,6 +255,17 @@ class GridRun:
                     raise ValueError(f"the corpus {self.plans[0].recipe.data.source} has {key} {manifest.get(key)}, not the grid's "
                                      f"{value}: prepare it with the grid's documented command")
         return write
+
+    def _check_growth(self, extend: int) -> None:
+        """A larger sweep_extend may move a MoT pick that lies at an edge; the transitions made from the
+        MoT run at the old pick would then stand for the new one: refused where any has run."""
+        path = self.grid.results / LR_FILE
+        for label, table in (read_json_object(path) if path.is_file() else {}).items():
+            tried, pick = [float(lr) for lr in table["mot"]["losses"]], table["mot"]["lr"]
+            if pick in (min(tried), max(tried)) and len(tried) - len(self.grid.sweep) < extend:
+                if any((self.grid.results / label).glob("seed-*/transition-*.json")):
+                    raise ValueError(f"a larger sweep_extend would try MoT past its pick {pick:g} at {label}, whose transitions "
+                                     f"have run from that pick; start the grid afresh in other results to sweep further")
 
     def run(self) -> dict:
         """Sweep, then every size and seed (seed 0 of every size first, then the further seeds); one
