@@ -6,7 +6,8 @@
 It writes DIR/gpu.md (and prints it):
 1. the feed-forward layers in bfloat16, forward + backward: TFLOP/s of dense, MoT, Token Choice
    (ours, top-1) and transformers' Mixtral block (grouped_mm, SwiGLU experts of about equal FLOPs), at the
-   medium recipes' width;
+   medium recipes' width; and MoT and Token Choice as the trainer runs them (float32 weights under bf16
+   autocast);
 2. a few hundred training steps of `medium-mot` and `medium-token-choice` (bf16 autocast, the
    recipe's batch), and of `medium-mot` with `train.compile=true`: tokens/s, MFU and peak memory
    from the trainer's own metrics (median over the steps after the first 10).
@@ -52,19 +53,25 @@ def layer_tflops(device: torch.device, quick: bool) -> list[tuple[str, float, fl
     with torch.no_grad():
         for p in mixtral.parameters():
             p.normal_(0.0, 0.02)
-    layers = {"dense FFN": DenseFFN(config), "MoT": MixtureOfTokens(config), "Token Choice (ours)": TokenChoice(config),
-              "Mixtral block (grouped_mm)": mixtral}
+    # (layer, under autocast): bf16 weights, or float32 weights under bf16 autocast as the trainer runs them
+    layers = {"dense FFN": (DenseFFN(config), False), "MoT": (MixtureOfTokens(config), False),
+              "Token Choice (ours)": (TokenChoice(config), False), "Mixtral block (grouped_mm)": (mixtral, False),
+              "MoT, float32 under autocast": (MixtureOfTokens(config), True),
+              "Token Choice (ours), float32 under autocast": (TokenChoice(config), True)}
     tokens = rows * seq
     flops = 3 * 2 * tokens * 2 * d * f  # forward + backward of one FFN of width f per token
     results = []
-    for name, layer in layers.items():
-        layer = layer.to(device, torch.bfloat16).train()
-        x = torch.randn(rows, seq, d, device=device, dtype=torch.bfloat16, requires_grad=True)
+    for name, (layer, autocast) in layers.items():
+        dtype = torch.float32 if autocast else torch.bfloat16
+        layer = layer.to(device, dtype).train()
+        x = torch.randn(rows, seq, d, device=device, dtype=dtype, requires_grad=True)
         dy = torch.randn_like(x)
 
         def step():
-            out = layer(x)
-            (out[0] if isinstance(out, tuple) else out).backward(dy)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+                out = layer(x)
+            y = out[0] if isinstance(out, tuple) else out
+            y.backward(dy.to(y.dtype))
 
         for _ in range(3):
             step()
