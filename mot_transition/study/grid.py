@@ -58,7 +58,7 @@ from ..train.checkpoint import checkpoint_dir
 from ..train.loop import TrainingDiverged
 from ..transition import load_transition, transition
 from .accounting import flops_per_step, training_curve, transition_curve
-from .grid_report import write_grid_report
+from .grid_report import at_edge, write_grid_report
 from .runs import dense_recipe, train_once
 
 KINDS = ("dense", "mot", "token_choice")
@@ -261,10 +261,10 @@ class GridRun:
         MoT run at the old pick would then stand for the new one: refused where any has run."""
         path = self.grid.results / LR_FILE
         for label, table in (read_json_object(path) if path.is_file() else {}).items():
-            tried, pick = [float(lr) for lr in table["mot"]["losses"]], table["mot"]["lr"]
-            if pick in (min(tried), max(tried)) and len(tried) - len(self.grid.sweep) < extend:
+            mot = table["mot"]
+            if at_edge(mot) and len(mot["losses"]) - len(self.grid.sweep) < extend:
                 if any((self.grid.results / label).glob("seed-*/transition-*.json")):
-                    raise ValueError(f"a larger sweep_extend would try MoT past its pick {pick:g} at {label}, whose transitions "
+                    raise ValueError(f"a larger sweep_extend would try MoT past its pick {mot['lr']:g} at {label}, whose transitions "
                                      f"have run from that pick; start the grid afresh in other results to sweep further")
 
     def run(self) -> dict:

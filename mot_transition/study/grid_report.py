@@ -32,7 +32,7 @@ KINDS = {"dense": "dense", "mot": "MoT", "token_choice": "Token Choice from scra
 REPORT, SUMMARY = "report.md", "summary.json"
 
 
-def _at_edge(row: dict) -> bool:
+def at_edge(row: dict) -> bool:
     """Whether a kind's picked learning rate is the smallest or the largest it tried."""
     tried = [float(v) for v in row["losses"]]
     return row["lr"] in (min(tried), max(tried))
@@ -156,8 +156,8 @@ def write_grid_report(results: Path) -> Path:
             for kind, row in picks.items():
                 cells = [row["losses"].get(f"{v:g}") for v in values]
                 shown = ["—" if c is None and f"{v:g}" not in row["losses"] else ("diverged" if c is None else f"{c:.4f}") for c, v in zip(cells, values)]
-                lines.append(f"| {label} | {KINDS[kind]} | " + " | ".join(shown) + f" | {row['lr']:g}{' (edge)' if _at_edge(row) else ''} |")
-        if any(_at_edge(row) for picks in data["lr"].values() for row in picks.values()):
+                lines.append(f"| {label} | {KINDS[kind]} | " + " | ".join(shown) + f" | {row['lr']:g}{' (edge)' if at_edge(row) else ''} |")
+        if any(at_edge(row) for picks in data["lr"].values() for row in picks.values()):
             lines.append("\nA pick marked (edge) is the smallest or largest rate that kind tried, the sweep's extensions spent "
                          "(`sweep_extend`): its best rate may lie past it, and its loss may be higher than at its best.")
         pending = [f"d{size['n_embd']}" for size in grid["sizes"] if f"d{size['n_embd']}" not in data["lr"]]
