@@ -237,6 +237,62 @@ def test_decode_without_a_graph_gives_the_general_paths_outputs_bit_for_bit(bloc
         assert torch.equal(layer(x)[0], general)
 
 
+@pytest.mark.parametrize("k", [1, 2])
+def test_decode_follows_the_experts_through_updates_new_storage_and_copies(k):
+    """Decode keeps views of every expert's matrices (`TokenChoice._views`). They must see an in-place
+    update and give way to new storage (`.to()`, a new Parameter, `load_state_dict(assign=True)`); the
+    old ones are freed then, never kept as a second copy of the experts (a weight swapped out, as
+    offloading does, is freed with its views), and a copy of the layer decodes with its own."""
+    import copy
+    import gc
+    import pickle
+    import weakref
+
+    torch.manual_seed(0)
+    layer = TokenChoice(tiny_config("token_choice", n_embd=8, n_expert=4, expert_size=4, num_experts_per_tok=k)).eval()
+    x = torch.randn(1, 1, 8)
+
+    def decode_equals_general():
+        with torch.no_grad():
+            assert layer._decode(x) is not None
+            decoded = layer(x)[0]
+        return torch.equal(decoded, layer(x.to(layer.lin1.dtype).requires_grad_())[0].detach())
+
+    def storage(weight):  # a weak reference to the storage of `weight`
+        return weakref.ref(weight.untyped_storage())
+
+    assert decode_equals_general() and "_expert_views" in layer.__dict__
+    with torch.no_grad():  # an optimizer step: in place
+        layer.lin1.mul_(-2.0)
+        layer.lin2.add_(0.5)
+    assert decode_equals_general()
+    lin1, float32 = layer.lin1, storage(layer.lin1)
+    layer.to(torch.float64)  # new storage in the same Parameter: the float32 views are dropped at once
+    gc.collect()
+    assert layer.lin1 is lin1 and "_expert_views" not in layer.__dict__ and float32() is None
+    del lin1
+    x = x.double()
+    assert decode_equals_general()
+    dtype = layer._expert_views[2][0].dtype  # (not inside an assert: pytest would keep the views it shows)
+    assert dtype == torch.float64
+    old = storage(layer.lin2)
+    layer.lin2 = torch.nn.Parameter(torch.randn_like(layer.lin2))  # a new Parameter: the old one dies, its views with it
+    gc.collect()
+    assert old() is None and decode_equals_general()
+    old = storage(layer.lin1)
+    layer._parameters["lin1"] = torch.nn.Parameter(torch.empty_like(layer.lin1, device="meta"))  # swapped out (offloading)
+    gc.collect()
+    assert old() is None and "_expert_views" not in layer.__dict__
+    layer.load_state_dict({name: torch.randn(*t.shape, dtype=torch.float64) for name, t in layer.state_dict().items()}, assign=True)
+    assert decode_equals_general()
+    for twin in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
+        assert "_expert_views" not in twin.__dict__
+        with torch.no_grad():
+            assert torch.equal(twin(x)[0], layer(x)[0])
+        address = twin._expert_views[0]
+        assert address == twin.lin1.data_ptr() != layer.lin1.data_ptr()
+
+
 def test_decode_falls_back_to_the_general_path_where_it_does_not_apply():
     torch.manual_seed(0)
     layer = TokenChoice(tiny_config("token_choice", n_embd=8, n_expert=4, expert_size=4, router_bias_update_rate=0.1)).eval()

@@ -19,6 +19,7 @@ not routed.
 """
 
 import math
+import weakref
 from typing import NamedTuple
 
 import torch
@@ -170,10 +171,40 @@ class TokenChoice(ExpertLayer):
         gate, expert = torch.softmax(logits, dim=-1).topk(self.top_k, dim=-1)
         if self.norm_topk_prob:
             gate = gate / gate.sum(dim=-1, keepdim=True)
+        views = self.__dict__.get("_expert_views")  # lin1[e] and lin2[e] of every expert, made once (`_views`)
+        if views is None or views[0] != lin1.data_ptr() or views[1] != lin2.data_ptr() or len(views[2]) != len(lin1):
+            views = self._views(lin1, lin2)
         if self.top_k > 1:
-            return _chosen_experts(flat, lin1, lin2, self.act, self.gated, expert.view(-1).tolist(), gate).view(x.shape), logits
+            return _chosen_experts(flat, views[2], views[3], self.act, self.gated, expert.view(-1).tolist(), gate).view(x.shape), logits
         e = expert.item()  # top-1 inlined (`_chosen_experts`' first case): one host read, no list, no call
-        return ((activate(flat @ lin1[e], self.act, self.gated) @ lin2[e]) * gate).view(x.shape), logits
+        return ((activate(flat @ views[2][e], self.act, self.gated) @ views[3][e]) * gate).view(x.shape), logits
+
+    def _views(self, lin1: torch.Tensor, lin2: torch.Tensor) -> tuple:
+        """Decode's views of every expert's matrices: making `lin1[e]` anew at every token costs decode 4%
+        (benchmarks/RESULTS-layers.md), where this layer's attribute and the addresses checked cost less.
+        They see every in-place change (an optimizer step, `load_state_dict`); new storage is told by its
+        address. They never hold the experts' memory longer than the Parameters do: views of a detached
+        alias (not of the Parameter), dropped when a Parameter dies (its weights swapped out, as offloading
+        does) or gets new storage (`.to()`), and never pickled or copied."""
+        layer = weakref.ref(self)
+
+        def forget(_):
+            if (alive := layer()) is not None:
+                alive.__dict__.pop("_expert_views", None)
+
+        views = (lin1.data_ptr(), lin2.data_ptr(), lin1.detach().unbind(0), lin2.detach().unbind(0),
+                 weakref.ref(lin1, forget), weakref.ref(lin2, forget))
+        self.__dict__["_expert_views"] = views
+        return views
+
+    def _apply(self, fn, recurse=True):  # .to(), .half(): new storage, maybe in the same Parameter; free the old now
+        self.__dict__.pop("_expert_views", None)
+        return super()._apply(fn, recurse)
+
+    def __getstate__(self):  # pickle, deepcopy: the copy makes its own
+        state = dict(super().__getstate__())
+        state.pop("_expert_views", None)
+        return state
 
     def _dropping(self, flat, expert, gate, token_mask, B: int, S: int) -> torch.Tensor:
         """Our experts, skipping the dropped choices: (N, d) -> (N, d)."""
