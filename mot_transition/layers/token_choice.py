@@ -180,9 +180,8 @@ class TokenChoice(ExpertLayer):
         return ((activate(flat @ views[2][e], self.act, self.gated) @ views[3][e]) * gate).view(x.shape), logits
 
     def _views(self, lin1: torch.Tensor, lin2: torch.Tensor) -> tuple:
-        """Decode's views of every expert's matrices: making `lin1[e]` anew at every token costs decode 4%
-        (benchmarks/RESULTS-layers.md), where this layer's attribute and the addresses checked cost less.
-        They see every in-place change (an optimizer step, `load_state_dict`); new storage is told by its
+        """Decode's views of every expert's matrices: making `lin1[e]` anew at every token costs decode 3-4%
+        (benchmarks/RESULTS-layers.md), reading this attribute and checking two addresses less. They see every in-place change (an optimizer step, `load_state_dict`); new storage is told by its
         address. They never hold the experts' memory longer than the Parameters do: views of a detached
         alias (not of the Parameter), dropped when a Parameter dies (its weights swapped out, as offloading
         does) or gets new storage (`.to()`), and never pickled or copied."""
