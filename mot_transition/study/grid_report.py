@@ -295,8 +295,9 @@ def _paper_measure(table: dict) -> list[str]:
             text += f"; compute multiplier {_span(multipliers, '{:.2f}')}"
         if name == "mot":
             reproduced = reached == of and max(fractions) <= 1 / 3
-            text += (". The paper reports a quarter to a third of dense's steps (its medium size, about 390 training tokens "
-                     "per non-embedding parameter): " + ("reproduced here." if reproduced else "not reproduced at these sizes."))
+            text += (". The paper reports a quarter to a third of dense's steps, from runs far larger than these (its medium "
+                     "size: about 25M non-embedding parameters, 390 training tokens each): "
+                     + ("reproduced here." if reproduced else "not reproduced at these sizes."))
         lines.append(text + ("" if text.endswith(".") else "."))
     return lines
 
