@@ -258,6 +258,13 @@ def test_the_grid_writes_its_report_and_report_only_rewrites_it(grid, tmp_path):
     for heading in ("## Learning rates", "## Final held-out loss", "## The paper's measure", "## The transition", "## Verdict"):
         assert heading in text
     assert "- MoT: " in text and "fitted M(C) = " in text  # two sizes: the multiplier's trend and its fit
+    glance = text.split("## At a glance")[1].split("## Sizes")[0]  # one row a size, one column a model, 5% before 10%
+    assert "| size | dense | MoT | Token Choice from scratch | MoT → Token Choice, 10% | MoT → Token Choice, 20% |" in glance
+    summary = json.loads((where / "results" / "summary.json").read_text())
+    for label, row in summary["table"].items():
+        cells = [c.strip() for c in next(line for line in glance.splitlines() if line.startswith(f"| {label} |")).split("|")[2:-1]]
+        assert [float(c.split()[0]) for c in cells] == [pytest.approx(sum(row[n]["loss"]) / len(row[n]["loss"]), abs=5e-5)
+                                                        for n in summary["names"]]
     verdict = text.split("## Verdict")[1]  # the plain answer first, then each size and length
     assert verdict.lstrip().startswith("- **MoT → Token Choice") and "nats per 10x training FLOPs" in verdict
     assert "- MoT against dense: reaches dense's final loss in" in verdict and "The paper reports" in verdict
@@ -336,3 +343,12 @@ def test_the_verdict_holds_mot_to_the_papers_measure(fractions, reproduced):
     assert line.endswith("reproduced here." if reproduced else "not reproduced at these sizes.")
     table["d8"]["mot"]["reaching"] = {"reached": 0, "of": 1, "fraction": []}  # a seed that never got there: not reproduced
     assert _paper_measure(table)[0].endswith("not reproduced at these sizes.") and "in 1 of 2 runs" in _paper_measure(table)[0]
+
+
+def test_the_report_orders_transitions_by_length():
+    from mot_transition.study.grid_report import summarise
+
+    record = {"curve": [{"step": 10, "flops": 1e9, "seconds": 1.0, "loss": 3.0}], "steps": 10, "recovery_step": 4, "pre_switch_loss": 3.1, "post_switch_loss": 3.2}
+    runs = {name: record for name in ("transition-10pct", "transition-5pct", "transition-20pct", "mot", "dense")}
+    names = summarise({"grid": {}, "lr": {}, "sizes": {"d8": {0: runs}}})["names"]
+    assert names == ["dense", "mot", "transition-5pct", "transition-10pct", "transition-20pct"]

@@ -83,7 +83,7 @@ def final(record: dict) -> tuple[float, float]:
 def summarise(data: dict) -> dict:
     """Every number the report shows, by size and model."""
     names = sorted({name for seeds in data["sizes"].values() for runs in seeds.values() for name in runs},
-                   key=lambda n: (n not in KINDS, list(KINDS).index(n) if n in KINDS else 0, n))
+                   key=lambda n: (n not in KINDS, list(KINDS).index(n) if n in KINDS else _percent(n), n))
     table: dict[str, dict] = {}
     for label, seeds in data["sizes"].items():
         row = {}
@@ -118,6 +118,14 @@ def summarise(data: dict) -> dict:
     return {"names": names, "table": table, "laws": laws, "lr": data["lr"]}
 
 
+def _percent(name: str) -> float:
+    """The transition length of `transition-Ppct`, for ordering (5% before 10%)."""
+    try:
+        return float(name.removeprefix("transition-").removesuffix("pct"))
+    except ValueError:
+        return math.inf
+
+
 def _baseline_at(curve: list[dict], flops: float) -> float:
     """The baseline's loss at `flops`; past its last evaluation (a transition whose MoT steps cost
     more than Token Choice's), its final loss, reached with less compute: in the baseline's favour."""
@@ -141,6 +149,7 @@ def write_grid_report(results: Path) -> Path:
              f"Recipe `{grid['recipe']}` with {', '.join(f'`{o}`' for o in grid['overrides'])}; corpus fingerprint "
              f"`{grid.get('corpus_fingerprint')}`, tokenizer `{grid.get('tokenizer_hash')}`. Written from the results files "
              "alone (`mot-transition study GRID --report-only`); wall-clock time is not compared (the runs shared the machine).", ""]
+    lines += _at_a_glance(summary)
     lines += ["## Sizes", "", "| size | tokens per non-embedding parameter (dense) | seeds asked | seeds done (all runs) |", "| --- | ---: | ---: | ---: |"]
     for size in grid["sizes"]:
         label = f"d{size['n_embd']}"
@@ -202,6 +211,22 @@ def write_grid_report(results: Path) -> Path:
     path = results / REPORT
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def _at_a_glance(summary: dict) -> list[str]:
+    """One row a size, one column a model: the final held-out losses (the table the README shows)."""
+    names, table = summary["names"], summary["table"]
+    if not any(table.values()):
+        return []
+    lines = ["## At a glance", "",
+             "Final held-out loss (nats/token), mean ± std over the seeds done; Token Choice from scratch runs as many "
+             "steps as MoT plus its longest transition (they are compared at equal FLOPs under The transition).", "",
+             "| size | " + " | ".join(label_of(n) for n in names) + " |", "| --- |" + " ---: |" * len(names)]
+    for label, row in table.items():
+        if row:
+            lines.append(f"| {label} | " + " | ".join(
+                f"{show(row[n]['loss'], compact=True)} ({row[n]['seeds']})" if n in row else "—" for n in names) + " |")
+    return lines + ["", "(in brackets: seeds)", ""]
 
 
 def multiplier_law(law: tuple[float, float], dense: tuple[float, float]) -> tuple[float, float]:
