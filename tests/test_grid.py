@@ -320,29 +320,29 @@ def test_a_second_grid_on_the_same_results_is_refused_naming_the_first(grid, tmp
 
 
 def test_the_verdict_says_where_the_gap_goes_with_size():
-    from mot_transition.study.grid_report import _gap_trend
+    from mot_transition.study.grid_verdict import gap_trend
 
     table = {"d8": {"transition-10pct": {"flops": [1e10]}}, "d16": {"transition-10pct": {"flops": [1e11]}}}
-    narrowing = _gap_trend("transition-10pct", [("d8", 0.2), ("d16", 0.1)], table)[0]
+    narrowing = gap_trend("transition-10pct", [("d8", 0.2), ("d16", 0.1)], table)[0]
     assert "-0.1000 nats per 10x" in narrowing and "would close at about 10x the largest size's" in narrowing
-    slow = _gap_trend("transition-10pct", [("d8", 0.2), ("d16", 0.19)], table)[0]
+    slow = gap_trend("transition-10pct", [("d8", 0.2), ("d16", 0.19)], table)[0]
     assert "would not close within 1000x" in slow  # 19 decades away: not a number worth printing
-    assert "does not narrow" in _gap_trend("transition-10pct", [("d8", 0.1), ("d16", 0.2)], table)[0]
-    assert "the lead does not narrow" in _gap_trend("transition-10pct", [("d8", -0.1), ("d16", -0.2)], table)[0]
-    assert _gap_trend("transition-10pct", [("d8", 0.2)], table) == []  # one size: no trend
+    assert "does not narrow" in gap_trend("transition-10pct", [("d8", 0.1), ("d16", 0.2)], table)[0]
+    assert "the lead does not narrow" in gap_trend("transition-10pct", [("d8", -0.1), ("d16", -0.2)], table)[0]
+    assert gap_trend("transition-10pct", [("d8", 0.2)], table) == []  # one size: no trend
 
 
 @pytest.mark.parametrize("fractions, reproduced", [([0.25, 0.3], True), ([0.25, 0.5], False)])
 def test_the_verdict_holds_mot_to_the_papers_measure(fractions, reproduced):
-    from mot_transition.study.grid_report import _paper_measure
+    from mot_transition.study.grid_verdict import paper_measure
 
     table = {f"d{8 * (i + 1)}": {"mot": {"reaching": {"reached": 1, "of": 1, "fraction": [f]}, "multiplier": [2.0 + i]}}
              for i, f in enumerate(fractions)}
-    (line,) = _paper_measure(table)
+    (line,) = paper_measure(table)
     assert f"at {100 * min(fractions):.0f}-{100 * max(fractions):.0f}% of dense's steps; compute multiplier 2.00-3.00" in line
     assert line.endswith("reproduced here." if reproduced else "not reproduced at these sizes.")
     table["d8"]["mot"]["reaching"] = {"reached": 0, "of": 1, "fraction": []}  # a seed that never got there: not reproduced
-    assert _paper_measure(table)[0].endswith("not reproduced at these sizes.") and "in 1 of 2 runs" in _paper_measure(table)[0]
+    assert paper_measure(table)[0].endswith("not reproduced at these sizes.") and "in 1 of 2 runs" in paper_measure(table)[0]
 
 
 def test_the_report_orders_transitions_by_length():
