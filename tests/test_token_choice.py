@@ -275,6 +275,8 @@ def test_decode_follows_the_experts_through_updates_new_storage_and_copies(k):
     assert decode_equals_general()
     dtype = layer._expert_views[2][0].dtype  # (not inside an assert: pytest would keep the views it shows)
     assert dtype == torch.float64
+    layer.lin1.data = torch.randn_like(layer.lin1)  # new storage in the same Parameter, not through .to(): told by its address
+    assert decode_equals_general()
     old = storage(layer.lin2)
     layer.lin2 = torch.nn.Parameter(torch.randn_like(layer.lin2))  # a new Parameter: the old one dies, its views with it
     gc.collect()
