@@ -181,8 +181,9 @@ class TokenChoice(ExpertLayer):
 
     def _views(self, lin1: torch.Tensor, lin2: torch.Tensor) -> tuple:
         """Decode's views of every expert's matrices: making `lin1[e]` anew at every token costs decode 3-4%
-        (benchmarks/RESULTS-layers.md), reading this attribute and checking two addresses less. They see every in-place change (an optimizer step, `load_state_dict`); new storage is told by its
-        address. They never hold the experts' memory longer than the Parameters do: views of a detached
+        (benchmarks/RESULTS-layers.md), reading this attribute and checking two addresses less. They see
+        every in-place change (an optimizer step, `load_state_dict`); new storage is told by its address.
+        They never hold the experts' memory longer than the Parameters do: views of a detached
         alias (not of the Parameter), dropped when a Parameter dies (its weights swapped out, as offloading
         does) or gets new storage (`.to()`), and never pickled or copied."""
         layer = weakref.ref(self)
@@ -201,7 +202,7 @@ class TokenChoice(ExpertLayer):
         return super()._apply(fn, recurse)
 
     def __getstate__(self):  # pickle, deepcopy: the copy makes its own
-        state = dict(super().__getstate__())
+        state = super().__getstate__()  # (nn.Module's is already a copy of __dict__)
         state.pop("_expert_views", None)
         return state
 

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from ..jsonfiles import read_json_object, write_json
 from .accounting import first_reaching, loss_at
-from .grid_verdict import KINDS, label_of, verdict
+from .grid_verdict import KINDS, label_of, length, line_fit, verdict
 from .report import judge, show
 
 REPORT, SUMMARY = "report.md", "summary.json"
@@ -63,10 +63,8 @@ def power_law(points: list[tuple[float, float]]) -> tuple[float, float] | None:
     """(a, b) of L = a * C^-b through (C, L) points by least squares in log-log; None for fewer than two."""
     if len({c for c, _ in points}) < 2:
         return None
-    xs, ys = [math.log(c) for c, _ in points], [math.log(loss) for _, loss in points]
-    mx, my = statistics.fmean(xs), statistics.fmean(ys)
-    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
-    return math.exp(my - slope * mx), -slope
+    intercept, slope = line_fit([(math.log(c), math.log(loss)) for c, loss in points])
+    return math.exp(intercept), -slope
 
 
 def flops_for(law: tuple[float, float], loss: float) -> float:
@@ -198,7 +196,7 @@ def write_grid_report(results: Path) -> Path:
             own, base = cell["own_loss_paired"], cell["baseline_at_equal_flops"]
             difference = [o - b for o, b in zip(own, base)]
             compared = f"{show(difference, compact=True)} nats, {judge(own, base)}" if own else "no baseline yet"
-            lines.append(f"| {label} | {name.removeprefix('transition-').replace('pct', '%')} | {show(cell['spike'], compact=True)} | "
+            lines.append(f"| {label} | {length(name)} | {show(cell['spike'], compact=True)} | "
                          f"{show(cell['recovery_step'], 'step', compact=True)} | {show(own, compact=True)} | {show(base, compact=True)} | "
                          f"{compared} |")
             if difference:

@@ -10,8 +10,20 @@ import statistics
 KINDS = {"dense": "dense", "mot": "MoT", "token_choice": "Token Choice from scratch"}
 
 
+def length(name: str) -> str:
+    """A transition's length as the report writes it: `transition-5pct` -> 5%."""
+    return name.removeprefix("transition-").replace("pct", "%")
+
+
 def label_of(name: str) -> str:
-    return KINDS.get(name) or f"MoT → Token Choice, {name.removeprefix('transition-').replace('pct', '%')}"
+    return KINDS.get(name) or f"MoT → Token Choice, {length(name)}"
+
+
+def line_fit(points: list[tuple[float, float]]) -> tuple[float, float]:
+    """(intercept, slope) of the least-squares line through (x, y) points, at least two distinct x."""
+    mx, my = statistics.fmean(x for x, _ in points), statistics.fmean(y for _, y in points)
+    slope = sum((x - mx) * (y - my) for x, y in points) / sum((x - mx) ** 2 for x, _ in points)
+    return my - slope * mx, slope
 
 
 def verdict(verdicts: list[tuple[str, str, float, str]], summary: dict) -> list[str]:
@@ -19,7 +31,7 @@ def verdict(verdicts: list[tuple[str, str, float, str]], summary: dict) -> list[
     paper's measure reproduce for MoT), then every size and transition length on its own line."""
     if not verdicts:
         return ["No transition has finished beside its Token Choice baseline yet: no verdict."]
-    ahead = [f"{label} ({name.removeprefix('transition-').replace('pct', '%')})" for label, name, d, _ in verdicts if d < 0]
+    ahead = [f"{label} ({length(name)})" for label, name, d, _ in verdicts if d < 0]
     lines = [f"- **MoT → Token Choice is ahead of Token Choice from scratch at equal training FLOPs at {', '.join(ahead)}**, "
              f"and behind in the other {len(verdicts) - len(ahead)} of the {len(verdicts)} size and transition pairs (mean over seeds)."
              if ahead else
@@ -31,7 +43,7 @@ def verdict(verdicts: list[tuple[str, str, float, str]], summary: dict) -> list[
     lines += paper_measure(summary["table"])
     for label, name, difference, said in verdicts:
         better = "beats" if difference < 0 else "trails"
-        lines.append(f"- {label}: MoT → Token Choice ({name.removeprefix('transition-').replace('pct', '%')}) {better} Token Choice "
+        lines.append(f"- {label}: MoT → Token Choice ({length(name)}) {better} Token Choice "
                      f"from scratch at equal training FLOPs by {abs(difference):.4f} nats ({said}).")
     return lines
 
@@ -42,14 +54,13 @@ def gap_trend(name: str, gaps: list[tuple[str, float]], table: dict) -> list[str
     if len(gaps) < 2:
         return []
     points = [(math.log10(statistics.fmean(table[label][name]["flops"])), d) for label, d in gaps]
-    mx, my = statistics.fmean(x for x, _ in points), statistics.fmean(d for _, d in points)
-    slope = sum((x - mx) * (d - my) for x, d in points) / sum((x - mx) ** 2 for x, _ in points)
+    intercept, slope = line_fit(points)
     text = (f"- {label_of(name)} minus Token Choice from scratch, over size: "
             + " → ".join(f"{d:+.4f} ({label})" for label, d in gaps) + f" nats (negative: the transition is ahead); "
             f"{slope:+.4f} nats per 10x training FLOPs")
     last_x, last = points[-1]
     if slope != 0 and (last > 0) == (slope < 0):  # the gap moves towards zero
-        decades = (my - slope * mx) / -slope - last_x  # past the largest size, in log10 FLOPs, where the line is 0
+        decades = intercept / -slope - last_x  # past the largest size, in log10 FLOPs, where the line is 0
         what = "lead" if last < 0 else "gap"
         text += (f": on that line the {what} would close at about {10 ** decades:.2g}x the largest size's training FLOPs"
                  if decades <= 3 else f": on that line the {what} would not close within 1000x the largest size's training FLOPs")

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from ..jsonfiles import write_json
 from .accounting import AXES, first_reaching, loss_at
+from .grid_verdict import length
 
 REPORT_FILE, RESULTS_FILE = "report.md", "results.json"
 AT_EQUAL = {"step": "At equal steps", "flops": "At equal training FLOPs", "seconds": "At equal wall-clock time on this machine"}
@@ -74,7 +75,7 @@ def models(results: list[dict]) -> dict[str, str]:
     names = {"dense": "dense", "mot": "MoT", "token_choice": "Token Choice from scratch"}
     for name in results[0]["curves"]:
         if name.startswith("transition-"):
-            names[name] = f"MoT → Token Choice, {name.removeprefix('transition-').replace('pct', '%')} transition"
+            names[name] = f"MoT → Token Choice, {length(name)} transition"
     return names
 
 
