@@ -293,14 +293,22 @@ def test_a_transition_is_compared_with_token_choice_at_its_own_training_flops(gr
     path, where, _ = grid
     summary = json.loads((where / "results" / "summary.json").read_text())
     lr = summary["lr"]["d16"]["token_choice"]["lr"]
+    report = (where / "results" / "report.md").read_text()
     for label in ("10pct", "20pct"):
-        expected = []
+        expected, ended = [], []
         for seed in (where / "results" / "d16" / f"seed-{i}" for i in (0, 1)):
             tc = json.loads((seed / f"token_choice-lr{lr:g}.json").read_text())
             end = json.loads((seed / f"transition-{label}.json").read_text())["curve"][-1]["flops"]
             at = loss_at(tc["curve"], "flops", end)
             expected.append(pytest.approx(tc["curve"][-1]["loss"] if at is None else at))
-        assert summary["table"]["d16"][f"transition-{label}"]["baseline_at_equal_flops"] == expected
+            if at is None:  # the baseline ended short of the transition's FLOPs: said, with how far it got
+                ended.append(pytest.approx(tc["curve"][-1]["flops"] / end))
+        cell = summary["table"]["d16"][f"transition-{label}"]
+        assert cell["baseline_at_equal_flops"] == expected and cell["baseline_ended_at"] == ended
+        row = next(line for line in report.splitlines() if line.startswith(f"| d16 | {label.replace('pct', '%')} |"))
+        assert row.split("|")[6].strip().endswith("†") == bool(ended), row
+    assert ("† Token Choice from scratch ended before the transition's FLOPs" in report) == any(
+        cell.get("baseline_ended_at") for row in summary["table"].values() for cell in row.values())
 
 
 def test_a_second_grid_on_the_same_results_is_refused_naming_the_first(grid, tmp_path):
@@ -330,6 +338,11 @@ def test_the_verdict_says_where_the_gap_goes_with_size():
     assert "does not narrow" in gap_trend("transition-10pct", [("d8", 0.1), ("d16", 0.2)], table)[0]
     assert "the lead does not narrow" in gap_trend("transition-10pct", [("d8", -0.1), ("d16", -0.2)], table)[0]
     assert gap_trend("transition-10pct", [("d8", 0.2)], table) == []  # one size: no trend
+    # sizes in any order (a grid file lists them as it likes): the line runs to the largest training FLOPs
+    assert "would close at about 10x the largest size's" in gap_trend("transition-10pct", [("d16", 0.1), ("d8", 0.2)], table)[0]
+    table["d32"] = {"transition-10pct": {"flops": [1e12]}}
+    scatter = gap_trend("transition-10pct", [("d8", 0.3), ("d16", -0.1), ("d32", 0.05)], table)[0]
+    assert "the sign changes between sizes" in scatter and "would close" not in scatter
 
 
 @pytest.mark.parametrize("fractions, reproduced", [([0.25, 0.3], True), ([0.25, 0.5], False)])
@@ -352,3 +365,30 @@ def test_the_report_orders_transitions_by_length():
     runs = {name: record for name in ("transition-10pct", "transition-5pct", "transition-20pct", "mot", "dense")}
     names = summarise({"grid": {}, "lr": {}, "sizes": {"d8": {0: runs}}})["names"]
     assert names == ["dense", "mot", "transition-5pct", "transition-10pct", "transition-20pct"]
+
+
+def test_the_report_says_what_its_numbers_rest_on():
+    """A seed that never recovered is counted, a multiplier past dense's losses is marked, a lead within the
+    seed spread is said so in the headline, and an unfinished grid says its verdict is interim."""
+    from mot_transition.study.grid_report import _interim, _recovery, summarise
+    from mot_transition.study.grid_verdict import verdict
+
+    assert _recovery([60, None]) == "60 (1 of 2 seeds)" and _recovery([None]) == "not recovered" and _recovery([48, 72]) == "60 ± 17"
+
+    def run(loss, flops, steps=10):
+        return {"curve": [{"step": steps, "flops": flops, "seconds": 1.0, "loss": loss}], "steps": steps}
+
+    sizes = {"d8": {0: {"dense": run(3.0, 1e10), "token_choice": run(2.9, 1e10)}},
+             "d16": {0: {"dense": run(2.5, 1e11), "token_choice": run(2.3, 1e11), "mot": run(2.6, 1e11)}}}
+    table = summarise({"grid": {}, "lr": {}, "sizes": sizes})["table"]
+    assert table["d16"]["token_choice"]["extrapolated"] and not table["d16"]["mot"]["extrapolated"]
+    assert not table["d8"]["token_choice"]["extrapolated"] and not table["d16"]["dense"]["extrapolated"]
+
+    summary = {"names": ["transition-10pct"], "table": {"d8": {"transition-10pct": {"flops": [1e10]}}}}
+    headline = verdict([("d8", "transition-10pct", -0.01, "within the seed spread (2 of 3 seeds agree)")], summary)[0]
+    assert "ahead of Token Choice from scratch at equal training FLOPs at d8 (10%: within the seed spread (2 of 3 seeds agree))" in headline
+
+    grid = {"sizes": [{"n_embd": 8, "seeds": 2}], "transitions": [10]}
+    every = {name: {} for name in ("dense", "mot", "token_choice", "transition-10pct")}
+    assert "d8 1 of 2" in _interim({"grid": grid, "sizes": {"d8": {0: every, 1: {"dense": {}}}}})[0]
+    assert _interim({"grid": grid, "sizes": {"d8": {0: every, 1: every}}}) == []

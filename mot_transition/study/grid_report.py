@@ -26,10 +26,11 @@ from pathlib import Path
 
 from ..jsonfiles import read_json_object, write_json
 from .accounting import first_reaching, loss_at
-from .grid_verdict import KINDS, label_of, length, line_fit, verdict
-from .report import judge, show
+from .grid_verdict import KINDS, label_of, length, line_fit, span, verdict
+from .report import BEYOND, judge, show
 
 REPORT, SUMMARY = "report.md", "summary.json"
+PAST_DENSE = "‡"  # a multiplier read off dense's power law past the losses dense reached
 
 
 def at_edge(row: dict) -> bool:
@@ -95,24 +96,34 @@ def summarise(data: dict) -> dict:
         points = [(statistics.fmean(row[name]["flops"]), statistics.fmean(row[name]["loss"])) for row in table.values() if name in row]
         laws[name] = power_law(points)
     dense = laws.get("dense")
+    # the dense losses its law was fitted to: a kind's loss outside them is read off the law past the sizes run
+    dense_range = [statistics.fmean(row["dense"]["loss"]) for row in table.values() if "dense" in row]
     for label, row in table.items():
         for name, cell in row.items():
             if dense is not None and dense[1] > 0:
                 cell["multiplier"] = [flops_for(dense, loss) / flops for loss, flops in zip(cell["loss"], cell["flops"])]
+                cell["extrapolated"] = name != "dense" and not min(dense_range) <= statistics.fmean(cell["loss"]) <= max(dense_range)
         seeds = data["sizes"][label]
         for name in ("mot", "token_choice"):
             if name in row:
-                hits = [first_reaching(runs[name]["curve"], runs["dense"]["curve"][-1]["loss"]) for runs in seeds.values()
-                        if name in runs and "dense" in runs]
-                steps = [runs["dense"]["steps"] for runs in seeds.values() if name in runs and "dense" in runs]
-                row[name]["reaching"] = {"reached": sum(h is not None for h in hits), "of": len(hits),
-                                         "fraction": [h["step"] / s for h, s in zip(hits, steps) if h is not None]}
+                paired = [runs for runs in seeds.values() if name in runs and "dense" in runs]
+                hits = [(first_reaching(runs[name]["curve"], final(runs["dense"])[1]), runs["dense"]) for runs in paired]
+                row[name]["reaching"] = {
+                    "reached": sum(h is not None for h, _ in hits), "of": len(hits),
+                    "fraction": [h["step"] / d["steps"] for h, d in hits if h is not None],
+                    "flops_fraction": [h["flops"] / final(d)[0] for h, d in hits if h is not None],
+                    "steps_over_dense": [runs[name]["steps"] / runs["dense"]["steps"] for runs in paired],
+                }
         for name in [n for n in row if n.startswith("transition-")]:
+            done = [runs[name] for runs in seeds.values() if name in runs]
             pairs = [(runs[name], runs["token_choice"]) for runs in seeds.values() if name in runs and "token_choice" in runs]
-            row[name]["baseline_at_equal_flops"] = [_baseline_at(tc["curve"], final(tr)[0]) for tr, tc in pairs]
+            baseline = [_baseline_at(tc["curve"], final(tr)[0]) for tr, tc in pairs]
+            row[name]["baseline_at_equal_flops"] = [loss for loss, _ in baseline]
+            row[name]["baseline_ended_at"] = [short for _, short in baseline if short is not None]
             row[name]["own_loss_paired"] = [final(tr)[1] for tr, _ in pairs]
-            row[name]["recovery_step"] = [r["recovery_step"] for runs in seeds.values() if (r := runs.get(name)) and r["recovery_step"] is not None]
-            row[name]["spike"] = [r["post_switch_loss"] - r["pre_switch_loss"] for runs in seeds.values() if (r := runs.get(name))]
+            row[name]["recovery_step"] = [r["recovery_step"] for r in done]  # None: never back at the pre-switch loss
+            row[name]["evaluated_every"] = max((b["step"] - a["step"] for r in done for a, b in zip(r["curve"], r["curve"][1:])), default=None)
+            row[name]["spike"] = [r["post_switch_loss"] - r["pre_switch_loss"] for r in done]
     return {"names": names, "table": table, "laws": laws, "lr": data["lr"]}
 
 
@@ -124,11 +135,14 @@ def _percent(name: str) -> float:
         return math.inf
 
 
-def _baseline_at(curve: list[dict], flops: float) -> float:
-    """The baseline's loss at `flops`; past its last evaluation (a transition whose MoT steps cost
-    more than Token Choice's), its final loss, reached with less compute: in the baseline's favour."""
+def _baseline_at(curve: list[dict], flops: float) -> tuple[float, float | None]:
+    """The baseline's loss at `flops`, and None; past its last evaluation (it runs as many steps as MoT
+    plus the longest transition, and MoT's steps cost more than Token Choice's), its final loss and the
+    fraction of `flops` it ended at: the baseline judged at less compute, in the transition's favour."""
     loss = loss_at(curve, "flops", flops)
-    return curve[-1]["loss"] if loss is None and flops > curve[-1]["flops"] else loss
+    if loss is None and flops > curve[-1]["flops"]:
+        return curve[-1]["loss"], curve[-1]["flops"] / flops
+    return loss, None
 
 
 def write_grid_report(results: Path) -> Path:
@@ -144,11 +158,10 @@ def write_grid_report(results: Path) -> Path:
              f"`{grid.get('corpus_fingerprint')}`, tokenizer `{grid.get('tokenizer_hash')}`. Written from the results files "
              "alone (`mot-transition study GRID --report-only`); wall-clock time is not compared (the runs shared the machine).", ""]
     lines += _at_a_glance(summary)
-    lines += ["## Sizes", "", "| size | tokens per non-embedding parameter (dense) | seeds asked | seeds done (all runs) |", "| --- | ---: | ---: | ---: |"]
-    for size in grid["sizes"]:
-        label = f"d{size['n_embd']}"
-        done = sum(1 for runs in data["sizes"].get(label, {}).values() if set(KINDS) <= set(runs))
-        lines.append(f"| {label} | {size['tokens_per_parameter']:g} | {size['seeds']} | {done} |")
+    lines += ["## Sizes", "", "| size | tokens per non-embedding parameter (dense) | seeds asked | seeds done (every model and transition) |",
+              "| --- | ---: | ---: | ---: |"]
+    for size, done in _seeds_done(data):
+        lines.append(f"| d{size['n_embd']} | {size['tokens_per_parameter']:g} | {size['seeds']} | {done} |")
     lines += ["", "## Learning rates (the sweep at every size, seed 0)", ""]
     if not data["lr"]:
         lines.append("No sweep has finished: no learning rate is picked yet, so no run below is at its pick.")
@@ -173,19 +186,23 @@ def write_grid_report(results: Path) -> Path:
         for name, cell in row.items():
             multiplier = show(cell["multiplier"], "loss", compact=True).replace(".0000", "") if cell.get("multiplier") else "—"
             lines.append(f"| {label} | {label_of(name)} | {cell['seeds']} | {show(cell['loss'], compact=True)} | "
-                         f"{show(cell['flops'], 'flops', compact=True)} | {multiplier} |")
+                         f"{show(cell['flops'], 'flops', compact=True)} | {multiplier}{' ' + PAST_DENSE if cell.get('extrapolated') else ''} |")
+    lines += _final_notes(summary)
     lines += ["", "Power laws L = a · C^-b (C: training FLOPs), fitted to the sizes' mean final losses:", ""]
     for name, law in summary["laws"].items():
-        lines.append(f"- {label_of(name)}: " + ("fewer than two sizes so far" if law is None else f"a = {law[0]:.4g}, b = {law[1]:.4f}"))
+        sizes = sum(1 for row in table.values() if name in row)
+        lines.append(f"- {label_of(name)}: " + ("fewer than two sizes so far" if law is None else f"a = {law[0]:.4g}, b = {law[1]:.4f} ({sizes} sizes)"))
     lines += _figure(plots, "loss-flops.png", "Final held-out loss against training FLOPs, per kind and size (mean and seed range), with each kind's power law.")
     lines += _multiplier_trend(summary)
     lines += ["", "## The paper's measure: the fraction of dense's steps to reach dense's final loss", "",
-              "| size | model | reached in | fraction of dense's steps |", "| --- | --- | ---: | ---: |"]
+              "| size | model | reached in | fraction of dense's steps | fraction of dense's training FLOPs |", "| --- | --- | ---: | ---: | ---: |"]
     for label, row in table.items():
         for name in ("mot", "token_choice"):
             if "reaching" in row.get(name, {}):
                 r = row[name]["reaching"]
-                lines.append(f"| {label} | {KINDS[name]} | {r['reached']} of {r['of']} seeds | {show([100 * f for f in r['fraction']], 'fraction', compact=True)} |")
+                lines.append(f"| {label} | {KINDS[name]} | {r['reached']} of {r['of']} seeds | {show([100 * f for f in r['fraction']], 'fraction', compact=True)} | "
+                             f"{show([100 * f for f in r.get('flops_fraction', [])], 'fraction', compact=True)} |")
+    lines += _schedule_note(table)
     lines += ["", "## The transition: MoT → Token Choice against Token Choice from scratch at equal training FLOPs", "",
               "| size | transition | spike at the switch (nats) | steps back to the pre-switch loss | its final loss | Token Choice from scratch at the same FLOPs | difference |",
               "| --- | --- | ---: | ---: | ---: | ---: | --- |"]
@@ -196,12 +213,16 @@ def write_grid_report(results: Path) -> Path:
             own, base = cell["own_loss_paired"], cell["baseline_at_equal_flops"]
             difference = [o - b for o, b in zip(own, base)]
             compared = f"{show(difference, compact=True)} nats, {judge(own, base)}" if own else "no baseline yet"
+            if own and len(own) < len(cell["spike"]):
+                compared += f"; {len(own)} of {len(cell['spike'])} seeds have their baseline yet"
+            every = cell.get("evaluated_every")
             lines.append(f"| {label} | {length(name)} | {show(cell['spike'], compact=True)} | "
-                         f"{show(cell['recovery_step'], 'step', compact=True)} | {show(own, compact=True)} | {show(base, compact=True)} | "
-                         f"{compared} |")
+                         f"{_recovery(cell['recovery_step'])}{f' (evaluated every {every} steps)' if every else ''} | {show(own, compact=True)} | "
+                         f"{show(base, compact=True)}{' ' + BEYOND if cell.get('baseline_ended_at') else ''} | {compared} |")
             if difference:
                 verdicts.append((label, name, statistics.fmean(difference), judge(own, base)))
-    lines += ["", "## Verdict", ""] + verdict(verdicts, summary)
+    lines += _transition_notes(table)
+    lines += ["", "## Verdict", ""] + _interim(data) + verdict(verdicts, summary)
     path = results / REPORT
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -221,6 +242,70 @@ def _at_a_glance(summary: dict) -> list[str]:
             lines.append(f"| {label} | " + " | ".join(
                 f"{show(row[n]['loss'], compact=True)} ({row[n]['seeds']})" if n in row else "—" for n in names) + " |")
     return lines + ["", "(in brackets: seeds)", ""]
+
+
+def _seeds_done(data: dict) -> list[tuple[dict, int]]:
+    """Each size of the grid and how many of its seeds have every run: the three models and every transition."""
+    grid = data["grid"]
+    every = set(KINDS) | {f"transition-{p:g}pct" for p in grid.get("transitions", [])}
+    return [(size, sum(1 for runs in data["sizes"].get(f"d{size['n_embd']}", {}).values() if every <= set(runs)))
+            for size in grid["sizes"]]
+
+
+def _interim(data: dict) -> list[str]:
+    """A first line while the grid is not finished: the verdict stands on what has run."""
+    missing = [f"d{size['n_embd']} {done} of {size['seeds']}" for size, done in _seeds_done(data) if done < size["seeds"]]
+    return [f"- *Interim: the grid has not finished (seeds with every run: {', '.join(missing)}); this verdict stands on "
+            "the runs above and may change.*"] if missing else []
+
+
+def _final_notes(summary: dict) -> list[str]:
+    """What the final-loss table's numbers rest on: the sweep's seed 0, and multipliers past dense's losses."""
+    lines = []
+    if summary["lr"]:
+        lines.append("\nSeed 0 of each model is the best run of its size's sweep, picked out of several learning rates: that "
+                     "favours it a little over the further seeds, fresh runs at the picked rate.")
+    dense = [statistics.fmean(row["dense"]["loss"]) for row in summary["table"].values() if "dense" in row]
+    if any(cell.get("extrapolated") for row in summary["table"].values() for cell in row.values()):
+        lines.append(f"\n{PAST_DENSE} The model's loss lies outside the final losses dense reached ({min(dense):.4f}-{max(dense):.4f}): "
+                     "the dense FLOPs that would reach it are read off dense's power law past the sizes run, an extrapolation.")
+    return lines
+
+
+def _schedule_note(table: dict) -> list[str]:
+    """The paper's measure reads a run's curve at dense's steps; a run with more steps has its learning-rate
+    schedule stretched over them, so it is read before its rate has decayed as far as dense's."""
+    longer = [f for row in table.values() for f in row.get("token_choice", {}).get("reaching", {}).get("steps_over_dense", []) if f > 1]
+    if not longer:
+        return []
+    return [f"\nToken Choice from scratch runs {span([100 * (f - 1) for f in longer], '{:.0f}')}% more steps than dense (for the "
+            "transitions' comparison), its learning-rate schedule stretched over them: at dense's steps its rate has decayed less "
+            "than dense's, so its fractions are somewhat pessimistic."]
+
+
+def _recovery(steps: list[int | None]) -> str:
+    """Steps until the loss was back at the pre-switch loss, over the seeds that got there."""
+    back = [s for s in steps if s is not None]
+    if not back:
+        return "not recovered" if steps else "—"
+    return show(back, "step", compact=True) + ("" if len(back) == len(steps) else f" ({len(back)} of {len(steps)} seeds)")
+
+
+def _transition_notes(table: dict) -> list[str]:
+    """How the transitions' comparison leans: every deviation from equal compute favours the transition."""
+    cells = [cell for row in table.values() for name, cell in row.items() if name.startswith("transition-")]
+    if not cells:
+        return []
+    lines = ["", "A recovery step is the first evaluation at or below the pre-switch loss (the loss got there between it "
+             "and the evaluation before). Token Choice from scratch runs as many steps as MoT plus the longest transition: "
+             "at a shorter transition's FLOPs it is read mid-run, before its learning rate has decayed as it would in a run "
+             "ending there, which favours the transition."]
+    ended = [f for cell in cells for f in cell.get("baseline_ended_at", [])]
+    if ended:
+        lines.append(f"\n{BEYOND} Token Choice from scratch ended before the transition's FLOPs, at {span([100 * f for f in ended], '{:.1f}')}% "
+                     "of them (a MoT step costs more than a Token Choice step): its final loss stands in, judged at less "
+                     "compute, which also favours the transition.")
+    return lines
 
 
 def multiplier_law(law: tuple[float, float], dense: tuple[float, float]) -> tuple[float, float]:

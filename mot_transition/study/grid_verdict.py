@@ -31,7 +31,7 @@ def verdict(verdicts: list[tuple[str, str, float, str]], summary: dict) -> list[
     paper's measure reproduce for MoT), then every size and transition length on its own line."""
     if not verdicts:
         return ["No transition has finished beside its Token Choice baseline yet: no verdict."]
-    ahead = [f"{label} ({length(name)})" for label, name, d, _ in verdicts if d < 0]
+    ahead = [f"{label} ({length(name)}: {said})" for label, name, d, said in verdicts if d < 0]
     lines = [f"- **MoT → Token Choice is ahead of Token Choice from scratch at equal training FLOPs at {', '.join(ahead)}**, "
              f"and behind in the other {len(verdicts) - len(ahead)} of the {len(verdicts)} size and transition pairs (mean over seeds)."
              if ahead else
@@ -53,20 +53,25 @@ def gap_trend(name: str, gaps: list[tuple[str, float]], table: dict) -> list[str
     gaps against log10(training FLOPs) takes it: the compute at which it would close, if it narrows."""
     if len(gaps) < 2:
         return []
-    points = [(math.log10(statistics.fmean(table[label][name]["flops"])), d) for label, d in gaps]
-    intercept, slope = line_fit(points)
+    points = sorted((math.log10(statistics.fmean(table[label][name]["flops"])), d, label) for label, d in gaps)
+    intercept, slope = line_fit([(x, d) for x, d, _ in points])
     text = (f"- {label_of(name)} minus Token Choice from scratch, over size: "
-            + " → ".join(f"{d:+.4f} ({label})" for label, d in gaps) + f" nats (negative: the transition is ahead); "
+            + " → ".join(f"{d:+.4f} ({label})" for _, d, label in points) + f" nats (negative: the transition is ahead); "
             f"{slope:+.4f} nats per 10x training FLOPs")
-    last_x, last = points[-1]
-    if slope != 0 and (last > 0) == (slope < 0):  # the gap moves towards zero
+    if len({d > 0 for _, d, _ in points}) > 1:
+        return [text + ": the sign changes between sizes, no trend to carry further."]
+    last_x, last = points[-1][0], points[-1][1]
+    fitted = intercept + slope * last_x  # the line at the largest size
+    what = "lead" if last < 0 else "gap"
+    if slope != 0 and (last > 0) == (slope < 0) and (fitted > 0) == (last > 0):  # the line moves towards zero, still short of it
         decades = intercept / -slope - last_x  # past the largest size, in log10 FLOPs, where the line is 0
-        what = "lead" if last < 0 else "gap"
         text += (f": on that line the {what} would close at about {10 ** decades:.2g}x the largest size's training FLOPs"
                  if decades <= 3 else f": on that line the {what} would not close within 1000x the largest size's training FLOPs")
         text += " (a straight line through the sizes, no more)."
+    elif slope != 0 and (last > 0) == (slope < 0):
+        text += f": the line through the sizes reaches zero within them (they scatter): no trend to carry further."
     else:
-        text += f": the {'lead' if last < 0 else 'gap'} does not narrow with size."
+        text += f": the {what} does not narrow with size."
     return [text]
 
 
@@ -88,7 +93,7 @@ def paper_measure(table: dict) -> list[str]:
         if name == "mot":
             reproduced = reached == of and max(fractions) <= 1 / 3
             text += (". The paper reports a quarter to a third of dense's steps, from runs far larger than these (its medium "
-                     "size: about 25M non-embedding parameters, 390 training tokens each): "
+                     "size: about 25M non-embedding parameters, about 390 training tokens per parameter): "
                      + ("reproduced here." if reproduced else "not reproduced at these sizes."))
         lines.append(text + ("" if text.endswith(".") else "."))
     return lines
