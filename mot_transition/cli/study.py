@@ -21,7 +21,7 @@ def _numbers(option: str, text: str) -> list[float]:
 
 @app.command(epilog="Example: mot-transition study tiny train.steps=120 --seeds 2 --out runs/study")
 def study(
-    recipe: str = typer.Argument(..., help="A MoT recipe (a .toml path or a built-in name, e.g. tiny), or a study grid: a .toml file with [[size]] tables (recipes/study-data-rich.toml)."),
+    recipe: str = typer.Argument(..., help="A MoT recipe (a .toml path or a built-in name, e.g. tiny), or a study grid: a .toml file with \\[\\[size]] tables (recipes/study-data-rich.toml)."),
     overrides: list[str] = typer.Argument(None, help="Recipe overrides KEY=VALUE, applied to every run (e.g. train.steps=120)."),
     seeds: int = typer.Option(3, "--seeds", help="Seeds: the recipe's seed, +1, ... (set the first with seed=S)."),
     out: Path = typer.Option(None, "--out", help="Study directory (default runs/NAME-study); run the same command again to go on where it stopped."),
