@@ -370,10 +370,11 @@ def test_the_report_orders_transitions_by_length():
 def test_the_report_says_what_its_numbers_rest_on():
     """A seed that never recovered is counted, a multiplier past dense's losses is marked, a lead within the
     seed spread is said so in the headline, and an unfinished grid says its verdict is interim."""
-    from mot_transition.study.grid_report import _interim, _recovery, summarise
+    from mot_transition.study.grid_notes import interim, recovery
+    from mot_transition.study.grid_report import summarise
     from mot_transition.study.grid_verdict import verdict
 
-    assert _recovery([60, None]) == "60 (1 of 2 seeds)" and _recovery([None]) == "not recovered" and _recovery([48, 72]) == "60 ± 17"
+    assert recovery([60, None]) == "60 (1 of 2 seeds)" and recovery([None]) == "not recovered" and recovery([48, 72]) == "60 ± 17"
 
     def run(loss, flops, steps=10):
         return {"curve": [{"step": steps, "flops": flops, "seconds": 1.0, "loss": loss}], "steps": steps}
@@ -390,5 +391,5 @@ def test_the_report_says_what_its_numbers_rest_on():
 
     grid = {"sizes": [{"n_embd": 8, "seeds": 2}], "transitions": [10]}
     every = {name: {} for name in ("dense", "mot", "token_choice", "transition-10pct")}
-    assert "d8 1 of 2" in _interim({"grid": grid, "sizes": {"d8": {0: every, 1: {"dense": {}}}}})[0]
-    assert _interim({"grid": grid, "sizes": {"d8": {0: every, 1: every}}}) == []
+    assert "d8 1 of 2" in interim({"grid": grid, "sizes": {"d8": {0: every, 1: {"dense": {}}}}})[0]
+    assert interim({"grid": grid, "sizes": {"d8": {0: every, 1: every}}}) == []

@@ -26,11 +26,11 @@ from pathlib import Path
 
 from ..jsonfiles import read_json_object, write_json
 from .accounting import first_reaching, loss_at
-from .grid_verdict import KINDS, label_of, length, line_fit, span, verdict
+from .grid_verdict import KINDS, label_of, length, line_fit, verdict
+from .grid_notes import PAST_DENSE, final_notes, interim, recovery, schedule_note, seeds_done, transition_notes
 from .report import BEYOND, judge, show
 
 REPORT, SUMMARY = "report.md", "summary.json"
-PAST_DENSE = "‡"  # a multiplier read off dense's power law past the losses dense reached
 
 
 def at_edge(row: dict) -> bool:
@@ -160,7 +160,7 @@ def write_grid_report(results: Path) -> Path:
     lines += _at_a_glance(summary)
     lines += ["## Sizes", "", "| size | tokens per non-embedding parameter (dense) | seeds asked | seeds done (every model and transition) |",
               "| --- | ---: | ---: | ---: |"]
-    for size, done in _seeds_done(data):
+    for size, done in seeds_done(data):
         lines.append(f"| d{size['n_embd']} | {size['tokens_per_parameter']:g} | {size['seeds']} | {done} |")
     lines += ["", "## Learning rates (the sweep at every size, seed 0)", ""]
     if not data["lr"]:
@@ -187,7 +187,7 @@ def write_grid_report(results: Path) -> Path:
             multiplier = show(cell["multiplier"], "loss", compact=True).replace(".0000", "") if cell.get("multiplier") else "—"
             lines.append(f"| {label} | {label_of(name)} | {cell['seeds']} | {show(cell['loss'], compact=True)} | "
                          f"{show(cell['flops'], 'flops', compact=True)} | {multiplier}{' ' + PAST_DENSE if cell.get('extrapolated') else ''} |")
-    lines += _final_notes(summary)
+    lines += final_notes(summary)
     lines += ["", "Power laws L = a · C^-b (C: training FLOPs), fitted to the sizes' mean final losses:", ""]
     for name, law in summary["laws"].items():
         sizes = sum(1 for row in table.values() if name in row)
@@ -202,7 +202,7 @@ def write_grid_report(results: Path) -> Path:
                 r = row[name]["reaching"]
                 lines.append(f"| {label} | {KINDS[name]} | {r['reached']} of {r['of']} seeds | {show([100 * f for f in r['fraction']], 'fraction', compact=True)} | "
                              f"{show([100 * f for f in r.get('flops_fraction', [])], 'fraction', compact=True)} |")
-    lines += _schedule_note(table)
+    lines += schedule_note(table)
     lines += ["", "## The transition: MoT → Token Choice against Token Choice from scratch at equal training FLOPs", "",
               "| size | transition | spike at the switch (nats) | steps back to the pre-switch loss | its final loss | Token Choice from scratch at the same FLOPs | difference |",
               "| --- | --- | ---: | ---: | ---: | ---: | --- |"]
@@ -217,12 +217,12 @@ def write_grid_report(results: Path) -> Path:
                 compared += f"; {len(own)} of {len(cell['spike'])} seeds have their baseline yet"
             every = cell.get("evaluated_every")
             lines.append(f"| {label} | {length(name)} | {show(cell['spike'], compact=True)} | "
-                         f"{_recovery(cell['recovery_step'])}{f' (evaluated every {every} steps)' if every else ''} | {show(own, compact=True)} | "
+                         f"{recovery(cell['recovery_step'])}{f' (evaluated every {every} steps)' if every else ''} | {show(own, compact=True)} | "
                          f"{show(base, compact=True)}{' ' + BEYOND if cell.get('baseline_ended_at') else ''} | {compared} |")
             if difference:
                 verdicts.append((label, name, statistics.fmean(difference), judge(own, base)))
-    lines += _transition_notes(table)
-    lines += ["", "## Verdict", ""] + _interim(data) + verdict(verdicts, summary)
+    lines += transition_notes(table)
+    lines += ["", "## Verdict", ""] + interim(data) + verdict(verdicts, summary)
     path = results / REPORT
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -242,70 +242,6 @@ def _at_a_glance(summary: dict) -> list[str]:
             lines.append(f"| {label} | " + " | ".join(
                 f"{show(row[n]['loss'], compact=True)} ({row[n]['seeds']})" if n in row else "—" for n in names) + " |")
     return lines + ["", "(in brackets: seeds)", ""]
-
-
-def _seeds_done(data: dict) -> list[tuple[dict, int]]:
-    """Each size of the grid and how many of its seeds have every run: the three models and every transition."""
-    grid = data["grid"]
-    every = set(KINDS) | {f"transition-{p:g}pct" for p in grid.get("transitions", [])}
-    return [(size, sum(1 for runs in data["sizes"].get(f"d{size['n_embd']}", {}).values() if every <= set(runs)))
-            for size in grid["sizes"]]
-
-
-def _interim(data: dict) -> list[str]:
-    """A first line while the grid is not finished: the verdict stands on what has run."""
-    missing = [f"d{size['n_embd']} {done} of {size['seeds']}" for size, done in _seeds_done(data) if done < size["seeds"]]
-    return [f"- *Interim: the grid has not finished (seeds with every run: {', '.join(missing)}); this verdict stands on "
-            "the runs above and may change.*"] if missing else []
-
-
-def _final_notes(summary: dict) -> list[str]:
-    """What the final-loss table's numbers rest on: the sweep's seed 0, and multipliers past dense's losses."""
-    lines = []
-    if summary["lr"]:
-        lines.append("\nSeed 0 of each model is the best run of its size's sweep, picked out of several learning rates: that "
-                     "favours it a little over the further seeds, fresh runs at the picked rate.")
-    dense = [statistics.fmean(row["dense"]["loss"]) for row in summary["table"].values() if "dense" in row]
-    if any(cell.get("extrapolated") for row in summary["table"].values() for cell in row.values()):
-        lines.append(f"\n{PAST_DENSE} The model's loss lies outside the final losses dense reached ({min(dense):.4f}-{max(dense):.4f}): "
-                     "the dense FLOPs that would reach it are read off dense's power law past the sizes run, an extrapolation.")
-    return lines
-
-
-def _schedule_note(table: dict) -> list[str]:
-    """The paper's measure reads a run's curve at dense's steps; a run with more steps has its learning-rate
-    schedule stretched over them, so it is read before its rate has decayed as far as dense's."""
-    longer = [f for row in table.values() for f in row.get("token_choice", {}).get("reaching", {}).get("steps_over_dense", []) if f > 1]
-    if not longer:
-        return []
-    return [f"\nToken Choice from scratch runs {span([100 * (f - 1) for f in longer], '{:.0f}')}% more steps than dense (for the "
-            "transitions' comparison), its learning-rate schedule stretched over them: at dense's steps its rate has decayed less "
-            "than dense's, so its fractions are somewhat pessimistic."]
-
-
-def _recovery(steps: list[int | None]) -> str:
-    """Steps until the loss was back at the pre-switch loss, over the seeds that got there."""
-    back = [s for s in steps if s is not None]
-    if not back:
-        return "not recovered" if steps else "—"
-    return show(back, "step", compact=True) + ("" if len(back) == len(steps) else f" ({len(back)} of {len(steps)} seeds)")
-
-
-def _transition_notes(table: dict) -> list[str]:
-    """How the transitions' comparison leans: every deviation from equal compute favours the transition."""
-    cells = [cell for row in table.values() for name, cell in row.items() if name.startswith("transition-")]
-    if not cells:
-        return []
-    lines = ["", "A recovery step is the first evaluation at or below the pre-switch loss (the loss got there between it "
-             "and the evaluation before). Token Choice from scratch runs as many steps as MoT plus the longest transition: "
-             "at a shorter transition's FLOPs it is read mid-run, before its learning rate has decayed as it would in a run "
-             "ending there, which favours the transition."]
-    ended = [f for cell in cells for f in cell.get("baseline_ended_at", [])]
-    if ended:
-        lines.append(f"\n{BEYOND} Token Choice from scratch ended before the transition's FLOPs, at {span([100 * f for f in ended], '{:.1f}')}% "
-                     "of them (a MoT step costs more than a Token Choice step): its final loss stands in, judged at less "
-                     "compute, which also favours the transition.")
-    return lines
 
 
 def multiplier_law(law: tuple[float, float], dense: tuple[float, float]) -> tuple[float, float]:

@@ -69,7 +69,7 @@ def gap_trend(name: str, gaps: list[tuple[str, float]], table: dict) -> list[str
                  if decades <= 3 else f": on that line the {what} would not close within 1000x the largest size's training FLOPs")
         text += " (a straight line through the sizes, no more)."
     elif slope != 0 and (last > 0) == (slope < 0):
-        text += f": the line through the sizes reaches zero within them (they scatter): no trend to carry further."
+        text += ": the line through the sizes reaches zero within them (they scatter): no trend to carry further."
     else:
         text += f": the {what} does not narrow with size."
     return [text]

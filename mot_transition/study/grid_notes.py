@@ -1,0 +1,76 @@
+"""What a study grid's report says its numbers rest on (grid_report.py): how many seeds have every run,
+whether the verdict is interim, and the notes under its tables. Every deviation of the transitions'
+comparison from equal compute favours the transition, and the notes say where."""
+
+from __future__ import annotations
+
+import statistics
+
+from .grid_verdict import KINDS, span
+from .report import BEYOND, show
+
+PAST_DENSE = "‡"  # a multiplier read off dense's power law past the losses dense reached
+
+
+def seeds_done(data: dict) -> list[tuple[dict, int]]:
+    """Each size of the grid and how many of its seeds have every run: the three models and every transition."""
+    grid = data["grid"]
+    every = set(KINDS) | {f"transition-{p:g}pct" for p in grid.get("transitions", [])}
+    return [(size, sum(1 for runs in data["sizes"].get(f"d{size['n_embd']}", {}).values() if every <= set(runs)))
+            for size in grid["sizes"]]
+
+
+def interim(data: dict) -> list[str]:
+    """A first line while the grid is not finished: the verdict stands on what has run."""
+    missing = [f"d{size['n_embd']} {done} of {size['seeds']}" for size, done in seeds_done(data) if done < size["seeds"]]
+    return [f"- *Interim: the grid has not finished (seeds with every run: {', '.join(missing)}); this verdict stands on "
+            "the runs above and may change.*"] if missing else []
+
+
+def final_notes(summary: dict) -> list[str]:
+    """What the final-loss table's numbers rest on: the sweep's seed 0, and multipliers past dense's losses."""
+    lines = []
+    if summary["lr"]:
+        lines.append("\nSeed 0 of each model is the best run of its size's sweep, picked out of several learning rates: that "
+                     "favours it a little over the further seeds, fresh runs at the picked rate.")
+    dense = [statistics.fmean(row["dense"]["loss"]) for row in summary["table"].values() if "dense" in row]
+    if any(cell.get("extrapolated") for row in summary["table"].values() for cell in row.values()):
+        lines.append(f"\n{PAST_DENSE} The model's loss lies outside the final losses dense reached ({min(dense):.4f}-{max(dense):.4f}): "
+                     "the dense FLOPs that would reach it are read off dense's power law past the sizes run, an extrapolation.")
+    return lines
+
+
+def schedule_note(table: dict) -> list[str]:
+    """The paper's measure reads a run's curve at dense's steps; a run with more steps has its learning-rate
+    schedule stretched over them, so it is read before its rate has decayed as far as dense's."""
+    longer = [f for row in table.values() for f in row.get("token_choice", {}).get("reaching", {}).get("steps_over_dense", []) if f > 1]
+    if not longer:
+        return []
+    return [f"\nToken Choice from scratch runs {span([100 * (f - 1) for f in longer], '{:.0f}')}% more steps than dense (for the "
+            "transitions' comparison), its learning-rate schedule stretched over them: at dense's steps its rate has decayed less "
+            "than dense's, so its fractions are somewhat pessimistic."]
+
+
+def recovery(steps: list[int | None]) -> str:
+    """Steps until the loss was back at the pre-switch loss, over the seeds that got there."""
+    back = [s for s in steps if s is not None]
+    if not back:
+        return "not recovered" if steps else "—"
+    return show(back, "step", compact=True) + ("" if len(back) == len(steps) else f" ({len(back)} of {len(steps)} seeds)")
+
+
+def transition_notes(table: dict) -> list[str]:
+    """How the transitions' comparison leans: every deviation from equal compute favours the transition."""
+    cells = [cell for row in table.values() for name, cell in row.items() if name.startswith("transition-")]
+    if not cells:
+        return []
+    lines = ["", "A recovery step is the first evaluation at or below the pre-switch loss (the loss got there between it "
+             "and the evaluation before). Token Choice from scratch runs as many steps as MoT plus the longest transition: "
+             "at a shorter transition's FLOPs it is read mid-run, before its learning rate has decayed as it would in a run "
+             "ending there, which favours the transition."]
+    ended = [f for cell in cells for f in cell.get("baseline_ended_at", [])]
+    if ended:
+        lines.append(f"\n{BEYOND} Token Choice from scratch ended before the transition's FLOPs, at {span([100 * f for f in ended], '{:.1f}')}% "
+                     "of them (a MoT step costs more than a Token Choice step): its final loss stands in, judged at less "
+                     "compute, which also favours the transition.")
+    return lines
