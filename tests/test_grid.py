@@ -6,6 +6,7 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -393,3 +394,36 @@ def test_the_report_says_what_its_numbers_rest_on():
     every = {name: {} for name in ("dense", "mot", "token_choice", "transition-10pct")}
     assert "d8 1 of 2" in interim({"grid": grid, "sizes": {"d8": {0: every, 1: {"dense": {}}}}})[0]
     assert interim({"grid": grid, "sizes": {"d8": {0: every, 1: every}}}) == []
+
+
+def test_the_transition_learning_rate_check_reruns_the_grids_transition_and_the_report_shows_it(grid, tmp_path):
+    """scripts/transition_lr_check.py: at 1x it is the grid's own transition again (the same settings: the
+    same curve, bit for bit), at 2x a run of its own; each against Token Choice at its own FLOPs; the report
+    shows them. Without the grid's converted checkpoint it says so in one line."""
+    from mot_transition.study.grid_notes import LR_CHECKS
+    from mot_transition.study.grid_report import baseline_at
+
+    path, where, _ = grid
+    results = tmp_path / "results"  # a copy: the other tests read the fixture's report as the grid wrote it
+    shutil.copytree(where / "results", results)
+    copy = tmp_path / "grid.toml"
+    copy.write_text(path.read_text().replace(str(where / "results"), str(results)))
+    script = [sys.executable, str(Path(__file__).parents[1] / "scripts" / "transition_lr_check.py"), str(copy), "--size", "16"]
+    done = subprocess.run([*script, "--factors", "1", "2", "--out", str(where / "runs")], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    check = json.loads((results / LR_CHECKS / "d16-seed-0-20pct.json").read_text())
+    own = json.loads((results / "d16" / "seed-0" / "transition-20pct.json").read_text())
+    grid_row, again, double = check["rows"]
+    assert grid_row["grid"] and not again["grid"] and not double["grid"]
+    assert again["final_loss"] == grid_row["final_loss"] == own["final_loss"] and again["flops"] == grid_row["flops"]
+    assert double["lr"] == pytest.approx(2 * own["lr"]) and double["final_loss"] != own["final_loss"]
+    lr = json.loads((results / LR_FILE).read_text())["d16"]["token_choice"]["lr"]
+    tc = json.loads((results / "d16" / "seed-0" / f"token_choice-lr{lr:g}.json").read_text())
+    for row in check["rows"]:
+        assert (row["baseline"], row["baseline_ended_at"]) == pytest.approx(baseline_at(tc["curve"], row["flops"]))
+    code, _, stderr = study_cli([copy, "--report-only"])
+    assert code == 0, stderr
+    section = (results / "report.md").read_text().split("## The transition's learning rate")[1].split("## Verdict")[0]
+    assert f"| d16 | 0 | 20% | {2 * own['lr']:.3g} | 2 | " in section and "1 (the grid's run)" in section
+    done = subprocess.run([*script, "--seed", "1", "--factors", "2", "--out", str(tmp_path / "elsewhere")], capture_output=True, text=True)
+    assert done.returncode == 1 and done.stderr.strip().startswith("error: ") and "is not on this machine" in done.stderr

@@ -5,11 +5,14 @@ comparison from equal compute favours the transition, and the notes say where.""
 from __future__ import annotations
 
 import statistics
+from pathlib import Path
 
-from .grid_verdict import KINDS, span
+from ..jsonfiles import read_json_object
+from .grid_verdict import KINDS, length, span
 from .report import BEYOND, show
 
 PAST_DENSE = "‡"  # a multiplier read off dense's power law past the losses dense reached
+LR_CHECKS = "transition-lr"  # RESULTS/transition-lr/: one transition again at other learning rates (scripts/transition_lr_check.py)
 
 
 def seeds_done(data: dict) -> list[tuple[dict, int]]:
@@ -73,4 +76,26 @@ def transition_notes(table: dict) -> list[str]:
         lines.append(f"\n{BEYOND} Token Choice from scratch ended before the transition's FLOPs, at {span([100 * f for f in ended], '{:.1f}')}% "
                      "of them (a MoT step costs more than a Token Choice step): its final loss stands in, judged at less "
                      "compute, which also favours the transition.")
+    return lines
+
+
+def lr_checks(results: Path) -> list[str]:
+    """The transitions run again at other multiples of their learning rate (scripts/transition_lr_check.py),
+    each against Token Choice from scratch at its own training FLOPs."""
+    files = sorted((Path(results) / LR_CHECKS).glob("*.json"))
+    if not files:
+        return []
+    lines = ["", "## The transition's learning rate", "",
+             "The grid's transitions run at their MoT run's final learning rate. These ran one of them again at other "
+             "multiples of it, from the same converted checkpoint (`scripts/transition_lr_check.py`), each set against Token "
+             "Choice from scratch at its own final training FLOPs.", "",
+             "| size | seed | transition | learning rate | x the grid's | steps back to the pre-switch loss | its final loss | "
+             "Token Choice from scratch at the same FLOPs | difference |", "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for path in files:
+        check = read_json_object(path)
+        for r in check["rows"]:
+            factor = f"{r['factor']:g}" + (" (the grid's run)" if r["grid"] else "")
+            baseline = f"{r['baseline']:.4f}" + (f" {BEYOND}" if r["baseline_ended_at"] else "")
+            lines.append(f"| {check['size']} | {check['seed']} | {length(check['length'])} | {r['lr']:.3g} | {factor} | "
+                         f"{recovery([r['recovery_step']])} | {r['final_loss']:.4f} | {baseline} | {r['final_loss'] - r['baseline']:+.4f} |")
     return lines

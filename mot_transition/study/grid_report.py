@@ -27,7 +27,7 @@ from pathlib import Path
 from ..jsonfiles import read_json_object, write_json
 from .accounting import first_reaching, loss_at
 from .grid_verdict import KINDS, label_of, length, line_fit, verdict
-from .grid_notes import PAST_DENSE, final_notes, interim, recovery, schedule_note, seeds_done, transition_notes
+from .grid_notes import PAST_DENSE, final_notes, interim, lr_checks, recovery, schedule_note, seeds_done, transition_notes
 from .report import BEYOND, judge, show
 
 REPORT, SUMMARY = "report.md", "summary.json"
@@ -117,7 +117,7 @@ def summarise(data: dict) -> dict:
         for name in [n for n in row if n.startswith("transition-")]:
             done = [runs[name] for runs in seeds.values() if name in runs]
             pairs = [(runs[name], runs["token_choice"]) for runs in seeds.values() if name in runs and "token_choice" in runs]
-            baseline = [_baseline_at(tc["curve"], final(tr)[0]) for tr, tc in pairs]
+            baseline = [baseline_at(tc["curve"], final(tr)[0]) for tr, tc in pairs]
             row[name]["baseline_at_equal_flops"] = [loss for loss, _ in baseline]
             row[name]["baseline_ended_at"] = [short for _, short in baseline if short is not None]
             row[name]["own_loss_paired"] = [final(tr)[1] for tr, _ in pairs]
@@ -135,7 +135,7 @@ def _percent(name: str) -> float:
         return math.inf
 
 
-def _baseline_at(curve: list[dict], flops: float) -> tuple[float, float | None]:
+def baseline_at(curve: list[dict], flops: float) -> tuple[float, float | None]:
     """The baseline's loss at `flops`, and None; past its last evaluation (it runs as many steps as MoT
     plus the longest transition, and MoT's steps cost more than Token Choice's), its final loss and the
     fraction of `flops` it ended at: the baseline judged at less compute, in the transition's favour."""
@@ -222,6 +222,7 @@ def write_grid_report(results: Path) -> Path:
             if difference:
                 verdicts.append((label, name, statistics.fmean(difference), judge(own, base)))
     lines += transition_notes(table)
+    lines += lr_checks(results)
     lines += ["", "## Verdict", ""] + interim(data) + verdict(verdicts, summary)
     path = results / REPORT
     path.write_text("\n".join(lines) + "\n")
