@@ -5,8 +5,8 @@
 # transformers, tokenizers, safetensors, typer, rich and pytest. But its transformers (5.17 on 2026-12-04)
 # is below our range (>=5.22) and MoTConfig does not build on it: carry the lock's transformers and what
 # it needs as wheels and install them first (2026-12-04: transformers 5.25.0, huggingface_hub 2.4.0,
-# kernels, tomlkit, httpx2, httpcore2, truststore, idna, click, regex, hf-xet, from
-# `pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64`).
+# kernels, tomlkit, httpx2, httpcore2, truststore, idna, click, regex, hf-xet): `bash scripts/gpu-carry.sh`
+# downloads them into gpu-carry/whl and packs --study's corpus, and says how to use them on the device.
 #
 #   device run:  bash scripts/gpu-check.sh [--profile] [--study]
 #
