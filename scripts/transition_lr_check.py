@@ -34,7 +34,6 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--length", type=float, help="the transition's length in percent (default: the grid's longest)")
     parser.add_argument("--factors", type=float, nargs="+", required=True, help="multiples of the grid's transition learning rate")
     parser.add_argument("--out", type=Path, default=None, help="the grid's run directory (default runs/ + the results folder's name)")
-    parser.add_argument("--threads", type=int, default=0, help="train.threads of the runs (default: the grid's recipe's)")
     args = parser.parse_args(argv)
     try:
         return check(args)
@@ -49,7 +48,7 @@ def check(args) -> Path:
         raise ValueError(f"the grid has no size with n_embd {args.size} (it has {', '.join(s.label for s in grid.sizes)})")
     if not 0 <= args.seed < size.seeds or any(f <= 0 for f in args.factors):
         raise ValueError(f"--seed must lie in 0..{size.seeds - 1} and every factor be > 0")
-    plan = plan_size(grid, size, [f"train.threads={args.threads}"] if args.threads else [])
+    plan = plan_size(grid, size, [])  # the runs themselves take the MoT run's recipe, threads included
     length = args.length if args.length is not None else max(grid.transitions)
     label = f"{length:g}pct"
     if label not in plan.transitions:
