@@ -6,7 +6,8 @@ own converted checkpoint, and sets each against Token Choice from scratch at the
 
 It needs the grid's run directory of that size and seed on this machine (OUT/dSIZE/seed-I/converted:
 the grid makes it for the transitions) and the grid's results of that seed. Each run goes to
-OUT/dSIZE/seed-I/transition-Ppct-lrX (a killed check goes on from its checkpoints when run again);
+OUT/dSIZE/seed-I/transition-Ppct-lrX, or under --runs while the grid runs (a killed check goes on from its
+checkpoints when run again);
 the comparison is written to RESULTS/transition-lr/dSIZE-seed-I-Ppct.json, which the grid's report
 shows (`mot-transition study GRID --report-only`).
 """
@@ -34,10 +35,12 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--length", type=float, help="the transition's length in percent (default: the grid's longest)")
     parser.add_argument("--factors", type=float, nargs="+", required=True, help="multiples of the grid's transition learning rate")
     parser.add_argument("--out", type=Path, default=None, help="the grid's run directory (default runs/ + the results folder's name)")
+    parser.add_argument("--runs", type=Path, default=None,
+                        help="where this check's runs go (default: the seed's folder in --out, which a running grid holds)")
     args = parser.parse_args(argv)
     try:
         return check(args)
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, OSError) as error:  # OSError: a missing file, an output another process writes
         sys.exit(f"error: {error}")
 
 
@@ -71,7 +74,7 @@ def check(args) -> Path:
     rows = [{**_row(1.0, grid_run["lr"], grid_run, grid_run["curve"], baseline), "grid": True}]
     for factor in args.factors:
         lr = grid_run["lr"] * factor
-        run = out / f"transition-{label}-lr{lr:.3g}"
+        run = (args.runs / size.label / f"seed-{args.seed}" if args.runs else out) / f"transition-{label}-lr{lr:.3g}"
         print(f"[{size.label} seed {args.seed}] transition {length:g}% at lr {lr:.3g} ({factor:g} x {grid_run['lr']:g}) -> {run}", flush=True)
         transition(converted, steps, run, lr=lr, resume=True)
         done = load_transition(run)

@@ -371,7 +371,7 @@ def test_the_report_orders_transitions_by_length():
 def test_the_report_says_what_its_numbers_rest_on():
     """A seed that never recovered is counted, a multiplier past dense's losses is marked, a lead within the
     seed spread is said so in the headline, and an unfinished grid says its verdict is interim."""
-    from mot_transition.study.grid_notes import interim, recovery
+    from mot_transition.study.grid_notes import OTHER_SOURCE, interim, recovery, transition_notes
     from mot_transition.study.grid_report import summarise
     from mot_transition.study.grid_verdict import verdict
 
@@ -385,6 +385,17 @@ def test_the_report_says_what_its_numbers_rest_on():
     table = summarise({"grid": {}, "lr": {}, "sizes": sizes})["table"]
     assert table["d16"]["token_choice"]["extrapolated"] and not table["d16"]["mot"]["extrapolated"]
     assert not table["d8"]["token_choice"]["extrapolated"] and not table["d16"]["dense"]["extrapolated"]
+
+    # a transition whose MoT run was trained again elsewhere (its pre-switch loss is not the recorded MoT's) is marked
+    def transition(pre):
+        return {**run(2.55, 1.1e11, 11), "pre_switch_loss": pre, "post_switch_loss": pre + 0.1, "recovery_step": 1}
+
+    sizes["d16"][0] |= {"transition-10pct": transition(2.64), "transition-5pct": transition(2.64)}
+    sizes["d16"][1] = {"mot": run(2.6, 1e11), "transition-10pct": transition(2.6)}
+    table = summarise({"grid": {}, "lr": {}, "sizes": sizes})["table"]
+    assert table["d16"]["transition-10pct"]["source_apart"] == [[2.6, 2.64]]
+    (line,) = [n for n in transition_notes(table) if n.strip().startswith(OTHER_SOURCE)]  # one line for the size's two lengths
+    assert "d16:" in line and "ended at 2.6400, where the recorded MoT run ended at 2.6000" in line and "+0.0400" in line
 
     summary = {"names": ["transition-10pct"], "table": {"d8": {"transition-10pct": {"flops": [1e10]}}}}
     headline = verdict([("d8", "transition-10pct", -0.01, "within the seed spread (2 of 3 seeds agree)")], summary)[0]

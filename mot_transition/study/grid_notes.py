@@ -12,6 +12,7 @@ from .grid_verdict import KINDS, length, span
 from .report import BEYOND, show
 
 PAST_DENSE = "‡"  # a multiplier read off dense's power law past the losses dense reached
+OTHER_SOURCE = "§"  # the transition's MoT run was trained again (another machine) and ended elsewhere than the recorded one
 LR_CHECKS = "transition-lr"  # RESULTS/transition-lr/: one transition again at other learning rates (scripts/transition_lr_check.py)
 
 
@@ -71,6 +72,12 @@ def transition_notes(table: dict) -> list[str]:
              "and the evaluation before). Token Choice from scratch runs as many steps as MoT plus the longest transition: "
              "at a shorter transition's FLOPs it is read mid-run, before its learning rate has decayed as it would in a run "
              "ending there, which favours the transition."]
+    for label, row in table.items():  # one line a size: its transitions share their MoT run
+        apart = {tuple(pair) for name, cell in row.items() if name.startswith("transition-") for pair in cell.get("source_apart", [])}
+        for recorded, source in sorted(apart):
+            lines.append(f"\n{OTHER_SOURCE} {label}: the transitions' MoT run was trained again for its checkpoint on another machine "
+                         f"than the recorded one (the same recipe, seed and data; other float rounding) and ended at {source:.4f}, where "
+                         f"the recorded MoT run ended at {recorded:.4f}: the transitions and their differences carry that {source - recorded:+.4f}.")
     ended = [f for cell in cells for f in cell.get("baseline_ended_at", [])]
     if ended:
         lines.append(f"\n{BEYOND} Token Choice from scratch ended before the transition's FLOPs, at {span([100 * f for f in ended], '{:.1f}')}% "

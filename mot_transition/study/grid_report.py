@@ -27,7 +27,7 @@ from pathlib import Path
 from ..jsonfiles import read_json_object, write_json
 from .accounting import first_reaching, loss_at
 from .grid_verdict import KINDS, label_of, length, line_fit, verdict
-from .grid_notes import PAST_DENSE, final_notes, interim, lr_checks, recovery, schedule_note, seeds_done, transition_notes
+from .grid_notes import OTHER_SOURCE, PAST_DENSE, final_notes, interim, lr_checks, recovery, schedule_note, seeds_done, transition_notes
 from .report import BEYOND, judge, show
 
 REPORT, SUMMARY = "report.md", "summary.json"
@@ -124,6 +124,9 @@ def summarise(data: dict) -> dict:
             row[name]["recovery_step"] = [r["recovery_step"] for r in done]  # None: never back at the pre-switch loss
             row[name]["evaluated_every"] = max((b["step"] - a["step"] for r in done for a, b in zip(r["curve"], r["curve"][1:])), default=None)
             row[name]["spike"] = [r["post_switch_loss"] - r["pre_switch_loss"] for r in done]
+            # a MoT run trained again for its checkpoint on another machine (other float rounding) may end elsewhere
+            row[name]["source_apart"] = [[final(runs["mot"])[1], runs[name]["pre_switch_loss"]] for runs in seeds.values()
+                                         if name in runs and "mot" in runs and runs[name]["pre_switch_loss"] != final(runs["mot"])[1]]
     return {"names": names, "table": table, "laws": laws, "lr": data["lr"]}
 
 
@@ -215,12 +218,15 @@ def write_grid_report(results: Path) -> Path:
             compared = f"{show(difference, compact=True)} nats, {judge(own, base)}" if own else "no baseline yet"
             if own and len(own) < len(cell["spike"]):
                 compared += f"; {len(own)} of {len(cell['spike'])} seeds have their baseline yet"
-            every = cell.get("evaluated_every")
+            every, apart = cell.get("evaluated_every"), cell.get("source_apart")
             lines.append(f"| {label} | {length(name)} | {show(cell['spike'], compact=True)} | "
-                         f"{recovery(cell['recovery_step'])}{f' (evaluated every {every} steps)' if every else ''} | {show(own, compact=True)} | "
+                         f"{recovery(cell['recovery_step'])}{f' (evaluated every {every} steps)' if every else ''} | "
+                         f"{show(own, compact=True)}{' ' + OTHER_SOURCE if apart else ''} | "
                          f"{show(base, compact=True)}{' ' + BEYOND if cell.get('baseline_ended_at') else ''} | {compared} |")
             if difference:
-                verdicts.append((label, name, statistics.fmean(difference), judge(own, base)))
+                said = judge(own, base) + "".join(f"; its MoT run, trained again on another machine, ended {s - r:+.4f} from the recorded one"
+                                                  for r, s in apart or [])
+                verdicts.append((label, name, statistics.fmean(difference), said))
     lines += transition_notes(table)
     lines += lr_checks(results)
     lines += ["", "## Verdict", ""] + interim(data) + verdict(verdicts, summary)
