@@ -438,3 +438,11 @@ def test_the_transition_learning_rate_check_reruns_the_grids_transition_and_the_
     assert f"| d16 | 0 | 20% | {2 * own['lr']:.3g} | 2 | " in section and "1 (the grid's run)" in section
     done = subprocess.run([*script, "--seed", "1", "--factors", "2", "--out", str(tmp_path / "elsewhere")], capture_output=True, text=True)
     assert done.returncode == 1 and done.stderr.strip().startswith("error: ") and "is not on this machine" in done.stderr
+
+
+def test_a_further_seed_runs_its_transitions_right_after_its_mot_run(grid):
+    """So that a machine replaced between them does not make the transitions start from MoT trained again."""
+    _, _, stdout = grid
+    lines = [line for line in stdout.splitlines() if "[d16 seed 1]" in line]
+    order = [next(i for i, line in enumerate(lines) if what in line) for what in ("] mot at", "transition tuning", "] dense at", "] token_choice at")]
+    assert order == sorted(order), lines

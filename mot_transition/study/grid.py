@@ -321,9 +321,13 @@ class GridRun:
         return picked
 
     def seed(self, plan: SizePlan, index: int, lrs: dict[str, float]) -> None:
-        for kind in KINDS:
-            self.train(plan, kind, lrs[kind], index)
+        """A further seed: MoT and at once its transitions, from its checkpoint on this machine (a machine
+        replaced in between would train MoT again, and another machine's rounding makes another sample of
+        it: docs/transition.md), then dense and Token Choice from scratch."""
+        self.train(plan, "mot", lrs["mot"], index)
         self.transitions(plan, index, lrs["mot"])
+        for kind in ("dense", "token_choice"):
+            self.train(plan, kind, lrs[kind], index)
 
     def _paths(self, plan: SizePlan, index: int, name: str) -> tuple[Path, Path]:
         where = Path(plan.size.label) / f"seed-{index}"
