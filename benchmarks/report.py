@@ -7,11 +7,11 @@ PASS/MISS) per thread count, side by side.
 import platform
 from dataclasses import dataclass, field
 
-import torch
-import transformers
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+
+from mot_transition.study.runs import machine
 
 
 @dataclass
@@ -56,17 +56,10 @@ class Benchmark:
 
 
 def machine_text() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    import os
-
+    m = machine()
     return (
-        f"{cpu}, {os.cpu_count()} logical CPUs; Python {platform.python_version()}, torch {torch.__version__}, "
-        f"transformers {transformers.__version__}, {platform.system()} {platform.release()}"
+        f"{m['cpu']}, {m['cpus']} logical CPUs; Python {platform.python_version()}, torch {m['torch']}, "
+        f"transformers {m['transformers']}, {platform.system()} {platform.release()}"
     )
 
 

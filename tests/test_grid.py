@@ -12,6 +12,7 @@ import pytest
 
 from mot_transition.study.grid import GRID_FILE, LR_FILE, GridRun, load_grid, non_embedding_parameters, plan_size
 from mot_transition.study.grid_report import KINDS as KIND_NAMES
+from mot_transition.study.runs import machine
 from test_study import MICRO, study_cli
 
 SHAPE = [o for o in MICRO if not o.startswith(("train.steps", "train.eval_every", "train.checkpoint_every", "optim.warmup", "model.n_embd"))]
@@ -69,11 +70,13 @@ def test_each_size_runs_every_kind_at_its_own_pick_and_the_transitions(grid):
         tc = json.loads((seed / f"token_choice-lr{table['token_choice']['lr']:g}.json").read_text())
         mot = json.loads((seed / f"mot-lr{table['mot']['lr']:g}.json").read_text())
         assert mot["n_embd"] == size.n_embd and mot["steps"] == plan.recipe.train.steps
+        assert mot["machine"] == tc["machine"] == machine()  # where it ran: another CPU rounds otherwise
         assert tc["steps"] == plan.recipe.train.steps + plan.transitions["20pct"]
         assert mot["tokens"] >= size.tokens_per_parameter * plan.parameters and mot["curve"][-1]["step"] == mot["steps"]
         for label, steps in plan.transitions.items():
             record = json.loads((seed / f"transition-{label}.json").read_text())
             assert record["steps"] == steps and record["lr"] == pytest.approx(table["mot"]["lr"] * plan.recipe.optim.final_lr_fraction)
+            assert record["machine"] == machine()
             assert record["curve"][0]["step"] == mot["steps"] and record["curve"][-1]["step"] == mot["steps"] + steps
             assert record["pre_switch_loss"] == pytest.approx(mot["final_loss"], abs=1e-5)
     # seed 1 of the first size ran at that size's picks, and its transitions

@@ -59,7 +59,7 @@ from ..train.loop import TrainingDiverged
 from ..transition import load_transition, transition
 from .accounting import flops_per_step, training_curve, transition_curve
 from .grid_report import at_edge, write_grid_report
-from .runs import dense_recipe, train_once
+from .runs import dense_recipe, machine, train_once
 
 KINDS = ("dense", "mot", "token_choice")
 GRID_FILE, LR_FILE = "grid.json", "lr.json"
@@ -353,7 +353,7 @@ class GridRun:
                 "tokens": recipe.train.steps * recipe.train.batch_size * recipe.data.seq_len,
                 "non_embedding_parameters_dense": plan.parameters,
                 "flops_per_step": flops_per_step(recipe.model_config(), recipe.train.batch_size, recipe.data.seq_len),
-                "final_loss": curve[-1]["loss"], "curve": curve, "recipe": recipe.to_dict(),
+                "final_loss": curve[-1]["loss"], "curve": curve, "recipe": recipe.to_dict(), "machine": machine(),
             }
         if result.is_file():  # trained again for its checkpoint: the results must be the same run's
             recorded = read_json_object(result)
@@ -389,7 +389,7 @@ class GridRun:
                 "label": label, "steps": steps, "seed": recipe.seed, "n_embd": plan.size.n_embd, "lr": done.lr,
                 "pre_switch_loss": done.pre_switch_loss, "mot_unbatched_loss": done.mot_unbatched_loss,
                 "post_switch_loss": done.post_switch_loss, "final_loss": done.final_loss,
-                "recovery_step": done.full_recovery_step, "curve": transition_curve(run, mot["curve"][-1]),
+                "recovery_step": done.full_recovery_step, "curve": transition_curve(run, mot["curve"][-1]), "machine": machine(),
             }
             result.parent.mkdir(parents=True, exist_ok=True)
             write_json(result, record)

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import platform
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -193,6 +195,21 @@ def run_seed(plan: Plan, index: int, folder: Path, progress: bool, log) -> dict:
         checkpoint = train_once(other, folder / name, progress, say, f"MoT at temperature {temperature:g}")
         measure_once(folder / f"{name}.json", None, "", lambda: switch_losses(checkpoint, other, [k], 0))
     return seed_results(plan, recipe, folder)
+
+
+def machine() -> dict:
+    """Where a run was trained, for its results file: float rounding differs between CPUs (their math
+    libraries pick other kernels), so the same run on another machine is another sample of it."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    import transformers
+
+    return {"cpu": cpu, "cpus": os.cpu_count(), "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "torch": torch.__version__, "transformers": transformers.__version__}
 
 
 def train_once(recipe: Recipe, run_dir: Path, progress: bool, say, what: str) -> Path:
