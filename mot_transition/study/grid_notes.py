@@ -98,11 +98,26 @@ def lr_checks(results: Path) -> list[str]:
              "Choice from scratch at its own final training FLOPs.", "",
              "| size | seed | transition | learning rate | x the grid's | steps back to the pre-switch loss | its final loss | "
              "Token Choice from scratch at the same FLOPs | difference |", "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    notes = []
     for path in files:
         check = read_json_object(path)
+        recorded = _recorded_mot_loss(Path(results), check["size"], check["seed"])
+        source = check["rows"][0]["pre_switch_loss"]
+        mark = f" {OTHER_SOURCE}" if recorded is not None and source != recorded else ""
+        if mark:
+            notes.append(f"\n{OTHER_SOURCE} {check['size']} seed {check['seed']}: every rate starts from the MoT run trained again on "
+                         f"another machine ({source:.4f}; the recorded one: {recorded:.4f}), so the rates compare among themselves; "
+                         f"their differences to Token Choice from scratch carry {source - recorded:+.4f}.")
         for r in check["rows"]:
             factor = f"{r['factor']:g}" + (" (the grid's run)" if r["grid"] else "")
             baseline = f"{r['baseline']:.4f}" + (f" {BEYOND}" if r["baseline_ended_at"] else "")
             lines.append(f"| {check['size']} | {check['seed']} | {length(check['length'])} | {r['lr']:.3g} | {factor} | "
-                         f"{recovery([r['recovery_step']])} | {r['final_loss']:.4f} | {baseline} | {r['final_loss'] - r['baseline']:+.4f} |")
-    return lines
+                         f"{recovery([r['recovery_step']])} | {r['final_loss']:.4f}{mark} | {baseline} | {r['final_loss'] - r['baseline']:+.4f} |")
+    return lines + notes
+
+
+def _recorded_mot_loss(results: Path, size: str, seed: int) -> float | None:
+    """The final loss of the recorded MoT run at a size's pick, for a seed; None where it is not there."""
+    picks = read_json_object(results / "lr.json").get(size, {}) if (results / "lr.json").is_file() else {}
+    path = results / size / f"seed-{seed}" / f"mot-lr{picks['mot']['lr']:g}.json" if "mot" in picks else None
+    return read_json_object(path)["final_loss"] if path is not None and path.is_file() else None
