@@ -19,11 +19,11 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from mot_transition.jsonfiles import read_json_object, write_json
+from mot_transition.jsonfiles import write_json
 from mot_transition.study.accounting import transition_curve
 from mot_transition.study.grid import load_grid, plan_size
 from mot_transition.study.grid_notes import LR_CHECKS
-from mot_transition.study.grid_report import baseline_at, final
+from mot_transition.study.grid_report import baseline_at, final, load_results
 from mot_transition.transition import load_transition, transition
 
 
@@ -56,20 +56,18 @@ def check(args) -> Path:
     label = f"{length:g}pct"
     if label not in plan.transitions:
         raise ValueError(f"the grid has no {length:g}% transition (it has {', '.join(plan.transitions)})")
-    results = grid.results / size.label / f"seed-{args.seed}"
     out = (args.out or Path("runs") / grid.results.name) / size.label / f"seed-{args.seed}"
-    picks = read_json_object(grid.results / "lr.json").get(size.label)
-    if picks is None:
+    data = load_results(grid.results)  # the runs at each size's picks, as the report reads them
+    if size.label not in data["lr"]:
         raise ValueError(f"the grid's sweep at {size.label} has not finished")
-    own = results / f"transition-{label}.json"
-    if not own.is_file():
-        raise ValueError(f"{own} is missing: the grid's own {length:g}% transition at {size.label} seed {args.seed} must have run")
+    runs = data["sizes"][size.label].get(args.seed, {})
+    for name in ("mot", "token_choice", f"transition-{label}"):
+        if name not in runs:
+            raise ValueError(f"the grid's {name} run at {size.label} seed {args.seed} has not finished: its results file is missing")
     converted = out / "converted"
     if not (converted / "config.json").is_file():
         raise ValueError(f"{converted} is not on this machine: run the grid through {size.label} seed {args.seed}'s transitions here first")
-    mot = read_json_object(results / f"mot-lr{picks['mot']['lr']:g}.json")
-    baseline = read_json_object(results / f"token_choice-lr{picks['token_choice']['lr']:g}.json")
-    grid_run = read_json_object(own)
+    mot, baseline, grid_run = runs["mot"], runs["token_choice"], runs[f"transition-{label}"]
     steps = plan.transitions[label]
     rows = [{**_row(1.0, grid_run["lr"], grid_run, grid_run["curve"], baseline), "grid": True}]
     for factor in args.factors:

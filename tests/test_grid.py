@@ -455,15 +455,13 @@ def test_the_learning_rate_check_marks_a_mot_run_trained_again_elsewhere(tmp_pat
     from mot_transition.jsonfiles import write_json
     from mot_transition.study.grid_notes import LR_CHECKS, OTHER_SOURCE, lr_checks
 
-    for folder in (tmp_path / "d8" / "seed-0", tmp_path / LR_CHECKS):
-        folder.mkdir(parents=True)
-    write_json(tmp_path / "lr.json", {"d8": {"mot": {"lr": 0.01, "losses": {}}}})
-    write_json(tmp_path / "d8" / "seed-0" / "mot-lr0.01.json", {"final_loss": 3.0})
+    (tmp_path / LR_CHECKS).mkdir()
+    sizes = {"d8": {0: {"mot": {"final_loss": 3.0}}}}  # the grid's runs, as load_results gives them
     row = {"factor": 1.0, "lr": 1e-3, "pre_switch_loss": 3.0, "post_switch_loss": 3.1, "recovery_step": None, "final_loss": 2.95,
            "flops": 1e12, "baseline": 2.9, "baseline_ended_at": None, "grid": True}
     write_json(tmp_path / LR_CHECKS / "d8-seed-0-10pct.json", {"size": "d8", "seed": 0, "length": "10pct", "steps": 10, "rows": [row]})
-    assert OTHER_SOURCE not in "\n".join(lr_checks(tmp_path)) and "| d8 | 0 | 10% | 0.001 | 1 (the grid's run) | not recovered | 2.9500 |" in "\n".join(lr_checks(tmp_path))
+    assert OTHER_SOURCE not in "\n".join(lr_checks(tmp_path, sizes)) and "| d8 | 0 | 10% | 0.001 | 1 (the grid's run) | not recovered | 2.9500 |" in "\n".join(lr_checks(tmp_path, sizes))
     write_json(tmp_path / LR_CHECKS / "d8-seed-0-10pct.json", {"size": "d8", "seed": 0, "length": "10pct", "steps": 10,
                                                                  "rows": [{**row, "pre_switch_loss": 3.04}]})
-    text = "\n".join(lr_checks(tmp_path))
+    text = "\n".join(lr_checks(tmp_path, sizes))
     assert f"2.9500 {OTHER_SOURCE} |" in text and "(3.0400; the recorded one: 3.0000)" in text and "+0.0400" in text

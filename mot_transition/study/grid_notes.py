@@ -86,9 +86,10 @@ def transition_notes(table: dict) -> list[str]:
     return lines
 
 
-def lr_checks(results: Path) -> list[str]:
+def lr_checks(results: Path, sizes: dict) -> list[str]:
     """The transitions run again at other multiples of their learning rate (scripts/transition_lr_check.py),
-    each against Token Choice from scratch at its own training FLOPs."""
+    each against Token Choice from scratch at its own training FLOPs; `sizes`: the grid's runs
+    (grid_report.load_results), whose MoT run each check's rows should start from."""
     files = sorted((Path(results) / LR_CHECKS).glob("*.json"))
     if not files:
         return []
@@ -101,7 +102,8 @@ def lr_checks(results: Path) -> list[str]:
     notes = []
     for path in files:
         check = read_json_object(path)
-        recorded = _recorded_mot_loss(Path(results), check["size"], check["seed"])
+        mot = sizes.get(check["size"], {}).get(check["seed"], {}).get("mot")
+        recorded = None if mot is None else mot["final_loss"]
         source = check["rows"][0]["pre_switch_loss"]
         mark = f" {OTHER_SOURCE}" if recorded is not None and source != recorded else ""
         if mark:
@@ -115,9 +117,3 @@ def lr_checks(results: Path) -> list[str]:
                          f"{recovery([r['recovery_step']])} | {r['final_loss']:.4f}{mark} | {baseline} | {r['final_loss'] - r['baseline']:+.4f} |")
     return lines + notes
 
-
-def _recorded_mot_loss(results: Path, size: str, seed: int) -> float | None:
-    """The final loss of the recorded MoT run at a size's pick, for a seed; None where it is not there."""
-    picks = read_json_object(results / "lr.json").get(size, {}) if (results / "lr.json").is_file() else {}
-    path = results / size / f"seed-{seed}" / f"mot-lr{picks['mot']['lr']:g}.json" if "mot" in picks else None
-    return read_json_object(path)["final_loss"] if path is not None and path.is_file() else None

@@ -228,7 +228,7 @@ def write_grid_report(results: Path) -> Path:
                                                   for r, s in apart or [])
                 verdicts.append((label, name, statistics.fmean(difference), said))
     lines += transition_notes(table)
-    lines += lr_checks(results)
+    lines += lr_checks(results, data["sizes"])
     lines += ["", "## Verdict", ""] + interim(data) + verdict(verdicts, summary)
     path = results / REPORT
     path.write_text("\n".join(lines) + "\n")
