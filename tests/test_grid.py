@@ -465,3 +465,33 @@ def test_the_learning_rate_check_marks_a_mot_run_trained_again_elsewhere(tmp_pat
                                                                  "rows": [{**row, "pre_switch_loss": 3.04}]})
     text = "\n".join(lr_checks(tmp_path, sizes))
     assert f"2.9500 {OTHER_SOURCE} |" in text and "(3.0400; the recorded one: 3.0000)" in text and "+0.0400" in text
+
+
+def test_the_report_says_where_the_gap_comes_from():
+    """The gap at the end = MoT's deficit at the switch (Token Choice from scratch read at the switch's FLOPs)
+    less what the transition closes (its own gain minus the baseline's over the same FLOPs)."""
+    from mot_transition.study.grid_notes import gap_sources
+    from mot_transition.study.grid_report import summarise
+    from mot_transition.study.grid_verdict import gap_at_switch
+
+    def point(step, flops, loss):
+        return {"step": step, "flops": flops, "seconds": 1.0, "loss": loss}
+
+    # Token Choice from scratch: 3.0 at 1e11 FLOPs, 2.8 at 2e11, 2.7 at 3e11 (read linearly in between)
+    tc = {"steps": 30, "curve": [point(10, 1e11, 3.0), point(20, 2e11, 2.8), point(30, 3e11, 2.7)]}
+    mot = {"steps": 15, "curve": [point(15, 1.5e11, 3.1)]}
+    transition = {"steps": 10, "pre_switch_loss": 3.1, "post_switch_loss": 3.2, "recovery_step": 5,
+                  "curve": [point(15, 1.5e11, 3.2), point(25, 2.5e11, 2.95)]}
+    summary = summarise({"grid": {}, "lr": {}, "sizes": {"d8": {0: {"mot": mot, "token_choice": tc, "transition-10pct": transition}}}})
+    cell = summary["table"]["d8"]["transition-10pct"]
+    # at the switch (1.5e11) the baseline is at 2.9: MoT is 0.2 behind; the transition gains 0.15, the baseline 0.15 (2.9 -> 2.75)
+    assert cell["behind_at_switch"] == [pytest.approx(0.2)] and cell["own_gain"] == [pytest.approx(0.15)]
+    assert cell["baseline_gain"] == [pytest.approx(0.15)]
+    assert cell["own_loss_paired"][0] - cell["baseline_at_equal_flops"][0] == pytest.approx(0.2 - (0.15 - 0.15))
+    (row,) = [line for line in gap_sources(summary["table"]) if line.startswith("| d8 |")]
+    assert row == "| d8 | 10% | 0.2000 | 0.1500 | 0.1500 | 0.0000 | 0.2000 |"
+    transition["curve"][-1]["loss"] = 2.85  # a transition that gains more than the baseline closes part of the gap
+    summary = summarise({"grid": {}, "lr": {}, "sizes": {"d8": {0: {"mot": mot, "token_choice": tc, "transition-10pct": transition}}}})
+    (line,) = gap_at_switch(summary["names"], summary["table"])
+    assert "MoT's loss is +0.200 nats from" in line and "the 10% transition closes +0.100 nats of it" in line
+    assert gap_at_switch(["dense"], {"d8": {}}) == [] and gap_sources({"d8": {}}) == []

@@ -86,6 +86,30 @@ def transition_notes(table: dict) -> list[str]:
     return lines
 
 
+def gap_sources(table: dict) -> list[str]:
+    """Where each transition's gap to Token Choice from scratch comes from: how far behind MoT already is at
+    the switch (Token Choice from scratch read at the same FLOPs), and how much of that the transition closes."""
+    rows = [(label, name, cell) for label, row in table.items() for name, cell in row.items()
+            if name.startswith("transition-") and cell.get("behind_at_switch")]
+    if not rows:
+        return []
+    lines = ["", "### Where the gap comes from", "",
+             "The gap at the end is the gap MoT already has at the switch, less what the transition closes after it: its own "
+             "gain (pre-switch loss to final loss) minus Token Choice from scratch's over the same FLOPs (its curve read at "
+             "the switch's FLOPs and at the transition's end). Mean ± std over the seeds with both runs.", "",
+             "| size | transition | MoT behind Token Choice from scratch at the switch | the transition's gain | "
+             "Token Choice from scratch's gain | closed | gap at the end |", "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    for label, name, cell in rows:
+        closed = [own - base for own, base in zip(cell["own_gain"], cell["baseline_gain"])]
+        end = [behind - c for behind, c in zip(cell["behind_at_switch"], closed)]
+        shown = [show(v, compact=True) for v in (cell["behind_at_switch"], cell["own_gain"], cell["baseline_gain"], closed, end)]
+        if cell.get("source_apart"):  # measured from the MoT run its transitions started from
+            shown[0] += f" {OTHER_SOURCE}"
+        lines.append(f"| {label} | {length(name)} | " + " | ".join(shown) + " |")
+    return lines + ([f"\n{OTHER_SOURCE} From the MoT run the transitions started from (trained again on another machine, above)."]
+                    if any(cell.get("source_apart") for _, _, cell in rows) else [])
+
+
 def lr_checks(results: Path, sizes: dict) -> list[str]:
     """The transitions run again at other multiples of their learning rate (scripts/transition_lr_check.py),
     each against Token Choice from scratch at its own training FLOPs; `sizes`: the grid's runs

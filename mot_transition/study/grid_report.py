@@ -27,7 +27,7 @@ from pathlib import Path
 from ..jsonfiles import read_json_object, write_json
 from .accounting import first_reaching, loss_at
 from .grid_verdict import KINDS, label_of, length, line_fit, verdict
-from .grid_notes import OTHER_SOURCE, PAST_DENSE, final_notes, interim, lr_checks, recovery, schedule_note, seeds_done, transition_notes
+from .grid_notes import OTHER_SOURCE, PAST_DENSE, final_notes, gap_sources, interim, lr_checks, recovery, schedule_note, seeds_done, transition_notes
 from .report import BEYOND, judge, show
 
 REPORT, SUMMARY = "report.md", "summary.json"
@@ -121,6 +121,11 @@ def summarise(data: dict) -> dict:
             row[name]["baseline_at_equal_flops"] = [loss for loss, _ in baseline]
             row[name]["baseline_ended_at"] = [short for _, short in baseline if short is not None]
             row[name]["own_loss_paired"] = [final(tr)[1] for tr, _ in pairs]
+            # where the gap comes from: MoT at the switch against the baseline at the same FLOPs, and what each gains after
+            at_switch = [baseline_at(tc["curve"], tr["curve"][0]["flops"])[0] for tr, tc in pairs]
+            row[name]["behind_at_switch"] = [tr["pre_switch_loss"] - at for (tr, _), at in zip(pairs, at_switch)]
+            row[name]["own_gain"] = [tr["pre_switch_loss"] - final(tr)[1] for tr, _ in pairs]
+            row[name]["baseline_gain"] = [at - end for at, (end, _) in zip(at_switch, baseline)]
             row[name]["recovery_step"] = [r["recovery_step"] for r in done]  # None: never back at the pre-switch loss
             row[name]["evaluated_every"] = max((b["step"] - a["step"] for r in done for a, b in zip(r["curve"], r["curve"][1:])), default=None)
             row[name]["spike"] = [r["post_switch_loss"] - r["pre_switch_loss"] for r in done]
@@ -228,6 +233,7 @@ def write_grid_report(results: Path) -> Path:
                                                   for r, s in apart or [])
                 verdicts.append((label, name, statistics.fmean(difference), said))
     lines += transition_notes(table)
+    lines += gap_sources(table)
     lines += lr_checks(results, data["sizes"])
     lines += ["", "## Verdict", ""] + interim(data) + verdict(verdicts, summary)
     path = results / REPORT

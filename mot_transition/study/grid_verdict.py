@@ -40,6 +40,7 @@ def verdict(verdicts: list[tuple[str, str, float, str]], summary: dict) -> list[
              f"{span([v[2] for v in verdicts], '{:.3f}')} nats."]
     for name in [n for n in summary["names"] if n in {v[1] for v in verdicts}]:  # 5% before 10%
         lines += gap_trend(name, [(label, d) for label, other, d, _ in verdicts if other == name], summary["table"])
+    lines += gap_at_switch(summary["names"], summary["table"])
     lines += paper_measure(summary["table"])
     for label, name, difference, said in verdicts:
         better = "beats" if difference < 0 else "trails"
@@ -75,6 +76,21 @@ def gap_trend(name: str, gaps: list[tuple[str, float]], table: dict) -> list[str
     return [text]
 
 
+def gap_at_switch(names: list[str], table: dict) -> list[str]:
+    """Where the longest transition's gap comes from, over the sizes (mean over seeds each): MoT's deficit at the
+    switch, and the part of it the transition closes, which MoT would have to end within to come out ahead."""
+    longest = [n for n in names if n.startswith("transition-")][-1:]
+    cells = [row[longest[0]] for row in table.values() if longest and row.get(longest[0], {}).get("behind_at_switch")]
+    if not cells:
+        return []
+    behind = [statistics.fmean(c["behind_at_switch"]) for c in cells]
+    closed = [statistics.fmean(own - base for own, base in zip(c["own_gain"], c["baseline_gain"])) for c in cells]
+    return [f"- Where the gap comes from: at the switch, MoT's loss is {signed_span(behind)} nats from Token Choice from scratch's "
+            f"at the same training FLOPs (mean over seeds, per size; positive: MoT behind), and the {length(longest[0])} transition "
+            f"closes {signed_span(closed)} nats of it. For MoT → Token Choice to come out ahead, MoT would have to end its run "
+            "about that close to Token Choice from scratch."]
+
+
 def paper_measure(table: dict) -> list[str]:
     """MoT against dense as the paper measures it, beside Token Choice from scratch."""
     lines = []
@@ -97,6 +113,12 @@ def paper_measure(table: dict) -> list[str]:
                      + ("reproduced here." if reproduced else "not reproduced at these sizes."))
         lines.append(text + ("" if text.endswith(".") else "."))
     return lines
+
+
+def signed_span(values: list[float]) -> str:
+    """A range of signed values, `+0.016 to +0.050` (a hyphen between signed numbers reads as a minus)."""
+    low, high = f"{min(values):+.3f}", f"{max(values):+.3f}"
+    return low if low == high else f"{low} to {high}"
 
 
 def span(values: list[float], number: str) -> str:
