@@ -305,6 +305,7 @@ def _plots(results: Path, data: dict, summary: dict) -> dict | None:
         return None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     colors = {"dense": "tab:gray", "mot": "tab:blue", "token_choice": "tab:green"}
     written = {}
@@ -340,6 +341,8 @@ def _plots(results: Path, data: dict, summary: dict) -> dict | None:
             ax.plot(span, [law[0] * c ** -law[1] for c in span], color=color, linewidth=0.8)
     ax.set_xscale("log")
     ax.set_yscale("log")
+    for axis in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):  # 2.6, not 2.6 x 10^0
+        axis(matplotlib.ticker.FormatStrFormatter("%.1f"))
     ax.set(xlabel="training FLOPs", ylabel="final held-out loss (nats/token)")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
