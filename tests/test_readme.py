@@ -90,13 +90,16 @@ def test_every_readme_command_line_is_one_the_cli_takes(line):
 
     import mot_transition.cli  # noqa: F401  (registers the commands)
     from mot_transition.cli.app import app
+    from mot_transition.study.grid import is_grid_file, load_grid
     from mot_transition.train import load_recipe
 
     words = shlex.split(line)
     command = typer.main.get_command(app).commands[words[1]]
     context = command.make_context(words[1], words[2:])
     assert not context.args
-    if words[1] in ("train", "run", "study"):
+    if words[1] == "study" and is_grid_file(context.params["recipe"]):
+        load_grid(context.params["recipe"])  # a study grid: its recipe, sizes and sweep check out
+    elif words[1] in ("train", "run", "study"):
         load_recipe(context.params["recipe"], context.params.get("overrides") or ())
 
 
