@@ -100,9 +100,8 @@ def gap_sources(table: dict) -> list[str]:
              "| size | transition | MoT behind Token Choice from scratch at the switch | the transition's gain | "
              "Token Choice from scratch's gain | closed | gap at the end |", "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
     for label, name, cell in rows:
-        closed = [own - base for own, base in zip(cell["own_gain"], cell["baseline_gain"])]
-        end = [behind - c for behind, c in zip(cell["behind_at_switch"], closed)]
-        shown = [show(v, compact=True) for v in (cell["behind_at_switch"], cell["own_gain"], cell["baseline_gain"], closed, end)]
+        end = [behind - closed for behind, closed in zip(cell["behind_at_switch"], cell["closed"])]
+        shown = [show(cell[key], compact=True) for key in ("behind_at_switch", "own_gain", "baseline_gain", "closed")] + [show(end, compact=True)]
         if cell.get("source_apart"):  # measured from the MoT run its transitions started from
             shown[0] += f" {OTHER_SOURCE}"
         lines.append(f"| {label} | {length(name)} | " + " | ".join(shown) + " |")

@@ -126,6 +126,7 @@ def summarise(data: dict) -> dict:
             row[name]["behind_at_switch"] = [tr["pre_switch_loss"] - at for (tr, _), at in zip(pairs, at_switch)]
             row[name]["own_gain"] = [tr["pre_switch_loss"] - final(tr)[1] for tr, _ in pairs]
             row[name]["baseline_gain"] = [at - end for at, (end, _) in zip(at_switch, baseline)]
+            row[name]["closed"] = [own - base for own, base in zip(row[name]["own_gain"], row[name]["baseline_gain"])]
             row[name]["recovery_step"] = [r["recovery_step"] for r in done]  # None: never back at the pre-switch loss
             row[name]["evaluated_every"] = max((b["step"] - a["step"] for r in done for a, b in zip(r["curve"], r["curve"][1:])), default=None)
             row[name]["spike"] = [r["post_switch_loss"] - r["pre_switch_loss"] for r in done]

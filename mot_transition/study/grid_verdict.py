@@ -84,7 +84,7 @@ def gap_at_switch(names: list[str], table: dict) -> list[str]:
     if not cells:
         return []
     behind = [statistics.fmean(c["behind_at_switch"]) for c in cells]
-    closed = [statistics.fmean(own - base for own, base in zip(c["own_gain"], c["baseline_gain"])) for c in cells]
+    closed = [statistics.fmean(c["closed"]) for c in cells]
     return [f"- Where the gap comes from: at the switch, MoT's loss is {signed_span(behind)} nats from Token Choice from scratch's "
             f"at the same training FLOPs (mean over seeds, per size; positive: MoT behind), and the {length(longest[0])} transition "
             f"closes {signed_span(closed)} nats of it. For MoT → Token Choice to come out ahead, MoT would have to end its run "
