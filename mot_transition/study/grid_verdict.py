@@ -79,14 +79,17 @@ def gap_trend(name: str, gaps: list[tuple[str, float]], table: dict) -> list[str
 def gap_at_switch(names: list[str], table: dict) -> list[str]:
     """Where the longest transition's gap comes from, over the sizes (mean over seeds each): MoT's deficit at the
     switch, and the part of it the transition closes, which MoT would have to end within to come out ahead."""
-    longest = [n for n in names if n.startswith("transition-")][-1:]
-    cells = [row[longest[0]] for row in table.values() if longest and row.get(longest[0], {}).get("behind_at_switch")]
+    lengths = [n for n in names if n.startswith("transition-")]  # shortest first
+    if not lengths:
+        return []
+    longest = lengths[-1]
+    cells = [row[longest] for row in table.values() if row.get(longest, {}).get("behind_at_switch")]
     if not cells:
         return []
     behind = [statistics.fmean(c["behind_at_switch"]) for c in cells]
     closed = [statistics.fmean(c["closed"]) for c in cells]
     return [f"- Where the gap comes from: at the switch, MoT's loss is {signed_span(behind)} nats from Token Choice from scratch's "
-            f"at the same training FLOPs (mean over seeds, per size; positive: MoT behind), and the {length(longest[0])} transition "
+            f"at the same training FLOPs (mean over seeds, per size; positive: MoT behind), and the {length(longest)} transition "
             f"closes {signed_span(closed)} nats of it. For MoT → Token Choice to come out ahead, MoT would have to end its run "
             "about that close to Token Choice from scratch."]
 
