@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from mot_transition.study.grid import GRID_FILE, LR_FILE, GridRun, load_grid, non_embedding_parameters, plan_size
+from mot_transition.study.grid import GRID_FILE, LR_FILE, load_grid, non_embedding_parameters, plan_size
+from mot_transition.study.grid_run import GridRun
 from mot_transition.study.grid_report import KINDS as KIND_NAMES
 from mot_transition.study.runs import machine
 from test_study import MICRO, study_cli
@@ -190,7 +191,7 @@ def test_commit_commits_each_results_file(data_dir, tmp_path, monkeypatch):
     path.write_text(grid_text(str(data_dir / "corpus.txt"), str(tmp_path / "results"), extend=0).replace("[10, 20]", "[20]"))
     grid = load_grid(path)
     grid.sizes[0].tokens_per_parameter = 0.5
-    from mot_transition.study.grid import git_committer
+    from mot_transition.study.grid_run import git_committer
 
     GridRun(grid, tmp_path / "runs", progress=False, log=lambda line: None, on_result=git_committer(grid.results)).run()
     log = subprocess.run(["git", "-C", str(tmp_path), "log", "--format=%s"], capture_output=True, text=True, check=True).stdout

@@ -77,7 +77,8 @@ def _grid(path: str, out: Path | None, overrides: list[str], quiet: bool, commit
     """`study GRID.toml`: the sweep, then every size and seed; results in the grid's `results`."""
     from rich.table import Table
 
-    from ..study.grid import GridRun, git_committer, load_grid
+    from ..study.grid import load_grid
+    from ..study.grid_run import GridRun, git_committer
 
     for option, was_given in given.items():
         if was_given:
