@@ -10,6 +10,9 @@ the seed spread.
     accounting   curves on the three axes; the loss at a budget; where a loss is first reached
     report       report.md and results.json: means, spreads, verdicts
     plots        curves.png, spike.png, temperature.png (the `plot` extra)
+    grid         a study grid file (several sizes, each kind at its own swept learning rate) and its plans
+    grid_run     runs a grid, every finished run's results written (and committed) as it ends
+    grid_report  the grid's report (grid_notes, grid_verdict: its footnotes and verdict)
 
     from mot_transition.study import run_study
     summary = run_study("tiny", "runs/study", ["train.steps=120"], seeds=3)
