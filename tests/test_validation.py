@@ -67,6 +67,19 @@ def test_every_recipe_key_has_a_rule_of_its_annotated_type():
         assert rule.kind in kinds and rule.optional == (type(None) in kinds), key
 
 
+def test_recipe_model_section_is_config_fields_with_config_defaults():
+    """[model] in a recipe is MoTConfig's own fields with MoTConfig's defaults, so that a key left out
+    means what it means in `MoTConfig()`; only n_positions differs (None: the data's seq_len)."""
+    params = inspect.signature(MoTConfig.__init__).parameters
+    for field in dataclasses.fields(SECTIONS["model"]):
+        assert field.name in params, f"[model] {field.name} is not a MoTConfig field"
+        if field.name != "n_positions":
+            assert field.default == params[field.name].default, field.name
+    unset = set(MODEL_RULES) - {f.name for f in dataclasses.fields(SECTIONS["model"])}
+    # the tokenizer's (set from [data]) and run-time switches: a new field a recipe cannot set fails here
+    assert unset == {"vocab_size", "bos_token_id", "pad_token_id", "use_cache", "output_router_logits"}, unset
+
+
 def test_every_numeric_cli_option_has_a_rule():
     from mot_transition.cli.app import app
     import mot_transition.cli  # noqa: F401  (registers the commands)
