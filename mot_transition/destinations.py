@@ -7,6 +7,7 @@ import errno
 import json
 import os
 import shutil
+import stat
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -140,6 +141,32 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(code, os.strerror(code), str(b))
 
 
+def unprivate_safetensors(folder: Path) -> None:
+    """Give the .safetensors files under `folder` that safetensors' writer made private the mode any
+    other file gets (0o666 less the umask, as `open` creates them). Its writer (0.8) creates a
+    temporary file, mode 0600, and renames it into place: a checkpoint or export that the user's group,
+    or a server running as another user, could then not read. Files of another mode are left alone."""
+    mode = 0o666 & ~_umask()
+    for path in folder.rglob("*.safetensors"):
+        if path.is_file() and not path.is_symlink() and stat.S_IMODE(path.stat().st_mode) == 0o600 != mode:
+            os.chmod(path, mode)
+
+
+def _umask() -> int:
+    """This process's umask, read without changing it where Linux tells it (another thread creating a
+    file meanwhile would get the wrong mode); elsewhere set and restored at once."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def save_figure(fig, path: str | Path, dpi: int) -> Path:
     """`fig.savefig(path)` through a temporary file beside it and `os.replace`: a kill while drawing
     leaves the old image or none, never half of one."""
@@ -163,6 +190,7 @@ def staged(dst: Path):
     staging.mkdir(parents=True)
     try:
         yield staging
+        unprivate_safetensors(staging)
         replace_directory(staging, dst)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

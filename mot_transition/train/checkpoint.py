@@ -48,6 +48,7 @@ from ..checkpoint_io import (  # noqa: F401  (the run layout's functions are thi
     read_header,
 )
 from ..data.tokenizer import ready_for_generation
+from ..destinations import unprivate_safetensors
 from ..jsonfiles import json_kind, read_json_object, write_json
 from ..locks import in_use
 
@@ -102,6 +103,7 @@ def publish(tmp: Path, final: Path, run_dir: Path, keep: int) -> Path:
     `keep` checkpoints of `run_dir`. Returns `final`."""
     parent = final.parent
     try:
+        unprivate_safetensors(tmp)
         _fsync_tree(tmp)
         if final.exists():  # the same step saved again (e.g. after a resume): move the old one aside
             final.rename(parent / f".trash-{final.name}-{os.getpid()}")
