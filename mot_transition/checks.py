@@ -36,12 +36,38 @@ def check_writable_folder(path: str | Path, option: str, shown: str | Path | Non
     os.unlink(probe)
 
 
-def check_writable_file(path: str | Path, option: str) -> None:
-    """`path` (a file to write, replacing an old one) is not a folder and its folder can be written."""
+def check_writable_file(path: str | Path, option: str, example: str = "scores.json", replace: bool = True) -> None:
+    """`path` (a file to write) is not a folder and its folder can be written; with `replace` False, it
+    does not exist yet either (the user's --force sets `replace`). `example`: the file name a folder's
+    error suggests."""
     path = Path(path).expanduser()
     if path.is_dir():
-        raise IsADirectoryError(f"{option} {path} is a folder; give a file name, e.g. {path / 'scores.json'}")
+        raise IsADirectoryError(f"{option} {path} is a folder; give a file name, e.g. {path / example}")
+    if not replace and (path.exists() or path.is_symlink()):
+        raise FileExistsError(f"{option} {path} already exists; pass --force to replace it")
     check_writable_folder(path.parent, option, shown=path)
+
+
+def check_device(name: str, option: str):
+    """The torch.device `name` names, when this machine has it; else one line naming `option`."""
+    import torch
+
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError, TypeError):
+        raise ValueError(f"{option} {name!r} is not a device; give cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"{option} {name!r}: no CUDA device is available here; use cpu")
+        if device.index is not None and device.index >= count:
+            raise ValueError(f"{option} {name!r}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
+    elif device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ValueError(f"{option} {name!r}: no MPS device is available here; use cpu")
+    elif device.type != "cpu":
+        raise ValueError(f"{option} {name!r}: runs on cpu, cuda, cuda:N or mps only")
+    return device
 
 
 def read_json(path: str | Path, what: str = ""):

@@ -94,6 +94,20 @@ def compare_runs(paths: list[str | Path]) -> dict:
     }
 
 
+def check_image_format(path: str | Path) -> None:
+    """`path` ends in an image format matplotlib writes (.png, .pdf, .svg, ...), or one line saying so.
+    Without matplotlib nothing is drawn, so nothing is checked."""
+    try:
+        from matplotlib.backend_bases import FigureCanvasBase
+    except ImportError:
+        return
+    formats = FigureCanvasBase.get_supported_filetypes()
+    suffix = Path(path).suffix.lower().removeprefix(".")
+    if suffix not in formats:
+        said = f"ends in .{suffix}" if suffix else "has no file extension"
+        raise ValueError(f"--plot {path} {said}; give an image file name, e.g. loss_curves.png (or {', '.join('.' + f for f in ('pdf', 'svg', 'jpg'))})")
+
+
 def plot_curves(comparison: dict, path: Path) -> Path:
     """Held-out loss against total steps: MoT, then the transition after the switch, and the
     Token Choice baseline. Raises ImportError without matplotlib."""

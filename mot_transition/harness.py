@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .checks import check_writable_file, load_tokenizer_folder, one_line
+from .checks import check_device, check_writable_file, load_tokenizer_folder, one_line
 from .checkpoint_io import checkpoint_to_read, load_checked, load_config, resolve_checkpoint
 from .jsonfiles import write_json
 from .locks import reads, writes
@@ -47,6 +47,7 @@ def evaluate_tasks(
     if not tasks:
         raise ValueError("name at least one task (--tasks)")
     check_options(limit=limit, batch_size=batch_size, group_size=group_size)
+    check_device(device, "--device")
     if group_size is not None and group_size != 1:
         raise ValueError(f"--group-size takes 1 (per-sequence evaluation) only, got {group_size}")
     if config.mixes_batch_rows() and group_size != 1:

@@ -61,6 +61,35 @@ def test_eval_out_naming_a_folder_or_an_unwritable_place_is_refused_before_the_e
     assert list((tmp_path / "scores").iterdir()) == []
 
 
+def test_eval_out_replaces_an_existing_file_only_with_force(tmp_path, capsys, monkeypatch, checkpoint, tasks):
+    pytest.importorskip("lm_eval", reason=NO_LM_EVAL)
+    scores = {"results": {"tiny_choice": {"alias": "tiny_choice", "acc,none": 0.5}}}
+    monkeypatch.setattr("lm_eval.simple_evaluate", lambda *args, **kwargs: scores)
+    out = tmp_path / "notes.txt"
+    out.write_text("keep me")
+    args = ["eval", checkpoint, "--tasks", "tiny_choice", "--include-path", tasks, "--out", out]
+    code, _, err = run_cli(args, capsys)
+    assert one_error_line(code, err, f"--out {out} already exists; pass --force"), err
+    assert out.read_text() == "keep me"
+    code, _, err = run_cli([*args, "--force"], capsys)
+    assert code == 0 and json.loads(out.read_text()) == {"tiny_choice": {"acc": 0.5}}, err
+
+
+@pytest.mark.parametrize("device, words", [
+    ("banana", "is not a device; give cpu, cuda, cuda:N or mps"),
+    ("cuda:99", "CUDA device"),
+    ("mps:0", "MPS device"),
+    ("meta", "runs on cpu, cuda, cuda:N or mps only"),
+])
+def test_eval_device_this_machine_lacks_is_one_line_before_the_evaluation(capsys, checkpoint, tasks, no_evaluation, device, words):
+    import torch
+
+    if device.startswith("mps") and torch.backends.mps.is_available():
+        pytest.skip("this machine has an MPS device")
+    code, _, err = run_cli(["eval", checkpoint, "--tasks", "tiny_choice", "--include-path", tasks, "--device", device], capsys)
+    assert one_error_line(code, err, f"--device {device!r}", words), err
+
+
 def test_a_malformed_task_yaml_is_named_with_its_line_not_reported_as_an_unknown_task(tmp_path, capsys, checkpoint, tasks, no_evaluation):
     text = (tasks / "tiny.yaml").read_text()
     (tasks / "tiny.yaml").write_text(text.replace("output_type: multiple_choice", "output_type: [multiple_choice"))
@@ -174,6 +203,18 @@ def test_compare_checks_its_plot_destination_before_evaluating_any_model(tmp_pat
     (tmp_path / "plots").mkdir()
     code, _, err = run_cli(["compare", tmp_path / "run", "--plot", tmp_path / "plots"], capsys)
     assert one_error_line(code, err, f"--plot {tmp_path / 'plots'} is a folder"), err
+
+
+@pytest.mark.parametrize("name, words", [
+    ("plot.txt", "ends in .txt; give an image file name"), ("plot", "has no file extension"), ("old.png", "already exists; pass --force"),
+])
+def test_compare_plot_must_be_a_new_image_file_unless_forced(tmp_path, capsys, not_evaluated, name, words):
+    if name != "old.png":
+        pytest.importorskip("matplotlib", reason="the formats are matplotlib's (pip install 'mot-transition[plot]')")
+    (tmp_path / "old.png").write_text("keep me")
+    code, _, err = run_cli(["compare", tmp_path / "run", "--plot", tmp_path / name], capsys)
+    assert one_error_line(code, err, f"--plot {tmp_path / name}", words), err
+    assert (tmp_path / "old.png").read_text() == "keep me"
 
 
 @LM_EVAL  # lm-eval's own YAML loader reads them

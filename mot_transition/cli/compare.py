@@ -20,12 +20,15 @@ def compare(
     tasks: str = typer.Option(None, "--tasks", help="Also score the models on these lm-eval tasks (comma-separated; the eval extra)."),
     include_path: Path = typer.Option(None, "--include-path", help="A folder of lm-eval task YAML files."),
     limit: int = typer.Option(None, "--limit", help="Score only the first N examples of each task."),
+    force: bool = typer.Option(False, "--force", help="Replace the file --plot names if it exists."),
 ) -> None:
     """Compare pre-switch, unbatched, post-switch and baseline losses on the same held-out batches."""
     from ..checks import check_writable_file
+    from ..compare import check_image_format
 
     if plot is not None:  # before the models are evaluated
-        check_writable_file(plot, "--plot")
+        check_writable_file(plot, "--plot", example="loss_curves.png", replace=force)
+        check_image_format(plot)
     if tasks:
         from ..harness import require_harness
 

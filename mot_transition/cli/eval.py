@@ -17,6 +17,7 @@ def eval_command(
     group_size: int = typer.Option(None, "--group-size", help="1: score a MoT checkpoint one sequence at a time."),
     device: str = typer.Option("cpu", "--device"),
     out: Path = typer.Option(None, "--out", help="Also write the scores to this JSON file."),
+    force: bool = typer.Option(False, "--force", help="Replace the file --out names if it exists."),
 ) -> None:
     """Score a dense or Token Choice checkpoint on lm-eval tasks (MoT: convert first, or --group-size 1)."""
     from contextlib import nullcontext
@@ -29,7 +30,7 @@ def eval_command(
     from ..locks import hold
 
     if out is not None:  # before the evaluation, not after it
-        check_writable_file(out, "--out")
+        check_writable_file(out, "--out", replace=force)
     with hold(out) if out is not None else nullcontext():  # one writer of --out, from the start
         scores = evaluate_tasks(checkpoint, task_names(tasks), include_path, limit, batch_size, group_size, device)
         if out is not None:

@@ -47,6 +47,10 @@ def pick_device(name: str, local_rank: int = 0) -> torch.device:
             raise ValueError(f"recipe key 'train.device' is {name!r} but no CUDA device is available; use auto or cpu")
         if device.index is None:
             device = torch.device(f"cuda:{local_rank}")
+        if device.index >= torch.cuda.device_count():
+            raise ValueError(f"recipe key 'train.device' is {name!r} but this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"recipe key 'train.device' is {name!r} but no MPS device is available; use auto or cpu")
     return device
 
 
