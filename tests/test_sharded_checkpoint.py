@@ -63,6 +63,8 @@ def test_a_sharded_checkpoint_is_refused_by_readers_of_whole_ones_in_one_line_na
     assert code == 0, err
     code, _, err = run_cli(["consolidate", str(tmp_path / "whole"), str(tmp_path / "again")], capsys)
     assert code == 1 and "not a sharded checkpoint" in err
+    code, _, err = run_cli(["consolidate", str(tmp_path / "nothing"), str(tmp_path / "again")], capsys)
+    assert code == 1 and f"no checkpoint at {tmp_path / 'nothing'}" in err  # not "already whole"
     code, _, err = run_cli(["consolidate", str(tmp_path / "run"), str(tmp_path / "whole")], capsys)
     assert code == 1 and "--force" in err
     code, _, err = run_cli(["consolidate", str(tmp_path / "run"), str(tmp_path / "whole"), "--force"], capsys)

@@ -202,6 +202,7 @@ def consolidate(src: str | Path, dst: str | Path, force: bool = False) -> Path:
 
     src, dst = resolve_checkpoint(src), Path(dst)
     if not is_sharded(src):
+        load_config(src)  # not a checkpoint at all: says what is missing
         raise ValueError(f"{src} is not a sharded checkpoint (no {DCP_DIR}/.metadata); it is already whole")
     state = check_training_checkpoint(src)
     config = load_config(src)
