@@ -149,6 +149,8 @@ def test_cli_export_as_a_user_types_it_and_force_replaces_only_an_export(tmp_pat
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
     code, _, err = run_cli(["export", tmp_path / "ours", tmp_path / "mine", "--force"], capsys)
     assert code == 1 and (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+    code, _, err = run_cli(["export", tmp_path / "ours", tmp_path / "model.gguf"], capsys)  # a folder named like a GGUF file
+    assert code == 1 and "pass --to gguf" in err and not (tmp_path / "model.gguf").exists()
 
 
 def test_an_export_that_does_not_reproduce_our_model_is_not_written(tmp_path, monkeypatch):

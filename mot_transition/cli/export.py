@@ -28,6 +28,8 @@ def export(
     console = Console()
     if to == "gguf":
         return _gguf(src, dst, outtype, force, dropless, console)
+    if dst.suffix.lower() == ".gguf":  # a folder named like a file: surely meant --to gguf
+        raise ValueError(f"{dst} ends in .gguf, but --to {to} writes a folder of transformers files; pass --to gguf for a GGUF file")
     with console.status(f"exporting to {to}"):
         report = export_checkpoint(src, dst, to, force=force, dropless=dropless, verify=verify, dtype=dtype)
     table = Table(title=f"{report.architecture} (transformers {report.transformers_version})", show_header=False)
