@@ -82,6 +82,9 @@ def left_padded(tokenizer, prompts: list[str]):
     if not prompts:
         raise ValueError("no prompt to continue")
     start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    warned = getattr(tokenizer, "deprecation_warnings", None)
+    if isinstance(warned, dict):  # a prompt past the context is the caller's one-line error, not also the tokenizer's warning
+        warned["sequence-length-is-longer-than-the-specified-maximum"] = True
     rows = [tokenizer(prompt)["input_ids"] for prompt in prompts]
     if any(not row for row in rows):
         if start is None:

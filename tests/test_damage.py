@@ -123,6 +123,17 @@ def test_an_empty_prompt_starts_a_new_document(finished, capsys):
     assert code == 0, err
 
 
+def test_generate_says_when_the_context_caps_it_and_refuses_a_prompt_past_it_before_echoing(finished, capsys):
+    from mot_transition.checkpoint_io import load_config
+
+    checkpoint = latest_checkpoint(finished)
+    context = load_config(checkpoint).n_positions
+    code, out, err = run_cli(["generate", checkpoint, "--prompt", "a", "--max-new-tokens", str(10 * context)], capsys)
+    assert code == 0 and "warning:" in err and f"not {10 * context}" in err, err
+    code, out, err = run_cli(["generate", checkpoint, "--prompt", " a" * (4 * context)], capsys)
+    assert code == 1 and out == "" and err.startswith("error: the prompt is") and len(err.strip().splitlines()) == 1, err
+
+
 def test_the_current_directory_works_as_a_source_and_is_refused_as_a_destination(finished, tmp_path, capsys, monkeypatch):
     checkpoint = latest_checkpoint(finished)
     monkeypatch.chdir(checkpoint)

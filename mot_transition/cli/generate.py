@@ -9,7 +9,7 @@ from rich.console import Console
 from transformers import TextStreamer
 
 from ..generate import generate as generate_text
-from ..generate import load_for_inference
+from ..generate import left_padded, load_for_inference
 from ..options import check_options
 from .app import app
 
@@ -28,6 +28,15 @@ def generate(
     model, tokenizer, warning = load_for_inference(checkpoint)
     if warning:
         Console(stderr=True).print(f"[yellow]warning:[/yellow] {warning}", soft_wrap=True, highlight=False)
+    prompt_tokens = left_padded(tokenizer, [prompt])["input_ids"].shape[1]
+    room = model.config.n_positions - prompt_tokens
+    if room < 1:  # before the prompt is echoed
+        raise ValueError(f"the prompt is {prompt_tokens} tokens; the model's context is {model.config.n_positions}")
+    if room < max_new_tokens:
+        Console(stderr=True).print(
+            f"[yellow]warning:[/yellow] the model's context is {model.config.n_positions} tokens and the prompt {prompt_tokens}: "
+            f"at most {room} new tokens, not {max_new_tokens}", soft_wrap=True, highlight=False,
+        )
     torch.manual_seed(seed)
     sys.stdout.write(prompt)
     sys.stdout.flush()
