@@ -284,6 +284,8 @@ def test_the_grid_writes_its_report_and_report_only_rewrites_it(grid, tmp_path):
         json.loads((where / "results" / "d16" / f"seed-{i}" / f"mot-lr{lr:g}.json").read_text())["final_loss"] for i in (0, 1)]
     assert summary["table"]["d24"]["mot"]["seeds"] == 1 and summary["laws"]["mot"] is not None  # two sizes: a fit
     report.unlink()
+    code, stdout, stderr = study_cli([path, "--report-only", "--out", tmp_path / "ignored"])
+    assert code == 2 and "drop --out" in stderr and not report.exists()  # --out means nothing here: said, not ignored
     code, stdout, stderr = study_cli([path, "--report-only"])
     assert code == 0 and report.read_text() == text, stderr
     fresh = tmp_path / "fresh.toml"

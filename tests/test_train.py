@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import interrupted_after
+from conftest import interrupted_after, run_cli
 from mot_transition.train import (
     Trainer,
     TrainingDiverged,
@@ -437,6 +437,16 @@ def test_every_shipped_recipe_is_valid_and_starts_with_the_command_that_runs_it(
     assert recipe.name == path.stem
     if recipe.model.ffn_type == "mot":
         assert recipe.train.batch_size % recipe.model.group_size == 0
+
+
+def test_a_study_grid_given_to_train_points_to_study_and_is_not_listed_as_a_recipe(capsys):
+    grids = sorted(p.stem for p in RECIPES_DIR.glob("*.toml") if is_grid_file(p))
+    assert grids and all(is_grid_file(name) for name in grids)  # a built-in grid by its bare name too
+    code, _, err = run_cli(["train", grids[0], "--out", "unused"], capsys)
+    assert code == 1 and f"run it with mot-transition study {grids[0]}" in err and len(err.strip().splitlines()) == 1, err
+    code, _, err = run_cli(["train", "no-such-recipe"], capsys)
+    listed = err.split("built-in recipes: ")[1]
+    assert code == 1 and "tiny" in listed and not any(name in listed.replace(")", ",").split(", ") for name in grids), err
 
 
 @pytest.mark.parametrize("path", sorted(p for p in RECIPES_DIR.glob("*.toml") if is_grid_file(p)), ids=lambda p: p.stem)

@@ -41,8 +41,9 @@ def study(
 
     console = Console()
     log = lambda line: console.print(line, markup=False, highlight=False, soft_wrap=True)  # noqa: E731
-    if _is_grid(recipe):
-        return _grid(recipe, out, overrides or [], quiet, commit, report_only, log, console,
+    grid = _grid_file(recipe)
+    if grid is not None:
+        return _grid(str(grid), out, overrides or [], quiet, commit, report_only, log, console,
                      given={"--seeds": seeds != 3, "--transitions": transitions != "5,10,20", "--temperatures": temperatures != "0.5,2",
                             "--calibrate": calibrate != 4})
     if commit or report_only:
@@ -66,10 +67,10 @@ def study(
         console.print("no plots: matplotlib is not installed (pip install 'mot-transition[plot]')")
 
 
-def _is_grid(recipe: str) -> bool:
-    from ..study.grid import is_grid_file
+def _grid_file(recipe: str) -> Path | None:
+    from ..study.grid import grid_file
 
-    return is_grid_file(recipe)
+    return grid_file(recipe)
 
 
 def _grid(path: str, out: Path | None, overrides: list[str], quiet: bool, commit: bool, report_only: bool, log, console,
@@ -86,6 +87,10 @@ def _grid(path: str, out: Path | None, overrides: list[str], quiet: bool, commit
     grid = load_grid(path)
     if report_only:
         from ..study.grid_report import write_grid_report
+
+        if out is not None or overrides:  # they would be silently ignored
+            raise typer.BadParameter(f"--report-only reads and writes the grid's results folder ({grid.results}) only: "
+                                     "drop --out and KEY=VALUE, which are for training")
 
         if not (grid.results / "grid.json").is_file():
             raise FileNotFoundError(f"{grid.results} holds no grid.json: the grid has not started, so there is nothing to report")

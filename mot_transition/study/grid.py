@@ -42,7 +42,8 @@ import torch
 from ..config import Rule
 from ..convert import default_top_k
 from ..pipeline import baseline_recipe
-from ..train import Recipe, load_recipe
+from ..train import Recipe, load_recipe, resolve_recipe_path
+from ..train.recipe import GRID_KEYS
 from .runs import dense_recipe
 
 KINDS = ("dense", "mot", "token_choice")
@@ -91,15 +92,23 @@ class Grid:
         return fields
 
 
-def is_grid_file(path: str | Path) -> bool:
-    """A .toml file with a grid's own keys ([[size]] tables, `sweep` or `results`; a recipe has none)."""
-    path = Path(path)
-    if path.suffix != ".toml" or not path.is_file():
-        return False
+def grid_file(path: str | Path) -> Path | None:
+    """The grid file `path` names (a .toml path, or a built-in name such as `study-data-rich`): a file
+    with a grid's own keys ([[size]] tables, `sweep` or `results`; a recipe has none). None for a recipe."""
     try:
-        return bool({"size", "sweep", "results"} & set(tomllib.loads(path.read_text())))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError):
-        return False
+        path = resolve_recipe_path(path)
+    except FileNotFoundError:
+        return None
+    if path.suffix != ".toml":
+        return None
+    try:
+        return path if bool(GRID_KEYS & set(tomllib.loads(path.read_text()))) else None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError, RecursionError):
+        return None
+
+
+def is_grid_file(path: str | Path) -> bool:
+    return grid_file(path) is not None
 
 
 def load_grid(path: str | Path) -> Grid:
@@ -199,4 +208,4 @@ def plan_size(grid: Grid, size: Size, how: list[str]) -> SizePlan:
     return plan
 
 
-__all__ = ["Grid", "Size", "SizePlan", "load_grid", "is_grid_file", "plan_size", "non_embedding_parameters", "KINDS"]
+__all__ = ["Grid", "Size", "SizePlan", "load_grid", "grid_file", "is_grid_file", "plan_size", "non_embedding_parameters", "KINDS"]

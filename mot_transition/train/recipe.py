@@ -37,9 +37,24 @@ def resolve_recipe_path(recipe: str | Path) -> Path:
         return path
     if path.suffix == "" and len(path.parts) == 1 and (RECIPES_DIR / f"{path.name}.toml").is_file():
         return RECIPES_DIR / f"{path.name}.toml"
-    known = sorted(p.stem for p in RECIPES_DIR.glob("*.toml")) if RECIPES_DIR.is_dir() else []
+    known = sorted(p.stem for p in RECIPES_DIR.glob("*.toml") if not _is_grid_text(p.read_text())) if RECIPES_DIR.is_dir() else []
     hint = f"; built-in recipes: {', '.join(known)}" if known else ""
     raise FileNotFoundError(f"recipe {str(recipe)!r} not found (give a .toml path or a built-in name{hint})")
+
+
+# the keys only a study grid has (mot_transition.study.grid): its [[size]] tables, learning-rate sweep, results folder
+GRID_KEYS = frozenset({"size", "sweep", "results"})
+
+
+def _is_grid(raw: dict) -> bool:
+    return bool(GRID_KEYS & raw.keys())
+
+
+def _is_grid_text(text: str) -> bool:
+    try:
+        return _is_grid(tomllib.loads(text))
+    except (tomllib.TOMLDecodeError, RecursionError):
+        return False
 
 
 def load_recipe(recipe: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Recipe:
@@ -55,6 +70,8 @@ def load_recipe(recipe: str | Path | None = None, overrides: typing.Sequence[str
             raise ValueError(f"recipe {path} is not valid TOML: {error}") from None
         except RecursionError:  # tomllib recurses per level of nesting: [[[[...]]]] 100,000 deep
             raise ValueError(f"recipe {path} is not a recipe: its values nest deeper than Python's recursion limit") from None
+        if _is_grid(raw):
+            raise ValueError(f"{path} is a study grid (sizes of a recipe), not a training recipe: run it with mot-transition study {recipe}")
     raw.setdefault("name", name)
     for override in overrides:
         key, value = parse_override(override)
