@@ -46,12 +46,15 @@ def find_runs(paths: list[str | Path]) -> dict[str, Path]:
         expanded.extend(subdirs or [path])
     for path in expanded:
         if (path / TRANSITION_FILE).is_file():
-            runs["transition"] = path
+            role = "transition"
         elif (path / "metrics.jsonl").is_file():
-            kind = run_ffn_type(path)
-            runs["mot" if kind == "mot" else "baseline"] = path
+            role = "mot" if run_ffn_type(path) == "mot" else "baseline"
         else:
             raise ValueError(f"{path} is neither a transition run ({TRANSITION_FILE}) nor a training run (metrics.jsonl)")
+        if role in runs and runs[role].resolve() != path.resolve():  # the same run twice is one run
+            what = {"transition": "transition run", "mot": "MoT run", "baseline": "baseline (a dense or Token Choice run)"}[role]
+            raise ValueError(f"two of a kind: {runs[role]} and {path} are each a {what}; compare takes one of each")
+        runs[role] = path
     if "transition" not in runs:
         raise ValueError("compare needs a transition run (a directory written by `mot-transition transition` or `run`)")
     if "mot" not in runs:

@@ -179,6 +179,23 @@ def test_compare_of_a_damaged_transition_record_is_one_line(tmp_path, capsys, ch
     assert code == 1 and "not valid JSON" in err and len(err.strip().splitlines()) == 1, err
 
 
+def test_compare_takes_one_run_of_each_kind_and_the_same_run_twice_as_one(tmp_path, capsys):
+    from mot_transition.compare import find_runs
+
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "transition.json").write_text(json.dumps(GOOD_TRANSITION))
+    assert find_runs([tmp_path / "a", tmp_path / "a"])["transition"] == tmp_path / "a"
+    code, out, err = run_cli(["compare", tmp_path / "a", tmp_path / "b"], capsys)
+    assert code == 1 and "are each a transition run" in err and len(err.strip().splitlines()) == 1, err
+    for name in ("c", "d"):  # two baselines: which one compare drew was the last given
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.jsonl").write_text("")
+        (tmp_path / name / "recipe.toml").write_text('[model]\nffn_type = "token_choice"\n')
+    with pytest.raises(ValueError, match="each a baseline"):
+        find_runs([tmp_path / "a", tmp_path / "c", tmp_path / "d"])
+
+
 @pytest.mark.parametrize("field, value", [("mot_temperature", {"__float__": "Infinity"}), ("n_expert", 32.0), ("layer_norm_epsilon", -5)])
 def test_a_config_json_with_a_bad_value_is_one_line_naming_file_and_field(tmp_path, capsys, field, value):
     from conftest import tiny_config
