@@ -34,12 +34,18 @@ def convert(
 
 
 def show_report(report: ConversionReport, console: Console) -> None:
-    tensors = Table(title="tensors")
-    for column in ("tensor", "carried / transformed", "how"):
-        tensors.add_column(column)
-    for row in report.tensors:
-        style = "bold" if row["action"] == "transformed" else None
-        tensors.add_row(row["name"], row["action"], row["detail"], style=style)
+    tensors = Table(title="tensors (every one: conversion_report.json)")
+    tensors.add_column("tensor", overflow="fold")
+    tensors.add_column("carried / transformed")
+    tensors.add_column("how", overflow="fold")
+    carried = []
+    for row in report.tensors:  # the transformed ones by name; the rest, carried unchanged, counted
+        if row["action"] == "carried" and row["detail"] == "unchanged":
+            carried.append(row["name"])
+        else:
+            tensors.add_row(row["name"], row["action"], row["detail"], style="bold" if row["action"] == "transformed" else None)
+    if carried:
+        tensors.add_row(f"the other {len(carried)}", "carried", "unchanged")
     console.print(tensors)
 
     changes = Table(title="config")
