@@ -10,6 +10,8 @@ grouped inference (docs/design.md §3.5). Converting them to Token Choice first 
 
 from __future__ import annotations
 
+import logging
+from contextlib import contextmanager
 from pathlib import Path
 
 from .checks import check_device, check_writable_file, load_tokenizer_folder, one_line
@@ -74,7 +76,9 @@ def evaluate_tasks(
     model = load_checked(checkpoint).eval().to(device)
     if group_size == 1:
         model.set_group_size(1)
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=config.n_positions, device=device)
+    with _quiet("lm_eval.models.huggingface"):  # its notices on a model object passed in: what we do on purpose
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=config.n_positions,
+                  device=device, backend="causal")
     results = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, limit=limit)["results"]
     scores = {}
     for task, metrics in results.items():
@@ -130,3 +134,15 @@ def write_scores(scores: dict, path: str | Path) -> Path:
     check_writable_file(path, "--out")
     path.parent.mkdir(parents=True, exist_ok=True)
     return write_json(path, scores)
+
+
+@contextmanager
+def _quiet(logger_name: str):
+    """`logger_name`'s warnings silenced (its errors still show) for the block."""
+    logger = logging.getLogger(logger_name)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)

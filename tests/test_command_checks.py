@@ -90,6 +90,19 @@ def test_eval_device_this_machine_lacks_is_one_line_before_the_evaluation(capsys
     assert one_error_line(code, err, f"--device {device!r}", words), err
 
 
+def test_eval_shows_none_of_lm_evals_notices_about_a_model_object(checkpoint, tasks, monkeypatch, caplog):
+    pytest.importorskip("lm_eval", reason=NO_LM_EVAL)
+    import logging
+
+    from mot_transition.harness import evaluate_tasks
+
+    monkeypatch.setattr("lm_eval.simple_evaluate", lambda *args, **kwargs: {"results": {"tiny_choice": {"acc,none": 0.5}}})
+    with caplog.at_level(logging.INFO):
+        assert evaluate_tasks(checkpoint, ["tiny_choice"], tasks) == {"tiny_choice": {"acc": 0.5}}
+    noticed = [r.getMessage() for r in caplog.records if r.name.startswith("lm_eval.models") and r.levelno >= logging.WARNING]
+    assert not noticed, noticed
+
+
 def test_a_malformed_task_yaml_is_named_with_its_line_not_reported_as_an_unknown_task(tmp_path, capsys, checkpoint, tasks, no_evaluation):
     text = (tasks / "tiny.yaml").read_text()
     (tasks / "tiny.yaml").write_text(text.replace("output_type: multiple_choice", "output_type: [multiple_choice"))
