@@ -61,7 +61,8 @@ def check_device(name: str, option: str):
         if count == 0:
             raise ValueError(f"{option} {name!r}: no CUDA device is available here; use cpu")
         if device.index is not None and device.index >= count:
-            raise ValueError(f"{option} {name!r}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
+            has = "one CUDA device, cuda:0" if count == 1 else f"{count} CUDA devices, cuda:0 to cuda:{count - 1}"
+            raise ValueError(f"{option} {name!r}: this machine has {has}")
     elif device.type == "mps":
         if not torch.backends.mps.is_available():
             raise ValueError(f"{option} {name!r}: no MPS device is available here; use cpu")
@@ -109,4 +110,4 @@ def load_tokenizer_folder(path: str | Path, what: str):
         raise ValueError(f"{what}: the tokenizer in {path} does not load: {one_line(error)}") from None
 
 
-__all__ = ["one_line", "check_writable_folder", "check_writable_file", "read_json", "load_tokenizer_folder"]
+__all__ = ["one_line", "check_writable_folder", "check_writable_file", "check_device", "read_json", "load_tokenizer_folder"]

@@ -143,18 +143,25 @@ def _exchange(a: Path, b: Path) -> bool:
 
 def unprivate_safetensors(folder: Path) -> None:
     """Give the .safetensors files under `folder` that safetensors' writer made private the mode any
-    other file gets (0o666 less the umask, as `open` creates them). Its writer (0.8) creates a
-    temporary file, mode 0600, and renames it into place: a checkpoint or export that the user's group,
-    or a server running as another user, could then not read. Files of another mode are left alone."""
-    mode = 0o666 & ~_umask()
+    other new file gets (`new_file_mode`). Its writer (0.8) creates a temporary file, mode 0600, and
+    renames it into place: a checkpoint or export that the user's group, or a server running as another
+    user, could then not read. Files of another mode are left alone."""
+    mode = new_file_mode()
+    if mode == 0o600:  # the user's umask keeps files private anyway
+        return
     for path in folder.rglob("*.safetensors"):
-        if path.is_file() and not path.is_symlink() and stat.S_IMODE(path.stat().st_mode) == 0o600 != mode:
+        if path.is_file() and not path.is_symlink() and stat.S_IMODE(path.stat().st_mode) == 0o600:
             os.chmod(path, mode)
 
 
+def new_file_mode() -> int:
+    """The mode `open` gives a new file in this process: 0o666 less the umask."""
+    return 0o666 & ~_umask()
+
+
 def _umask() -> int:
-    """This process's umask, read without changing it where Linux tells it (another thread creating a
-    file meanwhile would get the wrong mode); elsewhere set and restored at once."""
+    """This process's umask, read where Linux tells it without changing it; elsewhere the one it had
+    when this module was imported (set and restored then, before any thread of ours could create a file)."""
     try:
         with open("/proc/self/status") as status:
             for line in status:
@@ -162,9 +169,16 @@ def _umask() -> int:
                     return int(line.split()[1], 8)
     except (OSError, ValueError):
         pass
-    mask = os.umask(0o022)
+    return _UMASK_AT_IMPORT
+
+
+def _umask_now() -> int:
+    mask = os.umask(0o077)
     os.umask(mask)
     return mask
+
+
+_UMASK_AT_IMPORT = _umask_now()
 
 
 def save_figure(fig, path: str | Path, dpi: int) -> Path:

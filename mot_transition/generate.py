@@ -67,13 +67,19 @@ def generate(
     document separator the model was trained with."""
     options = sampling_options(max_new_tokens, temperature, top_p, tokenizer)
     inputs = left_padded(tokenizer, prompts).to(model.device)
-    room = model.config.n_positions - inputs["input_ids"].shape[1]
-    if room < 1:
-        raise ValueError(f"the prompt is {inputs['input_ids'].shape[1]} tokens; the model's context is {model.config.n_positions}")
-    options["max_new_tokens"] = min(options["max_new_tokens"], room)
+    options["max_new_tokens"] = min(options["max_new_tokens"], context_room(model, inputs))
     output = model.generate(**inputs, **options, streamer=streamer)
     new = output[:, inputs["input_ids"].shape[1]:]
     return tokenizer.batch_decode(new, skip_special_tokens=True)
+
+
+def context_room(model, inputs) -> int:
+    """How many new tokens the model's context leaves after the (padded) prompts `inputs`; a one-line
+    ValueError when none."""
+    length, context = inputs["input_ids"].shape[1], model.config.n_positions
+    if length >= context:
+        raise ValueError(f"the prompt is {length} tokens; the model's context is {context}")
+    return context - length
 
 
 def left_padded(tokenizer, prompts: list[str]):
@@ -82,10 +88,8 @@ def left_padded(tokenizer, prompts: list[str]):
     if not prompts:
         raise ValueError("no prompt to continue")
     start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-    warned = getattr(tokenizer, "deprecation_warnings", None)
-    if isinstance(warned, dict):  # a prompt past the context is the caller's one-line error, not also the tokenizer's warning
-        warned["sequence-length-is-longer-than-the-specified-maximum"] = True
-    rows = [tokenizer(prompt)["input_ids"] for prompt in prompts]
+    # verbose=False: a prompt past the context is the caller's one-line error, not also the tokenizer's warning
+    rows = [tokenizer(prompt, verbose=False)["input_ids"] for prompt in prompts]
     if any(not row for row in rows):
         if start is None:
             raise ValueError("an empty prompt needs a bos or eos token to start from, and this tokenizer has neither")

@@ -222,8 +222,6 @@ def test_compare_checks_its_plot_destination_before_evaluating_any_model(tmp_pat
     ("plot.txt", "ends in .txt; give an image file name"), ("plot", "has no file extension"), ("old.png", "already exists; pass --force"),
 ])
 def test_compare_plot_must_be_a_new_image_file_unless_forced(tmp_path, capsys, not_evaluated, name, words):
-    if name != "old.png":
-        pytest.importorskip("matplotlib", reason="the formats are matplotlib's (pip install 'mot-transition[plot]')")
     (tmp_path / "old.png").write_text("keep me")
     code, _, err = run_cli(["compare", tmp_path / "run", "--plot", tmp_path / name], capsys)
     assert one_error_line(code, err, f"--plot {tmp_path / name}", words), err
@@ -270,3 +268,26 @@ def test_a_recipe_or_override_nested_100000_deep_is_one_line(tmp_path, capsys):
     code, _, err = run_cli(["train", "tiny", f"model.n_embd={deep}", "--out", tmp_path / "run"], capsys)
     assert one_error_line(code, err, "recipe key 'model.n_embd' must be an integer"), err
     assert not (tmp_path / "run").exists()
+
+
+def test_a_training_device_this_machine_lacks_is_one_line_before_the_data(tmp_path, capsys, monkeypatch):
+    import torch
+
+    import mot_transition.train.trainer as trainer_module
+    from mot_transition.train.devices import pick_device
+
+    def never(*args, **kwargs):
+        raise AssertionError("the data was prepared before the device was checked")
+
+    monkeypatch.setattr(trainer_module, "prepare_run_data", never)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    for device, words in (("cuda", "no CUDA device is available"), ("mps", "no MPS device is available"), ("tpu", "must be auto, cpu, cuda")):
+        code, _, err = run_cli(["train", "tiny", f"train.device={device}", "--out", tmp_path / "run"], capsys)
+        assert one_error_line(code, err, "train.device", words), err
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert pick_device("cuda", local_rank=1) == torch.device("cuda:1") and pick_device("cuda:0") == torch.device("cuda:0")
+    for name, rank, words in (("cuda:2", 0, "'cuda:2': this machine has 2 CUDA devices"), ("cuda", 2, "so local rank 2 takes 'cuda:2'")):
+        with pytest.raises(ValueError, match=words):
+            pick_device(name, local_rank=rank)

@@ -190,9 +190,14 @@ def test_convert_refuses_bad_input_with_one_line_and_writes_nothing(mot_checkpoi
         assert digest(src) == before
 
 
-def test_convert_refuses_an_existing_destination_unless_forced(mot_checkpoint, tmp_path, capsys):
-    code, _, _ = run_cli(["convert", mot_checkpoint, tmp_path / "out"], capsys)
-    assert code == 0
+def test_convert_refuses_an_existing_destination_unless_forced(mot_checkpoint, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")  # rich's width: no name folded over two lines
+    code, out, _ = run_cli(["convert", mot_checkpoint, tmp_path / "out"], capsys)
+    report = json.loads((tmp_path / "out" / "conversion_report.json").read_text())
+    moved = [row["name"] for row in report["tensors"] if row["action"] == "transformed"]
+    # the table: every transformed tensor in full, the carried ones counted (the report lists all)
+    assert code == 0 and moved and f"the other {len(report['tensors']) - len(moved)}" in out
+    assert all(f" {name} " in out for name in moved)
     (tmp_path / "out" / "keep.txt").write_text("mine")
     code, _, err = run_cli(["convert", mot_checkpoint, tmp_path / "out"], capsys)
     assert code == 1 and "--force" in err and (tmp_path / "out" / "keep.txt").read_text() == "mine"

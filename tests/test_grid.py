@@ -284,8 +284,9 @@ def test_the_grid_writes_its_report_and_report_only_rewrites_it(grid, tmp_path):
         json.loads((where / "results" / "d16" / f"seed-{i}" / f"mot-lr{lr:g}.json").read_text())["final_loss"] for i in (0, 1)]
     assert summary["table"]["d24"]["mot"]["seeds"] == 1 and summary["laws"]["mot"] is not None  # two sizes: a fit
     report.unlink()
-    code, stdout, stderr = study_cli([path, "--report-only", "--out", tmp_path / "ignored"])
-    assert code == 2 and "drop --out" in stderr and not report.exists()  # --out means nothing here: said, not ignored
+    for extra in (["--out", tmp_path / "ignored"], ["--commit"], ["train.steps=3"]):  # nothing to them here: said, not ignored
+        code, stdout, stderr = study_cli([path, "--report-only", *extra])
+        assert code == 2 and "drop --out, --commit and KEY=VALUE" in stderr and not report.exists(), (extra, stderr)
     code, stdout, stderr = study_cli([path, "--report-only"])
     assert code == 0 and report.read_text() == text, stderr
     fresh = tmp_path / "fresh.toml"

@@ -6,6 +6,7 @@ the tokenizer and packed data cached once per module.
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -445,8 +446,9 @@ def test_a_study_grid_given_to_train_points_to_study_and_is_not_listed_as_a_reci
     code, _, err = run_cli(["train", grids[0], "--out", "unused"], capsys)
     assert code == 1 and f"run it with mot-transition study {grids[0]}" in err and len(err.strip().splitlines()) == 1, err
     code, _, err = run_cli(["train", "no-such-recipe"], capsys)
-    listed = err.split("built-in recipes: ")[1]
-    assert code == 1 and "tiny" in listed and not any(name in listed.replace(")", ",").split(", ") for name in grids), err
+    recipes = re.search(r"built-in recipes: ([^;)]*)", err).group(1).split(", ")
+    listed_grids = re.search(r"built-in study grids \(mot-transition study NAME\): ([^;)]*)", err).group(1).split(", ")
+    assert code == 1 and "tiny" in recipes and not set(grids) & set(recipes) and listed_grids == grids, err
 
 
 @pytest.mark.parametrize("path", sorted(p for p in RECIPES_DIR.glob("*.toml") if is_grid_file(p)), ids=lambda p: p.stem)

@@ -16,7 +16,7 @@ from .app import app
 @app.command(epilog="Example: mot-transition compare runs/tc-transition")
 def compare(
     runs: list[Path] = typer.Argument(..., help="A `run` output directory, or a transition run and a Token Choice baseline run."),
-    plot: Path = typer.Option(None, "--plot", help="Where to write the PNG of the loss curves (default: beside the transition run)."),
+    plot: Path = typer.Option(None, "--plot", help="Where to write the plot of the loss curves: .png, .pdf, .svg, ... (default: loss_curves.png in the transition run)."),
     tasks: str = typer.Option(None, "--tasks", help="Also score the models on these lm-eval tasks (comma-separated; the eval extra)."),
     include_path: Path = typer.Option(None, "--include-path", help="A folder of lm-eval task YAML files."),
     limit: int = typer.Option(None, "--limit", help="Score only the first N examples of each task."),

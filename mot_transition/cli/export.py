@@ -23,13 +23,13 @@ def export(
     force: bool = typer.Option(False, "--force", help="Replace DST if this toolkit wrote it."),
 ) -> None:
     """Export a llama-style checkpoint to a native transformers architecture (docs/design.md §8.4)."""
-    from ..export import export_checkpoint
+    from ..export import TARGETS, export_checkpoint
 
     console = Console()
     if to == "gguf":
         return _gguf(src, dst, outtype, force, dropless, console)
-    if dst.suffix.lower() == ".gguf":  # a folder named like a file: surely meant --to gguf
-        raise ValueError(f"{dst} ends in .gguf, but --to {to} writes a folder of transformers files; pass --to gguf for a GGUF file")
+    if to in TARGETS and dst.suffix.lower() == ".gguf":  # a folder named like a file: surely meant --to gguf
+        raise ValueError(f"{dst} ends in .gguf, but a {to} export is a folder of transformers files; pass --to gguf for a GGUF file")
     with console.status(f"exporting to {to}"):
         report = export_checkpoint(src, dst, to, force=force, dropless=dropless, verify=verify, dtype=dtype)
     table = Table(title=f"{report.architecture} (transformers {report.transformers_version})", show_header=False)

@@ -9,7 +9,7 @@ from rich.console import Console
 from transformers import TextStreamer
 
 from ..generate import generate as generate_text
-from ..generate import left_padded, load_for_inference
+from ..generate import context_room, left_padded, load_for_inference
 from ..options import check_options
 from .app import app
 
@@ -18,7 +18,8 @@ from .app import app
 def generate(
     checkpoint: Path = typer.Argument(..., help="Checkpoint directory (or a run directory: its latest checkpoint)."),
     prompt: str = typer.Option(..., "--prompt", help="Text to continue."),
-    max_new_tokens: int = typer.Option(64, "--max-new-tokens"),
+    max_new_tokens: int = typer.Option(None, "--max-new-tokens", show_default=False,
+                                       help="New tokens at most (default: 64, or fewer where the model's context ends)."),
     temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy."),
     top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling threshold."),
     seed: int = typer.Option(0, "--seed"),
@@ -28,15 +29,15 @@ def generate(
     model, tokenizer, warning = load_for_inference(checkpoint)
     if warning:
         Console(stderr=True).print(f"[yellow]warning:[/yellow] {warning}", soft_wrap=True, highlight=False)
-    prompt_tokens = left_padded(tokenizer, [prompt])["input_ids"].shape[1]
-    room = model.config.n_positions - prompt_tokens
-    if room < 1:  # before the prompt is echoed
-        raise ValueError(f"the prompt is {prompt_tokens} tokens; the model's context is {model.config.n_positions}")
-    if room < max_new_tokens:
+    room = context_room(model, left_padded(tokenizer, [prompt]))  # before the prompt is echoed
+    if max_new_tokens is None:
+        max_new_tokens = min(64, room)
+    elif room < max_new_tokens:
         Console(stderr=True).print(
-            f"[yellow]warning:[/yellow] the model's context is {model.config.n_positions} tokens and the prompt {prompt_tokens}: "
-            f"at most {room} new tokens, not {max_new_tokens}", soft_wrap=True, highlight=False,
+            f"[yellow]warning:[/yellow] the model's context ({model.config.n_positions} tokens) leaves room for {room} new "
+            f"tokens after the prompt, not {max_new_tokens}", soft_wrap=True, highlight=False,
         )
+        max_new_tokens = room
     torch.manual_seed(seed)
     sys.stdout.write(prompt)
     sys.stdout.flush()

@@ -21,7 +21,7 @@ def _numbers(option: str, text: str) -> list[float]:
 
 @app.command(epilog="Example: mot-transition study tiny train.steps=120 --seeds 2 --out runs/study")
 def study(
-    recipe: str = typer.Argument(..., help="A MoT recipe (a .toml path or a built-in name, e.g. tiny), or a study grid: a .toml file with \\[\\[size]] tables (recipes/study-data-rich.toml)."),
+    recipe: str = typer.Argument(..., help="A MoT recipe (a .toml path or a built-in name, e.g. tiny), or a study grid: a .toml file with \\[\\[size]] tables, or a built-in grid's name (study-data-rich)."),
     overrides: list[str] = typer.Argument(None, help="Recipe overrides KEY=VALUE, applied to every run (e.g. train.steps=120)."),
     seeds: int = typer.Option(3, "--seeds", help="Seeds: the recipe's seed, +1, ... (set the first with seed=S)."),
     out: Path = typer.Option(None, "--out", help="Study directory (default runs/NAME-study); run the same command again to go on where it stopped."),
@@ -88,9 +88,9 @@ def _grid(path: str, out: Path | None, overrides: list[str], quiet: bool, commit
     if report_only:
         from ..study.grid_report import write_grid_report
 
-        if out is not None or overrides:  # they would be silently ignored
+        if out is not None or overrides or commit:  # they would be silently ignored
             raise typer.BadParameter(f"--report-only reads and writes the grid's results folder ({grid.results}) only: "
-                                     "drop --out and KEY=VALUE, which are for training")
+                                     "drop --out, --commit and KEY=VALUE, which are for training")
 
         if not (grid.results / "grid.json").is_file():
             raise FileNotFoundError(f"{grid.results} holds no grid.json: the grid has not started, so there is nothing to report")

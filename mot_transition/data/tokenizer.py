@@ -14,6 +14,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from transformers import PreTrainedTokenizerFast
 
 from mot_transition.data.corpus import Corpus
+from mot_transition.destinations import new_file_mode
 from mot_transition.jsonfiles import write_json
 
 EOS_TOKEN = "<|endoftext|>"
@@ -113,7 +114,7 @@ def _save_atomically(tokenizer: Tokenizer, path: Path) -> None:
     os.close(fd)
     try:
         tokenizer.save(tmp)
-        os.chmod(tmp, 0o644)  # mkstemp makes files private; a cache is for every process of the user
+        os.chmod(tmp, new_file_mode())  # mkstemp makes files private; a cache is for every process of the user
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -39,18 +39,16 @@ def setup_distributed(device_kind: str) -> Distributed:
 
 
 def pick_device(name: str, local_rank: int = 0) -> torch.device:
+    """The device `train.device` names for the process of this local rank ("cuda" means its own GPU),
+    or one line saying this machine lacks it."""
+    from ..checks import check_device
+
     if name == "auto":
         return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    device = torch.device(name)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"recipe key 'train.device' is {name!r} but no CUDA device is available; use auto or cpu")
-        if device.index is None:
-            device = torch.device(f"cuda:{local_rank}")
-        if device.index >= torch.cuda.device_count():
-            raise ValueError(f"recipe key 'train.device' is {name!r} but this machine has {torch.cuda.device_count()} CUDA device(s)")
-    elif device.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"recipe key 'train.device' is {name!r} but no MPS device is available; use auto or cpu")
+    option = "recipe key 'train.device' is"
+    device = check_device(name, option)
+    if device.type == "cuda" and device.index is None:  # under torchrun: one GPU per local process
+        device = check_device(f"cuda:{local_rank}", f"{option} {name!r}, so local rank {local_rank} takes")
     return device
 
 

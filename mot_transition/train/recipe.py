@@ -37,8 +37,11 @@ def resolve_recipe_path(recipe: str | Path) -> Path:
         return path
     if path.suffix == "" and len(path.parts) == 1 and (RECIPES_DIR / f"{path.name}.toml").is_file():
         return RECIPES_DIR / f"{path.name}.toml"
-    known = sorted(p.stem for p in RECIPES_DIR.glob("*.toml") if not _is_grid_text(p.read_text())) if RECIPES_DIR.is_dir() else []
-    hint = f"; built-in recipes: {', '.join(known)}" if known else ""
+    shipped = sorted(RECIPES_DIR.glob("*.toml"), key=lambda p: p.stem) if RECIPES_DIR.is_dir() else []
+    grids = [p.stem for p in shipped if _is_grid_text(p.read_text())]
+    known = [p.stem for p in shipped if p.stem not in grids]
+    hint = (f"; built-in recipes: {', '.join(known)}" if known else "") + (
+        f"; built-in study grids (mot-transition study NAME): {', '.join(grids)}" if grids else "")
     raise FileNotFoundError(f"recipe {str(recipe)!r} not found (give a .toml path or a built-in name{hint})")
 
 

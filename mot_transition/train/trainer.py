@@ -147,6 +147,7 @@ def train(
     world = setup_distributed(device_kind)
     lock, finished = ExitStack(), False
     try:
+        device = pick_device(t.device, world.local_rank)  # before the data is prepared: a device this machine lacks is one line
         lock.enter_context(hold_for_job(run_dir, world))  # one writer per run directory; torchrun's ranks share it
         checkpoint = latest_checkpoint(run_dir)
         if checkpoint is not None and not resume:
@@ -166,7 +167,7 @@ def train(
         config = model.config if model is not None else recipe.model_config(len(tokenizer), bos_token_id=eos, eos_token_id=eos, pad_token_id=eos)
         here = local_world_size() if world.world_size > 1 else 1
         check_fits(
-            config, micro_batch_size(t, world.world_size), train_seq.shape[1], pick_device(t.device, world.local_rank),
+            config, micro_batch_size(t, world.world_size), train_seq.shape[1], device,
             shards={"ddp": 1, "fsdp": world.world_size, "hsdp": here}[t.parallel] if world.world_size > 1 else 1,
             expert_parallel=t.expert_parallel, processes_here=here,
         )
