@@ -151,6 +151,24 @@ def test_one_and_two_workers_write_identical_files(tmp_path, tokenizer_dir):
     assert sum(name.startswith("train/") for name in outputs[0]) > 2
 
 
+@pytest.mark.parametrize("message, said", [("No space left on device (os error 28)", True), ("a bug of ours", False)])
+def test_an_io_error_from_the_tokenizers_library_is_one_line_and_anything_else_a_traceback(tmp_path, capsys, monkeypatch, message, said):
+    from transformers import PreTrainedTokenizerBase
+
+    def full_disk(*args, **kwargs):
+        raise Exception(message)  # what tokenizers' Rust side raises for an I/O error: a bare Exception
+
+    monkeypatch.setattr(PreTrainedTokenizerBase, "save_pretrained", full_disk)
+    args = ["prepare", write_jsonl(tmp_path / "docs.jsonl", DOCS), "--out", tmp_path / "data", "--vocab-size", "290"]
+    if said:
+        code, _, err = run_cli(args, capsys)
+        assert code == 1 and err.strip() == f"error: {message}", err
+    else:
+        with pytest.raises(Exception, match=message):
+            run_cli(args, capsys)
+    assert not (tmp_path / "data").exists() and not list(tmp_path.glob(".data.*"))
+
+
 def test_cli_prepare_as_typed_writes_a_dataset_that_autotokenizer_and_memmap_read(tmp_path, capsys):
     from transformers import AutoTokenizer
 

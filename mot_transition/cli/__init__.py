@@ -6,6 +6,7 @@ message written for the user (ImportError, naming the extra to install, for a mi
 """
 
 import os
+import re
 import sys
 
 from .app import app
@@ -40,8 +41,12 @@ def main() -> None:
         sys.exit(2)
     except (KeyboardInterrupt, typer.Abort):  # Ctrl-C that typer did not turn into 130 itself
         code = 130
-    except (ValueError, OSError, KeyError, ImportError, SafetensorError) as error:  # ImportError: an extra not installed
-        if os.environ.get("MOT_TRANSITION_DEBUG"):
+    except Exception as error:
+        # ImportError: an extra not installed; a bare Exception "... (os error N)": an I/O error the Rust side of
+        # tokenizers raises (a full disk while a tokenizer is saved), which is the user's, not a bug of ours
+        said = isinstance(error, (ValueError, OSError, KeyError, ImportError, SafetensorError)) or (
+            type(error) is Exception and _RUST_IO_ERROR.search(str(error)) is not None)
+        if not said or os.environ.get("MOT_TRANSITION_DEBUG"):
             raise
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         print(f"error: {message}", file=sys.stderr)
@@ -50,6 +55,9 @@ def main() -> None:
         if code == 130:  # Ctrl-C: typer returns this code for it inside a command, silently
             print("interrupted", file=sys.stderr)
         sys.exit(code)
+
+
+_RUST_IO_ERROR = re.compile(r"\(os error \d+\)")
 
 
 def _one_line_warning(message, category, filename, lineno, line=None) -> str:
