@@ -59,6 +59,8 @@ def token_choice_config(config: MoTConfig, num_experts_per_tok: int | None = Non
     """The Token Choice config of a MoT config. Raises ValueError for a top-k out of range."""
     if config.ffn_type != "mot":
         raise ValueError(f"only a MoT checkpoint can be converted, this one has ffn_type={config.ffn_type!r}")
+    if not config.moe_layers:
+        raise ValueError("a MoT model with no MoT layer (moe_layers is empty) has nothing to convert: every block is dense")
     check_options(top_k=num_experts_per_tok, capacity_factor=capacity_factor)
     k = default_top_k(config) if num_experts_per_tok is None else num_experts_per_tok
     if k > config.n_expert:

@@ -154,10 +154,15 @@ def make_dense(path):
     MoTLMHeadModel(tiny_config("dense")).save_pretrained(path, safe_serialization=True)
 
 
+def make_mot_without_mot_layers(path):
+    MoTLMHeadModel(tiny_config("mot", moe_layers=[])).save_pretrained(path, safe_serialization=True)
+
+
 @pytest.mark.parametrize(
     "damage, words",
     [
         (make_dense, "only a MoT checkpoint"),
+        (make_mot_without_mot_layers, "with no MoT layer (moe_layers is empty)"),
         (corrupt_truncate, "truncated or corrupted"),
         (corrupt_header_byte, "truncated or corrupted"),
         ("self", "overwrite or nest"),
@@ -176,9 +181,9 @@ def test_convert_refuses_bad_input_with_one_line_and_writes_nothing(mot_checkpoi
         extra = ["--capacity-factor", "inf"]
     elif damage == "missing":
         src = tmp_path / "nowhere"
-    elif damage is make_dense:
+    elif damage in (make_dense, make_mot_without_mot_layers):
         src = tmp_path / "dense"
-        make_dense(src)
+        damage(src)
     else:
         damage(mot_checkpoint)
     before = digest(src) if src.exists() else None

@@ -413,6 +413,15 @@ def test_mot_micro_batch_not_a_multiple_of_group_size_fails_at_start_up_with_the
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+@pytest.mark.parametrize("ffn_type", ["mot", "expert_choice"])
+def test_an_eval_batch_that_splits_a_group_fails_at_start_up_with_the_fix(data_dir, tmp_path, ffn_type):
+    raw = tiny_recipe(data_dir, model={"ffn_type": ffn_type, "group_size": 4})
+    raw["data"]["eval_batch_size"] = 6
+    with pytest.raises(ValueError, match=r"group_size=4.*data\.eval_batch_size is 6.*multiple of 4 \(e\.g\. 4\)") as error:
+        train(recipe_from_dict(raw), tmp_path / "run", progress=False)
+    assert "\n" not in str(error.value) and not (tmp_path / "run" / "checkpoints").exists()
+
+
 def test_overrides_are_toml_literals_with_dotted_section_keys():
     recipe = load_recipe("tiny", ["seed=3", "optim.lr=3e-4", "model.moe_layers=[1, 3]", "data.source=/tmp/my corpus.txt", "model.expert_size=none"])
     assert recipe.seed == 3 and recipe.optim.lr == 3e-4 and recipe.model.moe_layers == [1, 3]

@@ -169,6 +169,13 @@ class Trainer:
                 f"{per_rank}; set train.micro_batch_size to a multiple of {g} (e.g. train.micro_batch_size={fits}, "
                 f"with train.batch_size a multiple of it) or model.group_size to a divisor of {self.micro_batch_size}"
             )
+        e = self.recipe.data.eval_batch_size
+        if ffn_type in GROUPING_FFN_TYPES and e % g:  # as transition and run refuse it: the losses compare like for like
+            raise ValueError(
+                f"{ffn_type} forms groups of group_size={g} batch rows, but data.eval_batch_size is {e}: the held-out loss "
+                f"would mix some rows with fewer others than training does; set data.eval_batch_size to a multiple of {g} "
+                f"(e.g. {max(g, e // g * g)})"
+            )
 
     def _install(self, model: torch.nn.Module) -> None:
         """Put `model` on the device, wrap it for DDP (and torch.compile) and build a fresh optimizer over it."""
