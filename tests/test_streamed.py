@@ -117,13 +117,19 @@ def test_long_jsonl_lines_give_the_records_json_loads_gives(tmp_path, long_lines
     ('["' + "a" * 60 + '"]', r"line 2: an array, not a JSON object with a 'text' field"),
     ('{"body": "' + "a" * 60 + '"}', r"line 2: no 'text' field; pass --text-field"),
     ('{"text": 1, "body": "' + "a" * 60 + '"}', r"line 2: field 'text' is a number, not a string"),
-    (" " * 60 + "\n" + '{"text": "caf\xe9"}', r"docs.jsonl is not UTF-8 text"),
+    (" " * 60 + "\n" + '{"text": "caf\xe9"}', r"docs.jsonl, line 3 is not UTF-8 text \(byte 14 of the line\)"),
 ], ids=["escape", "control", "surrogate", "nul", "unended", "structure", "array", "no-field", "number", "latin-1"])
 def test_a_bad_long_line_is_the_one_line_error_of_a_short_one(tmp_path, long_lines, line, error):
     path = tmp_path / "docs.jsonl"
     path.write_bytes(b'{"text": "fine"}\n' + line.encode("latin-1" if "\xe9" in line else "utf-8") + b"\n")
     with pytest.raises(ValueError, match=error):
         list(jsonl.iter_jsonl(path, "text"))
+
+
+def test_a_byte_order_mark_opening_a_jsonl_file_is_not_text(tmp_path):
+    path = tmp_path / "docs.jsonl"
+    path.write_bytes(b'\xef\xbb\xbf{"text": "first"}\n{"text": "\xef\xbb\xbfkept"}\n')  # a BOM inside a string is the text's
+    assert list(jsonl.iter_jsonl(path, "text")) == ["first", "\ufeffkept"]
 
 
 def test_long_lines_keep_what_short_lines_accept(tmp_path, long_lines):

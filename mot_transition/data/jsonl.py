@@ -30,6 +30,9 @@ _NEWLINE = re.compile(r"\r\n|\r|\n")
 _BODY = re.compile(rb'[^"\\]*(?:\\.[^"\\]*)*+', re.DOTALL)  # a JSON string's content, up to its quote or a cut escape (possessive: no backtracking stack, which would take 12 bytes a byte)
 
 
+_BOM = b"\xef\xbb\xbf"
+
+
 def iter_jsonl(path: Path, text_field: str) -> "Iterator[str | StreamedText]":
     """The `text_field` string of every line of a .jsonl (or .jsonl.gz) file, line by line. Lines
     end as in Python's text mode ("\\n", "\\r\\n" or a lone "\\r"); a line of whitespace only is skipped."""
@@ -51,7 +54,13 @@ def iter_jsonl(path: Path, text_field: str) -> "Iterator[str | StreamedText]":
                     if record is not None:
                         yield _text_of(record, text_field, where, long_strings)
                     continue
-                for part in _lines(line.decode("utf-8")):
+                if start == 0 and line.startswith(_BOM):  # a byte-order mark opening the file (some Windows editors): not text
+                    line = line[len(_BOM):]
+                try:
+                    text = line.decode("utf-8")
+                except UnicodeDecodeError as error:
+                    raise ValueError(f"{path}, line {line_number + 1} is not UTF-8 text (byte {error.start + 1} of the line)") from None
+                for part in _lines(text):
                     line_number += 1
                     if part.strip():
                         where = f"{path}, line {line_number}"
