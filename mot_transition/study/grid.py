@@ -43,7 +43,7 @@ from ..config import Rule
 from ..convert import default_top_k
 from ..pipeline import baseline_recipe
 from ..train import Recipe, load_recipe, resolve_recipe_path
-from ..train.recipe import GRID_KEYS
+from ..train.recipe import is_grid_toml
 from .runs import dense_recipe
 
 KINDS = ("dense", "mot", "token_choice")
@@ -99,12 +99,7 @@ def grid_file(path: str | Path) -> Path | None:
         path = resolve_recipe_path(path)
     except FileNotFoundError:
         return None
-    if path.suffix != ".toml":
-        return None
-    try:
-        return path if bool(GRID_KEYS & set(tomllib.loads(path.read_text()))) else None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError, RecursionError):
-        return None
+    return path if path.suffix == ".toml" and is_grid_toml(path) else None
 
 
 def is_grid_file(path: str | Path) -> bool:

@@ -38,7 +38,7 @@ def resolve_recipe_path(recipe: str | Path) -> Path:
     if path.suffix == "" and len(path.parts) == 1 and (RECIPES_DIR / f"{path.name}.toml").is_file():
         return RECIPES_DIR / f"{path.name}.toml"
     shipped = sorted(RECIPES_DIR.glob("*.toml"), key=lambda p: p.stem) if RECIPES_DIR.is_dir() else []
-    grids = [p.stem for p in shipped if _is_grid_text(p.read_text())]
+    grids = [p.stem for p in shipped if is_grid_toml(p)]
     known = [p.stem for p in shipped if p.stem not in grids]
     hint = (f"; built-in recipes: {', '.join(known)}" if known else "") + (
         f"; built-in study grids (mot-transition study NAME): {', '.join(grids)}" if grids else "")
@@ -53,10 +53,11 @@ def _is_grid(raw: dict) -> bool:
     return bool(GRID_KEYS & raw.keys())
 
 
-def _is_grid_text(text: str) -> bool:
+def is_grid_toml(path: Path) -> bool:
+    """Whether the TOML file `path` is a study grid; False for a recipe and for what does not read as TOML."""
     try:
-        return _is_grid(tomllib.loads(text))
-    except (tomllib.TOMLDecodeError, RecursionError):
+        return _is_grid(tomllib.loads(path.read_text()))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError, RecursionError):
         return False
 
 

@@ -179,7 +179,7 @@ def train(
             torch.manual_seed(recipe.seed)
             model = MoTLMHeadModel(config)
         torch.manual_seed((recipe.seed << 16) + world.rank + 1)  # dropout stream, one per rank
-        trainer = Trainer(model, recipe, train_seq, heldout_seq, tokenizer=tokenizer, run_dir=run_dir, distributed=world)
+        trainer = Trainer(model, recipe, train_seq, heldout_seq, tokenizer=tokenizer, run_dir=run_dir, device=device, distributed=world)
         manifest = getattr(corpus, "manifest", None)
         if manifest is not None:  # a prepared corpus: the same path must hold the same data to resume
             trainer.corpus_identity = {key: manifest[key] for key in ("source_fingerprint", "tokenizer_hash")}
